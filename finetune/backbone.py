@@ -1,0 +1,34 @@
+"""A pretrained timm backbone without its classifier, plus what the rest of a run needs from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import timm
+from torch import nn
+
+from finetune.groups import LayerGroup, backbone_groups
+from finetune.weights import WeightsReport, create_pretrained_model
+
+
+@dataclass
+class Backbone:
+    """A timm model whose ``forward(x)`` returns pooled features of size ``num_features``."""
+
+    name: str
+    model: nn.Module
+    num_features: int
+    data_config: dict  # input_size, mean, std, interpolation, crop_pct (timm's resolution rules)
+    groups: list[LayerGroup]
+    weights: WeightsReport
+
+
+def build_backbone(name: str, weights: str = "pretrained", drop_rate: float | None = None) -> Backbone:
+    """Create `name` with verified `weights` (see :func:`create_pretrained_model`), drop its head."""
+    kwargs = {} if drop_rate is None else {"drop_rate": drop_rate}
+    model, report = create_pretrained_model(name, weights, **kwargs)
+    model.reset_classifier(0)
+    # head_hidden_size is the width of pre_logits where a model has a pre-logits layer.
+    num_features = getattr(model, "head_hidden_size", None) or model.num_features
+    data_config = timm.data.resolve_model_data_config(model)
+    return Backbone(name, model, num_features, data_config, backbone_groups(model), report)

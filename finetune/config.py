@@ -1,0 +1,67 @@
+"""Where the Hydra configs and recipes live, and how recipes join the config tree.
+
+From a source checkout they are the top-level ``conf/`` and ``recipes/``; an installed wheel
+carries them as ``finetune/conf`` and ``finetune/recipes``. Recipes are registered in Hydra's
+ConfigStore as group ``recipe`` (package ``_global_``), so ``+recipe=NAME`` works from any
+working directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def _first_dir(name: str) -> Path:
+    for candidate in (_PACKAGE / name, _PACKAGE.parent / name):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(f"finetune's {name}/ folder is missing next to {_PACKAGE}; reinstall finetune.")
+
+
+def config_dir() -> Path:
+    return _first_dir("conf")
+
+
+def recipes_dir() -> Path:
+    return _first_dir("recipes")
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in recipes_dir().glob("*.yaml"))
+
+
+def register_recipes() -> None:
+    """Put every ``recipes/*.yaml`` into the ConfigStore as ``recipe/NAME`` (idempotent)."""
+    store = ConfigStore.instance()
+    for path in sorted(recipes_dir().glob("*.yaml")):
+        store.store(group="recipe", name=path.stem, node=OmegaConf.load(path), package="_global_")
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The run config Hydra's CLI would build for `overrides`, without touching global state.
+
+    ``paths.output_dir`` (which the CLI takes from Hydra's run directory) becomes the resolved
+    ``hydra.run.dir``, made unique so that two runs in the same second never share a folder.
+    """
+    register_recipes()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name="finetune"):
+        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+    with open_dict(cfg):
+        if str(OmegaConf.to_container(cfg.paths, resolve=False)["output_dir"]).startswith("${hydra:"):
+            cfg.paths.output_dir = str(_unique_dir(Path(cfg.hydra.run.dir).resolve()))
+        del cfg["hydra"]
+    return cfg
+
+
+def _unique_dir(path: Path) -> Path:
+    candidate, n = path, 0
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate

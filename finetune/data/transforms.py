@@ -1,0 +1,63 @@
+"""albumentations pipelines built from the backbone's data config (timm's resolution rules)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import albumentations as A
+import cv2
+from albumentations.pytorch import ToTensorV2
+
+INTERPOLATIONS = {
+    "nearest": cv2.INTER_NEAREST,
+    "bilinear": cv2.INTER_LINEAR,
+    "bicubic": cv2.INTER_CUBIC,
+    "lanczos": cv2.INTER_LANCZOS4,
+    "area": cv2.INTER_AREA,
+}
+
+
+def input_size(data_config: Mapping, image_size: int | None = None) -> tuple[int, int]:
+    """(height, width): `image_size` when given, else the backbone's."""
+    if image_size:
+        return int(image_size), int(image_size)
+    _, height, width = data_config["input_size"]
+    return int(height), int(width)
+
+
+def build_transforms(
+    data_config: Mapping, augment: Mapping, image_size: int | None = None
+) -> tuple[A.Compose, A.Compose]:
+    """(train, eval) pipelines taking HxWx3 uint8 RGB arrays to normalized CHW float tensors.
+
+    eval: resize the short side to size / crop_pct, center crop (timm's evaluation transform).
+    train: random resized crop (scale, ratio) and horizontal flip with probability hflip, or
+    the eval geometry when augment.random_resized_crop is false.
+    """
+    height, width = input_size(data_config, image_size)
+    interpolation = INTERPOLATIONS.get(data_config.get("interpolation", "bilinear"), cv2.INTER_LINEAR)
+    crop_pct = data_config.get("crop_pct") or 1.0
+    finish = [
+        A.Normalize(mean=tuple(data_config["mean"]), std=tuple(data_config["std"]), max_pixel_value=255.0),
+        ToTensorV2(),
+    ]
+    eval_geometry = [
+        A.SmallestMaxSize(max_size=int(math.floor(min(height, width) / crop_pct)), interpolation=interpolation),
+        A.CenterCrop(height=height, width=width),
+    ]
+    if augment.get("random_resized_crop", True):
+        train_geometry = [
+            A.RandomResizedCrop(
+                size=(height, width),
+                scale=tuple(augment.get("scale", (0.08, 1.0))),
+                ratio=tuple(augment.get("ratio", (0.75, 4 / 3))),
+                interpolation=interpolation,
+            )
+        ]
+    else:
+        train_geometry = list(eval_geometry)
+    hflip = float(augment.get("hflip", 0.0))
+    if hflip > 0:
+        train_geometry.append(A.HorizontalFlip(p=hflip))
+    return A.Compose(train_geometry + finish), A.Compose(eval_geometry + finish)

@@ -1,0 +1,28 @@
+"""Per-epoch metrics, recorded as the run goes, to report the best epoch at the end."""
+
+from __future__ import annotations
+
+import lightning as L
+
+
+class MetricsHistory(L.Callback):
+    """Records ``trainer.callback_metrics`` (floats) at the end of every training epoch, when
+    both the epoch's training and validation metrics are known."""
+
+    def __init__(self):
+        self.epochs: list[dict[str, float]] = []
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        row = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        row["epoch"] = trainer.current_epoch
+        self.epochs.append(row)
+
+    def best(self, monitor: str = "val/acc", mode: str = "max") -> dict[str, float]:
+        """The recorded epoch with the best `monitor` (the first of ties); {} if none."""
+        rows = [r for r in self.epochs if monitor in r]
+        if not rows:
+            return self.epochs[-1] if self.epochs else {}
+        sign = 1.0 if mode == "max" else -1.0
+        return max(rows, key=lambda r: (sign * r[monitor], -r["epoch"]))

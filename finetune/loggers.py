@@ -1,0 +1,86 @@
+"""Experiment loggers: Weights & Biases (never blocking, offline by itself) and a local CSV."""
+
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from urllib.parse import urlparse
+
+from lightning.pytorch.loggers import CSVLogger, Logger
+
+log = logging.getLogger(__name__)
+
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+def wandb_mode(requested: str = "auto", timeout: float = 2.0) -> str:
+    """The W&B mode to use. ``WANDB_MODE`` in the environment wins; ``auto`` means online only
+    when there are credentials and the server answers within `timeout` seconds, else offline."""
+    env = os.environ.get("WANDB_MODE")
+    if env:
+        return env
+    if requested not in WANDB_MODES:
+        raise ValueError(f"logger.wandb.mode={requested!r}; choose one of {', '.join(WANDB_MODES)}.")
+    if requested != "auto":
+        return requested
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    if not _has_credentials(host):
+        return "offline"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return "offline"
+    return "online"
+
+
+def _has_credentials(host: str) -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def build_loggers(cfg: Mapping, output_dir: Path, config: Mapping) -> list[Logger]:
+    """CSV logger at ``output_dir/csv`` when ``cfg.csv``; a W&B logger when ``cfg.wandb`` is set."""
+    loggers: list[Logger] = []
+    if cfg.get("csv"):
+        loggers.append(CSVLogger(save_dir=str(output_dir), name="csv", version=""))
+    wandb_cfg = cfg.get("wandb")
+    if wandb_cfg:
+        mode = wandb_mode(wandb_cfg.get("mode", "auto"))
+        if mode != "disabled":
+            loggers.append(_wandb_logger(wandb_cfg, mode, output_dir, config))
+    return loggers
+
+
+def _wandb_logger(cfg: Mapping, mode: str, output_dir: Path, config: Mapping) -> Logger:
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+
+    log.info("W&B mode: %s", mode)
+    return WandbLogger(
+        project=cfg.get("project", "finetune"),
+        entity=cfg.get("entity"),
+        name=cfg.get("name"),
+        tags=list(cfg.get("tags") or []),
+        save_dir=str(output_dir),
+        offline=mode == "offline",
+        config=dict(config),
+        # A slow or unreachable server must never hold the run: give up on init after 30 s.
+        settings=wandb.Settings(init_timeout=30, console="off"),
+    )
+
+
+def finish_wandb() -> None:
+    """Close the W&B run if one is open (call in ``finally``: a crashed run is still synced)."""
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()

@@ -1,0 +1,202 @@
+"""One fine-tuning run from a composed config: the flow of ENGINEERING.md section 1.
+
+``run(cfg)`` is shared by the CLI and :func:`finetune.fit`; it returns a :class:`FitResult`
+and prints a start table (data, weights, layer groups) and a closing report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from finetune.backbone import Backbone, build_backbone
+from finetune.data.datamodule import ImageDataModule
+from finetune.data.sources import DataSplits, load_digits, load_folder
+from finetune.data.transforms import build_transforms, input_size
+from finetune.errors import ConfigError
+from finetune.freeze import apply_freeze
+from finetune.head import build_head
+from finetune.history import MetricsHistory
+from finetune.loggers import build_loggers, finish_wandb
+from finetune.model import Classifier
+from finetune.module import ClassifierModule
+from finetune.optim import param_groups
+from finetune.summary import format_table, groups_table
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FitResult:
+    """What a run leaves behind. ``metrics`` are the best epoch's (by ``val/acc``)."""
+
+    metrics: dict[str, float]
+    best_checkpoint: Path | None
+    classes: list[str]
+    model: nn.Module
+    output_dir: Path
+    config: dict
+    history: list[dict[str, float]] = field(default_factory=list)
+    outputs: dict[str, Path] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        acc = self.metrics.get("val/acc")
+        return f"FitResult(val/acc={acc:.4f}, classes={len(self.classes)}, output_dir={str(self.output_dir)!r})"
+
+
+def load_data(cfg: DictConfig, seed: int) -> DataSplits:
+    if cfg.name == "digits":
+        return load_digits(cfg.val_fraction, seed)
+    if cfg.name == "folder":
+        return load_folder(cfg.root, cfg.train_dir, cfg.val_dir, cfg.val_fraction, seed)
+    raise ConfigError(f"data.name={cfg.name!r}; choose data=digits or data=folder.")
+
+
+def build_model(backbone: Backbone, num_classes: int, head_cfg: DictConfig, freeze_cfg: DictConfig) -> Classifier:
+    head = build_head(backbone.num_features, num_classes, head_cfg.hidden, head_cfg.dropout)
+    model = Classifier(backbone.model, head, backbone.groups)
+    apply_freeze(
+        model,
+        groups=freeze_cfg.groups if isinstance(freeze_cfg.groups, str) else list(freeze_cfg.groups),
+        until=freeze_cfg.until,
+        patterns=list(freeze_cfg.patterns),
+        batchnorm=freeze_cfg.batchnorm,
+    )
+    return model
+
+
+def run(cfg: DictConfig) -> FitResult:
+    """Train as `cfg` says; outputs go to ``cfg.paths.output_dir``."""
+    started = time.perf_counter()
+    output_dir = Path(cfg.paths.output_dir).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config.pop("hydra", None)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    splits = load_data(cfg.data, cfg.seed)
+    backbone = build_backbone(cfg.backbone.name, cfg.backbone.weights, cfg.backbone.drop_rate)
+    train_tf, eval_tf = build_transforms(backbone.data_config, cfg.augment, cfg.data.image_size)
+    data = ImageDataModule(splits, train_tf, eval_tf, cfg.data.batch_size, cfg.data.num_workers)
+    model = build_model(backbone, len(splits.classes), cfg.head, cfg.freeze)
+    module = ClassifierModule(model, splits.classes, cfg.optimizer, cfg.scheduler, config)
+    _print_start(cfg, splits, backbone, model)
+
+    history = MetricsHistory()
+    checkpoint = ModelCheckpoint(
+        dirpath=output_dir / "checkpoints",
+        filename="best",
+        monitor=cfg.callbacks.checkpoint.monitor,
+        mode=cfg.callbacks.checkpoint.mode,
+        save_top_k=1,
+        auto_insert_metric_name=False,
+    )
+    callbacks = [history, checkpoint]
+    if cfg.callbacks.early_stopping_patience:
+        callbacks.append(EarlyStopping(cfg.callbacks.checkpoint.monitor, mode=cfg.callbacks.checkpoint.mode,
+                                       patience=cfg.callbacks.early_stopping_patience))
+    if cfg.callbacks.progress_bar:
+        callbacks.append(TQDMProgressBar())
+    loggers = build_loggers(cfg.logger, output_dir, config)
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    try:
+        trainer = L.Trainer(
+            **trainer_kwargs,
+            default_root_dir=str(output_dir),
+            callbacks=callbacks,
+            logger=loggers or False,
+            enable_progress_bar=bool(cfg.callbacks.progress_bar),
+            enable_model_summary=False,  # our groups table says more
+        )
+    except TypeError as err:
+        raise ConfigError(f"Invalid trainer setting: {err}. See lightning.Trainer's arguments.") from None
+    try:
+        trainer.fit(module, datamodule=data)
+    finally:
+        finish_wandb()
+
+    best_path = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
+    if best_path is not None:
+        state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
+        module.load_state_dict(state)
+    model = module.model.cpu().eval()
+    best = history.best(cfg.callbacks.checkpoint.monitor, cfg.callbacks.checkpoint.mode)
+    metrics = {k: v for k, v in best.items()}
+    outputs = _outputs(output_dir, best_path, loggers)
+    result = FitResult(metrics, best_path, list(splits.classes), model, output_dir, config, history.epochs, outputs)
+    _write_summary(result, time.perf_counter() - started)
+    _print_end(result, len(history.epochs))
+    return result
+
+
+def _print_start(cfg: DictConfig, splits: DataSplits, backbone: Backbone, model: Classifier) -> None:
+    height, width = input_size(backbone.data_config, cfg.data.image_size)
+    groups = param_groups(model, cfg.optimizer.lr, 0.0, cfg.optimizer.get("layer_decay", 1.0))
+    lrs = {g["name"].split("/")[0]: g["lr"] for g in groups}
+    counts = [(c, splits.counts("train")[c], splits.counts("val")[c]) for c in splits.classes]
+    shown = counts if len(counts) <= 12 else counts[:10] + [("...", "", "")]
+    lines = [
+        f"data: {splits.description}",
+        f"  {len(splits.classes)} classes, {len(splits.train)} train / {len(splits.val)} val images"
+        + (f", {len(splits.skipped)} files skipped" if splits.skipped else ""),
+        format_table(["class", "train", "val"], shown, "lrr"),
+    ]
+    for path, reason in splits.skipped[:10]:
+        lines.append(f"  skipped {path}: {reason}")
+    cfg_data = backbone.data_config
+    lines += [
+        f"backbone: {backbone.name}, weights: {backbone.weights}",
+        f"  input {height}x{width}, {cfg_data['interpolation']}, mean {tuple(round(m, 3) for m in cfg_data['mean'])},"
+        f" std {tuple(round(s, 3) for s in cfg_data['std'])}, crop_pct {cfg_data['crop_pct']}",
+        groups_table(model, lrs),
+    ]
+    print("\n".join(lines), flush=True)
+
+
+def _outputs(output_dir: Path, best_path: Path | None, loggers) -> dict[str, Path]:
+    outputs = {"output_dir": output_dir}
+    if best_path is not None:
+        outputs["checkpoint"] = best_path
+    for logger in loggers:
+        if type(logger).__name__ == "CSVLogger":
+            outputs["metrics_csv"] = Path(logger.log_dir) / "metrics.csv"
+        elif type(logger).__name__ == "WandbLogger":
+            outputs["wandb"] = output_dir / "wandb"
+    outputs["summary"] = output_dir / "summary.json"
+    hydra_config = output_dir / ".hydra" / "config.yaml"
+    if hydra_config.exists():
+        outputs["config"] = hydra_config
+    return outputs
+
+
+def _write_summary(result: FitResult, seconds: float) -> None:
+    summary = {
+        "metrics": result.metrics,
+        "best_checkpoint": str(result.best_checkpoint) if result.best_checkpoint else None,
+        "classes": result.classes,
+        "history": result.history,
+        "seconds": round(seconds, 1),
+    }
+    result.outputs["summary"].write_text(json.dumps(summary, indent=2))
+
+
+def _print_end(result: FitResult, epochs: int) -> None:
+    m = result.metrics
+    best_epoch = int(m["epoch"]) + 1 if "epoch" in m else "?"
+    lines = ["", f"best epoch {best_epoch} of {epochs}: " + ", ".join(
+        f"{k}={m[k]:.4f}" for k in ("train/loss", "train/acc", "val/loss", "val/acc_top5") if k in m)]
+    lines += [f"  {name}: {path}" for name, path in result.outputs.items()]
+    if "wandb" in result.outputs:
+        lines.append("  (an offline W&B run uploads with: wandb sync " + str(result.outputs["wandb"]) + "/offline-run-*)")
+    if "val/acc" in m:
+        lines.append(f"val/acc={m['val/acc']:.4f}")
+    print("\n".join(lines), flush=True)

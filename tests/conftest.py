@@ -1,0 +1,57 @@
+"""Shared fixtures: generated image folders, a tiny timm backbone, the real hymenoptera data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Before anything imports wandb or albumentations: tests never talk to a server.
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+HYMENOPTERA = Path(os.environ.get("FINETUNE_HYMENOPTERA", REPO.parent / "shared" / "datasets" / "hymenoptera_data"))
+
+# A tiny real timm model (0.4M params, BatchNorm, 4 stages) with random weights: fast and offline.
+TINY = ["backbone.name=test_resnet", "backbone.weights=random", "data.image_size=32"]
+QUICK = ["trainer.max_epochs=1", "trainer.accelerator=cpu", "data.num_workers=0", "logger=none",
+         "callbacks.progress_bar=false"]
+
+
+@pytest.fixture(scope="session")
+def hymenoptera() -> Path:
+    """The real ants-vs-bees data. Missing under CI is a failure, not a skip."""
+    if (HYMENOPTERA / "train").is_dir() and (HYMENOPTERA / "val").is_dir():
+        return HYMENOPTERA
+    message = f"hymenoptera data not found at {HYMENOPTERA} (set FINETUNE_HYMENOPTERA=DIR)"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def class_image(label: int, rng: np.random.Generator, size: int = 48) -> Image.Image:
+    """A noisy image whose dominant color channel is its class: learnable in a few steps."""
+    array = rng.integers(0, 90, size=(size, size, 3), dtype=np.uint8)
+    array[..., label % 3] += 150
+    return Image.fromarray(array)
+
+
+def write_class_folders(root: Path, classes=("ants", "bees", "wasps"), per_class: int = 8, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for label, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            class_image(label, rng).save(root / name / f"{name}_{i}.jpg", quality=95)
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """DIR/train/<3 classes>/*.jpg (8 each) and DIR/val/<3 classes>/*.jpg (4 each)."""
+    write_class_folders(tmp_path / "data" / "train", per_class=8, seed=0)
+    write_class_folders(tmp_path / "data" / "val", per_class=4, seed=1)
+    return tmp_path / "data"

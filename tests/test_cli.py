@@ -1,0 +1,52 @@
+"""The `finetune` command, as a user runs it: a subprocess in another working directory."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+from conftest import QUICK, TINY
+
+
+def finetune(*args: str, cwd) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    return subprocess.run([sys.executable, "-m", "finetune", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_cli_trains_reports_val_acc_and_every_output(image_folder, tmp_path):
+    proc = finetune("+recipe=freeze_all_but_head", "data=folder", f"data.root={image_folder}",
+                    *TINY, *QUICK, "logger=csv", "hydra.run.dir=run", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert re.search(r"^val/acc=\d\.\d{4}$", out, re.MULTILINE), out[-2000:]
+    for line in ("checkpoint:", "metrics_csv:", "summary:", "config:"):
+        assert line in out
+    assert (tmp_path / "run" / "checkpoints" / "best.ckpt").is_file()
+    assert (tmp_path / "run" / "csv" / "metrics.csv").is_file()
+    # The start table: layer groups with their state.
+    assert re.search(r"^head\s+[\d,]+\s+trainable", out, re.MULTILINE)
+    assert re.search(r"^stage4\s+[\d,]+\s+frozen\s+-\s+eval", out, re.MULTILINE)
+
+
+def test_cli_relative_data_root_means_the_users_working_directory(image_folder, tmp_path):
+    proc = finetune("data=folder", f"data.root={os.path.relpath(image_folder, tmp_path)}", *TINY, *QUICK,
+                    "hydra.run.dir=out", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_cli_config_mistakes_exit_with_a_short_message(tmp_path):
+    proc = finetune("data=folder", f"data.root={tmp_path}/missing", *QUICK, "hydra.run.dir=x", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+    proc = finetune("backbone.name=resnet5O", *QUICK, "hydra.run.dir=x", cwd=tmp_path)
+    assert proc.returncode == 2 and "resnet50" in proc.stderr
+
+    proc = finetune("optimizer.lrr=0.1", cwd=tmp_path)
+    assert proc.returncode != 0 and "lrr" in proc.stderr
+
+    proc = finetune("+recipe=no_such_recipe", cwd=tmp_path)
+    assert proc.returncode != 0 and "freeze_all_but_head" in proc.stderr

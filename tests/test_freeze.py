@@ -1,0 +1,123 @@
+"""Freezing: frozen tensors and BatchNorm statistics stay bit-for-bit; groups and lrs as configured."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from finetune.backbone import build_backbone
+from finetune.errors import ConfigError
+from finetune.freeze import apply_freeze
+from finetune.head import build_head
+from finetune.model import Classifier
+from finetune.module import ClassifierModule
+from finetune.optim import param_groups
+
+
+def tiny_classifier(num_classes: int = 3) -> Classifier:
+    torch.manual_seed(0)
+    backbone = build_backbone("test_resnet", "random")
+    return Classifier(backbone.model, build_head(backbone.num_features, num_classes), backbone.groups)
+
+
+def train_a_few_steps(model: Classifier, steps: int = 4) -> None:
+    torch.manual_seed(0)
+    images = torch.randn(8 * steps, 3, 32, 32) * 3 + 1  # far from the BN stats' init: any update shows
+    labels = torch.randint(0, 3, (8 * steps,))
+    loader = DataLoader(TensorDataset(images, labels), batch_size=8, shuffle=True)
+    module = ClassifierModule(model, ["a", "b", "c"], {"name": "sgd", "lr": 0.1, "weight_decay": 1e-4},
+                              {"name": "step", "step_size": 1, "gamma": 0.5})
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader)
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_head_only_training_leaves_every_backbone_tensor_and_bn_statistic_unchanged():
+    model = tiny_classifier()
+    result = apply_freeze(model, groups="all")
+    assert result.frozen_groups == ("stem", "stage1", "stage2", "stage3", "stage4")
+    before_backbone, before_head = snapshot(model.backbone), snapshot(model.head)
+    assert any("running_mean" in k for k in before_backbone)
+
+    train_a_few_steps(model)
+
+    after = model.backbone.state_dict()
+    changed = [k for k, v in before_backbone.items() if not torch.equal(v, after[k])]
+    assert changed == []
+    assert not torch.equal(before_head["1.weight"], model.head.state_dict()["1.weight"])
+
+
+def test_frozen_batchnorm_stays_in_eval_mode_after_train_calls():
+    model = tiny_classifier()
+    apply_freeze(model, groups="all")
+    model.train()
+    norms = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(not m.training for m in norms)
+    assert model.head.training
+
+
+def test_batchnorm_train_policy_lets_statistics_move():
+    """The control: without the eval policy the same training does move the statistics."""
+    model = tiny_classifier()
+    apply_freeze(model, groups="all", batchnorm="train")
+    before = snapshot(model.backbone)
+    train_a_few_steps(model)
+    moved = [k for k, v in before.items() if "running_mean" in k and not torch.equal(v, model.backbone.state_dict()[k])]
+    assert moved
+    params = dict(model.backbone.named_parameters())
+    assert all(torch.equal(before[k], params[k]) for k in params)
+
+
+def test_batchnorm_frozen_policy_swaps_in_frozen_batchnorm():
+    model = tiny_classifier()
+    apply_freeze(model, groups="all", batchnorm="frozen")
+    names = {type(m).__name__ for m in model.backbone.modules()}
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.modules())
+    assert any(n.startswith("FrozenBatchNorm") for n in names)
+    before = snapshot(model.backbone)
+    train_a_few_steps(model)
+    assert all(torch.equal(v, model.backbone.state_dict()[k]) for k, v in before.items())
+
+
+def test_freeze_until_a_group_and_by_pattern():
+    model = tiny_classifier()
+    result = apply_freeze(model, until="stage2")
+    assert result.frozen_groups == ("stem", "stage1", "stage2")
+    trainable = {n.split(".")[1] for n, p in model.named_parameters() if p.requires_grad and n.startswith("backbone.")}
+    assert trainable == {"layer3", "layer4"}
+
+    model = tiny_classifier()
+    apply_freeze(model, patterns=[r"\.bn\d\."])
+    assert all(not p.requires_grad for n, p in model.named_parameters() if ".bn" in n)
+    assert all(p.requires_grad for n, p in model.named_parameters() if "conv" in n)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"groups": ["stage9"]}, "unknown groups"),
+    ({"until": "nope"}, "not a group"),
+    ({"groups": "everything"}, "use `all`"),
+    ({"until": "head"}, "nothing would train"),
+    ({"batchnorm": "sometimes"}, "freeze.batchnorm"),
+])
+def test_bad_freeze_settings_say_what_to_fix(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_freeze(tiny_classifier(), **kwargs)
+
+
+def test_param_groups_one_per_layer_group_with_layer_decay_and_no_decay_for_biases():
+    model = tiny_classifier()
+    apply_freeze(model, until="stage2")
+    groups = param_groups(model, lr=0.1, weight_decay=0.01, layer_decay=0.5)
+    lrs = {g["name"]: g["lr"] for g in groups}
+    assert lrs == pytest.approx({"head": 0.1, "head/no_decay": 0.1, "stage4": 0.05, "stage4/no_decay": 0.05,
+                                 "stage3": 0.025, "stage3/no_decay": 0.025})
+    assert all(g["weight_decay"] == 0.0 for g in groups if g["name"].endswith("no_decay"))
+    assert all(p.ndim == 1 for g in groups if g["name"].endswith("no_decay") for p in g["params"])
+    grouped = {id(p) for g in groups for p in g["params"]}
+    assert grouped == {id(p) for p in model.parameters() if p.requires_grad}

@@ -1,0 +1,34 @@
+"""W&B never prompts or blocks: no credentials means offline, decided in well under a second."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from conftest import QUICK, TINY
+from finetune.loggers import wandb_mode
+
+
+def test_no_credentials_means_offline(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    start = time.perf_counter()
+    assert wandb_mode("auto") == "offline"
+    assert time.perf_counter() - start < 1.0
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert wandb_mode("auto") == "disabled"
+
+
+def test_default_wandb_logger_runs_offline_without_credentials(image_folder, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path), NETRC=str(tmp_path / "none"))
+    args = ["data=folder", f"data.root={image_folder}", *TINY, *QUICK, "logger=wandb", "hydra.run.dir=run"]
+    proc = subprocess.run([sys.executable, "-m", "finetune", *args], cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert (tmp_path / "run" / "csv" / "metrics.csv").is_file()
