@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,9 @@ from finetune.optim import param_groups
 from finetune.summary import format_table, groups_table
 
 log = logging.getLogger(__name__)
+
+# Frozen BatchNorm layers are in eval mode on purpose: Classifier.train keeps them there.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 
 @dataclass
