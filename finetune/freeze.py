@@ -31,7 +31,7 @@ def apply_freeze(
 ) -> FreezeResult:
     """Set ``requires_grad`` on every parameter of `model` and apply the BatchNorm policy.
 
-    groups: ``all`` (every backbone group) or group names; until: freeze every group from the
+    groups: ``all`` (every group but ``head``) or group names; until: freeze every group from the
     stem up to and including this one; patterns: regexes matched (``re.search``) against
     parameter names. batchnorm, for norm layers whose parameters are all frozen: ``eval``
     (running statistics used, never updated), ``train`` (statistics keep adapting) or
@@ -61,7 +61,7 @@ def apply_freeze(
 
 
 def _resolve_groups(names: list[str], groups, until: str | None) -> set[str]:
-    backbone = names[:-1]  # the last group is the new head
+    backbone = names[:-1]  # the last group is the head
     if isinstance(groups, str):
         if groups != "all":
             raise ConfigError(f"freeze.groups={groups!r}: use `all` or a list of groups from {names}.")
@@ -80,7 +80,8 @@ def _resolve_groups(names: list[str], groups, until: str | None) -> set[str]:
 
 def _frozen_norms(model: nn.Module, frozen: set[str]) -> list[str]:
     """BatchNorm modules whose parameters are all frozen (affine-free ones: when all are)."""
-    all_frozen = frozen >= {n for n, _ in model.named_parameters() if not n.startswith("head.")}
+    head = set(model.groups[-1].param_names)
+    all_frozen = frozen >= {n for n, _ in model.named_parameters() if n not in head}
     result = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.modules.batchnorm._BatchNorm):

@@ -1,7 +1,7 @@
-"""Named layer groups of a backbone: stem, stage1 … stageN, neck, from timm's group matcher.
+"""Named layer groups of a backbone: stem, stage1 … stageN, head, from timm's group matcher.
 
 The same groups serve freezing, per-group learning rates and the printed summary. Group order
-runs from the input (stem) to the output; the classifier head is added by the model as ``head``.
+runs from the input (stem) to the output. The model adds its new classifier to ``head``.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ class LayerGroup:
 def backbone_groups(model: nn.Module) -> list[LayerGroup]:
     """Group `model`'s parameters with its own ``group_matcher(coarse=True)``.
 
-    Whatever the matcher does not place (a final norm, a conv head) lands in the last group;
-    that group is called ``neck`` when it holds no block of the network. Models without a
-    matcher become one group, ``body``.
+    Whatever the matcher does not place (a final norm, a pre-logits layer) lands in the last
+    group; when that group holds no block of the network it belongs with the classifier and is
+    called ``head``. Models without a matcher become one group, ``body``.
     """
     if not hasattr(model, "group_matcher"):
         return [LayerGroup("body", tuple(n for n, _ in model.named_parameters()))]
@@ -40,7 +40,7 @@ def backbone_groups(model: nn.Module) -> list[LayerGroup]:
         if i == 0 and stem is not None and all(stem.match(n) for n in names):
             name = "stem"
         elif block_patterns and not any(p.match(n) for p in block_patterns for n in names):
-            name = "neck"
+            name = "head"
         else:
             stage += 1
             name = f"stage{stage}"

@@ -8,7 +8,8 @@ from finetune.groups import LayerGroup
 
 
 class Classifier(nn.Module):
-    """``head(backbone(x))``. Its layer groups are the backbone's plus ``head``.
+    """``head(backbone(x))``. Layer groups: the backbone's, and ``head`` (the new classifier plus
+    any backbone layers the group matcher leaves after the last block, such as a final norm).
 
     Norm layers listed in ``frozen_norms`` stay in eval mode across every ``.train()`` call
     (Lightning calls it at each epoch): with ``requires_grad=False`` alone, BatchNorm would
@@ -19,9 +20,11 @@ class Classifier(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = head
-        self.groups = [
-            LayerGroup(g.name, tuple(f"backbone.{n}" for n in g.param_names)) for g in backbone_groups
-        ] + [LayerGroup("head", tuple(f"head.{n}" for n, _ in head.named_parameters()))]
+        groups = [LayerGroup(g.name, tuple(f"backbone.{n}" for n in g.param_names)) for g in backbone_groups]
+        # The backbone's own head-side layers (a final norm) join the new classifier's group.
+        pre_head = groups.pop().param_names if groups and groups[-1].name == "head" else ()
+        head_names = pre_head + tuple(f"head.{n}" for n, _ in head.named_parameters())
+        self.groups = groups + [LayerGroup("head", head_names)]
         self.frozen_norms: list[str] = []
 
     def forward(self, x: Tensor) -> Tensor:

@@ -55,3 +55,14 @@ def image_folder(tmp_path: Path) -> Path:
     write_class_folders(tmp_path / "data" / "train", per_class=8, seed=0)
     write_class_folders(tmp_path / "data" / "val", per_class=4, seed=1)
     return tmp_path / "data"
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

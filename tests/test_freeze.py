@@ -121,3 +121,14 @@ def test_param_groups_one_per_layer_group_with_layer_decay_and_no_decay_for_bias
     assert all(p.ndim == 1 for g in groups if g["name"].endswith("no_decay") for p in g["params"])
     grouped = {id(p) for g in groups for p in g["params"]}
     assert grouped == {id(p) for p in model.parameters() if p.requires_grad}
+
+
+def test_layers_after_the_last_block_train_with_the_head():
+    """convnext's final norm is not a block: freeze_all_but_head leaves it trainable with the head."""
+    backbone = build_backbone("test_convnext", "random")
+    model = Classifier(backbone.model, build_head(backbone.num_features, 3), backbone.groups)
+    assert [g.name for g in model.groups] == ["stem", "stage1", "stage2", "stage3", "stage4", "head"]
+    assert "backbone.head.norm.weight" in model.groups[-1].param_names
+    apply_freeze(model, groups="all")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(model.groups[-1].param_names)
