@@ -17,14 +17,16 @@ CHECKPOINT_KEY = "finetune"
 
 class ClassifierModule(L.LightningModule):
     """Trains a :class:`Classifier`. Logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``
-    (and ``val/acc_top5`` with 5+ classes) per epoch, and the lr of every optimizer group.
+    (and ``val/acc_top5`` with 5+ classes; ``test/*`` likewise) per epoch, and the lr of every
+    optimizer group. `class_weights` weight the training loss (``data.balance=weighted_loss``).
 
     Checkpoints carry ``checkpoint["finetune"] = {"classes": [...], "config": {...}}``: plain
     lists, dicts and strings, so they load with ``torch.load(weights_only=True)``.
     """
 
     def __init__(self, model: Classifier, classes: list[str], optimizer: Mapping, scheduler: Mapping,
-                 config: Mapping | None = None, label_smoothing: float = 0.0):
+                 config: Mapping | None = None, label_smoothing: float = 0.0,
+                 class_weights: torch.Tensor | None = None):
         super().__init__()
         self.model = model
         self.classes = list(classes)
@@ -32,33 +34,57 @@ class ClassifierModule(L.LightningModule):
         self.scheduler_cfg = dict(scheduler)
         self.config = dict(config or {})
         self.label_smoothing = label_smoothing
+        self.class_weights = class_weights  # training loss only: evaluation stays comparable
+        self.unreadable: dict[str, str] = {}  # files that failed to decode mid-run: path -> reason
         n = len(self.classes)
         self.train_acc = MulticlassAccuracy(num_classes=n, top_k=1, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes=n, top_k=1, average="micro")
-        self.val_acc_top5 = MulticlassAccuracy(num_classes=n, top_k=5, average="micro") if n >= 5 else None
+        self.eval_metrics = torch.nn.ModuleDict({
+            split: torch.nn.ModuleDict({
+                "acc": MulticlassAccuracy(num_classes=n, top_k=1, average="micro"),
+                **({"acc_top5": MulticlassAccuracy(num_classes=n, top_k=5, average="micro")} if n >= 5 else {}),
+            })
+            for split in ("val", "test")
+        })
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
+    def _unpack(self, batch):
+        """(images, labels) of a batch; files that failed to decode are recorded, not fatal."""
+        images, labels = batch[0], batch[1]
+        for path, reason in batch[2] if len(batch) > 2 else ():
+            self.unreadable[path] = reason
+        return images, labels
+
     def training_step(self, batch, batch_idx):
-        images, labels = batch
+        images, labels = self._unpack(batch)
+        if not len(labels):
+            return None  # every file of this batch was unreadable: skip the step
         logits = self(images)
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        weight = self.class_weights.to(logits.device) if self.class_weights is not None else None
+        loss = F.cross_entropy(logits, labels, weight=weight, label_smoothing=self.label_smoothing)
         self.train_acc(logits, labels)
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels))
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(labels))
         return loss
 
     def validation_step(self, batch, batch_idx):
-        images, labels = batch
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._evaluate(batch, "test")
+
+    def _evaluate(self, batch, split: str) -> None:
+        images, labels = self._unpack(batch)
+        if not len(labels):
+            return
         logits = self(images)
-        loss = F.cross_entropy(logits, labels)
-        self.val_acc(logits, labels)
-        self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(labels))
-        self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True, batch_size=len(labels))
-        if self.val_acc_top5 is not None:
-            self.val_acc_top5(logits, labels)
-            self.log("val/acc_top5", self.val_acc_top5, on_epoch=True, batch_size=len(labels))
+        self.log(f"{split}/loss", F.cross_entropy(logits, labels), on_epoch=True, prog_bar=split == "val",
+                 batch_size=len(labels))
+        for name, metric in self.eval_metrics[split].items():
+            metric(logits, labels)
+            self.log(f"{split}/{name}", metric, on_epoch=True, prog_bar=name == "acc" and split == "val",
+                     batch_size=len(labels))
 
     def configure_optimizers(self):
         cfg = self.optimizer_cfg

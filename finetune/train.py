@@ -20,10 +20,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from finetune.backbone import Backbone, build_backbone
-from finetune.data.datamodule import ImageDataModule
-from finetune.data.sources import DataSplits, load_digits, load_folder
+from finetune.data.check import DataReport, check_data
+from finetune.data.datamodule import ImageDataModule, class_weights
+from finetune.data.sources import DataSplits, load_digits, load_folder, load_manifest
 from finetune.data.transforms import build_transforms, input_size
-from finetune.errors import ConfigError
+from finetune.errors import ConfigError, DataError
 from finetune.freeze import apply_freeze
 from finetune.head import build_head
 from finetune.history import MetricsHistory
@@ -31,7 +32,7 @@ from finetune.loggers import build_loggers, finish_wandb
 from finetune.model import Classifier
 from finetune.module import ClassifierModule
 from finetune.optim import param_groups
-from finetune.summary import format_table, groups_table
+from finetune.summary import groups_table
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class FitResult:
     config: dict
     history: list[dict[str, float]] = field(default_factory=list)
     outputs: dict[str, Path] = field(default_factory=dict)
+    data_report: DataReport | None = None  # counts per split, skipped files and why, duplicates
 
     def __repr__(self) -> str:
         acc = self.metrics.get("val/acc")
@@ -61,8 +63,11 @@ def load_data(cfg: DictConfig, seed: int) -> DataSplits:
     if cfg.name == "digits":
         return load_digits(cfg.val_fraction, seed)
     if cfg.name == "folder":
-        return load_folder(cfg.root, cfg.train_dir, cfg.val_dir, cfg.val_fraction, seed)
-    raise ConfigError(f"data.name={cfg.name!r}; choose data=digits or data=folder.")
+        return load_folder(cfg.root, cfg.train_dir, cfg.val_dir, cfg.val_fraction, seed, cfg.get("test_dir"))
+    if cfg.name == "csv":
+        return load_manifest(cfg.csv, cfg.root, cfg.path_column, cfg.label_column, cfg.split_column,
+                             cfg.path_template, cfg.val_fraction, seed)
+    raise ConfigError(f"data.name={cfg.name!r}; choose data=digits, data=folder or data=csv.")
 
 
 def build_model(backbone: Backbone, num_classes: int, head_cfg: DictConfig, freeze_cfg: DictConfig) -> Classifier:
@@ -88,12 +93,16 @@ def run(cfg: DictConfig) -> FitResult:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     splits = load_data(cfg.data, cfg.seed)
+    report = check_data(splits)
+    print(report.table(), flush=True)
     backbone = build_backbone(cfg.backbone.name, cfg.backbone.weights, cfg.backbone.drop_rate)
     train_tf, eval_tf = build_transforms(backbone.data_config, cfg.augment, cfg.data.image_size)
-    data = ImageDataModule(splits, train_tf, eval_tf, cfg.data.batch_size, cfg.data.num_workers)
+    balance = cfg.data.get("balance", "none")
+    data = ImageDataModule(splits, train_tf, eval_tf, cfg.data.batch_size, cfg.data.num_workers, balance, cfg.seed)
     model = build_model(backbone, len(splits.classes), cfg.head, cfg.freeze)
-    module = ClassifierModule(model, splits.classes, cfg.optimizer, cfg.scheduler, config)
-    _print_start(cfg, splits, backbone, model)
+    weights = class_weights(splits) if balance == "weighted_loss" else None
+    module = ClassifierModule(model, splits.classes, cfg.optimizer, cfg.scheduler, config, class_weights=weights)
+    _print_start(cfg, backbone, model)
 
     history = MetricsHistory()
     checkpoint = ModelCheckpoint(
@@ -125,45 +134,44 @@ def run(cfg: DictConfig) -> FitResult:
         raise ConfigError(f"Invalid trainer setting: {err}. See lightning.Trainer's arguments.") from None
     try:
         trainer.fit(module, datamodule=data)
+        best_path = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
+        if best_path is not None:
+            state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
+            module.load_state_dict(state)
+        best = dict(history.best(cfg.callbacks.checkpoint.monitor, cfg.callbacks.checkpoint.mode))
+        if splits.test:  # the held-out test split, scored once with the best weights
+            best.update({k: float(v) for k, v in trainer.test(module, datamodule=data, verbose=False)[0].items()})
+    except RuntimeError as err:
+        if "DataLoader worker" in str(err):
+            raise DataError(
+                f"A data loading worker died: {err}\nThis is usually shared memory (/dev/shm) running out. "
+                f"Try data.num_workers=0 or a smaller data.batch_size, or give the container more shared "
+                f"memory (docker run --shm-size=8g)."
+            ) from err
+        raise
     finally:
         finish_wandb()
 
-    best_path = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
-    if best_path is not None:
-        state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
-        module.load_state_dict(state)
+    report.add_unreadable(module.unreadable)
     model = module.model.cpu().eval()
-    best = history.best(cfg.callbacks.checkpoint.monitor, cfg.callbacks.checkpoint.mode)
-    metrics = {k: v for k, v in best.items()}
     outputs = _outputs(output_dir, best_path, loggers)
-    result = FitResult(metrics, best_path, list(splits.classes), model, output_dir, config, history.epochs, outputs)
+    result = FitResult(best, best_path, list(splits.classes), model, output_dir, config, history.epochs, outputs, report)
     _write_summary(result, time.perf_counter() - started)
     _print_end(result, len(history.epochs))
     return result
 
 
-def _print_start(cfg: DictConfig, splits: DataSplits, backbone: Backbone, model: Classifier) -> None:
+def _print_start(cfg: DictConfig, backbone: Backbone, model: Classifier) -> None:
     height, width = input_size(backbone.data_config, cfg.data.image_size)
     groups = param_groups(model, cfg.optimizer.lr, 0.0, cfg.optimizer.get("layer_decay", 1.0))
     lrs = {g["name"].split("/")[0]: g["lr"] for g in groups}
-    counts = [(c, splits.counts("train")[c], splits.counts("val")[c]) for c in splits.classes]
-    shown = counts if len(counts) <= 12 else counts[:10] + [("...", "", "")]
-    lines = [
-        f"data: {splits.description}",
-        f"  {len(splits.classes)} classes, {len(splits.train)} train / {len(splits.val)} val images"
-        + (f", {len(splits.skipped)} files skipped" if splits.skipped else ""),
-        format_table(["class", "train", "val"], shown, "lrr"),
-    ]
-    for path, reason in splits.skipped[:10]:
-        lines.append(f"  skipped {path}: {reason}")
-    cfg_data = backbone.data_config
-    lines += [
+    data_config = backbone.data_config
+    print("\n".join([
         f"backbone: {backbone.name}, weights: {backbone.weights}",
-        f"  input {height}x{width}, {cfg_data['interpolation']}, mean {tuple(round(m, 3) for m in cfg_data['mean'])},"
-        f" std {tuple(round(s, 3) for s in cfg_data['std'])}, crop_pct {cfg_data['crop_pct']}",
+        f"  input {height}x{width}, {data_config['interpolation']}, mean {tuple(round(m, 3) for m in data_config['mean'])},"
+        f" std {tuple(round(s, 3) for s in data_config['std'])}, crop_pct {data_config['crop_pct']}",
         groups_table(model, lrs),
-    ]
-    print("\n".join(lines), flush=True)
+    ]), flush=True)
 
 
 def _outputs(output_dir: Path, best_path: Path | None, loggers) -> dict[str, Path]:
@@ -188,6 +196,7 @@ def _write_summary(result: FitResult, seconds: float) -> None:
         "best_checkpoint": str(result.best_checkpoint) if result.best_checkpoint else None,
         "classes": result.classes,
         "history": result.history,
+        "data": result.data_report.to_dict() if result.data_report else None,
         "seconds": round(seconds, 1),
     }
     result.outputs["summary"].write_text(json.dumps(summary, indent=2))
@@ -197,7 +206,9 @@ def _print_end(result: FitResult, epochs: int) -> None:
     m = result.metrics
     best_epoch = int(m["epoch"]) + 1 if "epoch" in m else "?"
     lines = ["", f"best epoch {best_epoch} of {epochs}: " + ", ".join(
-        f"{k}={m[k]:.4f}" for k in ("train/loss", "train/acc", "val/loss", "val/acc_top5") if k in m)]
+        f"{k}={m[k]:.4f}" for k in ("train/loss", "train/acc", "val/loss", "val/acc_top5", "test/acc") if k in m)]
+    if result.data_report and result.data_report.skipped:
+        lines.append(f"skipped {len(result.data_report.skipped)} unreadable or non-image files (listed in summary.json)")
     lines += [f"  {name}: {path}" for name, path in result.outputs.items()]
     if "wandb" in result.outputs:
         lines.append("  (an offline W&B run uploads with: wandb sync " + str(result.outputs["wandb"]) + "/offline-run-*)")

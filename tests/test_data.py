@@ -60,8 +60,9 @@ def test_hidden_folders_are_not_classes_and_bad_files_are_skipped_and_counted(im
     splits = load_folder(str(image_folder), None, None, 0.2, seed=0)
     assert splits.classes == ["ants", "bees", "wasps"]
     skipped = {path.split("/")[-1]: reason for path, reason in splits.skipped}
-    assert set(skipped) == {"notes.txt", "empty.jpg", "fake.jpg"}
-    assert "empty" in skipped["empty.jpg"] and "unreadable" in skipped["fake.jpg"]
+    assert set(skipped) == {".DS_Store", "notes.txt", "empty.jpg", "fake.jpg"}
+    assert skipped[".DS_Store"] == "hidden file"
+    assert skipped["empty.jpg"] == "empty file" and "not a readable image" in skipped["fake.jpg"]
     assert len(splits.train) == 24
 
 

@@ -1,22 +1,38 @@
-"""Samples + pipelines -> a LightningDataModule."""
+"""Samples + pipelines -> a LightningDataModule whose batches survive undecodable files.
+
+Batches are ``(images, labels, failures)``: a file that passed the header check but cannot be
+decoded (a truncated JPEG) is left out of its batch and reported in ``failures`` as
+``(path, reason)``, so one bad file never ends a run.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import cv2
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data._utils.collate import default_collate
 
-from finetune.data.images import load_rgb
+from finetune.data.images import UnreadableImage, load_rgb
 from finetune.data.sources import DataSplits, Sample
-from finetune.errors import DataError
+from finetune.errors import ConfigError
+
+BALANCE_MODES = ("none", "weighted_loss", "sampler")
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    path: str
+    reason: str
 
 
 class ImageDataset(Dataset):
-    """``(path_or_array, label)`` samples through an albumentations pipeline -> (tensor, label)."""
+    """``(path_or_array, label)`` samples through an albumentations pipeline -> (tensor, label),
+    or :class:`Unreadable` for a file that cannot be decoded."""
 
     def __init__(self, samples: list[Sample], transform: Callable):
         self.samples = samples
@@ -32,9 +48,26 @@ class ImageDataset(Dataset):
         else:
             try:
                 image = load_rgb(item)
-            except Exception as err:
-                raise DataError(f"Cannot decode {item}: {type(err).__name__}: {err}. Remove or replace the file.") from err
+            except UnreadableImage as err:
+                return Unreadable(item, str(err))
         return self.transform(image=image)["image"], label
+
+
+def collate_skipping_unreadable(batch: list):
+    """default_collate over the readable items; the unreadable ones as a list of (path, reason)."""
+    failures = [(b.path, b.reason) for b in batch if isinstance(b, Unreadable)]
+    good = [b for b in batch if not isinstance(b, Unreadable)]
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), failures
+    images, labels = default_collate(good)
+    return images, labels, failures
+
+
+def class_weights(splits: DataSplits) -> torch.Tensor:
+    """Inverse-frequency weights over the training split, averaging 1 per sample."""
+    counts = torch.tensor(list(splits.counts("train").values()), dtype=torch.float)
+    weights = counts.sum() / (len(counts) * counts.clamp(min=1))
+    return weights
 
 
 def _worker_init(_: int) -> None:
@@ -43,31 +76,46 @@ def _worker_init(_: int) -> None:
 
 class ImageDataModule(L.LightningDataModule):
     def __init__(self, splits: DataSplits, train_transform: Callable, eval_transform: Callable,
-                 batch_size: int = 32, num_workers: int = 2):
+                 batch_size: int = 32, num_workers: int = 2, balance: str = "none", seed: int = 0):
         super().__init__()
+        if balance not in BALANCE_MODES:
+            raise ConfigError(f"data.balance={balance!r}; choose one of {', '.join(BALANCE_MODES)}.")
         self.splits = splits
         self.train_transform = train_transform
         self.eval_transform = eval_transform
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.balance = balance
+        self.seed = seed
 
     @property
     def classes(self) -> list[str]:
         return self.splits.classes
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(ImageDataset(self.splits.train, self.train_transform), shuffle=True)
+        sampler = None
+        if self.balance == "sampler":
+            # Each draw picks a class uniformly (in expectation), then an image of it.
+            per_sample = class_weights(self.splits)[[label for _, label in self.splits.train]]
+            generator = torch.Generator().manual_seed(self.seed)
+            sampler = WeightedRandomSampler(per_sample.double(), len(self.splits.train), replacement=True, generator=generator)
+        return self._loader(ImageDataset(self.splits.train, self.train_transform), shuffle=sampler is None, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(ImageDataset(self.splits.val, self.eval_transform), shuffle=False)
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(ImageDataset(self.splits.test, self.eval_transform), shuffle=False)
+
+    def _loader(self, dataset: Dataset, shuffle: bool, sampler=None) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
             worker_init_fn=_worker_init,
+            collate_fn=collate_skipping_unreadable,
         )

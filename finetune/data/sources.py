@@ -1,23 +1,27 @@
-"""Where samples come from: scikit-learn's digits, or folders of class folders.
+"""Where samples come from: scikit-learn's digits, folders of class folders, or a CSV manifest.
 
-Every source returns :class:`DataSplits`: the class names (label order), train and validation
-samples as ``(path_or_array, label)``, and the files that were skipped with the reason.
+Every source returns :class:`DataSplits`: the class names (label order, taken from the training
+split), train / validation (/ test) samples as ``(path_or_array, label)``, the image sizes read
+from file headers, and the files that were skipped with the reason. Labels are mapped by class
+name, never by position, so a validation folder listing classes in another order is safe.
 """
 
 from __future__ import annotations
 
+import csv
 import random
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from finetune.data.images import IMAGE_EXTENSIONS
+from finetune.data.images import IMAGE_EXTENSIONS, UnreadableImage, probe
 from finetune.errors import DataError
 
 Sample = tuple["str | np.ndarray", int]
+SPLITS = ("train", "val", "test")
 
 
 @dataclass
@@ -27,6 +31,8 @@ class DataSplits:
     val: list[Sample]
     description: str
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    test: list[Sample] = field(default_factory=list)
+    sizes: dict[str, tuple[int, int]] = field(default_factory=dict)  # path -> (width, height)
 
     def counts(self, split: str) -> dict[str, int]:
         per_class = defaultdict(int)
@@ -42,109 +48,196 @@ def load_digits(val_fraction: float, seed: int) -> DataSplits:
     bunch = sklearn_digits()
     images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)  # pixel values are 0..16
     samples = [(np.repeat(img[..., None], 3, axis=2), int(t)) for img, t in zip(images, bunch.target)]
-    train_idx, val_idx = stratified_split([t for _, t in samples], val_fraction, seed)
+    train, val = _split(samples, val_fraction, seed)
     return DataSplits(
         classes=[str(d) for d in range(10)],
-        train=[samples[i] for i in train_idx],
-        val=[samples[i] for i in val_idx],
+        train=train,
+        val=val,
         description=f"scikit-learn digits (8x8), stratified {1 - val_fraction:.0%}/{val_fraction:.0%} split, seed {seed}",
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# Folders
+
+
 def load_folder(
-    root: str | None, train_dir: str | None, val_dir: str | None, val_fraction: float, seed: int
+    root: str | None,
+    train_dir: str | None,
+    val_dir: str | None,
+    val_fraction: float,
+    seed: int,
+    test_dir: str | None = None,
 ) -> DataSplits:
-    """Class folders: ROOT/train + ROOT/val, explicit train_dir/val_dir (absolute or under ROOT),
-    or a single folder of class folders split stratified by `val_fraction` with `seed`."""
+    """Class folders: ROOT/train + ROOT/val (+ ROOT/test), explicit train_dir/val_dir/test_dir
+    (absolute or under ROOT), or a single folder of class folders split stratified by
+    `val_fraction` with `seed`."""
     base = _resolve(root, "data.root") if root else None
     train_path = _resolve(train_dir, "data.train_dir", base) if train_dir else None
     val_path = _resolve(val_dir, "data.val_dir", base) if val_dir else None
+    test_path = _resolve(test_dir, "data.test_dir", base) if test_dir else None
     if base is None and train_path is None:
         raise DataError("data=folder needs data.root=DIR (or data.train_dir=DIR).")
-    if train_path is None and (base / "train").is_dir():
-        train_path = base / "train"
-    if val_path is None and train_path is not None and base is not None:
-        for name in ("val", "valid", "validation"):
-            if (base / name).is_dir() and base / name != train_path:
-                val_path = base / name
-                break
+    if base is not None:
+        train_path = train_path or _existing(base, ("train", "training"))
+        if train_path is not None:
+            val_path = val_path or _existing(base, ("val", "valid", "validation"))
+            test_path = test_path or _existing(base, ("test",))
 
-    if train_path is None:  # ROOT holds the class folders themselves
-        classes, samples, skipped = scan_class_folders(base)
-        train_idx, val_idx = stratified_split([label for _, label in samples], val_fraction, seed)
-        return DataSplits(
-            classes,
-            [samples[i] for i in train_idx],
-            [samples[i] for i in val_idx],
-            f"{base}, stratified {1 - val_fraction:.0%}/{val_fraction:.0%} split, seed {seed}",
-            skipped,
-        )
-
-    classes, train, skipped = scan_class_folders(train_path)
+    skipped: list[tuple[str, str]] = []
+    sizes: dict[str, tuple[int, int]] = {}
+    source = train_path or base  # without a train folder, ROOT holds the class folders
+    classes, train = scan_class_folders(source, skipped, sizes)
     if val_path is None:
-        train_idx, val_idx = stratified_split([label for _, label in train], val_fraction, seed)
-        return DataSplits(
-            classes,
-            [train[i] for i in train_idx],
-            [train[i] for i in val_idx],
-            f"{train_path}, no validation folder: stratified {val_fraction:.0%} held out, seed {seed}",
-            skipped,
-        )
-    val_classes, val, val_skipped = scan_class_folders(val_path, allow_empty=True)
-    unknown = [c for c in val_classes if c not in classes]
-    if unknown:
-        raise DataError(
-            f"Validation folder {val_path} has classes that training lacks: {unknown}. "
-            f"Training classes: {classes}. Rename or remove those folders."
-        )
-    index = {c: i for i, c in enumerate(classes)}
-    val = [(path, index[val_classes[label]]) for path, label in val]  # map by name, not position
-    if not val:
-        raise DataError(f"Validation folder {val_path} holds no images.")
-    return DataSplits(classes, train, val, f"train {train_path}, val {val_path}", skipped + val_skipped)
+        train, val = _split(train, val_fraction, seed)
+        description = f"{source}, stratified {1 - val_fraction:.0%}/{val_fraction:.0%} split, seed {seed}"
+    else:
+        val = _scan_by_name(val_path, classes, "Validation", skipped, sizes)
+        description = f"train {train_path}, val {val_path}"
+    test = _scan_by_name(test_path, classes, "Test", skipped, sizes) if test_path else []
+    if test_path:
+        description += f", test {test_path}"
+    return DataSplits(classes, train, val, description, skipped, test, sizes)
 
 
-def scan_class_folders(directory: Path, allow_empty: bool = False) -> tuple[list[str], list[Sample], list]:
+def scan_class_folders(directory: Path, skipped: list, sizes: dict, allow_empty: bool = False) -> tuple[list[str], list[Sample]]:
     """Classes are the non-hidden subfolders of `directory` (sorted); samples the image files in
-    them (recursively). Files that are not images or whose header cannot be read are skipped."""
+    them (recursively). Non-images and files whose header cannot be read go to `skipped`."""
     if not directory.is_dir():
         raise DataError(f"{directory} is not a folder.")
-    class_dirs = sorted(
-        d for d in directory.iterdir() if d.is_dir() and not d.name.startswith((".", "__"))
-    )
+    class_dirs = sorted(d for d in directory.iterdir() if d.is_dir() and not d.name.startswith((".", "__")))
     if not class_dirs:
-        raise DataError(
-            f"{directory} has no class folders. Expected {directory}/<class name>/<image files>."
-        )
+        raise DataError(f"{directory} has no class folders. Expected {directory}/<class name>/<image files>.")
     classes = [d.name for d in class_dirs]
-    samples, skipped = [], []
+    files = []
     for label, class_dir in enumerate(class_dirs):
         for path in sorted(class_dir.rglob("*")):
-            if not path.is_file() or any(part.startswith(".") for part in path.relative_to(class_dir).parts):
+            if not path.is_file():
                 continue
-            if path.suffix.lower() not in IMAGE_EXTENSIONS:
-                skipped.append((str(path), f"not an image file ({path.suffix or 'no extension'})"))
-                continue
-            reason = _unreadable(path)
-            if reason:
-                skipped.append((str(path), reason))
-                continue
-            samples.append((str(path), label))
+            if any(part.startswith(".") for part in path.relative_to(class_dir).parts):
+                skipped.append((str(path), "hidden file"))  # .DS_Store, .ipynb_checkpoints/...
+            else:
+                files.append((path, label))
+    samples = _probe_all(files, skipped, sizes)
     if not samples and not allow_empty:
-        raise DataError(f"No readable images under {directory} (skipped {len(skipped)} files).")
-    return classes, samples, skipped
+        raise DataError(f"No readable images under {directory} ({len(files)} files, all skipped).")
+    return classes, samples
 
 
-def _unreadable(path: Path) -> str | None:
-    """Why the file's header cannot be read as an image, or None (a cheap check: no decode)."""
-    if path.stat().st_size == 0:
-        return "empty file"
-    try:
-        with Image.open(path) as img:
-            img.size  # noqa: B018 - reading the header is the check
-    except Exception as err:
-        return f"unreadable image: {type(err).__name__}: {err}"
-    return None
+def _scan_by_name(directory: Path, classes: list[str], what: str, skipped: list, sizes: dict) -> list[Sample]:
+    """Samples of another split, labelled by the training class of the same folder name."""
+    found, samples = scan_class_folders(directory, skipped, sizes, allow_empty=True)
+    unknown = [c for c in found if c not in classes]
+    if unknown:
+        raise DataError(
+            f"{what} folder {directory} has classes that training lacks: {unknown}. "
+            f"Training classes: {classes}. Rename or remove those folders."
+        )
+    if not samples:
+        raise DataError(f"{what} folder {directory} holds no readable images.")
+    index = {c: i for i, c in enumerate(classes)}
+    return [(path, index[found[label]]) for path, label in samples]
+
+
+# ---------------------------------------------------------------------------------------------
+# CSV / Parquet manifests
+
+
+def load_manifest(
+    manifest: str,
+    root: str | None,
+    path_column: str,
+    label_column: str,
+    split_column: str | None,
+    path_template: str,
+    val_fraction: float,
+    seed: int,
+) -> DataSplits:
+    """Rows of a CSV (or Parquet) file: an image path (relative to `root`, else to the file's
+    folder) formatted through `path_template` (``{}.jpg`` for ids without extension), a label,
+    and optionally a split (train / val|valid|validation / test). Without a split column, a
+    seeded stratified split."""
+    path = _resolve(manifest, "data.csv")
+    base = _resolve(root, "data.root") if root else path.parent
+    rows = _read_table(path)
+    if not rows:
+        raise DataError(f"{path} has no rows.")
+    for column in (path_column, label_column) + ((split_column,) if split_column else ()):
+        if column not in rows[0]:
+            raise DataError(f"{path} has no column {column!r}; its columns: {list(rows[0])}. Set data.*_column.")
+    by_split: dict[str, list[tuple[Path, str]]] = defaultdict(list)
+    for row in rows:
+        split = _split_name(row[split_column], path) if split_column else "train"
+        file = base / path_template.format(str(row[path_column]).strip())
+        by_split[split].append((file, str(row[label_column]).strip()))
+    if not by_split["train"]:
+        raise DataError(f"{path}: no rows in the train split.")
+
+    classes = sorted({label for _, label in by_split["train"]})
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted({label for split in ("val", "test") for _, label in by_split[split]} - set(classes))
+    if unknown:
+        raise DataError(f"{path}: labels {unknown} appear in val/test but never in train. Fix the labels or add training rows.")
+    skipped: list[tuple[str, str]] = []
+    sizes: dict[str, tuple[int, int]] = {}
+    splits = {
+        split: _probe_all([(file, index[label]) for file, label in by_split[split]], skipped, sizes)
+        for split in SPLITS
+    }
+    description = f"{path} ({len(rows)} rows), images under {base}"
+    if not split_column:
+        splits["train"], splits["val"] = _split(splits["train"], val_fraction, seed)
+        description += f", stratified {1 - val_fraction:.0%}/{val_fraction:.0%} split, seed {seed}"
+    if not splits["val"]:
+        raise DataError(f"{path}: no readable images in the val split.")
+    return DataSplits(classes, splits["train"], splits["val"], description, skipped, splits["test"], sizes)
+
+
+def _read_table(path: Path) -> list[dict]:
+    if path.suffix == ".parquet":
+        try:
+            import pandas as pd
+
+            return pd.read_parquet(path).to_dict("records")
+        except ImportError as err:
+            raise DataError(f"Reading {path.name} needs pandas and pyarrow: pip install pandas pyarrow ({err}).") from None
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        return list(csv.DictReader(f))
+
+
+def _split_name(value, path: Path) -> str:
+    name = str(value).strip().lower()
+    aliases = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+               "dev": "val", "test": "test"}
+    if name not in aliases:
+        raise DataError(f"{path}: unknown split value {value!r}; use train, val (valid, validation) or test.")
+    return aliases[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared helpers
+
+
+def _probe_all(files: Iterable[tuple[Path, int]], skipped: list, sizes: dict) -> list[Sample]:
+    """Keep the files that are images with a readable header; record sizes and skip reasons."""
+    samples = []
+    for path, label in files:
+        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            reason = "file not found" if not path.exists() else f"not an image file ({path.suffix or 'no extension'})"
+            skipped.append((str(path), reason))
+            continue
+        try:
+            sizes[str(path)] = probe(path)
+        except UnreadableImage as err:
+            skipped.append((str(path), str(err)))
+            continue
+        samples.append((str(path), label))
+    return samples
+
+
+def _split(samples: list[Sample], val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    train_idx, val_idx = stratified_split([label for _, label in samples], val_fraction, seed)
+    return [samples[i] for i in train_idx], [samples[i] for i in val_idx]
 
 
 def stratified_split(labels: list[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -168,10 +261,15 @@ def stratified_split(labels: list[int], val_fraction: float, seed: int) -> tuple
     return sorted(train), sorted(val)
 
 
+def _existing(base: Path, names: tuple[str, ...]) -> Path | None:
+    return next((base / n for n in names if (base / n).is_dir()), None)
+
+
 def _resolve(path: str, key: str, base: Path | None = None) -> Path:
+    """`path` as given (relative to the working directory), or under `base` when it is there."""
     p = Path(path).expanduser()
-    if not p.is_absolute():
-        p = (base / p) if base is not None and (base / p).exists() else p.resolve()
+    if not p.is_absolute() and base is not None and (base / p).exists():
+        p = base / p
     if not p.exists():
-        raise DataError(f"{key}={path!r}: {p} does not exist.")
+        raise DataError(f"{key}={path!r}: {p.resolve()} does not exist.")
     return p.resolve()

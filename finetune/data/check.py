@@ -1,0 +1,114 @@
+"""The data check run before every run and by ``finetune check-data``.
+
+It reports images per class and split, skipped files with their reasons, the range of image
+sizes, exact duplicates across splits (content hash) and classes missing from a split. Problems
+that make training meaningless raise :class:`DataError`; the rest become warnings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from finetune.data.sources import SPLITS, DataSplits
+from finetune.errors import DataError
+from finetune.summary import format_table
+
+
+@dataclass
+class DataReport:
+    description: str
+    classes: list[str]
+    counts: dict[str, dict[str, int]]  # split -> class -> images
+    skipped: list[tuple[str, str]]  # (path, reason), found while scanning or while decoding
+    size_range: tuple[int, int, int, int] | None  # min width, min height, max width, max height
+    duplicates: list[tuple[str, str]]  # (train item, val/test item) with identical content
+    warnings: list[str] = field(default_factory=list)
+
+    def add_unreadable(self, failures: dict[str, str]) -> None:
+        """Record files that passed the header check but failed to decode during the run."""
+        known = {path for path, _ in self.skipped}
+        self.skipped += [(p, r) for p, r in sorted(failures.items()) if p not in known]
+
+    def table(self) -> str:
+        splits = [s for s in SPLITS if sum(self.counts.get(s, {}).values())]
+        rows = [[c] + [self.counts[s][c] for s in splits] for c in self.classes]
+        if len(rows) > 12:
+            rows = rows[:10] + [["..."] + [""] * len(splits)]
+        rows.append(["total"] + [sum(self.counts[s].values()) for s in splits])
+        lines = [f"data: {self.description}", format_table(["class"] + splits, rows, "l" + "r" * len(splits))]
+        if self.size_range:
+            w0, h0, w1, h1 = self.size_range
+            lines.append(f"image sizes: {w0}x{h0} (smallest) to {w1}x{h1} (largest)")
+        lines.append(f"skipped files: {len(self.skipped)}; duplicates across splits: {len(self.duplicates)}")
+        lines += [f"  skipped {path}: {reason}" for path, reason in self.skipped[:20]]
+        if len(self.skipped) > 20:
+            lines.append(f"  ... and {len(self.skipped) - 20} more (all in summary.json)")
+        lines += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_data(splits: DataSplits) -> DataReport:
+    """Check `splits`; raise DataError for an empty train or val split."""
+    for split in ("train", "val"):
+        if not getattr(splits, split):
+            raise DataError(f"The {split} split is empty ({splits.description}). Add images or change data.*.")
+    counts = {s: splits.counts(s) for s in SPLITS}
+    report = DataReport(
+        splits.description,
+        list(splits.classes),
+        counts,
+        list(splits.skipped),
+        _size_range(splits),
+        _duplicates(splits),
+    )
+    for c in splits.classes:
+        missing = [s for s in ("train", "val") if counts[s][c] == 0]
+        if missing:
+            report.warnings.append(f"class {c!r} has no {' and no '.join(missing)} images")
+    if report.duplicates:
+        report.warnings.append(
+            f"{len(report.duplicates)} images of val/test also appear in train (identical files): "
+            f"validation accuracy will be optimistic. First: {report.duplicates[0]}"
+        )
+    if splits.skipped:
+        report.warnings.append(f"{len(splits.skipped)} files skipped (listed above and in summary.json)")
+    return report
+
+
+def _size_range(splits: DataSplits) -> tuple[int, int, int, int] | None:
+    sizes = list(splits.sizes.values())
+    sizes += [(item.shape[1], item.shape[0]) for s in SPLITS for item, _ in getattr(splits, s) if isinstance(item, np.ndarray)]
+    if not sizes:
+        return None
+    widths, heights = zip(*sizes)
+    return min(widths), min(heights), max(widths), max(heights)
+
+
+def _duplicates(splits: DataSplits) -> list[tuple[str, str]]:
+    train = defaultdict(list)
+    for item, _ in splits.train:
+        train[_digest(item)].append(item)
+    found = []
+    for split in ("val", "test"):
+        for item, _ in getattr(splits, split):
+            twins = train.get(_digest(item))
+            if twins:
+                found.append((_name(twins[0]), _name(item)))
+    return found
+
+
+def _digest(item) -> str:
+    data = item.tobytes() if isinstance(item, np.ndarray) else Path(item).read_bytes()
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def _name(item) -> str:
+    return item if isinstance(item, str) else f"array{item.shape}"

@@ -1,0 +1,158 @@
+"""Messy real-world files: each is converted correctly, or skipped and counted with its reason."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import QUICK, TINY, class_image, write_class_folders
+from finetune import fit
+from finetune.commands import check_data_command
+from finetune.data.datamodule import ImageDataset, collate_skipping_unreadable
+from finetune.data.images import UnreadableImage, load_rgb, probe
+
+
+def truncated_jpeg(path: Path) -> None:
+    buffer = io.BytesIO()
+    class_image(0, np.random.default_rng(0), size=64).save(buffer, "JPEG", quality=95)
+    path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+
+
+def decompression_bomb(path: Path) -> None:
+    """A 100-byte PNG whose header claims 30000 x 30000 pixels (900 million)."""
+    buffer = io.BytesIO()
+    Image.new("1", (8, 8)).save(buffer, "PNG")
+    data = bytearray(buffer.getvalue())
+    ihdr = bytearray(data[12:29])  # b"IHDR" + 13 bytes of header fields
+    ihdr[4:12] = struct.pack(">II", 30000, 30000)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)) & 0xFFFFFFFF)
+    path.write_bytes(bytes(data))
+
+
+BAD = {  # file name -> (writer, expected reason fragment)
+    "zero.jpg": (lambda p: p.write_bytes(b""), "empty file"),
+    "truncated.jpg": (truncated_jpeg, "truncated"),
+    "text.jpg": (lambda p: p.write_text("<html>404 Not Found</html>"), "not a readable image"),
+    ".DS_Store": (lambda p: p.write_bytes(b"\0\0\0\1Bud1\0"), "hidden file"),
+    "readme.md": (lambda p: p.write_text("# notes"), "not an image file"),
+    "bomb.png": (decompression_bomb, "decompression bomb"),
+}
+
+
+def convertible(directory: Path, label: int) -> list[Path]:
+    """Images in every awkward mode, dominated by class `label`'s color channel when colored."""
+    rng = np.random.default_rng(label)
+    base = class_image(label, rng, size=48)
+    out = []
+
+    def save(name, image, **kwargs):
+        image.save(directory / name, **kwargs)
+        out.append(directory / name)
+
+    save("cmyk.jpg", base.convert("CMYK"), quality=95)
+    save("gray.png", base.convert("L"))
+    save("wide16.png", Image.fromarray((np.asarray(base.convert("L"), np.uint16) * 257)))
+    save("rgba.png", base.convert("RGBA"))
+    save("palette.png", base.convert("P"))
+    return out
+
+
+def exif_rotated(path: Path) -> None:
+    """A 60x40 (w x h) picture, white in its top-left corner, stored turned 90 degrees clockwise
+    with EXIF orientation 8 (turn 90 degrees counter-clockwise to display)."""
+    upright = np.zeros((40, 60, 3), np.uint8)
+    upright[:10, :15] = 255
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_270)
+    exif = stored.getexif()
+    exif[0x0112] = 8
+    stored.save(path, exif=exif, quality=95)
+
+
+def test_each_bad_kind_is_refused_with_its_reason(tmp_path):
+    for name, (write, reason) in BAD.items():
+        if name.startswith(".") or name.endswith(".md"):
+            continue  # never opened as images: skipped by name
+        write(tmp_path / name)
+        with pytest.raises(UnreadableImage, match=reason):
+            load_rgb(tmp_path / name)
+    probe(tmp_path / "truncated.jpg")  # the header is fine: only decoding finds the damage
+
+
+def test_awkward_modes_decode_to_upright_rgb_with_the_right_colors(tmp_path):
+    for path in convertible(tmp_path, label=0):
+        image = load_rgb(path)
+        assert image.dtype == np.uint8 and image.shape == (48, 48, 3), path.name
+        if path.stem not in ("gray", "wide16"):
+            assert image[..., 0].mean() > image[..., 1].mean() + 60, path.name  # still red-dominated
+    exif_rotated(tmp_path / "exif.jpg")
+    upright = load_rgb(tmp_path / "exif.jpg")
+    assert upright.shape == (40, 60, 3)
+    assert upright[:10, :15].mean() > 200 and upright[10:, 15:].mean() < 30
+
+
+def test_undecodable_file_mid_run_is_left_out_of_its_batch_and_reported(tmp_path):
+    write_class_folders(tmp_path, classes=("a",), per_class=2)
+    truncated_jpeg(tmp_path / "a" / "bad.jpg")
+    samples = [(str(p), 0) for p in sorted((tmp_path / "a").iterdir())]
+    dataset = ImageDataset(samples, lambda image: {"image": torch.from_numpy(image.copy()).permute(2, 0, 1)})
+    images, labels, failures = collate_skipping_unreadable([dataset[i] for i in range(len(dataset))])
+    assert len(labels) == 2 and images.shape[0] == 2
+    assert [p.rsplit("/", 1)[-1] for p, _ in failures] == ["bad.jpg"]
+
+
+def inject(train: Path, classes: list[str]) -> set[str]:
+    """One bad file of each kind (in the first class) and the awkward modes (in every class)."""
+    injected = set()
+    for name, (write, _) in BAD.items():
+        write(train / classes[0] / name)
+        injected.add(str(train / classes[0] / name))
+    for label, c in enumerate(classes):
+        convertible(train / c, label)
+    exif_rotated(train / classes[0] / "exif.jpg")
+    return injected
+
+
+def test_run_with_every_bad_kind_injected_finishes_and_reports_exactly_them(tmp_path):
+    root = tmp_path / "data"
+    write_class_folders(root / "train", per_class=8)
+    write_class_folders(root / "val", per_class=4, seed=1)
+    injected = inject(root / "train", ["ants", "bees", "wasps"])
+    result = fit("full_finetune", TINY + QUICK + ["data=folder", f"data.root={root}", f"hydra.run.dir={tmp_path}/run"])
+    assert {path for path, _ in result.data_report.skipped} == injected
+    reasons = {Path(p).name: r for p, r in result.data_report.skipped}
+    for name, (_, reason) in BAD.items():
+        assert reason in reasons[name], (name, reasons[name])
+    # 8 generated + 5 awkward modes each (+ exif.jpg, + truncated.jpg: its header reads fine, decoding fails)
+    assert result.data_report.counts["train"] == {"ants": 15, "bees": 13, "wasps": 13}
+
+
+def test_check_data_command_decodes_everything_and_flags_duplicates(tmp_path, capsys):
+    root = tmp_path / "data"
+    write_class_folders(root / "train", per_class=3)
+    write_class_folders(root / "val", per_class=2, seed=1)
+    truncated_jpeg(root / "train" / "ants" / "cut.jpg")
+    shutil.copy(root / "train" / "bees" / "bees_0.jpg", root / "val" / "bees" / "copy.jpg")
+    assert check_data_command(["data=folder", f"data.root={root}"]) == 0
+    out = capsys.readouterr().out
+    assert "cut.jpg" in out and "truncated" in out
+    assert "duplicates across splits: 1" in out and "optimistic" in out
+
+
+@pytest.mark.slow
+def test_hymenoptera_with_bad_files_injected_keeps_its_accuracy(hymenoptera, tmp_path):
+    root = tmp_path / "hymenoptera"
+    shutil.copytree(hymenoptera, root, copy_function=lambda src, dst: Path(dst).symlink_to(src))
+    injected = inject(root / "train", ["ants", "bees"])
+    result = fit("freeze_all_but_head", data="folder", data__root=root, logger="none", trainer__max_epochs=5,
+                 callbacks__progress_bar=False, hydra__run__dir=tmp_path / "run")
+    assert {path for path, _ in result.data_report.skipped} == injected
+    assert result.metrics["val/acc"] >= 0.95, result.history
