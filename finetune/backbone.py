@@ -23,12 +23,22 @@ class Backbone:
     weights: WeightsReport
 
 
-def build_backbone(name: str, weights: str = "pretrained", drop_rate: float | None = None) -> Backbone:
-    """Create `name` with verified `weights` (see :func:`create_pretrained_model`), drop its head."""
+def build_backbone(name: str, weights: str = "pretrained", drop_rate: float | None = None,
+                   global_pool: str | None = None) -> Backbone:
+    """Create `name` with verified `weights` (see :func:`create_pretrained_model`), drop its head.
+
+    global_pool: None keeps the model's pooling; else one timm knows for it, e.g. ``avg``,
+    ``max``, ``avgmax`` (mean of both) or ``catavgmax`` (both, concatenated: twice the features).
+    """
     kwargs = {} if drop_rate is None else {"drop_rate": drop_rate}
     model, report = create_pretrained_model(name, weights, **kwargs)
-    model.reset_classifier(0)
+    if global_pool is None:
+        model.reset_classifier(0)
+    else:
+        model.reset_classifier(0, global_pool=global_pool)
     # head_hidden_size is the width of pre_logits where a model has a pre-logits layer.
     num_features = getattr(model, "head_hidden_size", None) or model.num_features
+    if global_pool == "catavgmax":
+        num_features *= 2
     data_config = timm.data.resolve_model_data_config(model)
     return Backbone(name, model, num_features, data_config, backbone_groups(model), report)

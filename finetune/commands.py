@@ -6,14 +6,13 @@ from collections.abc import Sequence
 
 from tqdm import tqdm
 
-from finetune.backbone import build_backbone
 from finetune.config import compose_config
 from finetune.data.check import check_data
 from finetune.data.images import UnreadableImage, load_rgb
 from finetune.data.sources import SPLITS
 from finetune.optim import param_groups
 from finetune.summary import groups_table
-from finetune.train import build_model, load_data
+from finetune.train import backbone_from_config, build_model, load_data
 
 
 def check_data_command(overrides: Sequence[str]) -> int:
@@ -38,7 +37,7 @@ def show_groups_command(overrides: Sequence[str]) -> int:
     downloading weights or training (the head is sized for the configured data's classes)."""
     cfg = compose_config(overrides)
     classes = load_data(cfg.data, cfg.seed).classes
-    backbone = build_backbone(cfg.backbone.name, "random", cfg.backbone.drop_rate)
+    backbone = backbone_from_config(cfg, weights="random")
     model = build_model(backbone, len(classes), cfg.head, cfg.freeze)
     groups = param_groups(model, cfg.optimizer.lr, 0.0, cfg.optimizer.get("layer_decay", 1.0))
     print(f"backbone: {cfg.backbone.name}, {len(classes)} classes, freeze: {dict(cfg.freeze)}")

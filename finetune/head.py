@@ -4,16 +4,23 @@ from __future__ import annotations
 
 from torch import nn
 
+NORMS = {None: None, "batchnorm": nn.BatchNorm1d, "layernorm": nn.LayerNorm}
 
-def build_head(in_features: int, num_classes: int, hidden: int | None = None, dropout: float = 0.0) -> nn.Sequential:
-    """Dropout -> Linear, or with `hidden`: Linear -> ReLU -> Dropout -> Linear."""
+
+def build_head(in_features: int, num_classes: int, hidden: int | None = None, dropout: float = 0.0,
+               norm: str | None = None) -> nn.Sequential:
+    """Dropout -> Linear, or with `hidden`: Linear -> [norm] -> ReLU -> Dropout -> Linear.
+
+    norm: None, ``batchnorm`` or ``layernorm``, applied to the hidden layer.
+    """
     if num_classes < 2:
         raise ValueError(f"A classifier needs at least 2 classes, got {num_classes}.")
+    if norm not in NORMS:
+        raise ValueError(f"head.norm={norm!r}; choose null, batchnorm or layernorm.")
     if hidden:
-        return nn.Sequential(
-            nn.Linear(in_features, hidden),
-            nn.ReLU(inplace=True),
-            nn.Dropout(dropout),
-            nn.Linear(hidden, num_classes),
-        )
+        layers = [nn.Linear(in_features, hidden)]
+        if NORMS[norm] is not None:
+            layers.append(NORMS[norm](hidden))
+        layers += [nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(hidden, num_classes)]
+        return nn.Sequential(*layers)
     return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, num_classes))

@@ -21,8 +21,10 @@ def format_table(header: Sequence[str], rows: Iterable[Sequence], align: str | N
     return "\n".join([line([str(h) for h in header]), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
-def groups_table(model: Classifier, group_lrs: dict[str, float]) -> str:
-    """Layer group, parameter count, trainable/frozen, learning rate, BatchNorm mode."""
+def groups_table(model: Classifier, group_lrs: dict[str, float], unfreeze_at: dict[str, int] | None = None) -> str:
+    """Layer group, parameter count, trainable/frozen (or the epoch it starts training), learning
+    rate, BatchNorm mode."""
+    unfreeze_at = unfreeze_at or {}
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
     norm_modes = _norm_modes(model)
@@ -31,6 +33,8 @@ def groups_table(model: Classifier, group_lrs: dict[str, float]) -> str:
         count = sum(params[n].numel() if n in params else buffers[n].numel() for n in group.param_names if n in params or n in buffers)
         trainable = sum(params[n].numel() for n in group.param_names if n in params and params[n].requires_grad)
         state = "trainable" if trainable == count and count else ("frozen" if not trainable else f"partial ({trainable:,})")
+        if group.name in unfreeze_at:
+            state = f"from epoch {unfreeze_at[group.name] + 1}"
         lr = group_lrs.get(group.name)
         modes = sorted({mode for norm, mode in norm_modes.items() if f"{norm}.weight" in group.param_names})
         rows.append([group.name, f"{count:,}", state, f"{lr:g}" if lr is not None else "-", ",".join(modes) or "-"])

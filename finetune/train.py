@@ -21,10 +21,10 @@ from torch import nn
 
 from finetune.backbone import Backbone, build_backbone
 from finetune.data.check import DataReport, check_data
-from finetune.data.datamodule import ImageDataModule, class_weights
+from finetune.data.datamodule import ImageDataModule, class_weights, explain_worker_failure
 from finetune.data.sources import DataSplits, load_digits, load_folder, load_manifest
 from finetune.data.transforms import build_transforms, input_size
-from finetune.errors import ConfigError, DataError
+from finetune.errors import ConfigError
 from finetune.freeze import apply_freeze
 from finetune.head import build_head
 from finetune.history import MetricsHistory
@@ -33,6 +33,7 @@ from finetune.model import Classifier
 from finetune.module import ClassifierModule
 from finetune.optim import param_groups
 from finetune.summary import groups_table
+from finetune.unfreeze import gradual_unfreezing
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +71,14 @@ def load_data(cfg: DictConfig, seed: int) -> DataSplits:
     raise ConfigError(f"data.name={cfg.name!r}; choose data=digits, data=folder or data=csv.")
 
 
+def backbone_from_config(cfg: DictConfig, weights: str | None = None) -> Backbone:
+    """The run's backbone; `weights` overrides ``cfg.backbone.weights`` (``random`` to inspect)."""
+    return build_backbone(cfg.backbone.name, weights or cfg.backbone.weights, cfg.backbone.drop_rate,
+                          cfg.head.get("pool"))
+
+
 def build_model(backbone: Backbone, num_classes: int, head_cfg: DictConfig, freeze_cfg: DictConfig) -> Classifier:
-    head = build_head(backbone.num_features, num_classes, head_cfg.hidden, head_cfg.dropout)
+    head = build_head(backbone.num_features, num_classes, head_cfg.hidden, head_cfg.dropout, head_cfg.get("norm"))
     model = Classifier(backbone.model, head, backbone.groups)
     apply_freeze(
         model,
@@ -95,14 +102,15 @@ def run(cfg: DictConfig) -> FitResult:
     splits = load_data(cfg.data, cfg.seed)
     report = check_data(splits)
     print(report.table(), flush=True)
-    backbone = build_backbone(cfg.backbone.name, cfg.backbone.weights, cfg.backbone.drop_rate)
+    backbone = backbone_from_config(cfg)
     train_tf, eval_tf = build_transforms(backbone.data_config, cfg.augment, cfg.data.image_size)
     balance = cfg.data.get("balance", "none")
     data = ImageDataModule(splits, train_tf, eval_tf, cfg.data.batch_size, cfg.data.num_workers, balance, cfg.seed)
     model = build_model(backbone, len(splits.classes), cfg.head, cfg.freeze)
     weights = class_weights(splits) if balance == "weighted_loss" else None
+    unfreezing = gradual_unfreezing(model, cfg.freeze.get("unfreeze_every"), cfg.freeze.get("unfreeze_at"))
     module = ClassifierModule(model, splits.classes, cfg.optimizer, cfg.scheduler, config, class_weights=weights)
-    _print_start(cfg, backbone, model)
+    _print_start(cfg, backbone, model, unfreezing.schedule if unfreezing else None)
 
     history = MetricsHistory()
     checkpoint = ModelCheckpoint(
@@ -113,7 +121,7 @@ def run(cfg: DictConfig) -> FitResult:
         save_top_k=1,
         auto_insert_metric_name=False,
     )
-    callbacks = [history, checkpoint]
+    callbacks = [history, checkpoint] + ([unfreezing] if unfreezing else [])
     if cfg.callbacks.early_stopping_patience:
         callbacks.append(EarlyStopping(cfg.callbacks.checkpoint.monitor, mode=cfg.callbacks.checkpoint.mode,
                                        patience=cfg.callbacks.early_stopping_patience))
@@ -142,13 +150,7 @@ def run(cfg: DictConfig) -> FitResult:
         if splits.test:  # the held-out test split, scored once with the best weights
             best.update({k: float(v) for k, v in trainer.test(module, datamodule=data, verbose=False)[0].items()})
     except RuntimeError as err:
-        if "DataLoader worker" in str(err):
-            raise DataError(
-                f"A data loading worker died: {err}\nThis is usually shared memory (/dev/shm) running out. "
-                f"Try data.num_workers=0 or a smaller data.batch_size, or give the container more shared "
-                f"memory (docker run --shm-size=8g)."
-            ) from err
-        raise
+        raise explain_worker_failure(err) from err
     finally:
         finish_wandb()
 
@@ -161,7 +163,7 @@ def run(cfg: DictConfig) -> FitResult:
     return result
 
 
-def _print_start(cfg: DictConfig, backbone: Backbone, model: Classifier) -> None:
+def _print_start(cfg: DictConfig, backbone: Backbone, model: Classifier, schedule: dict[str, int] | None) -> None:
     height, width = input_size(backbone.data_config, cfg.data.image_size)
     groups = param_groups(model, cfg.optimizer.lr, 0.0, cfg.optimizer.get("layer_decay", 1.0))
     lrs = {g["name"].split("/")[0]: g["lr"] for g in groups}
@@ -170,7 +172,7 @@ def _print_start(cfg: DictConfig, backbone: Backbone, model: Classifier) -> None
         f"backbone: {backbone.name}, weights: {backbone.weights}",
         f"  input {height}x{width}, {data_config['interpolation']}, mean {tuple(round(m, 3) for m in data_config['mean'])},"
         f" std {tuple(round(s, 3) for s in data_config['std'])}, crop_pct {data_config['crop_pct']}",
-        groups_table(model, lrs),
+        groups_table(model, lrs, schedule),
     ]), flush=True)
 
 

@@ -156,3 +156,27 @@ def test_hymenoptera_with_bad_files_injected_keeps_its_accuracy(hymenoptera, tmp
                  callbacks__progress_bar=False, hydra__run__dir=tmp_path / "run")
     assert {path for path, _ in result.data_report.skipped} == injected
     assert result.metrics["val/acc"] >= 0.95, result.history
+
+
+class _KilledInWorker(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        import os
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)  # what the OOM killer does to a worker
+
+
+def test_a_dead_worker_becomes_a_message_with_the_fix():
+    from finetune.data.datamodule import explain_worker_failure
+    from finetune.errors import DataError
+
+    loader = torch.utils.data.DataLoader(_KilledInWorker(), num_workers=1)
+    with pytest.raises(RuntimeError) as caught:
+        next(iter(loader))
+    explained = explain_worker_failure(caught.value)
+    assert isinstance(explained, DataError)
+    assert "data.num_workers=0" in str(explained) and "shm" in str(explained)
+    assert explain_worker_failure(RuntimeError("CUDA out of memory")).args == ("CUDA out of memory",)

@@ -67,3 +67,10 @@ def test_output_dirs_of_runs_in_the_same_second_do_not_collide(tmp_path):
     (tmp_path / "same").mkdir()
     second = compose_config([f"hydra.run.dir={tmp_path}/same"]).paths.output_dir
     assert first != second
+
+
+@pytest.mark.parametrize("recipe", recipe_names())
+def test_every_recipe_runs_a_few_batches(recipe, image_folder, tmp_path):
+    result = fit(recipe, TINY + QUICK + ["data=folder", f"data.root={image_folder}", "trainer.max_epochs=2",
+                                         "+trainer.limit_train_batches=2", f"hydra.run.dir={tmp_path}"])
+    assert len(result.history) == 2 and "val/acc" in result.metrics

@@ -132,3 +132,82 @@ def test_layers_after_the_last_block_train_with_the_head():
     apply_freeze(model, groups="all")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == set(model.groups[-1].param_names)
+
+
+# --- gradual unfreezing ---------------------------------------------------------------------
+
+from finetune.unfreeze import gradual_unfreezing, unfreeze_schedule  # noqa: E402
+
+
+def test_unfreeze_schedule_goes_from_the_head_down():
+    groups = ["stem", "stage1", "stage2"]
+    assert unfreeze_schedule(groups, every=2) == {"stage2": 2, "stage1": 4, "stem": 6}
+    assert unfreeze_schedule(groups, at=3) == {"stem": 3, "stage1": 3, "stage2": 3}
+    assert unfreeze_schedule(groups) == {}
+    with pytest.raises(ConfigError, match="not both"):
+        unfreeze_schedule(groups, every=1, at=1)
+
+
+class RecordEpochs(L.Callback):
+    """Per epoch: the gated groups, and which backbone tensors changed during the epoch."""
+
+    def __init__(self, unfreezing):
+        self.unfreezing, self.gated, self.changed, self._before = unfreezing, [], [], None
+
+    def on_train_epoch_start(self, trainer, module):
+        self.gated.append(sorted(self.unfreezing.gated))
+        self._before = snapshot(module.model.backbone)
+
+    def on_train_epoch_end(self, trainer, module):
+        after = module.model.backbone.state_dict()
+        self.changed.append({k.split(".")[0] for k, v in self._before.items() if not torch.equal(v, after[k])})
+
+
+def fit_with_unfreezing(model, epochs, every=None, at=None, ckpt_path=None, save_to=None):
+    unfreezing = gradual_unfreezing(model, every, at)
+    record = RecordEpochs(unfreezing)
+    torch.manual_seed(0)
+    images, labels = torch.randn(32, 3, 32, 32) * 3 + 1, torch.randint(0, 3, (32,))
+    loader = DataLoader(TensorDataset(images, labels), batch_size=8)
+    module = ClassifierModule(model, ["a", "b", "c"], {"name": "sgd", "lr": 0.1, "weight_decay": 1e-4},
+                              {"name": "step", "step_size": 1, "gamma": 0.5})
+    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[unfreezing, record],
+                        num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path)
+    if save_to:
+        trainer.save_checkpoint(save_to)
+    return record, trainer
+
+
+def test_gated_groups_stay_bit_exact_until_their_epoch():
+    model = tiny_classifier()
+    apply_freeze(model, until="stage4")
+    record, _ = fit_with_unfreezing(model, epochs=3, every=1)
+    assert record.gated == [["stage1", "stage2", "stage3", "stage4", "stem"],
+                            ["stage1", "stage2", "stage3", "stem"],
+                            ["stage1", "stage2", "stem"]]
+    assert record.changed[0] == set()  # epoch 1: only the head trains, BatchNorm statistics included
+    assert record.changed[1] == {"layer4"}  # epoch 2: the top stage joins
+    assert record.changed[2] == {"layer3", "layer4"}
+
+
+@pytest.mark.parametrize("resume_after", [1, 3])  # epochs done: before / after the unfreeze (epoch index 2)
+def test_resume_across_the_unfreeze_epoch_restores_trainable_set_and_optimizer_state(tmp_path, resume_after):
+    model = tiny_classifier()
+    apply_freeze(model, groups="all")
+    ckpt = tmp_path / "resume.ckpt"
+    _, first = fit_with_unfreezing(model, epochs=resume_after, at=2, save_to=ckpt)
+    saved = first.optimizers[0].state_dict()
+
+    resumed_model = tiny_classifier()
+    apply_freeze(resumed_model, groups="all")
+    record, second = fit_with_unfreezing(resumed_model, epochs=4, at=2, ckpt_path=str(ckpt))
+    gated_then = [] if resume_after >= 2 else ["stage1", "stage2", "stage3", "stage4", "stem"]
+    assert record.gated[0] == gated_then
+    assert record.changed[-1] == {"conv1", "bn1", "layer1", "layer2", "layer3", "layer4"}
+    assert [len(g["params"]) for g in second.optimizers[0].state_dict()["param_groups"]] == \
+           [len(g["params"]) for g in saved["param_groups"]]
+    has_state = {i for i in saved["state"]}
+    head_only = len(has_state) < sum(len(g["params"]) for g in saved["param_groups"])
+    assert head_only == (resume_after <= 2)  # gated parameters got no optimizer state

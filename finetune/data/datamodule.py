@@ -19,7 +19,7 @@ from torch.utils.data._utils.collate import default_collate
 
 from finetune.data.images import UnreadableImage, load_rgb
 from finetune.data.sources import DataSplits, Sample
-from finetune.errors import ConfigError
+from finetune.errors import ConfigError, DataError
 
 BALANCE_MODES = ("none", "weighted_loss", "sampler")
 
@@ -68,6 +68,18 @@ def class_weights(splits: DataSplits) -> torch.Tensor:
     counts = torch.tensor(list(splits.counts("train").values()), dtype=torch.float)
     weights = counts.sum() / (len(counts) * counts.clamp(min=1))
     return weights
+
+
+def explain_worker_failure(err: RuntimeError) -> Exception:
+    """A DataError with the usual cause and fixes when `err` says a DataLoader worker died;
+    `err` itself otherwise."""
+    if "DataLoader worker" not in str(err):
+        return err
+    return DataError(
+        f"A data loading worker died ({err}). This is usually shared memory (/dev/shm) running out. "
+        f"Try data.num_workers=0 or a smaller data.batch_size, or give the container more shared "
+        f"memory (docker run --shm-size=8g)."
+    )
 
 
 def _worker_init(_: int) -> None:
