@@ -6,7 +6,8 @@ import os
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from finetune.api import fit  # noqa: E402
+from finetune.inference import FinetunedModel, load  # noqa: E402
 from finetune.train import FitResult  # noqa: E402
 
-__all__ = ["FitResult", "fit"]
+__all__ = ["FinetunedModel", "FitResult", "fit", "load"]
 __version__ = "0.1.0"

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import csv
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
+import numpy as np
+import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from finetune.config import compose_config
 from finetune.data.check import check_data
 from finetune.data.images import UnreadableImage, load_rgb
-from finetune.data.sources import SPLITS
+from finetune.data.sources import SPLITS, scan_class_folders
+from finetune.errors import ConfigError, DataError
+from finetune.export import export
+from finetune.inference import expand_inputs, load
 from finetune.optim import param_groups
-from finetune.summary import groups_table
+from finetune.summary import format_table, groups_table
 from finetune.train import backbone_from_config, build_model, load_data
 
 
@@ -46,3 +55,166 @@ def show_groups_command(overrides: Sequence[str]) -> int:
 
 
 COMMANDS = {"check-data": check_data_command, "show-groups": show_groups_command}
+
+
+# --- using a trained model -------------------------------------------------------------------
+
+def _options(args: Sequence[str], defaults: dict, command: str) -> dict:
+    """``key=value`` arguments of a model command, checked against `defaults` (None: required)."""
+    options = dict(defaults)
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep or key not in defaults:
+            raise ConfigError(f"finetune {command}: unexpected argument {arg!r}; it takes "
+                              + " ".join(f"{k}=..." for k in defaults) + ".")
+        options[key] = value
+    missing = [k for k, v in options.items() if v is None and k not in ("out", "input")]
+    if missing:
+        raise ConfigError(f"finetune {command} needs {' '.join(f'{k}=...' for k in missing)}.")
+    return options
+
+
+def _output_dir(out: str | None) -> Path:
+    """`out`, or a fresh run directory (hydra.run.dir's default: outputs/DATE/TIME)."""
+    path = Path(out) if out else Path(compose_config([]).paths.output_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    return path.resolve()
+
+
+def _decode_all(paths: list[str]) -> tuple[list, list[str], dict[str, str]]:
+    images, kept, failures = [], [], {}
+    for path in tqdm(paths, desc="decoding", unit="img", disable=len(paths) < 50):
+        try:
+            images.append(load_rgb(path))
+            kept.append(path)
+        except UnreadableImage as err:
+            failures[path] = str(err)
+    return images, kept, failures
+
+
+def predict_command(args: Sequence[str]) -> int:
+    """``finetune predict ckpt=PATH input=FILE|DIR|GLOB [top_k=5] [batch_size=32] [out=DIR]``."""
+    opts = _options(args, {"ckpt": None, "input": None, "top_k": "5", "batch_size": "32", "out": None}, "predict")
+    if not opts["input"]:
+        raise ConfigError("finetune predict needs input=FILE|DIR|GLOB.")
+    model = load(opts["ckpt"])
+    images, paths, failures = _decode_all(expand_inputs(opts["input"]))
+    predictions = []
+    batch = int(opts["batch_size"])
+    for start in tqdm(range(0, len(images), batch), desc="predicting", unit="batch", disable=len(images) <= batch):
+        predictions += model.predict(images[start:start + batch], int(opts["top_k"]), batch, paths[start:start + batch])
+    out = _output_dir(opts["out"])
+    rows = [[p.source, p.label, f"{p.probability:.4f}",
+             ", ".join(f"{label} {prob:.3f}" for label, prob in p.top_k[1:])] for p in predictions]
+    print(format_table(["image", "label", "probability", "next"], rows, "llrl"))
+    with (out / "predictions.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        k = max((len(p.top_k) for p in predictions), default=0)
+        writer.writerow(["image"] + [c for i in range(1, k + 1) for c in (f"label_{i}", f"probability_{i}")])
+        for p in predictions:
+            writer.writerow([p.source] + [v for label, prob in p.top_k for v in (label, f"{prob:.6f}")])
+    (out / "predictions.json").write_text(json.dumps(
+        {"checkpoint": str(Path(opts["ckpt"]).resolve()), "classes": model.classes,
+         "predictions": [{"image": p.source, "top_k": p.top_k} for p in predictions],
+         "skipped": failures}, indent=2))
+    for path, reason in failures.items():
+        print(f"skipped {path}: {reason}")
+    print(f"{len(predictions)} images predicted, {len(failures)} skipped\n  predictions: {out / 'predictions.csv'}\n"
+          f"  json: {out / 'predictions.json'}")
+    return 0
+
+
+def evaluate_command(args: Sequence[str]) -> int:
+    """``finetune evaluate ckpt=PATH input=DIR``: DIR holds one folder per class (names as in
+    training; a subset is fine). Accuracy, loss, per-class metrics and the confusion matrix."""
+    opts = _options(args, {"ckpt": None, "input": None, "batch_size": "32", "out": None}, "evaluate")
+    if not opts["input"]:
+        raise ConfigError("finetune evaluate needs input=DIR with one folder per class.")
+    model = load(opts["ckpt"])
+    skipped, sizes = [], {}
+    found, samples = scan_class_folders(Path(opts["input"]).resolve(), skipped, sizes)
+    unknown = [c for c in found if c not in model.classes]
+    if unknown:
+        raise DataError(f"{opts['input']} has classes the model does not know: {unknown}. Its classes: {model.classes}.")
+    index = {c: i for i, c in enumerate(model.classes)}
+    images, paths, failures = _decode_all([p for p, _ in samples])
+    labels_by_path = {p: index[found[label]] for p, label in samples}
+    labels = torch.tensor([labels_by_path[p] for p in paths])
+    logits = model.logits(images, int(opts["batch_size"]))
+    report = classification_report(logits, labels, model.classes)
+    report["skipped"] = dict(skipped) | failures
+    out = _output_dir(opts["out"])
+    (out / "evaluation.json").write_text(json.dumps(report, indent=2))
+    print(format_report(report))
+    print(f"  evaluation: {out / 'evaluation.json'}")
+    return 0
+
+
+def export_command(args: Sequence[str]) -> int:
+    """``finetune export ckpt=PATH format=onnx|torchscript|safetensors [out=DIR] [input=IMAGES]``:
+    parity is checked on up to 8 images from `input`, else from the training config's data."""
+    opts = _options(args, {"ckpt": None, "format": None, "out": None, "input": None, "tolerance": "1e-4"}, "export")
+    model = load(opts["ckpt"])
+    images, where = _parity_images(model, opts["input"])
+    result = export(model, opts["format"], _output_dir(opts["out"]), model.preprocess(images), float(opts["tolerance"]))
+    print(f"exported {opts['format']}: {result.path}\n  preprocessing: {result.preprocessing}\n"
+          f"  parity on {len(images)} {where}: max |logit difference| = {result.max_abs_diff:.2e}")
+    return 0
+
+
+def _parity_images(model, spec: str | None) -> tuple[list, str]:
+    if spec:
+        images, _, _ = _decode_all(expand_inputs(spec)[:8])
+        if images:
+            return images, f"images from {spec}"
+    try:
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.create(model.config)
+        splits = load_data(cfg.data, cfg.seed)
+        items = [item for item, _ in splits.val[:8]]
+        return [load_rgb(i) if isinstance(i, str) else i for i in items], "validation images of the training data"
+    except Exception:  # the training data is not on this machine: random pixels still test parity
+        rng = np.random.default_rng(0)
+        return [rng.integers(0, 256, (256, 256, 3), dtype=np.uint8) for _ in range(4)], "random images (training data not found)"
+
+
+def classification_report(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:
+    """Accuracy, mean cross-entropy, per-class precision/recall/F1/support, confusion matrix
+    (rows: true class, columns: predicted)."""
+    n = len(classes)
+    predicted = logits.argmax(1)
+    confusion = torch.zeros(n, n, dtype=torch.long)
+    for t, p in zip(labels.tolist(), predicted.tolist()):
+        confusion[t, p] += 1
+    per_class = {}
+    for i, c in enumerate(classes):
+        tp = int(confusion[i, i])
+        precision = tp / max(int(confusion[:, i].sum()), 1)
+        recall = tp / max(int(confusion[i].sum()), 1)
+        f1 = 2 * precision * recall / max(precision + recall, 1e-12)
+        per_class[c] = {"precision": precision, "recall": recall, "f1": f1, "support": int(confusion[i].sum())}
+    return {
+        "images": len(labels),
+        "accuracy": float((predicted == labels).float().mean()) if len(labels) else 0.0,
+        "loss": float(F.cross_entropy(logits, labels)) if len(labels) else 0.0,
+        "per_class": per_class,
+        "classes": classes,
+        "confusion": confusion.tolist(),
+    }
+
+
+def format_report(report: dict) -> str:
+    classes = report["classes"]
+    rows = [[c, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", m["support"]]
+            for c, m in report["per_class"].items()]
+    lines = [f"accuracy={report['accuracy']:.4f} loss={report['loss']:.4f} on {report['images']} images"
+             + (f" ({len(report['skipped'])} skipped)" if report.get("skipped") else ""),
+             format_table(["class", "precision", "recall", "f1", "support"], rows, "lrrrr"),
+             "confusion matrix (rows: true, columns: predicted)",
+             format_table(["true \\ pred"] + classes, [[c] + row for c, row in zip(classes, report["confusion"])],
+                          "l" + "r" * len(classes))]
+    return "\n".join(lines)
+
+
+COMMANDS.update({"predict": predict_command, "evaluate": evaluate_command, "export": export_command})
