@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from finetune.config import compose_config
@@ -20,6 +19,7 @@ from finetune.errors import ConfigError, DataError
 from finetune.export import export
 from finetune.inference import expand_inputs, load
 from finetune.optim import param_groups
+from finetune.metrics import classification_report, format_report
 from finetune.summary import format_table, groups_table
 from finetune.train import backbone_from_config, build_model, load_data
 
@@ -131,14 +131,9 @@ def evaluate_command(args: Sequence[str]) -> int:
     if not opts["input"]:
         raise ConfigError("finetune evaluate needs input=DIR with one folder per class.")
     model = load(opts["ckpt"])
-    skipped, sizes = [], {}
-    found, samples = scan_class_folders(Path(opts["input"]).resolve(), skipped, sizes)
-    unknown = [c for c in found if c not in model.classes]
-    if unknown:
-        raise DataError(f"{opts['input']} has classes the model does not know: {unknown}. Its classes: {model.classes}.")
-    index = {c: i for i, c in enumerate(model.classes)}
+    samples, skipped = _labelled_folder(Path(opts["input"]), model.classes)
     images, paths, failures = _decode_all([p for p, _ in samples])
-    labels_by_path = {p: index[found[label]] for p, label in samples}
+    labels_by_path = dict(samples)
     labels = torch.tensor([labels_by_path[p] for p in paths])
     logits = model.logits(images, int(opts["batch_size"]))
     report = classification_report(logits, labels, model.classes)
@@ -179,42 +174,42 @@ def _parity_images(model, spec: str | None) -> tuple[list, str]:
         return [rng.integers(0, 256, (256, 256, 3), dtype=np.uint8) for _ in range(4)], "random images (training data not found)"
 
 
-def classification_report(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:
-    """Accuracy, mean cross-entropy, per-class precision/recall/F1/support, confusion matrix
-    (rows: true class, columns: predicted)."""
-    n = len(classes)
-    predicted = logits.argmax(1)
-    confusion = torch.zeros(n, n, dtype=torch.long)
-    for t, p in zip(labels.tolist(), predicted.tolist()):
-        confusion[t, p] += 1
-    per_class = {}
-    for i, c in enumerate(classes):
-        tp = int(confusion[i, i])
-        precision = tp / max(int(confusion[:, i].sum()), 1)
-        recall = tp / max(int(confusion[i].sum()), 1)
-        f1 = 2 * precision * recall / max(precision + recall, 1e-12)
-        per_class[c] = {"precision": precision, "recall": recall, "f1": f1, "support": int(confusion[i].sum())}
-    return {
-        "images": len(labels),
-        "accuracy": float((predicted == labels).float().mean()) if len(labels) else 0.0,
-        "loss": float(F.cross_entropy(logits, labels)) if len(labels) else 0.0,
-        "per_class": per_class,
-        "classes": classes,
-        "confusion": confusion.tolist(),
-    }
+def viz_command(args: Sequence[str]) -> int:
+    """``finetune viz ckpt=PATH [input=DIR] [out=DIR]``: the pictures of a trained model, on the
+    class folders in DIR or on the validation split of the data it was trained on."""
+    opts = _options(args, {"ckpt": None, "input": None, "out": None, "max_images": "500"}, "viz")
+    from omegaconf import OmegaConf
+
+    from finetune.viz.report import write_pictures
+
+    model = load(opts["ckpt"])
+    cfg = OmegaConf.create(model.config)
+    if opts["input"]:
+        samples, _ = _labelled_folder(Path(opts["input"]), model.classes)
+    else:
+        samples = load_data(cfg.data, cfg.seed).val
+    summary = Path(opts["ckpt"]).resolve().parent.parent / "summary.json"
+    history = json.loads(summary.read_text()).get("history", []) if summary.is_file() else []
+    out = _output_dir(opts["out"])
+    pictures = write_pictures(model.model, model.classes, samples, model.transform, model.data_config, out, history,
+                              cfg.viz.layers if "viz" in cfg else None, max_images=int(opts["max_images"]))
+    for picture in pictures:
+        print(f"  {picture.name}: {picture.path}")
+    print(f"  index: {out / 'index.md'}")
+    return 0
 
 
-def format_report(report: dict) -> str:
-    classes = report["classes"]
-    rows = [[c, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", m["support"]]
-            for c, m in report["per_class"].items()]
-    lines = [f"accuracy={report['accuracy']:.4f} loss={report['loss']:.4f} on {report['images']} images"
-             + (f" ({len(report['skipped'])} skipped)" if report.get("skipped") else ""),
-             format_table(["class", "precision", "recall", "f1", "support"], rows, "lrrrr"),
-             "confusion matrix (rows: true, columns: predicted)",
-             format_table(["true \\ pred"] + classes, [[c] + row for c, row in zip(classes, report["confusion"])],
-                          "l" + "r" * len(classes))]
-    return "\n".join(lines)
+def _labelled_folder(directory: Path, classes: list[str]) -> tuple[list, list]:
+    """Samples from class folders, labelled by the model's class of the same name, and the
+    files skipped while scanning."""
+    skipped, sizes = [], {}
+    found, samples = scan_class_folders(directory.resolve(), skipped, sizes)
+    unknown = [c for c in found if c not in classes]
+    if unknown:
+        raise DataError(f"{directory} has classes the model does not know: {unknown}. Its classes: {classes}.")
+    index = {c: i for i, c in enumerate(classes)}
+    return [(path, index[found[label]]) for path, label in samples], skipped
 
 
-COMMANDS.update({"predict": predict_command, "evaluate": evaluate_command, "export": export_command})
+COMMANDS.update({"predict": predict_command, "evaluate": evaluate_command, "export": export_command,
+                 "viz": viz_command})

@@ -149,18 +149,39 @@ def run(cfg: DictConfig) -> FitResult:
         best = dict(history.best(cfg.callbacks.checkpoint.monitor, cfg.callbacks.checkpoint.mode))
         if splits.test:  # the held-out test split, scored once with the best weights
             best.update({k: float(v) for k, v in trainer.test(module, datamodule=data, verbose=False)[0].items()})
+        model = module.model.cpu().eval()
+        pictures = _pictures(cfg, model, splits, eval_tf, backbone, history.epochs, output_dir, loggers)
     except RuntimeError as err:
         raise explain_worker_failure(err) from err
     finally:
         finish_wandb()
 
     report.add_unreadable(module.unreadable)
-    model = module.model.cpu().eval()
     outputs = _outputs(output_dir, best_path, loggers)
+    if pictures:
+        outputs["pictures"] = output_dir / "viz" / "index.md"
     result = FitResult(best, best_path, list(splits.classes), model, output_dir, config, history.epochs, outputs, report)
     _write_summary(result, time.perf_counter() - started)
     _print_end(result, len(history.epochs))
     return result
+
+
+def _pictures(cfg, model, splits, eval_tf, backbone, history, output_dir, loggers) -> list:
+    """The run's pictures (config group viz), also sent to W&B when it is on."""
+    if not cfg.viz.enabled:
+        return []
+    from finetune.viz.report import write_pictures
+
+    height, width = input_size(backbone.data_config, cfg.data.image_size)
+    data_config = {**backbone.data_config, "input_size": (3, height, width)}
+    pictures = write_pictures(model, splits.classes, splits.val, eval_tf, data_config, output_dir / "viz", history,
+                              cfg.viz.layers, cfg.viz.channels, cfg.viz.top_k, cfg.viz.max_images,
+                              cfg.data.batch_size, cfg.seed)
+    for logger in loggers:
+        if hasattr(logger, "log_image"):  # WandbLogger
+            for picture in pictures:
+                logger.log_image(key=f"viz/{picture.name}", images=[str(picture.path)], caption=[picture.caption])
+    return pictures
 
 
 def _print_start(cfg: DictConfig, backbone: Backbone, model: Classifier, schedule: dict[str, int] | None) -> None:

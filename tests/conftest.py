@@ -18,8 +18,9 @@ HYMENOPTERA = Path(os.environ.get("FINETUNE_HYMENOPTERA", REPO.parent / "shared"
 
 # A tiny real timm model (0.4M params, BatchNorm, 4 stages) with random weights: fast and offline.
 TINY = ["backbone.name=test_resnet", "backbone.weights=random", "data.image_size=32"]
-QUICK = ["trainer.max_epochs=1", "trainer.accelerator=cpu", "data.num_workers=0", "logger=none",
-         "callbacks.progress_bar=false"]
+QUICK_WITH_PICTURES = ["trainer.max_epochs=1", "trainer.accelerator=cpu", "data.num_workers=0", "logger=none",
+                       "callbacks.progress_bar=false"]
+QUICK = QUICK_WITH_PICTURES + ["viz=none"]  # pictures have their own tests (test_viz.py)
 
 
 @pytest.fixture(scope="session")

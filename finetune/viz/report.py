@@ -1,0 +1,155 @@
+"""All the pictures of a trained model, and ``index.md`` linking them with one-line captions.
+
+One evaluation pass over (up to ``max_images`` of) the validation images feeds the confusion
+matrix, the mistakes and the top-activating patches of every chosen layer (forward hooks).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from finetune.data.datamodule import ImageDataset, collate_skipping_unreadable
+from finetune.data.sources import Sample
+from finetune.metrics import classification_report
+from finetune.viz import pictures
+from finetune.viz.receptive import measure
+
+
+@dataclass(frozen=True)
+class Picture:
+    name: str
+    path: Path
+    caption: str
+
+
+def default_layers(backbone: nn.Module) -> list[str]:
+    """One layer per stage: the modules timm lists in ``feature_info``."""
+    info = getattr(backbone, "feature_info", None)
+    if info is None:
+        return []
+    entries = info.get_dicts() if hasattr(info, "get_dicts") else info
+    return [e["module"] for e in entries if e.get("module")]
+
+
+def write_pictures(
+    model: nn.Module,
+    classes: Sequence[str],
+    samples: Sequence[Sample],
+    transform,
+    data_config: Mapping,
+    out_dir: Path,
+    history: Sequence[dict] = (),
+    layers: Sequence[str] | None = None,
+    channels: int = 8,
+    top_k: int = 6,
+    max_images: int = 500,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> list[Picture]:
+    """Write every picture for `model` (a Classifier: ``.backbone``, ``.head``) under `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    results: list[Picture] = []
+
+    def add(name, path, caption):
+        if path is not None:
+            results.append(Picture(name, path, caption))
+
+    add("filters", pictures.filters(model, out_dir / "filters.png"),
+        "First-layer filters: the colors and edge orientations the network looks for first.")
+    add("curves", pictures.curves(history, out_dir / "curves.png"),
+        "Learning curves: train vs validation loss and accuracy per epoch (a widening gap means over-fitting), and the lr.")
+
+    if len(samples) > max_images:
+        samples = random.Random(seed).sample(list(samples), max_images)
+    layers = list(layers) if layers is not None else default_layers(model.backbone)
+    spatial = _spatial_layers(model.backbone, layers, data_config)
+    images, labels, logits, peaks, positions = _evaluate(model, samples, transform, data_config, spatial, batch_size)
+    if not len(labels):
+        return _finish(results, out_dir)
+    report = classification_report(logits, labels, list(classes))
+    add("confusion", pictures.confusion(report, out_dir / "confusion.png"),
+        f"Confusion matrix on {report['images']} validation images (counts, and normalized by true class), with per-class precision/recall.")
+    add("mistakes", pictures.mistakes(images, labels, logits.softmax(1), classes, out_dir / "mistakes.png"),
+        "The most confident mistakes: wrong labels, ambiguous images or a real weakness.")
+    size = data_config["input_size"][1]
+    for name in tqdm(spatial, desc="receptive fields", unit="layer", disable=not spatial):
+        field = measure(model.backbone, model.backbone.get_submodule(name), size, probes=2)
+        safe = name.replace(".", "_")
+        add(f"patches_{safe}", pictures.top_patches(images, peaks[name], positions[name], field, name,
+                                                    out_dir / f"patches_{safe}.png", channels, top_k),
+            f"Layer {name}: the image patches (its receptive field, {field.size}{'+' if field.clipped else ''} px) "
+            f"that excite its strongest channels most.")
+    return _finish(results, out_dir)
+
+
+def _finish(results: list[Picture], out_dir: Path) -> list[Picture]:
+    lines = ["# What the network learned", ""]
+    for picture in results:
+        lines += [f"## {picture.name}", "", picture.caption, "", f"![{picture.name}]({picture.path.name})", ""]
+    (out_dir / "index.md").write_text("\n".join(lines))
+    return results
+
+
+def _spatial_layers(backbone: nn.Module, layers: Sequence[str], data_config: Mapping) -> list[str]:
+    """The named layers whose output is a spatial map (ViT token layers are not)."""
+    captured = {}
+    handles = [backbone.get_submodule(n).register_forward_hook(_store(captured, n)) for n in layers]
+    try:
+        with torch.no_grad():
+            backbone(torch.zeros(1, *data_config["input_size"]))
+    finally:
+        for h in handles:
+            h.remove()
+    return [n for n in layers if captured.get(n) is not None and captured[n].ndim == 4]
+
+
+def _store(captured: dict, name: str):
+    def hook(module, inputs, output):
+        captured[name] = output if isinstance(output, torch.Tensor) else None
+    return hook
+
+
+@torch.no_grad()
+def _evaluate(model, samples, transform, data_config, layers, batch_size):
+    """Display images (uint8), labels, logits, and per layer each image's per-channel peak
+    activation with its position."""
+    mean = torch.tensor(data_config["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(data_config["std"]).view(1, 3, 1, 1)
+    captured = {}
+    handles = [model.backbone.get_submodule(n).register_forward_hook(_store(captured, n)) for n in layers]
+    loader = DataLoader(ImageDataset(list(samples), transform), batch_size=batch_size,
+                        collate_fn=collate_skipping_unreadable)
+    images, labels, logits = [], [], []
+    peaks = {n: [] for n in layers}
+    positions = {n: [] for n in layers}
+    device = next(model.parameters()).device
+    try:
+        for x, y, _ in tqdm(loader, desc="looking inside", unit="batch", leave=False):
+            if not len(y):
+                continue
+            logits.append(model(x.to(device)).float().cpu())
+            labels.append(y)
+            images.append(((x * std + mean).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy())
+            for n in layers:
+                act = captured[n].float().cpu()
+                flat = act.flatten(2)  # (B, C, H*W)
+                value, index = flat.max(dim=2)
+                peaks[n].append(value)
+                positions[n].append(torch.stack([index // act.shape[3], index % act.shape[3]], dim=2))
+    finally:
+        for h in handles:
+            h.remove()
+    if not labels:
+        return np.zeros((0, 1, 1, 3), np.uint8), torch.zeros(0, dtype=torch.long), torch.zeros(0), {}, {}
+    return (np.concatenate(images), torch.cat(labels), torch.cat(logits),
+            {n: torch.cat(v) for n, v in peaks.items()}, {n: torch.cat(v) for n, v in positions.items()})
