@@ -18,10 +18,11 @@ from finetune.data.sources import SPLITS, scan_class_folders
 from finetune.errors import ConfigError, DataError
 from finetune.export import export
 from finetune.inference import expand_inputs, load
-from finetune.optim import param_groups
+from finetune.optim import group_lrs
 from finetune.metrics import classification_report, format_report
 from finetune.summary import format_table, groups_table
 from finetune.train import backbone_from_config, build_model, load_data
+from finetune.unfreeze import gradual_unfreezing
 
 
 def check_data_command(overrides: Sequence[str]) -> int:
@@ -48,9 +49,9 @@ def show_groups_command(overrides: Sequence[str]) -> int:
     classes = load_data(cfg.data, cfg.seed).classes
     backbone = backbone_from_config(cfg, weights="random")
     model = build_model(backbone, len(classes), cfg.head, cfg.freeze)
-    groups = param_groups(model, cfg.optimizer.lr, 0.0, cfg.optimizer.get("layer_decay", 1.0))
     print(f"backbone: {cfg.backbone.name}, {len(classes)} classes, freeze: {dict(cfg.freeze)}")
-    print(groups_table(model, {g["name"].split("/")[0]: g["lr"] for g in groups}))
+    unfreezing = gradual_unfreezing(model, cfg.freeze.get("unfreeze_every"), cfg.freeze.get("unfreeze_at"))
+    print(groups_table(model, group_lrs(model, cfg.optimizer), unfreezing.schedule if unfreezing else None))
     return 0
 
 

@@ -34,6 +34,12 @@ def param_groups(model: Classifier, lr: float, weight_decay: float, layer_decay:
     return result
 
 
+def group_lrs(model: Classifier, cfg: Mapping) -> dict[str, float]:
+    """Layer group -> the lr :func:`param_groups` gives it (trainable groups only)."""
+    groups = param_groups(model, cfg["lr"], 0.0, cfg.get("layer_decay", 1.0))
+    return {g["name"].split("/")[0]: g["lr"] for g in groups}
+
+
 def build_optimizer(groups: list[dict], cfg: Mapping) -> torch.optim.Optimizer:
     name = cfg["name"]
     if name == "sgd":

@@ -37,7 +37,7 @@ def groups_table(model: Classifier, group_lrs: dict[str, float], unfreeze_at: di
             state = f"from epoch {unfreeze_at[group.name] + 1}"
         lr = group_lrs.get(group.name)
         modes = sorted({mode for norm, mode in norm_modes.items() if f"{norm}.weight" in group.param_names})
-        rows.append([group.name, f"{count:,}", state, f"{lr:g}" if lr is not None else "-", ",".join(modes) or "-"])
+        rows.append([group.name, f"{count:,}", state, f"{lr:.3g}" if lr is not None else "-", ",".join(modes) or "-"])
     total = sum(p.numel() for p in params.values())
     trainable = sum(p.numel() for p in params.values() if p.requires_grad)
     table = format_table(["group", "params", "state", "lr", "batchnorm"], rows, "lrllr")

@@ -31,7 +31,7 @@ from finetune.history import MetricsHistory
 from finetune.loggers import build_loggers, finish_wandb
 from finetune.model import Classifier
 from finetune.module import ClassifierModule
-from finetune.optim import param_groups
+from finetune.optim import group_lrs
 from finetune.summary import groups_table
 from finetune.unfreeze import gradual_unfreezing
 
@@ -186,14 +186,12 @@ def _pictures(cfg, model, splits, eval_tf, backbone, history, output_dir, logger
 
 def _print_start(cfg: DictConfig, backbone: Backbone, model: Classifier, schedule: dict[str, int] | None) -> None:
     height, width = input_size(backbone.data_config, cfg.data.image_size)
-    groups = param_groups(model, cfg.optimizer.lr, 0.0, cfg.optimizer.get("layer_decay", 1.0))
-    lrs = {g["name"].split("/")[0]: g["lr"] for g in groups}
     data_config = backbone.data_config
     print("\n".join([
         f"backbone: {backbone.name}, weights: {backbone.weights}",
         f"  input {height}x{width}, {data_config['interpolation']}, mean {tuple(round(m, 3) for m in data_config['mean'])},"
         f" std {tuple(round(s, 3) for s in data_config['std'])}, crop_pct {data_config['crop_pct']}",
-        groups_table(model, lrs, schedule),
+        groups_table(model, group_lrs(model, cfg.optimizer), schedule),
     ]), flush=True)
 
 
