@@ -152,7 +152,7 @@ def test_hymenoptera_with_bad_files_injected_keeps_its_accuracy(hymenoptera, tmp
     root = tmp_path / "hymenoptera"
     shutil.copytree(hymenoptera, root, copy_function=lambda src, dst: Path(dst).symlink_to(src))
     injected = inject(root / "train", ["ants", "bees"])
-    result = fit("freeze_all_but_head", data="folder", data__root=root, logger="none", trainer__max_epochs=5,
+    result = fit("freeze_all_but_head", data="folder", data__root=root, logger="none", trainer__max_epochs=8,
                  callbacks__progress_bar=False, hydra__run__dir=tmp_path / "run")
     assert {path for path, _ in result.data_report.skipped} == injected
     assert result.metrics["val/acc"] >= 0.95, result.history
