@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import timm
+import torch
 from torch import nn
 
 from finetune.groups import LayerGroup, backbone_groups
@@ -36,9 +37,20 @@ def build_backbone(name: str, weights: str = "pretrained", drop_rate: float | No
         model.reset_classifier(0)
     else:
         model.reset_classifier(0, global_pool=global_pool)
-    # head_hidden_size is the width of pre_logits where a model has a pre-logits layer.
-    num_features = getattr(model, "head_hidden_size", None) or model.num_features
-    if global_pool == "catavgmax":
-        num_features *= 2
     data_config = timm.data.resolve_model_data_config(model)
+    if global_pool is None:
+        # head_hidden_size is the width of pre_logits where a model has a pre-logits layer.
+        num_features = getattr(model, "head_hidden_size", None) or model.num_features
+    else:  # models disagree on whether num_features counts a concatenating pool: measure it
+        num_features = _output_width(model, data_config["input_size"])
     return Backbone(name, model, num_features, data_config, backbone_groups(model), report)
+
+
+@torch.no_grad()
+def _output_width(model: nn.Module, input_size) -> int:
+    was_training = model.training
+    model.eval()
+    try:
+        return int(model(torch.zeros(1, *input_size)).shape[-1])
+    finally:
+        model.train(was_training)

@@ -15,3 +15,7 @@ class DataError(FinetuneError):
 
 class WeightsError(FinetuneError):
     """Pretrained weights could not be found, loaded, or verified."""
+
+
+class NonFiniteLossError(FinetuneError):
+    """The training loss became NaN or infinite: training cannot recover by itself."""

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
+from finetune.errors import NonFiniteLossError
 from finetune.model import Classifier
 from finetune.optim import build_optimizer, build_scheduler, param_groups
 
@@ -63,6 +64,13 @@ class ClassifierModule(L.LightningModule):
         logits = self(images)
         weight = self.class_weights.to(logits.device) if self.class_weights is not None else None
         loss = F.cross_entropy(logits, labels, weight=weight, label_smoothing=self.label_smoothing)
+        if not torch.isfinite(loss):
+            lr = max(g["lr"] for g in self.optimizers().optimizer.param_groups)
+            raise NonFiniteLossError(
+                f"The training loss became {loss.item()} at epoch {self.current_epoch + 1}, step {self.global_step + 1}. "
+                f"Lower the learning rate (optimizer.lr; the largest group lr is {lr:g}) or clip gradients "
+                f"(+trainer.gradient_clip_val=1.0). Checkpoints written before this step are kept."
+            )
         self.train_acc(logits, labels)
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels))
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(labels))

@@ -152,7 +152,10 @@ def run(cfg: DictConfig) -> FitResult:
         model = module.model.cpu().eval()
         pictures = _pictures(cfg, model, splits, eval_tf, backbone, history.epochs, output_dir, loggers)
     except RuntimeError as err:
-        raise explain_worker_failure(err) from err
+        explained = explain_worker_failure(err)
+        if explained is err:
+            raise
+        raise explained from err
     finally:
         finish_wandb()
 

@@ -50,3 +50,11 @@ def test_cli_config_mistakes_exit_with_a_short_message(tmp_path):
 
     proc = finetune("+recipe=no_such_recipe", cwd=tmp_path)
     assert proc.returncode != 0 and "freeze_all_but_head" in proc.stderr
+
+
+def test_diverging_run_stops_with_the_step_and_a_fix(image_folder, tmp_path):
+    proc = finetune("+recipe=full_finetune", "data=folder", f"data.root={image_folder}", *TINY, *QUICK,
+                    "optimizer.lr=1e30", "data.batch_size=8", "trainer.max_epochs=3", "hydra.run.dir=run", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "became nan" in proc.stderr or "became inf" in proc.stderr
+    assert "optimizer.lr" in proc.stderr and "Traceback" not in proc.stderr

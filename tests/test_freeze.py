@@ -211,3 +211,12 @@ def test_resume_across_the_unfreeze_epoch_restores_trainable_set_and_optimizer_s
     has_state = {i for i in saved["state"]}
     head_only = len(has_state) < sum(len(g["params"]) for g in saved["param_groups"])
     assert head_only == (resume_after <= 2)  # gated parameters got no optimizer state
+
+
+@pytest.mark.parametrize("pool, width", [("avg", 96), ("max", 96), ("avgmax", 96), ("catavgmax", 192)])
+def test_head_pooling_options_set_the_feature_width(pool, width):
+    backbone = build_backbone("test_resnet", "random", global_pool=pool)
+    assert backbone.num_features == width
+    model = Classifier(backbone.model, build_head(backbone.num_features, 3, hidden=8, norm="layernorm"), backbone.groups)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+    assert isinstance(model.head[1], torch.nn.LayerNorm)
