@@ -21,6 +21,9 @@ from finetune.train import run
 
 
 def _fail(err: Exception) -> None:
+    """One paragraph and exit code 2; HYDRA_FULL_ERROR=1 shows the whole traceback instead."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise err
     print(f"error: {err}", file=sys.stderr, flush=True)
     sys.exit(2)
 
@@ -44,8 +47,6 @@ def main() -> None:
         try:
             sys.exit(command(sys.argv[2:]))
         except (FinetuneError, HydraException, OmegaConfBaseException) as err:
-            if os.environ.get("HYDRA_FULL_ERROR") == "1":
-                raise
             _fail(err)
     hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")(_train)()
 
