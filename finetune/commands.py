@@ -60,19 +60,47 @@ COMMANDS = {"check-data": check_data_command, "show-groups": show_groups_command
 
 # --- using a trained model -------------------------------------------------------------------
 
-def _options(args: Sequence[str], defaults: dict, command: str) -> dict:
-    """``key=value`` arguments of a model command, checked against `defaults` (None: required)."""
+def _options(args: Sequence[str], defaults: dict, command: str, data: bool = False) -> dict:
+    """``key=value`` arguments of a model command, checked against `defaults` (None: required).
+    With `data`, ``data=...`` and ``data.*=...`` are collected as Hydra overrides under "data"."""
     options = dict(defaults)
+    if data:
+        options["data"] = []
     for arg in args:
         key, sep, value = arg.partition("=")
+        if data and sep and (key == "data" or key.startswith("data.")):
+            options["data"].append(arg)
+            continue
         if not sep or key not in defaults:
-            raise ConfigError(f"finetune {command}: unexpected argument {arg!r}; it takes "
-                              + " ".join(f"{k}=..." for k in defaults) + ".")
+            accepted = " ".join(f"{k}=..." for k in defaults) + (" data=... data.*=..." if data else "")
+            raise ConfigError(f"finetune {command}: unexpected argument {arg!r}; it takes {accepted}.")
         options[key] = value
     missing = [k for k, v in options.items() if v is None and k not in ("out", "input")]
     if missing:
         raise ConfigError(f"finetune {command} needs {' '.join(f'{k}=...' for k in missing)}.")
     return options
+
+
+def _labelled_samples(model, opts: dict) -> tuple[list, list]:
+    """Samples labelled with the model's classes, matched by name, and the files skipped: the
+    class folders of ``input=DIR``; or the test split (else the validation split) of the data
+    that ``data=...`` overrides describe; or, with neither, the validation split the model was
+    trained with."""
+    if opts.get("input"):
+        return _labelled_folder(Path(opts["input"]), model.classes)
+    from omegaconf import OmegaConf
+
+    if opts.get("data"):
+        cfg = compose_config(opts["data"])
+    else:
+        cfg = OmegaConf.create(model.config)
+    splits = load_data(cfg.data, cfg.seed)
+    unknown = [c for c in splits.classes if c not in model.classes]
+    if unknown:
+        raise DataError(f"The data has classes the model does not know: {unknown}. Its classes: {model.classes}.")
+    index = {c: i for i, c in enumerate(model.classes)}
+    chosen = splits.test or splits.val
+    return [(item, index[splits.classes[label]]) for item, label in chosen], list(splits.skipped)
 
 
 def _output_dir(out: str | None) -> Path:
@@ -126,16 +154,19 @@ def predict_command(args: Sequence[str]) -> int:
 
 
 def evaluate_command(args: Sequence[str]) -> int:
-    """``finetune evaluate ckpt=PATH input=DIR``: DIR holds one folder per class (names as in
-    training; a subset is fine). Accuracy, loss, per-class metrics and the confusion matrix."""
-    opts = _options(args, {"ckpt": None, "input": None, "batch_size": "32", "out": None}, "evaluate")
-    if not opts["input"]:
-        raise ConfigError("finetune evaluate needs input=DIR with one folder per class.")
+    """``finetune evaluate ckpt=PATH input=DIR`` (one folder per class, names as in training; a
+    subset is fine) or ``finetune evaluate ckpt=PATH data=folder data.root=DIR`` (its test split,
+    else its validation split). Accuracy, loss, per-class metrics and the confusion matrix."""
+    opts = _options(args, {"ckpt": None, "input": None, "batch_size": "32", "out": None}, "evaluate", data=True)
+    if not opts["input"] and not opts["data"]:
+        raise ConfigError("finetune evaluate needs input=DIR (one folder per class) or data=... overrides.")
     model = load(opts["ckpt"])
-    samples, skipped = _labelled_folder(Path(opts["input"]), model.classes)
-    images, paths, failures = _decode_all([p for p, _ in samples])
-    labels_by_path = dict(samples)
-    labels = torch.tensor([labels_by_path[p] for p in paths])
+    samples, skipped = _labelled_samples(model, opts)
+    arrays = [(item, label) for item, label in samples if not isinstance(item, str)]
+    images, paths, failures = _decode_all([p for p, _ in samples if isinstance(p, str)])
+    labels_by_path = {p: label for p, label in samples if isinstance(p, str)}
+    labels = torch.tensor([labels_by_path[p] for p in paths] + [label for _, label in arrays], dtype=torch.long)
+    images += [item for item, _ in arrays]
     logits = model.logits(images, int(opts["batch_size"]))
     report = classification_report(logits, labels, model.classes)
     report["skipped"] = dict(skipped) | failures
@@ -176,19 +207,16 @@ def _parity_images(model, spec: str | None) -> tuple[list, str]:
 
 
 def viz_command(args: Sequence[str]) -> int:
-    """``finetune viz ckpt=PATH [input=DIR] [out=DIR]``: the pictures of a trained model, on the
-    class folders in DIR or on the validation split of the data it was trained on."""
-    opts = _options(args, {"ckpt": None, "input": None, "out": None, "max_images": "500"}, "viz")
+    """``finetune viz ckpt=PATH [input=DIR | data=...] [out=DIR]``: the pictures of a trained
+    model, on the images :func:`_labelled_samples` picks."""
+    opts = _options(args, {"ckpt": None, "input": None, "out": None, "max_images": "500"}, "viz", data=True)
     from omegaconf import OmegaConf
 
     from finetune.viz.report import write_pictures
 
     model = load(opts["ckpt"])
     cfg = OmegaConf.create(model.config)
-    if opts["input"]:
-        samples, _ = _labelled_folder(Path(opts["input"]), model.classes)
-    else:
-        samples = load_data(cfg.data, cfg.seed).val
+    samples, _ = _labelled_samples(model, opts)
     summary = Path(opts["ckpt"]).resolve().parent.parent / "summary.json"
     history = json.loads(summary.read_text()).get("history", []) if summary.is_file() else []
     out = _output_dir(opts["out"])

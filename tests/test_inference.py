@@ -13,7 +13,7 @@ from PIL import Image
 
 from conftest import QUICK, TINY, write_class_folders
 from finetune import FinetunedModel, fit, load
-from finetune.commands import evaluate_command, export_command, predict_command
+from finetune.commands import evaluate_command, export_command, predict_command, viz_command
 from finetune.data.images import load_rgb
 from finetune.data.transforms import build_transforms
 from finetune.errors import ConfigError
@@ -123,3 +123,19 @@ def test_mlp_head_exports_in_finetune_layout_with_parity(tmp_path, image_folder)
         exported = export(model, fmt, tmp_path / fmt, batch)
         assert exported.max_abs_diff < 1e-4
     assert "finetune Classifier" in json.loads((tmp_path / "safetensors" / "config.json").read_text())["format"]
+
+
+def test_evaluate_and_viz_take_data_overrides_and_map_classes_by_name(trained, tmp_path):
+    result, root = trained
+    # A labelled set whose folder lists only two of the classes: labels still mean the same thing.
+    other = tmp_path / "other"
+    write_class_folders(other / "train", classes=("bees", "wasps"), per_class=2)
+    write_class_folders(other / "val", classes=("bees", "wasps"), per_class=3, seed=5)
+    assert evaluate_command([f"ckpt={result.best_checkpoint}", "data=folder", f"data.root={other}",
+                             f"out={tmp_path}/eval"]) == 0
+    report = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    assert report["images"] == 6 and report["per_class"]["ants"]["support"] == 0
+    assert report["per_class"]["bees"]["support"] == 3
+    assert viz_command([f"ckpt={result.best_checkpoint}", "data=folder", f"data.root={other}",
+                        f"out={tmp_path}/viz"]) == 0
+    assert (tmp_path / "viz" / "confusion.png").is_file()
