@@ -39,6 +39,11 @@ log = logging.getLogger(__name__)
 
 # Frozen BatchNorm layers are in eval mode on purpose: Classifier.train keeps them there.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+# Internal to Lightning and torch, nothing a user can act on.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+    lambda record: not str(record.msg).startswith("💡 Tip")  # Lightning's advertisements
+)
 
 
 @dataclass
