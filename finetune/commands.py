@@ -68,6 +68,8 @@ def _options(args: Sequence[str], defaults: dict, command: str, data: bool = Fal
         options["data"] = []
     for arg in args:
         key, sep, value = arg.partition("=")
+        if key == "hydra.run.dir" and "out" in defaults:  # the run directory, as for training
+            key = "out"
         if data and sep and (key == "data" or key.startswith("data.")):
             options["data"].append(arg)
             continue
@@ -104,7 +106,7 @@ def _labelled_samples(model, opts: dict) -> tuple[list, list]:
 
 
 def _output_dir(out: str | None) -> Path:
-    """`out`, or a fresh run directory (hydra.run.dir's default: outputs/DATE/TIME)."""
+    """`out` (or ``hydra.run.dir=``), else a fresh run directory like training's: outputs/DATE/TIME."""
     path = Path(out) if out else Path(compose_config([]).paths.output_dir)
     path.mkdir(parents=True, exist_ok=True)
     return path.resolve()
