@@ -62,7 +62,8 @@ class FitResult:
 
     def __repr__(self) -> str:
         acc = self.metrics.get("val/acc")
-        return f"FitResult(val/acc={acc:.4f}, classes={len(self.classes)}, output_dir={str(self.output_dir)!r})"
+        shown = f"{acc:.4f}" if acc is not None else "n/a"
+        return f"FitResult(val/acc={shown}, classes={len(self.classes)}, output_dir={str(self.output_dir)!r})"
 
 
 def load_data(cfg: DictConfig, seed: int) -> DataSplits:
