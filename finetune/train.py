@@ -109,7 +109,7 @@ def run(cfg: DictConfig) -> FitResult:
     report = check_data(splits)
     print(report.table(), flush=True)
     backbone = backbone_from_config(cfg)
-    train_tf, eval_tf = build_transforms(backbone.data_config, cfg.augment, cfg.data.image_size)
+    train_tf, eval_tf = build_transforms(backbone.data_config, cfg.augment, cfg.data.image_size, seed=cfg.seed)
     balance = cfg.data.get("balance", "none")
     data = ImageDataModule(splits, train_tf, eval_tf, cfg.data.batch_size, cfg.data.num_workers, balance, cfg.seed)
     model = build_model(backbone, len(splits.classes), cfg.head, cfg.freeze)

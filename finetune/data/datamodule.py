@@ -84,6 +84,12 @@ def explain_worker_failure(err: RuntimeError) -> Exception:
 
 def _worker_init(_: int) -> None:
     cv2.setNumThreads(0)  # OpenCV's own thread pool in every worker oversubscribes the CPU
+    # Every worker holds a copy of the same albumentations generator: give each its own stream,
+    # derived from the worker's torch seed (itself determined by the run's seed).
+    info = torch.utils.data.get_worker_info()
+    transform = getattr(info.dataset, "transform", None) if info else None
+    if hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(info.seed % 2**32)
 
 
 class ImageDataModule(L.LightningDataModule):

@@ -27,7 +27,7 @@ def input_size(data_config: Mapping, image_size: int | None = None) -> tuple[int
 
 
 def build_transforms(
-    data_config: Mapping, augment: Mapping, image_size: int | None = None
+    data_config: Mapping, augment: Mapping, image_size: int | None = None, seed: int | None = None
 ) -> tuple[A.Compose, A.Compose]:
     """(train, eval) pipelines taking HxWx3 uint8 RGB arrays to normalized CHW float tensors.
 
@@ -35,7 +35,9 @@ def build_transforms(
     Shrinking uses pixel-area averaging (like PIL's antialiased resize): bicubic alone aliases
     when a 2,000 px photo becomes 224 px.
     train: random resized crop (scale, ratio) and horizontal flip with probability hflip, or
-    the eval geometry when augment.random_resized_crop is false.
+    the eval geometry when augment.random_resized_crop is false. albumentations draws from its
+    own generator, which global seeds do not touch: `seed` makes the training pipeline
+    reproducible (DataLoader workers re-seed their copy, see the datamodule).
     """
     height, width = input_size(data_config, image_size)
     interpolation = INTERPOLATIONS.get(data_config.get("interpolation", "bilinear"), cv2.INTER_LINEAR)
@@ -67,4 +69,4 @@ def build_transforms(
     hflip = float(augment.get("hflip", 0.0))
     if hflip > 0:
         train_geometry.append(A.HorizontalFlip(p=hflip))
-    return A.Compose(train_geometry + finish), A.Compose(eval_geometry + finish)
+    return A.Compose(train_geometry + finish, seed=seed), A.Compose(eval_geometry + finish, seed=seed)
