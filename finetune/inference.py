@@ -17,7 +17,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from finetune.data.images import IMAGE_EXTENSIONS, UnreadableImage, load_rgb
+from finetune.data.images import IMAGE_EXTENSIONS, load_rgb
 from finetune.data.transforms import build_transforms, input_size
 from finetune.errors import ConfigError, WeightsError
 from finetune.module import CHECKPOINT_KEY
@@ -143,4 +143,4 @@ def _describe(image) -> str:
     return str(image) if isinstance(image, (str, Path)) else type(image).__name__
 
 
-__all__ = ["FinetunedModel", "Prediction", "UnreadableImage", "expand_inputs", "load"]
+__all__ = ["FinetunedModel", "Prediction", "expand_inputs", "load"]
