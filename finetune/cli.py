@@ -29,12 +29,39 @@ def _fail(err: Exception) -> None:
 
 
 def _train(cfg: DictConfig) -> float | None:
+    if _in_sweep():
+        return _sweep_trial(cfg)
     try:
         result = run(cfg)
     except FinetuneError as err:
         _fail(err)
     # Sweepers (Optuna) maximize what the task returns.
     return result.metrics.get("val/acc")
+
+
+def _in_sweep() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _sweep_trial(cfg: DictConfig) -> float:
+    """One trial of a sweep: a failure is written to error.txt and scored NaN; the sweep goes on."""
+    import traceback
+    from pathlib import Path
+
+    from finetune.sweep import ERROR_FILE
+
+    try:
+        value = run(cfg).metrics.get("val/acc")
+        return float("nan") if value is None else value
+    except Exception as err:  # noqa: BLE001 - isolating any trial failure is the point
+        output_dir = Path(cfg.paths.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / ERROR_FILE).write_text(f"{type(err).__name__}: {err}\n\n{traceback.format_exc()}")
+        print(f"error: trial failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        return float("nan")
 
 
 def main() -> None:
