@@ -14,8 +14,8 @@ from tqdm import tqdm
 from finetune.config import compose_config
 from finetune.data.check import check_data
 from finetune.data.images import UnreadableImage, load_rgb
-from finetune.data.sources import SPLITS, scan_class_folders
-from finetune.errors import ConfigError, DataError
+from finetune.data.sources import SPLITS, relabel, scan_class_folders
+from finetune.errors import ConfigError
 from finetune.export import export
 from finetune.inference import expand_inputs, load
 from finetune.optim import group_lrs
@@ -29,13 +29,9 @@ def check_data_command(overrides: Sequence[str]) -> int:
     """``finetune check-data data=...``: the pre-run data check, plus a full decode of every file."""
     cfg = compose_config(overrides)
     splits = load_data(cfg.data, cfg.seed)
-    paths = [item for split in SPLITS for item, _ in getattr(splits, split) if isinstance(item, str)]
-    failures = {}
-    for path in tqdm(paths, desc="decoding", unit="img", disable=not paths):
-        try:
-            load_rgb(path)
-        except UnreadableImage as err:
-            failures[path] = str(err)
+    failures: dict[str, str] = {}
+    for _ in _readable_batches([s for split in SPLITS for s in getattr(splits, split)], 64, failures):
+        pass  # decoding is the check
     report = check_data(splits)
     report.add_unreadable(failures)
     print(report.table())
@@ -97,12 +93,8 @@ def _labelled_samples(model, opts: dict) -> tuple[list, list]:
     else:
         cfg = OmegaConf.create(model.config)
     splits = load_data(cfg.data, cfg.seed)
-    unknown = [c for c in splits.classes if c not in model.classes]
-    if unknown:
-        raise DataError(f"The data has classes the model does not know: {unknown}. Its classes: {model.classes}.")
-    index = {c: i for i, c in enumerate(model.classes)}
-    chosen = splits.test or splits.val
-    return [(item, index[splits.classes[label]]) for item, label in chosen], list(splits.skipped)
+    chosen = relabel(splits.test or splits.val, splits.classes, model.classes, "The data", "the model")
+    return chosen, list(splits.skipped)
 
 
 def _output_dir(out: str | None) -> Path:
@@ -112,15 +104,27 @@ def _output_dir(out: str | None) -> Path:
     return path.resolve()
 
 
-def _decode_all(paths: list[str]) -> tuple[list, list[str], dict[str, str]]:
-    images, kept, failures = [], [], {}
-    for path in tqdm(paths, desc="decoding", unit="img", disable=len(paths) < 50):
-        try:
-            images.append(load_rgb(path))
-            kept.append(path)
-        except UnreadableImage as err:
-            failures[path] = str(err)
-    return images, kept, failures
+def _readable_batches(samples: Sequence, size: int, failures: dict[str, str]):
+    """Batches ``(images, names, labels)`` of `samples` ((path or array, label) pairs), decoded as
+    they are needed so memory holds one batch; unreadable files go to `failures` (path -> reason)."""
+    images, names, labels = [], [], []
+    for item, label in tqdm(samples, desc="decoding", unit="img", disable=len(samples) < 50):
+        if isinstance(item, str):
+            try:
+                image = load_rgb(item)
+            except UnreadableImage as err:
+                failures[item] = str(err)
+                continue
+        else:
+            image = item
+        images.append(image)
+        names.append(item if isinstance(item, str) else type(item).__name__)
+        labels.append(label)
+        if len(images) == size:
+            yield images, names, labels
+            images, names, labels = [], [], []
+    if images:
+        yield images, names, labels
 
 
 def predict_command(args: Sequence[str]) -> int:
@@ -129,11 +133,11 @@ def predict_command(args: Sequence[str]) -> int:
     if not opts["input"]:
         raise ConfigError("finetune predict needs input=FILE|DIR|GLOB.")
     model = load(opts["ckpt"])
-    images, paths, failures = _decode_all(expand_inputs(opts["input"]))
+    failures: dict[str, str] = {}
     predictions = []
     batch = int(opts["batch_size"])
-    for start in tqdm(range(0, len(images), batch), desc="predicting", unit="batch", disable=len(images) <= batch):
-        predictions += model.predict(images[start:start + batch], int(opts["top_k"]), batch, paths[start:start + batch])
+    for images, names, _ in _readable_batches([(p, -1) for p in expand_inputs(opts["input"])], batch, failures):
+        predictions += model.predict(images, int(opts["top_k"]), batch, names)
     out = _output_dir(opts["out"])
     rows = [[p.source, p.label, f"{p.probability:.4f}",
              ", ".join(f"{label} {prob:.3f}" for label, prob in p.top_k[1:])] for p in predictions]
@@ -164,13 +168,13 @@ def evaluate_command(args: Sequence[str]) -> int:
         raise ConfigError("finetune evaluate needs input=DIR (one folder per class) or data=... overrides.")
     model = load(opts["ckpt"])
     samples, skipped = _labelled_samples(model, opts)
-    arrays = [(item, label) for item, label in samples if not isinstance(item, str)]
-    images, paths, failures = _decode_all([p for p, _ in samples if isinstance(p, str)])
-    labels_by_path = {p: label for p, label in samples if isinstance(p, str)}
-    labels = torch.tensor([labels_by_path[p] for p in paths] + [label for _, label in arrays], dtype=torch.long)
-    images += [item for item, _ in arrays]
-    logits = model.logits(images, int(opts["batch_size"]))
-    report = classification_report(logits, labels, model.classes)
+    failures: dict[str, str] = {}
+    batch = int(opts["batch_size"])
+    logits, labels = [torch.empty(0, len(model.classes))], [torch.empty(0, dtype=torch.long)]
+    for images, _, batch_labels in _readable_batches(samples, batch, failures):
+        logits.append(model.logits(images, batch))
+        labels.append(torch.tensor(batch_labels, dtype=torch.long))
+    report = classification_report(torch.cat(logits), torch.cat(labels), model.classes)
     report["skipped"] = dict(skipped) | failures
     out = _output_dir(opts["out"])
     (out / "evaluation.json").write_text(json.dumps(report, indent=2))
@@ -193,7 +197,7 @@ def export_command(args: Sequence[str]) -> int:
 
 def _parity_images(model, spec: str | None) -> tuple[list, str]:
     if spec:
-        images, _, _ = _decode_all(expand_inputs(spec)[:8])
+        images, _, _ = next(_readable_batches([(p, -1) for p in expand_inputs(spec)[:8]], 8, {}), ([], [], []))
         if images:
             return images, f"images from {spec}"
     try:
@@ -235,11 +239,7 @@ def _labelled_folder(directory: Path, classes: list[str]) -> tuple[list, list]:
     files skipped while scanning."""
     skipped, sizes = [], {}
     found, samples = scan_class_folders(directory.resolve(), skipped, sizes)
-    unknown = [c for c in found if c not in classes]
-    if unknown:
-        raise DataError(f"{directory} has classes the model does not know: {unknown}. Its classes: {classes}.")
-    index = {c: i for i, c in enumerate(classes)}
-    return [(path, index[found[label]]) for path, label in samples], skipped
+    return relabel(samples, found, classes, str(directory), "the model"), skipped
 
 
 COMMANDS.update({"predict": predict_command, "evaluate": evaluate_command, "export": export_command,

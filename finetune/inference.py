@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from finetune.data.images import IMAGE_EXTENSIONS, load_rgb
-from finetune.data.transforms import build_transforms, input_size
+from finetune.data.transforms import build_transforms, with_input_size
 from finetune.errors import ConfigError, WeightsError
 from finetune.module import CHECKPOINT_KEY
 from finetune.weights import read_state_dict
@@ -70,9 +70,7 @@ class FinetunedModel:
         model = build_model(backbone, len(meta["classes"]), cfg.head, cfg.freeze)
         state = {k.removeprefix("model."): v for k, v in read_state_dict(path).items() if k.startswith("model.")}
         model.load_state_dict(state, strict=True)
-        data_config = dict(backbone.data_config)
-        height, width = input_size(data_config, cfg.data.get("image_size"))
-        data_config["input_size"] = (3, height, width)
+        data_config = with_input_size(backbone.data_config, cfg.data.get("image_size"))
         return cls(model, meta["classes"], data_config, meta["config"])
 
     def preprocess(self, images: Iterable) -> torch.Tensor:

@@ -23,7 +23,7 @@ from finetune.backbone import Backbone, build_backbone
 from finetune.data.check import DataReport, check_data
 from finetune.data.datamodule import ImageDataModule, class_weights, explain_worker_failure
 from finetune.data.sources import DataSplits, load_digits, load_folder, load_manifest
-from finetune.data.transforms import build_transforms, input_size
+from finetune.data.transforms import build_transforms, input_size, with_input_size
 from finetune.errors import ConfigError
 from finetune.freeze import apply_freeze
 from finetune.head import build_head
@@ -181,8 +181,7 @@ def _pictures(cfg, model, splits, eval_tf, backbone, history, output_dir, logger
         return []
     from finetune.viz.report import write_pictures
 
-    height, width = input_size(backbone.data_config, cfg.data.image_size)
-    data_config = {**backbone.data_config, "input_size": (3, height, width)}
+    data_config = with_input_size(backbone.data_config, cfg.data.image_size)
     pictures = write_pictures(model, splits.classes, splits.val, eval_tf, data_config, output_dir / "viz", history,
                               cfg.viz.layers, cfg.viz.channels, cfg.viz.top_k, cfg.viz.max_images,
                               cfg.data.batch_size, cfg.seed)

@@ -127,16 +127,23 @@ def scan_class_folders(directory: Path, skipped: list, sizes: dict, allow_empty:
 def _scan_by_name(directory: Path, classes: list[str], what: str, skipped: list, sizes: dict) -> list[Sample]:
     """Samples of another split, labelled by the training class of the same folder name."""
     found, samples = scan_class_folders(directory, skipped, sizes, allow_empty=True)
+    samples = relabel(samples, found, classes, f"{what} folder {directory}", "training")
+    if not samples:
+        raise DataError(f"{what} folder {directory} holds no readable images.")
+    return samples
+
+
+def relabel(samples: list[Sample], found: list[str], classes: list[str], where: str, owner: str) -> list[Sample]:
+    """Samples labelled by position in `found` -> labelled by the class of the same name in
+    `classes` (of `owner`: training, the model). A class `owner` lacks is a DataError."""
     unknown = [c for c in found if c not in classes]
     if unknown:
         raise DataError(
-            f"{what} folder {directory} has classes that training lacks: {unknown}. "
-            f"Training classes: {classes}. Rename or remove those folders."
+            f"{where} has classes that {owner} lacks: {unknown}. {owner.capitalize()} classes: {classes}. "
+            f"Rename or remove those folders."
         )
-    if not samples:
-        raise DataError(f"{what} folder {directory} holds no readable images.")
     index = {c: i for i, c in enumerate(classes)}
-    return [(path, index[found[label]]) for path, label in samples]
+    return [(item, index[found[label]]) for item, label in samples]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,6 +26,12 @@ def input_size(data_config: Mapping, image_size: int | None = None) -> tuple[int
     return int(height), int(width)
 
 
+def with_input_size(data_config: Mapping, image_size: int | None = None) -> dict:
+    """A copy of `data_config` whose ``input_size`` is the one the run actually uses."""
+    height, width = input_size(data_config, image_size)
+    return {**data_config, "input_size": (3, height, width)}
+
+
 def build_transforms(
     data_config: Mapping, augment: Mapping, image_size: int | None = None, seed: int | None = None
 ) -> tuple[A.Compose, A.Compose]:
