@@ -58,6 +58,9 @@ class GradualUnfreezing(L.Callback):
 
     def apply(self, model: Classifier, epoch: int) -> None:
         self.gated = self.gated_at(epoch)
+        names = set().union(*(self.params[g] for g in self.gated))
+        # Resolved once per epoch, not at every optimizer step.
+        self.gated_params = [p for n, p in model.named_parameters() if n in names]
         model.frozen_norms = self.always_frozen_norms + [n for g in sorted(self.gated) for n in self.norms[g]]
         model.train(model.training)
 
@@ -66,12 +69,8 @@ class GradualUnfreezing(L.Callback):
         pl_module.log("unfrozen_groups", float(len(self.schedule) - len(self.gated)), on_step=False, on_epoch=True)
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
-        if not self.gated:
-            return
-        gated = set().union(*(self.params[g] for g in self.gated))
-        for name, param in pl_module.model.named_parameters():
-            if name in gated:
-                param.grad = None
+        for param in self.gated_params:
+            param.grad = None
 
 
 def gradual_unfreezing(model: Classifier, every: int | None, at: int | None) -> GradualUnfreezing | None:
