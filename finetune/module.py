@@ -12,6 +12,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from finetune.errors import NonFiniteLossError
 from finetune.model import Classifier
 from finetune.optim import build_optimizer, build_scheduler, param_groups
+from finetune.speed import to_channels_last
 
 CHECKPOINT_KEY = "finetune"
 
@@ -20,6 +21,8 @@ class ClassifierModule(L.LightningModule):
     """Trains a :class:`Classifier`. Logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``
     (and ``val/acc_top5`` with 5+ classes; ``test/*`` likewise) per epoch, and the lr of every
     optimizer group. `class_weights` weight the training loss (``data.balance=weighted_loss``).
+    ``inputs="features"``: batches carry the frozen backbone's cached outputs (see
+    :mod:`finetune.features`) and only the head runs; the model stays whole for checkpoints.
 
     Checkpoints carry ``checkpoint["finetune"] = {"classes": [...], "config": {...}}``: plain
     lists, dicts and strings, so they load with ``torch.load(weights_only=True)``.
@@ -27,8 +30,12 @@ class ClassifierModule(L.LightningModule):
 
     def __init__(self, model: Classifier, classes: list[str], optimizer: Mapping, scheduler: Mapping,
                  config: Mapping | None = None, label_smoothing: float = 0.0,
-                 class_weights: torch.Tensor | None = None):
+                 class_weights: torch.Tensor | None = None, inputs: str = "images", channels_last: bool = False):
         super().__init__()
+        if inputs not in ("images", "features"):
+            raise ValueError(f"inputs={inputs!r}; expected 'images' or 'features'")
+        self.inputs = inputs  # "features": batches hold cached backbone outputs, only the head runs
+        self.channels_last = channels_last
         self.model = model
         self.classes = list(classes)
         self.optimizer_cfg = dict(optimizer)
@@ -48,7 +55,9 @@ class ClassifierModule(L.LightningModule):
         })
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+        if self.inputs == "features":
+            return self.model.head(x)
+        return self.model(to_channels_last(x) if self.channels_last else x)
 
     def _unpack(self, batch):
         """(images, labels) of a batch; files that failed to decode are recorded, not fatal."""

@@ -23,8 +23,9 @@ from finetune.backbone import Backbone, build_backbone
 from finetune.data.check import DataReport, check_data
 from finetune.data.datamodule import ImageDataModule, class_weights, explain_worker_failure
 from finetune.data.sources import DataSplits, load_digits, load_folder, load_manifest
-from finetune.data.transforms import build_transforms, input_size, with_input_size
+from finetune.data.transforms import augmentation_is_random, build_transforms, input_size, with_input_size
 from finetune.errors import ConfigError
+from finetune.features import CachedFeatures, FeatureDataModule, ViewPerEpoch, cached_features, not_cacheable_reason
 from finetune.freeze import apply_freeze
 from finetune.head import build_head
 from finetune.history import MetricsHistory
@@ -32,6 +33,7 @@ from finetune.loggers import build_loggers, finish_wandb
 from finetune.model import Classifier
 from finetune.module import ClassifierModule
 from finetune.optim import group_lrs
+from finetune.speed import Speed, resolve_speed
 from finetune.summary import groups_table
 from finetune.unfreeze import gradual_unfreezing
 
@@ -115,8 +117,20 @@ def run(cfg: DictConfig) -> FitResult:
     model = build_model(backbone, len(splits.classes), cfg.head, cfg.freeze)
     weights = class_weights(splits) if balance == "weighted_loss" else None
     unfreezing = gradual_unfreezing(model, cfg.freeze.get("unfreeze_every"), cfg.freeze.get("unfreeze_at"))
-    module = ClassifierModule(model, splits.classes, cfg.optimizer, cfg.scheduler, config, class_weights=weights)
-    _print_start(cfg, backbone, model, unfreezing.schedule if unfreezing else None)
+    trainer_kwargs, speed = resolve_speed(OmegaConf.to_container(cfg.trainer, resolve=True), model)
+    _print_start(cfg, backbone, model, unfreezing.schedule if unfreezing else None, speed)
+    cached = _cached_features(cfg, model, backbone, splits, train_tf, eval_tf, speed)
+    extra_callbacks = []
+    if cached is not None:
+        data = FeatureDataModule(cached, splits, cfg.data.batch_size, balance, cfg.seed)
+        extra_callbacks.append(ViewPerEpoch(data))
+        report.add_unreadable(cached.skipped)
+    elif speed.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if speed.compile:
+        model.compile()
+    module = ClassifierModule(model, splits.classes, cfg.optimizer, cfg.scheduler, config, class_weights=weights,
+                              inputs="images" if cached is None else "features", channels_last=speed.channels_last)
 
     history = MetricsHistory()
     checkpoint = ModelCheckpoint(
@@ -127,14 +141,13 @@ def run(cfg: DictConfig) -> FitResult:
         save_top_k=1,
         auto_insert_metric_name=False,
     )
-    callbacks = [history, checkpoint] + ([unfreezing] if unfreezing else [])
+    callbacks = [history, checkpoint] + ([unfreezing] if unfreezing else []) + extra_callbacks
     if cfg.callbacks.early_stopping_patience:
         callbacks.append(EarlyStopping(cfg.callbacks.checkpoint.monitor, mode=cfg.callbacks.checkpoint.mode,
                                        patience=cfg.callbacks.early_stopping_patience))
     if cfg.callbacks.progress_bar:
         callbacks.append(TQDMProgressBar())
     loggers = build_loggers(cfg.logger, output_dir, config)
-    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     try:
         trainer = L.Trainer(
             **trainer_kwargs,
@@ -155,7 +168,7 @@ def run(cfg: DictConfig) -> FitResult:
         best = dict(history.best(cfg.callbacks.checkpoint.monitor, cfg.callbacks.checkpoint.mode))
         if splits.test:  # the held-out test split, scored once with the best weights
             best.update({k: float(v) for k, v in trainer.test(module, datamodule=data, verbose=False)[0].items()})
-        model = module.model.cpu().eval()
+        model = module.model.cpu().eval().to(memory_format=torch.contiguous_format)
         pictures = _pictures(cfg, model, splits, eval_tf, backbone, history.epochs, output_dir, loggers)
     except RuntimeError as err:
         explained = explain_worker_failure(err)
@@ -175,6 +188,32 @@ def run(cfg: DictConfig) -> FitResult:
     return result
 
 
+def _cached_features(cfg, model, backbone, splits, train_tf, eval_tf, speed) -> CachedFeatures | None:
+    """The frozen backbone's features for every image (data.cache), or None to train on images."""
+    cache = cfg.data.get("cache") or {}
+    setting = cache.get("features", "auto")
+    if setting not in ("auto", True, False):
+        raise ConfigError(f"data.cache.features={setting!r}; use auto, true or false.")
+    if setting is False:
+        return None
+    reason = not_cacheable_reason(model)
+    if reason is not None:
+        if setting is True:
+            raise ConfigError(f"data.cache.features=true needs a frozen backbone, but {reason}. "
+                              f"Use +recipe=freeze_all_but_head, or data.cache.features=auto.")
+        print(f"feature cache: off ({reason})", flush=True)
+        return None
+    augmented = augmentation_is_random(cfg.augment)
+    cached = cached_features(model, f"{backbone.name}|pool={cfg.head.get('pool')}",
+                             {"train": splits.train, "val": splits.val, "test": splits.test},
+                             train_tf, eval_tf, augmented, cache.get("views", 1), Path(cache.get("dir", "~/.cache/finetune")),
+                             cfg.data.batch_size, cfg.data.num_workers, speed, cfg.seed)
+    how = "loaded" if cached.hit else "computed"
+    views = f"{cached.views} augmented views per training image" if augmented else "no augmentation: one view"
+    print(f"feature cache: on, backbone frozen; {views}; {how} in {cached.seconds:.1f} s: {cached.path}", flush=True)
+    return cached
+
+
 def _pictures(cfg, model, splits, eval_tf, backbone, history, output_dir, loggers) -> list:
     """The run's pictures (config group viz), also sent to W&B when it is on."""
     if not cfg.viz.enabled:
@@ -192,7 +231,8 @@ def _pictures(cfg, model, splits, eval_tf, backbone, history, output_dir, logger
     return pictures
 
 
-def _print_start(cfg: DictConfig, backbone: Backbone, model: Classifier, schedule: dict[str, int] | None) -> None:
+def _print_start(cfg: DictConfig, backbone: Backbone, model: Classifier, schedule: dict[str, int] | None,
+                 speed: Speed) -> None:
     height, width = input_size(backbone.data_config, cfg.data.image_size)
     data_config = backbone.data_config
     print("\n".join([
@@ -200,6 +240,7 @@ def _print_start(cfg: DictConfig, backbone: Backbone, model: Classifier, schedul
         f"  input {height}x{width}, {data_config['interpolation']}, mean {tuple(round(m, 3) for m in data_config['mean'])},"
         f" std {tuple(round(s, 3) for s in data_config['std'])}, crop_pct {data_config['crop_pct']}",
         groups_table(model, group_lrs(model, cfg.optimizer), schedule),
+        speed.describe(),
     ]), flush=True)
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 # Before anything imports wandb or albumentations: tests never talk to a server.
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+# Frozen-feature caches of the test session go to a fresh folder, never to ~/.cache.
+os.environ.setdefault("FINETUNE_CACHE", __import__("tempfile").mkdtemp(prefix="finetune-cache-"))
 
 import numpy as np
 import pytest

@@ -82,7 +82,7 @@ def explain_worker_failure(err: RuntimeError) -> Exception:
     )
 
 
-def _worker_init(_: int) -> None:
+def worker_init(_: int) -> None:
     cv2.setNumThreads(0)  # OpenCV's own thread pool in every worker oversubscribes the CPU
     # Every worker holds a copy of the same albumentations generator: give each its own stream,
     # derived from the worker's torch seed (itself determined by the run's seed).
@@ -110,20 +110,28 @@ class ImageDataModule(L.LightningDataModule):
     def classes(self) -> list[str]:
         return self.splits.classes
 
+    def dataset(self, split: str) -> Dataset:
+        """The split's dataset: decoded images through the split's pipeline."""
+        transform = self.train_transform if split == "train" else self.eval_transform
+        return ImageDataset(getattr(self.splits, split), transform)
+
+    def train_labels(self) -> list[int]:
+        return [label for _, label in self.splits.train]
+
     def train_dataloader(self) -> DataLoader:
         sampler = None
         if self.balance == "sampler":
             # Each draw picks a class uniformly (in expectation), then an image of it.
-            per_sample = class_weights(self.splits)[[label for _, label in self.splits.train]]
+            per_sample = class_weights(self.splits)[self.train_labels()]
             generator = torch.Generator().manual_seed(self.seed)
-            sampler = WeightedRandomSampler(per_sample.double(), len(self.splits.train), replacement=True, generator=generator)
-        return self._loader(ImageDataset(self.splits.train, self.train_transform), shuffle=sampler is None, sampler=sampler)
+            sampler = WeightedRandomSampler(per_sample.double(), len(per_sample), replacement=True, generator=generator)
+        return self._loader(self.dataset("train"), shuffle=sampler is None, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(ImageDataset(self.splits.val, self.eval_transform), shuffle=False)
+        return self._loader(self.dataset("val"), shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(ImageDataset(self.splits.test, self.eval_transform), shuffle=False)
+        return self._loader(self.dataset("test"), shuffle=False)
 
     def _loader(self, dataset: Dataset, shuffle: bool, sampler=None) -> DataLoader:
         return DataLoader(
@@ -134,6 +142,6 @@ class ImageDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
-            worker_init_fn=_worker_init,
+            worker_init_fn=worker_init,
             collate_fn=collate_skipping_unreadable,
         )

@@ -32,6 +32,11 @@ def with_input_size(data_config: Mapping, image_size: int | None = None) -> dict
     return {**data_config, "input_size": (3, height, width)}
 
 
+def augmentation_is_random(augment: Mapping) -> bool:
+    """Whether the training pipeline build_transforms makes from `augment` draws random numbers."""
+    return bool(augment.get("random_resized_crop", True)) or float(augment.get("hflip", 0.0)) > 0
+
+
 def build_transforms(
     data_config: Mapping, augment: Mapping, image_size: int | None = None, seed: int | None = None
 ) -> tuple[A.Compose, A.Compose]:

@@ -1,0 +1,97 @@
+"""The frozen-feature cache: same head as the slow path, reuse, invalidation, views, refusals."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import QUICK, TINY
+
+from finetune import fit
+from finetune.errors import ConfigError
+
+
+def _head_fit(tmp_path: Path, image_folder: Path, name: str, *extra: str):
+    return fit("freeze_all_but_head", TINY + QUICK + [
+        "data=folder", f"data.root={image_folder}", "data.batch_size=8", "trainer.max_epochs=3",
+        f"data.cache.dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / name}", *extra])
+
+
+def _cache_files(tmp_path: Path) -> list[Path]:
+    return sorted((tmp_path / "cache" / "features").glob("*.safetensors"))
+
+
+def test_cached_path_trains_the_same_head_as_the_slow_path(tmp_path, image_folder, capsys):
+    slow = _head_fit(tmp_path, image_folder, "slow", "augment=none", "data.cache.features=false")
+    assert "feature cache" not in capsys.readouterr().out
+    fast = _head_fit(tmp_path, image_folder, "fast", "augment=none", "data.cache.features=true")
+    assert "feature cache: on" in capsys.readouterr().out
+    for (name, a), b in zip(slow.model.head.state_dict().items(), fast.model.head.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=f"head tensor {name} differs")
+    assert [h["val/acc"] for h in slow.history] == pytest.approx([h["val/acc"] for h in fast.history], abs=1e-6)
+    # The backbone was never touched: the returned model is whole and predicts like the slow one.
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(slow.model(x), fast.model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_cache_is_reused_and_invalidated_by_what_changes_the_features(tmp_path, image_folder, capsys):
+    _head_fit(tmp_path, image_folder, "a", "augment=none", "trainer.max_epochs=1")
+    assert "computed in" in capsys.readouterr().out
+    first = _cache_files(tmp_path)
+    assert len(first) == 1
+    stamp = first[0].stat().st_mtime_ns
+
+    _head_fit(tmp_path, image_folder, "b", "augment=none", "trainer.max_epochs=1", "optimizer.lr=0.1")
+    assert "loaded in" in capsys.readouterr().out  # a head hyperparameter does not change features
+    assert _cache_files(tmp_path) == first and first[0].stat().st_mtime_ns == stamp
+
+    _head_fit(tmp_path, image_folder, "c", "augment=none", "trainer.max_epochs=1", "data.image_size=40")
+    assert len(_cache_files(tmp_path)) == 2  # another input size: new features
+
+    image = next((image_folder / "train" / "ants").glob("*.jpg"))
+    os.utime(image, ns=(stamp + 10**9, stamp + 10**9))
+    _head_fit(tmp_path, image_folder, "d", "augment=none", "trainer.max_epochs=1")
+    assert "computed in" in capsys.readouterr().out and len(_cache_files(tmp_path)) == 3  # a data file changed
+
+    first[0].write_bytes(b"damaged")  # a broken cache file is recomputed, never fatal
+    _head_fit(tmp_path, image_folder, "e", "augment=none", "trainer.max_epochs=1", "data.image_size=40")
+    _head_fit(tmp_path, image_folder, "f", "augment=none", "trainer.max_epochs=1")
+    assert "computed in" in capsys.readouterr().out
+
+
+def test_augmented_views_are_distinct_and_cycle_per_epoch(tmp_path, image_folder, capsys):
+    from safetensors.torch import load_file
+
+    result = _head_fit(tmp_path, image_folder, "views", "augment=standard", "data.cache.views=3")
+    assert "3 augmented views per training image" in capsys.readouterr().out
+    (path,) = _cache_files(tmp_path)
+    tensors = load_file(str(path))
+    train = tensors["features.train"]
+    assert train.shape[:2] == (3, 24) and tensors["features.val"].shape[0] == 12
+    assert not torch.allclose(train[0], train[1]) and not torch.allclose(train[1], train[2])
+    assert len(result.history) == 3
+
+
+def test_unreadable_files_are_counted_with_the_cache(tmp_path, image_folder):
+    bad = image_folder / "train" / "bees" / "truncated.jpg"
+    good = next((image_folder / "train" / "bees").glob("*.jpg")).read_bytes()
+    bad.write_bytes(good[: len(good) // 3])
+    result = _head_fit(tmp_path, image_folder, "bad", "augment=none", "trainer.max_epochs=1", "data.cache.features=true")
+    assert str(bad) in {path for path, _ in result.data_report.skipped}
+
+
+def test_cache_refuses_a_backbone_that_trains(tmp_path, image_folder):
+    with pytest.raises(ConfigError, match="needs a frozen backbone.*train"):
+        fit("full_finetune", TINY + QUICK + ["data=folder", f"data.root={image_folder}", "data.cache.features=true",
+                                             f"hydra.run.dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match="BatchNorm"):
+        _head_fit(tmp_path, image_folder, "bn", "freeze.batchnorm=train", "data.cache.features=true")
+    with pytest.raises(ConfigError, match="data.cache.features='sometimes'"):
+        _head_fit(tmp_path, image_folder, "typo", "data.cache.features=sometimes")
+
+
+def test_auto_falls_back_to_images_when_the_backbone_trains(tmp_path, image_folder, capsys):
+    fit("full_finetune", TINY + QUICK + ["data=folder", f"data.root={image_folder}", f"hydra.run.dir={tmp_path / 'run'}"])
+    assert "feature cache: off (" in capsys.readouterr().out

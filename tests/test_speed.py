@@ -1,0 +1,53 @@
+"""Fast defaults: precision and memory layout resolved per machine, explicit values win."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from conftest import QUICK, TINY
+
+from finetune import fit
+from finetune.errors import ConfigError
+from finetune.speed import cpu_has_native_bf16, resolve_precision, resolve_speed
+
+
+def test_auto_precision_is_bf16_only_where_it_is_native():
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == ("bf16-mixed" if cpu_has_native_bf16() else "32-true")
+    assert resolve_precision("32-true", cpu) == "32-true"
+    assert resolve_precision("bf16-mixed", cpu) == "bf16-mixed"
+
+
+def test_trainer_group_splits_into_lightning_arguments_and_our_switches():
+    conv = timm.create_model("test_resnet", pretrained=False)
+    kwargs, speed = resolve_speed({"accelerator": "cpu", "precision": "auto", "max_epochs": 3,
+                                   "channels_last": "auto", "compile": False}, conv)
+    assert kwargs["max_epochs"] == 3 and "channels_last" not in kwargs and "compile" not in kwargs
+    assert kwargs["precision"] != "auto" and speed.channels_last and not speed.compile
+    no_conv = torch.nn.Sequential(torch.nn.Linear(4, 2))
+    assert not resolve_speed({"accelerator": "cpu", "channels_last": "auto"}, no_conv)[1].channels_last
+    assert not resolve_speed({"accelerator": "cpu", "channels_last": False}, conv)[1].channels_last
+    with pytest.raises(ConfigError, match="channels_last"):
+        resolve_speed({"accelerator": "cpu", "channels_last": "yes"}, conv)
+    with pytest.raises(ConfigError, match="accelerator"):
+        resolve_speed({"accelerator": "tpu"}, conv)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without CUDA")
+def test_gpu_accelerator_without_cuda_says_what_to_do():
+    with pytest.raises(ConfigError, match="trainer.accelerator=cpu"):
+        resolve_speed({"accelerator": "gpu"}, torch.nn.Linear(2, 2))
+
+
+def test_channels_last_training_matches_the_default_layout(tmp_path, image_folder):
+    """Same seed, same data: NHWC and NCHW full fine-tuning agree to float tolerance."""
+    runs = {}
+    for layout in ("true", "false"):
+        runs[layout] = fit("full_finetune", TINY + QUICK + [
+            "data=folder", f"data.root={image_folder}", "augment=none", "trainer.max_epochs=1", "data.batch_size=8",
+            "trainer.precision=32-true", f"trainer.channels_last={layout}", f"hydra.run.dir={tmp_path / layout}"])
+    a, b = runs["true"].model.state_dict(), runs["false"].model.state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-4, rtol=1e-4, msg=f"{name} differs")
+    assert all(t.is_contiguous() for t in a.values())  # users get the ordinary layout back
