@@ -1,7 +1,8 @@
 """``finetune`` on the command line: Hydra overrides in, a closing report and an exit code out.
 
 ``finetune [OVERRIDES]`` trains (``-m`` for a sweep); ``finetune check-data [OVERRIDES]`` and
-``finetune show-groups [OVERRIDES]`` inspect the data and the layer groups without training.
+``finetune show-groups [OVERRIDES]`` inspect the data and the layer groups without training;
+``predict``, ``evaluate``, ``export``, ``viz``, ``embed`` and ``probe`` use a model (finetune/commands.py).
 Mistakes a user can fix exit with code 2 and a one-paragraph message.
 """
 

@@ -242,5 +242,92 @@ def _labelled_folder(directory: Path, classes: list[str]) -> tuple[list, list]:
     return relabel(samples, found, classes, str(directory), "the model"), skipped
 
 
+def _split_options(args: Sequence[str], keys: dict, command: str) -> tuple[dict, list[str]]:
+    """(this command's ``key=value`` options, the remaining Hydra overrides)."""
+    options, overrides = dict(keys), []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if key == "hydra.run.dir":
+            key = "out"
+        if key in keys and sep:
+            options[key] = value
+        elif sep:
+            overrides.append(arg)
+        else:
+            raise ConfigError(f"finetune {command}: unexpected argument {arg!r}; it takes "
+                              f"{' '.join(f'{k}=...' for k in keys)} and config overrides (key=value).")
+    return options, overrides
+
+
+def _embeddings(opts: dict, overrides: list[str]):
+    """Embeddings of the data `overrides` describe: under a checkpoint's fine-tuned backbone
+    (``ckpt=``; its own training data when no ``data=`` is given) or a configured one."""
+    from omegaconf import OmegaConf
+
+    from finetune.data.transforms import with_input_size
+    from finetune.embed import embed
+
+    if opts["ckpt"]:
+        model = load(opts["ckpt"])
+        cfg = compose_config(overrides) if overrides else OmegaConf.create(model.config)
+        if "cache" not in cfg.data:  # checkpoints written before the feature cache existed
+            cfg = OmegaConf.merge(cfg, {"data": {"cache": compose_config([]).data.cache}})
+        module, data_config, name = model.model.backbone, model.data_config, f"{opts['ckpt']}"
+    else:
+        cfg = compose_config(overrides)
+        torch.manual_seed(cfg.seed)  # backbone.weights=random: the same network on every call
+        backbone = backbone_from_config(cfg)
+        module, data_config, name = backbone.model, with_input_size(backbone.data_config, cfg.data.image_size), backbone.name
+    splits = load_data(cfg.data, cfg.seed)
+    embeddings, unreadable = embed(module, data_config, name, cfg, splits)
+    return embeddings, {**dict(splits.skipped), **unreadable}
+
+
+def embed_command(args: Sequence[str]) -> int:
+    """``finetune embed [ckpt=PATH] [format=npz|parquet] [out=DIR] backbone.name=... data=...``:
+    the pooled features of every image, with labels, paths and splits, in one file."""
+    from finetune.embed import FORMATS, save
+
+    opts, overrides = _split_options(args, {"ckpt": None, "format": "npz", "out": None}, "embed")
+    if opts["format"] not in FORMATS:
+        raise ConfigError(f"format={opts['format']!r}; choose {' or '.join(FORMATS)}.")
+    embeddings, skipped = _embeddings(opts, overrides)
+    path = save(embeddings, _output_dir(opts["out"]) / f"embeddings.{opts['format']}")
+    counts = {s: int((embeddings.splits == s).sum()) for s in SPLITS if (embeddings.splits == s).any()}
+    print(f"{len(embeddings.features)} images x {embeddings.features.shape[1]} features "
+          f"({', '.join(f'{s} {n}' for s, n in counts.items())}) from {embeddings.backbone}: {path}")
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable files")
+    return 0
+
+
+def probe_command(args: Sequence[str]) -> int:
+    """``finetune probe [embeddings=FILE.npz | ckpt=PATH | backbone.name=... data=...] [C=1] [k=5]``:
+    logistic regression and k-NN on the features: the quickest transfer-learning baseline."""
+    from finetune.embed import load_embeddings, probe
+
+    opts, overrides = _split_options(args, {"embeddings": None, "ckpt": None, "C": "1.0", "k": "5", "out": None},
+                                     "probe")
+    try:
+        c, k = float(opts["C"]), int(opts["k"])
+    except ValueError:
+        raise ConfigError(f"C={opts['C']!r} must be a number and k={opts['k']!r} an integer.") from None
+    if opts["embeddings"]:
+        if overrides or opts["ckpt"]:
+            raise ConfigError("embeddings=FILE already holds the features: drop ckpt= and config overrides.")
+        embeddings = load_embeddings(Path(opts["embeddings"]))
+    else:
+        embeddings, _ = _embeddings(opts, overrides)
+    scores = probe(embeddings, c=c, k=k)
+    print(f"probe on {embeddings.backbone} features ({embeddings.features.shape[1]}-d), "
+          f"{int((embeddings.splits == 'train').sum())} training images")
+    print(format_table(["method", "split", "accuracy", "fit s"],
+                       [[s.method, s.split, f"{s.accuracy:.4f}", f"{s.seconds:.2f}"] for s in scores]))
+    out = _output_dir(opts["out"])
+    (out / "probe.json").write_text(json.dumps([vars(s) for s in scores], indent=2))
+    print(f"  {out / 'probe.json'}")
+    return 0
+
+
 COMMANDS.update({"predict": predict_command, "evaluate": evaluate_command, "export": export_command,
-                 "viz": viz_command})
+                 "viz": viz_command, "embed": embed_command, "probe": probe_command})

@@ -133,17 +133,18 @@ def extract(backbone: nn.Module, samples: Sequence[Sample], transform: Callable,
     return torch.cat(features), torch.cat(labels), skipped
 
 
-def cached_features(model: Classifier, architecture: str, splits: dict[str, Sequence[Sample]],
+def cached_features(backbone: nn.Module, architecture: str, splits: dict[str, Sequence[Sample]],
                     train_transform: A.Compose, eval_transform: A.Compose, augmented: bool, views: int,
                     cache_dir: Path, batch_size: int, num_workers: int, speed: Speed, seed: int) -> CachedFeatures:
-    """Load the features for this exact setup from `cache_dir`, or compute and store them.
+    """`backbone`'s pooled outputs for every sample: loaded from `cache_dir` when this exact setup
+    was computed before, else computed (progress bars) and stored.
 
     `augmented`: whether the training pipeline is random; when it is not, one view is all there
     is and the training images go through the evaluation pipeline.
     """
     views = max(1, int(views)) if augmented else 1
     pipelines = {"train": train_transform if augmented else eval_transform, "eval": eval_transform}
-    key = cache_key(model.backbone, architecture, splits, pipelines, seed, views, speed)
+    key = cache_key(backbone, architecture, splits, pipelines, seed, views, speed)
     path = Path(cache_dir).expanduser().resolve() / "features" / f"{key}.safetensors"
     started = time.perf_counter()
     if path.exists():
@@ -152,7 +153,6 @@ def cached_features(model: Classifier, architecture: str, splits: dict[str, Sequ
             loaded.seconds = time.perf_counter() - started
             return loaded
 
-    backbone = model.backbone
     was_training, device_before = backbone.training, next(backbone.parameters()).device
     backbone.eval().to(speed.device)
     if speed.channels_last:

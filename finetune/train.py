@@ -204,7 +204,7 @@ def _cached_features(cfg, model, backbone, splits, train_tf, eval_tf, speed) -> 
         print(f"feature cache: off ({reason})", flush=True)
         return None
     augmented = augmentation_is_random(cfg.augment)
-    cached = cached_features(model, f"{backbone.name}|pool={cfg.head.get('pool')}",
+    cached = cached_features(model.backbone, f"{backbone.name}|pool={cfg.head.get('pool')}",
                              {"train": splits.train, "val": splits.val, "test": splits.test},
                              train_tf, eval_tf, augmented, cache.get("views", 1), Path(cache.get("dir", "~/.cache/finetune")),
                              cfg.data.batch_size, cfg.data.num_workers, speed, cfg.seed)

@@ -1,0 +1,184 @@
+"""finetune against the plain PyTorch loop a user would write, side by side, on the same data.
+
+    python benchmarks/speed.py                      # head-only and full fine-tuning, 10 epochs
+    python benchmarks/speed.py --modes head --sweep 20
+    python benchmarks/speed.py --modes full --epochs 3
+
+Both sides use hymenoptera (ants vs bees), tf_efficientnet_lite0 with the same embedded ImageNet
+weights, batch 32, the backbone's input size, SGD (momentum 0.9, lr 0.01 head-only / 0.001 full),
+StepLR(7, 0.1), random resized crop + flip, and report the best epoch's val accuracy.
+
+- The plain loop is the PyTorch transfer-learning tutorial's: torchvision ImageFolder + PIL
+  transforms, 2 DataLoader workers, fp32, NCHW, a validation pass every epoch. Head-only, it
+  re-runs the frozen backbone (eval mode, no_grad) on every batch of every epoch.
+- finetune is `finetune.fit` with the recipe and its defaults (feature cache, precision and
+  memory layout resolved for this machine), pictures and loggers off. Its time includes
+  everything the call does: data check, model build, cache fill (cold: a fresh cache folder).
+- `--sweep N`: N more head-only `fit` calls (learning rate x weight decay grid) on the warm cache,
+  timed together: what an N-trial sweep costs after its first trial.
+
+Writes benchmarks/results/speed.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "hymenoptera_data"
+BACKBONE = "tf_efficientnet_lite0"
+LR = {"head": 0.01, "full": 0.001}
+RECIPE = {"head": "freeze_all_but_head", "full": "full_finetune"}
+
+
+def plain_loop(data: Path, mode: str, epochs: int, batch_size: int, workers: int, seed: int) -> dict:
+    """The tutorial loop. Returns best val accuracy, seconds, train images/s."""
+    from torchvision import datasets, transforms
+
+    from finetune.backbone import build_backbone
+
+    torch.manual_seed(seed)
+    backbone = build_backbone(BACKBONE, "pretrained")
+    cfg = backbone.data_config
+    size = cfg["input_size"][-1]
+    normalize = transforms.Normalize(cfg["mean"], cfg["std"])
+    train_tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
+                                   transforms.ToTensor(), normalize])
+    val_tf = transforms.Compose([transforms.Resize(math.floor(size / cfg["crop_pct"])), transforms.CenterCrop(size),
+                                 transforms.ToTensor(), normalize])
+    train = torch.utils.data.DataLoader(datasets.ImageFolder(data / "train", train_tf), batch_size=batch_size,
+                                        shuffle=True, num_workers=workers)
+    val = torch.utils.data.DataLoader(datasets.ImageFolder(data / "val", val_tf), batch_size=batch_size,
+                                      num_workers=workers)
+    features, head = backbone.model, nn.Linear(backbone.num_features, len(train.dataset.classes))
+    model = nn.Sequential(features, head)
+    params = head.parameters() if mode == "head" else model.parameters()
+    if mode == "head":
+        for p in features.parameters():
+            p.requires_grad_(False)
+    optimizer = torch.optim.SGD(params, lr=LR[mode], momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=7, gamma=0.1)
+
+    best, started, train_seconds = 0.0, time.perf_counter(), 0.0
+    for _ in range(epochs):
+        model.train()
+        if mode == "head":
+            features.eval()  # frozen BatchNorm keeps its ImageNet statistics
+        epoch_started = time.perf_counter()
+        for images, labels in train:
+            if mode == "head":
+                with torch.no_grad():
+                    pooled = features(images)
+                logits = head(pooled)
+            else:
+                logits = model(images)
+            loss = nn.functional.cross_entropy(logits, labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        train_seconds += time.perf_counter() - epoch_started
+        scheduler.step()
+        model.eval()
+        correct = 0
+        with torch.no_grad():
+            for images, labels in val:
+                correct += (model(images).argmax(1) == labels).sum().item()
+        best = max(best, correct / len(val.dataset))
+    seconds = time.perf_counter() - started
+    return {"val_acc": best, "seconds": seconds, "train_images_per_s": epochs * len(train.dataset) / train_seconds}
+
+
+def finetune_run(data: Path, mode: str, epochs: int, batch_size: int, workers: int, seed: int, cache: Path,
+                 run_dir: Path, overrides: list[str]) -> dict:
+    from finetune import fit
+
+    started = time.perf_counter()
+    result = fit(RECIPE[mode], list(overrides), data="folder", data__root=data, seed=seed, backbone__name=BACKBONE,
+                 trainer__max_epochs=epochs, data__batch_size=batch_size, data__num_workers=workers,
+                 optimizer__lr=LR[mode], data__cache__dir=cache, logger="none", viz="none",
+                 callbacks__progress_bar=False, hydra__run__dir=run_dir)
+    return {"val_acc": result.metrics["val/acc"], "seconds": time.perf_counter() - started}
+
+
+def sweep(data: Path, trials: int, epochs: int, batch_size: int, workers: int, seed: int, cache: Path,
+          out: Path, overrides: list[str]) -> dict:
+    from finetune import fit
+
+    grid = list(itertools.product([0.003, 0.01, 0.03, 0.1, 0.3], [0.0, 1e-4, 1e-3, 1e-2]))[:trials]
+    started, accs = time.perf_counter(), []
+    for i, (lr, wd) in enumerate(grid):
+        result = fit(RECIPE["head"], list(overrides), data="folder", data__root=data, seed=seed,
+                     backbone__name=BACKBONE, trainer__max_epochs=epochs, data__batch_size=batch_size,
+                     data__num_workers=workers, optimizer__lr=lr, optimizer__weight_decay=wd, data__cache__dir=cache,
+                     logger="none", viz="none", callbacks__progress_bar=False, hydra__run__dir=out / f"trial{i}")
+        accs.append(result.metrics["val/acc"])
+    return {"trials": len(grid), "seconds": time.perf_counter() - started, "best_val_acc": max(accs)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path(os.environ.get("FINETUNE_HYMENOPTERA", DEFAULT_DATA)))
+    parser.add_argument("--modes", nargs="*", default=["head", "full"], choices=["head", "full"])
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sweep", type=int, default=0, help="trials of a warm-cache head-only sweep to time")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for the finetune runs")
+    args = parser.parse_args()
+    if not (args.data / "train").is_dir():
+        sys.exit(f"hymenoptera data not found at {args.data} (--data DIR or FINETUNE_HYMENOPTERA=DIR)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    cache = Path(tempfile.mkdtemp(prefix="finetune-speed-cache-"))  # cold: the fill is part of the time
+
+    rows = []
+    for mode in args.modes:
+        common = (args.data, mode, args.epochs, args.batch_size, args.workers, args.seed)
+        plain = plain_loop(*common)
+        print(f"{mode}: plain loop val/acc {plain['val_acc']:.4f} in {plain['seconds']:.0f} s", flush=True)
+        ours = finetune_run(*common, cache, args.out / "runs" / f"speed-{mode}", args.overrides)
+        print(f"{mode}: finetune   val/acc {ours['val_acc']:.4f} in {ours['seconds']:.0f} s", flush=True)
+        rows.append({"mode": mode, "plain": plain, "finetune": ours, "time_ratio": ours["seconds"] / plain["seconds"]})
+    if args.sweep:
+        swept = sweep(args.data, args.sweep, args.epochs, args.batch_size, args.workers, args.seed, cache,
+                      args.out / "runs" / "speed-sweep", args.overrides)
+        head = next((r for r in rows if r["mode"] == "head"), None)
+        if head:
+            swept["ratio_to_one_cold_run"] = (swept["seconds"] + head["finetune"]["seconds"]) / head["finetune"]["seconds"]
+        rows.append({"mode": "sweep", **swept})
+        print(f"sweep: {swept['trials']} warm-cache trials in {swept['seconds']:.0f} s", flush=True)
+
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    lines = [f"hymenoptera, {BACKBONE}, batch {args.batch_size}, {args.epochs} epochs, {args.workers} workers; {machine}",
+             "", "| job | plain loop: val acc, s | finetune: val acc, s | time ratio |", "|---|---|---|---|"]
+    for r in rows:
+        if r["mode"] == "sweep":
+            ratio = r.get("ratio_to_one_cold_run")
+            lines.append(f"| head-only sweep: 1 cold + {r['trials']} warm-cache trials | | best {r['best_val_acc']:.3f}, "
+                         f"{r['seconds']:.0f} s for the {r['trials']} | "
+                         f"{'' if ratio is None else f'{ratio:.2f}x one cold run'} |")
+            continue
+        p, f = r["plain"], r["finetune"]
+        lines.append(f"| {'head-only' if r['mode'] == 'head' else 'full fine-tuning'} | {p['val_acc']:.3f}, "
+                     f"{p['seconds']:.0f} | {f['val_acc']:.3f}, {f['seconds']:.0f} | {r['time_ratio']:.2f} |")
+    table = "\n".join(lines)
+    (args.out / "speed.json").write_text(json.dumps(rows, indent=2))
+    (args.out / "speed.md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
