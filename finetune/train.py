@@ -22,6 +22,7 @@ from torch import nn
 from finetune.backbone import Backbone, build_backbone
 from finetune.data.check import DataReport, check_data
 from finetune.data.datamodule import ImageDataModule, class_weights, explain_worker_failure
+from finetune.data.decoded import decode_splits, estimated_bytes, stored_short_side
 from finetune.data.sources import DataSplits, load_digits, load_folder, load_manifest
 from finetune.data.transforms import augmentation_is_random, build_transforms, input_size, with_input_size
 from finetune.errors import ConfigError
@@ -125,8 +126,13 @@ def run(cfg: DictConfig) -> FitResult:
         data = FeatureDataModule(cached, splits, cfg.data.batch_size, balance, cfg.seed)
         extra_callbacks.append(ViewPerEpoch(data))
         report.add_unreadable(cached.skipped)
-    elif speed.channels_last:
-        model.to(memory_format=torch.channels_last)
+    else:
+        decoded = _decoded_images(cfg, splits, backbone, report)
+        if decoded is not None:
+            data = ImageDataModule(decoded, train_tf, eval_tf, cfg.data.batch_size, cfg.data.num_workers, balance,
+                                   cfg.seed)
+        if speed.channels_last:
+            model.to(memory_format=torch.channels_last)
     if speed.compile:
         model.compile()
     module = ClassifierModule(model, splits.classes, cfg.optimizer, cfg.scheduler, config, class_weights=weights,
@@ -212,6 +218,32 @@ def _cached_features(cfg, model, backbone, splits, train_tf, eval_tf, speed) -> 
     views = f"{cached.views} augmented views per training image" if augmented else "no augmentation: one view"
     print(f"feature cache: on, backbone frozen; {views}; {how} in {cached.seconds:.1f} s: {cached.path}", flush=True)
     return cached
+
+
+def _decoded_images(cfg, splits: DataSplits, backbone: Backbone, report: DataReport) -> DataSplits | None:
+    """`splits` decoded once into memory (data.cache.decoded), or None to decode at every epoch."""
+    cache = cfg.data.get("cache") or {}
+    setting = cache.get("decoded", False)
+    if setting not in ("auto", True, False):
+        raise ConfigError(f"data.cache.decoded={setting!r}; use auto, true or false.")
+    files = any(isinstance(item, str) for split in (splits.train, splits.val, splits.test) for item, _ in split)
+    if setting is False or not files:
+        return None
+    height, width = input_size(backbone.data_config, cfg.data.image_size)
+    short_side = stored_short_side(height, width, backbone.data_config.get("crop_pct"))
+    needed, budget = estimated_bytes(splits, short_side), float(cache.get("memory_gb", 4)) * 2**30
+    if needed > budget:
+        message = f"needs {needed / 2**30:.1f} GB, more than data.cache.memory_gb={cache.get('memory_gb', 4)}"
+        if setting is True:
+            raise ConfigError(f"data.cache.decoded=true {message}: raise the budget or use data.cache.decoded=auto.")
+        print(f"decoded-image cache: off ({message})", flush=True)
+        return None
+    started, failures = time.perf_counter(), {}
+    decoded = decode_splits(splits, short_side, max(1, cfg.data.num_workers), failures)
+    report.add_unreadable(failures)
+    print(f"decoded-image cache: on, {needed / 2**20:.0f} MB of uint8 images (short side <= {short_side} px), "
+          f"decoded in {time.perf_counter() - started:.1f} s", flush=True)
+    return decoded
 
 
 def _pictures(cfg, model, splits, eval_tf, backbone, history, output_dir, loggers) -> list:

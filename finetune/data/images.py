@@ -47,13 +47,18 @@ def probe(path: str | Path) -> tuple[int, int]:
         return img.size
 
 
-def load_rgb(path: str | Path) -> np.ndarray:
+def load_rgb(path: str | Path, min_short_side: int | None = None) -> np.ndarray:
     """Decode `path` to an upright (EXIF-rotated) HxWx3 uint8 RGB array, or UnreadableImage.
 
     Grayscale, palette, CMYK and 16-bit images are converted explicitly; transparent pixels
     are composited on white. A truncated file is an error, not a half-gray image.
+    `min_short_side`: a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (its DCT scaling, far
+    cheaper than decoding everything) as long as its short side stays at least this long.
     """
     with _guarded(path) as img:
+        if min_short_side and img.format == "JPEG":
+            scale = max(1, min(img.size) // int(min_short_side))
+            img.draft("RGB", (max(1, img.width // scale), max(1, img.height // scale)))
         img.load()
         img = ImageOps.exif_transpose(img)
         if img.mode.startswith("I"):  # 16/32-bit integer grayscale: rescale, don't clip
