@@ -109,7 +109,7 @@ def check_launcher(trainer, from_cli: bool) -> None:
 
     ``ddp`` (re-runs the command line) works from the CLI only; ``ddp_spawn``/``ddp_notebook``
     train in worker processes whose per-epoch history and best metrics never come back."""
-    from lightning.fabric.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
     from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 
     launcher = getattr(trainer.strategy, "launcher", None)
