@@ -56,6 +56,7 @@ def test_ddp_run_writes_once_from_rank_zero_and_gates_gradual_unfreezing(tmp_pat
     assert all(never[g] for g in ("stem", "stage1", "stage2", "stage3"))
 
 
+@pytest.mark.slow  # 2 trials x 2 DDP processes: 30 s on 2 busy cores
 def test_multirun_trials_each_run_ddp_and_a_failed_trial_does_not_end_the_sweep(image_folder, tmp_path):
     # lamb fails inside fit, after the second rank has started; the sgd trial must still run.
     args = ["-m", *DDP, "+recipe=freeze_all_but_head", "data=folder", f"data.root={image_folder}", *TINY, *QUICK,

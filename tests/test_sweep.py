@@ -33,6 +33,7 @@ def _finetune(args, cwd, timeout=600):
                           env={**os.environ, "WANDB_MODE": "disabled"}, timeout=timeout)
 
 
+@pytest.mark.slow  # 3 CLI trials in 2 sweeps: 30-60 s on 2 busy cores
 def test_optuna_study_records_failed_trials_and_continues_from_sqlite(image_folder, tmp_path):
     optuna = pytest.importorskip("optuna")  # the `sweep` extra, part of `test`
     base = ["-m", "+hparams_search=optuna", "+recipe=freeze_all_but_head", "data=folder", f"data.root={image_folder}",
