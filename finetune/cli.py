@@ -17,7 +17,9 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from finetune.config import config_dir, register_recipes
+from finetune.distributed import child_argv, in_sweep_child, is_rank_zero, relaunchable_job
 from finetune.errors import FinetuneError
+from finetune.sweep import register_resolvers
 from finetune.train import run
 
 
@@ -30,12 +32,17 @@ def _fail(err: Exception) -> None:
 
 
 def _train(cfg: DictConfig) -> float | None:
-    if _in_sweep():
-        return _sweep_trial(cfg)
-    try:
-        result = run(cfg)
-    except FinetuneError as err:
-        _fail(err)
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    sweep = _in_sweep()
+    with relaunchable_job(hydra_cfg.overrides.task, hydra_cfg.runtime.output_dir, sweep):
+        if sweep:
+            return _sweep_trial(cfg)
+        try:
+            result = run(cfg)
+        except FinetuneError as err:
+            _fail(err)
     # Sweepers (Optuna) maximize what the task returns.
     return result.metrics.get("val/acc")
 
@@ -44,30 +51,43 @@ def _in_sweep() -> bool:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    return (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN) or in_sweep_child()
 
 
 def _sweep_trial(cfg: DictConfig) -> float:
-    """One trial of a sweep: a failure is written to error.txt and scored NaN; the sweep goes on."""
+    """One trial of a sweep; a failure is written to error.txt and the sweep goes on.
+
+    Hydra's basic sweeper stops at the first exception, so it gets NaN for a failed trial; any
+    other sweeper gets the exception, which is how Optuna records a FAIL trial (a NaN crashes the
+    Optuna sweeper 1.3: it tells the failure with the NaN value and Optuna refuses that).
+    """
+    import math
     import traceback
     from pathlib import Path
 
-    from finetune.sweep import ERROR_FILE
+    from finetune.sweep import ERROR_FILE, basic_sweeper
 
     try:
         value = run(cfg).metrics.get("val/acc")
-        return float("nan") if value is None else value
+        if value is None or math.isnan(value):
+            raise FinetuneError(f"The run recorded no usable val/acc ({value}); it is the sweep's objective.")
+        return value
     except Exception as err:  # noqa: BLE001 - isolating any trial failure is the point
-        output_dir = Path(cfg.paths.output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / ERROR_FILE).write_text(f"{type(err).__name__}: {err}\n\n{traceback.format_exc()}")
-        print(f"error: trial failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
-        return float("nan")
+        if is_rank_zero():
+            output_dir = Path(cfg.paths.output_dir)
+            output_dir.mkdir(parents=True, exist_ok=True)
+            (output_dir / ERROR_FILE).write_text(f"{type(err).__name__}: {err}\n\n{traceback.format_exc()}")
+            print(f"error: trial failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        if not is_rank_zero() or basic_sweeper():  # rank > 0: its rank zero records the failure
+            return float("nan")
+        raise
 
 
 def main() -> None:
     """Entry point of the ``finetune`` console script."""
     register_recipes()
+    register_resolvers()
+    sys.argv = child_argv(sys.argv)  # a DDP process of rank > 0 runs its parent's job
     from finetune.commands import COMMANDS
 
     if len(sys.argv) > 1 and sys.argv[1] in COMMANDS:

@@ -77,6 +77,15 @@ def _wandb_logger(cfg: Mapping, mode: str, output_dir: Path, config: Mapping) ->
     )
 
 
+def log_best(loggers: list[Logger], metrics: Mapping[str, float]) -> None:
+    """The best epoch's metrics as ``best/NAME`` in the W&B run's summary (rank zero, before
+    ``finish``): the value a W&B sweep optimizes (sweeps/wandb/*.yaml), where ``val/acc`` itself
+    holds the last epoch's."""
+    for logger in loggers:
+        if type(logger).__name__ == "WandbLogger":
+            logger.experiment.summary.update({f"best/{k}": v for k, v in metrics.items()})
+
+
 def finish_wandb() -> None:
     """Close the W&B run if one is open (call in ``finally``: a crashed run is still synced)."""
     import sys

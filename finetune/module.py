@@ -81,7 +81,10 @@ class ClassifierModule(L.LightningModule):
                 f"(+trainer.gradient_clip_val=1.0). Checkpoints written before this step are kept."
             )
         self.train_acc(logits, labels)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels))
+        # sync_dist: with trainer=ddp the epoch loss is the mean over every rank's batches (torchmetrics
+        # objects such as the accuracies sync themselves).
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels),
+                 sync_dist=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(labels))
         return loss
 
@@ -97,7 +100,7 @@ class ClassifierModule(L.LightningModule):
             return
         logits = self(images)
         self.log(f"{split}/loss", F.cross_entropy(logits, labels), on_epoch=True, prog_bar=split == "val",
-                 batch_size=len(labels))
+                 batch_size=len(labels), sync_dist=True)
         for name, metric in self.eval_metrics[split].items():
             metric(logits, labels)
             self.log(f"{split}/{name}", metric, on_epoch=True, prog_bar=name == "acc" and split == "val",
@@ -114,7 +117,7 @@ class ClassifierModule(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         for group in self.optimizers().optimizer.param_groups:
-            self.log(f"lr/{group['name']}", group["lr"], on_step=False, on_epoch=True)
+            self.log(f"lr/{group['name']}", group["lr"], on_step=False, on_epoch=True, sync_dist=True)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[CHECKPOINT_KEY] = {"classes": self.classes, "config": self.config}

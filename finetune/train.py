@@ -15,6 +15,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -25,12 +26,13 @@ from finetune.data.datamodule import ImageDataModule, class_weights, explain_wor
 from finetune.data.decoded import decode_splits, estimated_bytes, stored_short_side
 from finetune.data.sources import DataSplits, load_digits, load_folder, load_manifest
 from finetune.data.transforms import augmentation_is_random, build_transforms, input_size, with_input_size
+from finetune.distributed import check_launcher, is_rank_zero
 from finetune.errors import ConfigError
 from finetune.features import CachedFeatures, FeatureDataModule, ViewPerEpoch, cached_features, not_cacheable_reason
 from finetune.freeze import apply_freeze
 from finetune.head import build_head
 from finetune.history import MetricsHistory
-from finetune.loggers import build_loggers, finish_wandb
+from finetune.loggers import build_loggers, finish_wandb, log_best
 from finetune.model import Classifier
 from finetune.module import ClassifierModule
 from finetune.optim import group_lrs
@@ -110,7 +112,8 @@ def run(cfg: DictConfig) -> FitResult:
 
     splits = load_data(cfg.data, cfg.seed)
     report = check_data(splits)
-    print(report.table(), flush=True)
+    if is_rank_zero():  # trainer=ddp: one process speaks and writes
+        print(report.table(), flush=True)
     backbone = backbone_from_config(cfg)
     train_tf, eval_tf = build_transforms(backbone.data_config, cfg.augment, cfg.data.image_size, seed=cfg.seed)
     balance = cfg.data.get("balance", "none")
@@ -119,7 +122,8 @@ def run(cfg: DictConfig) -> FitResult:
     weights = class_weights(splits) if balance == "weighted_loss" else None
     unfreezing = gradual_unfreezing(model, cfg.freeze.get("unfreeze_every"), cfg.freeze.get("unfreeze_at"))
     trainer_kwargs, speed = resolve_speed(OmegaConf.to_container(cfg.trainer, resolve=True), model)
-    _print_start(cfg, backbone, model, unfreezing.schedule if unfreezing else None, speed)
+    if is_rank_zero():
+        _print_start(cfg, backbone, model, unfreezing.schedule if unfreezing else None, speed)
     cached = _cached_features(cfg, model, backbone, splits, train_tf, eval_tf, speed)
     extra_callbacks = []
     if cached is not None:
@@ -165,6 +169,7 @@ def run(cfg: DictConfig) -> FitResult:
         )
     except TypeError as err:
         raise ConfigError(f"Invalid trainer setting: {err}. See lightning.Trainer's arguments.") from None
+    check_launcher(trainer, from_cli=HydraConfig.initialized())
     try:
         trainer.fit(module, datamodule=data)
         best_path = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
@@ -174,8 +179,11 @@ def run(cfg: DictConfig) -> FitResult:
         best = dict(history.best(cfg.callbacks.checkpoint.monitor, cfg.callbacks.checkpoint.mode))
         if splits.test:  # the held-out test split, scored once with the best weights
             best.update({k: float(v) for k, v in trainer.test(module, datamodule=data, verbose=False)[0].items()})
+        if trainer.is_global_zero:
+            log_best(loggers, best)
         model = module.model.cpu().eval().to(memory_format=torch.contiguous_format)
-        pictures = _pictures(cfg, model, splits, eval_tf, backbone, history.epochs, output_dir, loggers)
+        pictures = _pictures(cfg, model, splits, eval_tf, backbone, history.epochs, output_dir, loggers) \
+            if trainer.is_global_zero else []
     except RuntimeError as err:
         explained = explain_worker_failure(err)
         if explained is err:
@@ -189,8 +197,9 @@ def run(cfg: DictConfig) -> FitResult:
     if pictures:
         outputs["pictures"] = output_dir / "viz" / "index.md"
     result = FitResult(best, best_path, list(splits.classes), model, output_dir, config, history.epochs, outputs, report)
-    _write_summary(result, time.perf_counter() - started)
-    _print_end(result, len(history.epochs))
+    if trainer.is_global_zero:
+        _write_summary(result, time.perf_counter() - started)
+        _print_end(result, len(history.epochs))
     return result
 
 

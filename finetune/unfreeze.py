@@ -66,7 +66,8 @@ class GradualUnfreezing(L.Callback):
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.apply(pl_module.model, trainer.current_epoch)
-        pl_module.log("unfrozen_groups", float(len(self.schedule) - len(self.gated)), on_step=False, on_epoch=True)
+        pl_module.log("unfrozen_groups", float(len(self.schedule) - len(self.gated)), on_step=False, on_epoch=True,
+                      sync_dist=True)
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
         for param in self.gated_params:

@@ -1,0 +1,85 @@
+"""trainer=ddp on 2 CPU processes (gloo): one output folder, rank-zero outputs, synced metrics,
+gradual unfreezing under DDP, DDP trials of a sweep, and what fit() says about DDP."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import QUICK, TINY
+
+DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
+
+
+def _finetune(args, cwd, **env):
+    return subprocess.run([sys.executable, "-m", "finetune", *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "WANDB_MODE": "disabled", **env}, timeout=600)
+
+
+def test_ddp_run_writes_once_from_rank_zero_and_gates_gradual_unfreezing(tmp_path):
+    # Digits, gradual unfreezing (one more group per epoch), 2 epochs; the checkpoint kept is the
+    # last epoch's (unfrozen_groups grows), so its optimizer state shows which groups stepped.
+    args = [*DDP, "+recipe=gradual_unfreeze", *TINY, "trainer.max_epochs=2", "data.num_workers=0", "viz=none",
+            "callbacks.progress_bar=false", "callbacks.checkpoint.monitor=unfrozen_groups", "hydra.run.dir=run"]
+    proc = _finetune(args, tmp_path, WANDB_MODE="offline")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Starting with 2 processes" in proc.stderr  # really two ranks
+    assert proc.stdout.count("group    params") == 1 and proc.stdout.count("total   1438") == 1  # tables once
+    assert proc.stdout.count("val/acc=") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # one output folder, no stray run dir
+    run = tmp_path / "run"
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["best.ckpt"]
+    assert len(list((run / "wandb").glob("offline-run-*"))) == 1  # W&B from rank zero only
+
+    summary = json.loads((run / "summary.json").read_text())
+    assert [h["unfrozen_groups"] for h in summary["history"]] == [0.0, 1.0]
+    assert 0.0 <= summary["metrics"]["val/acc"] <= 1.0 and summary["metrics"]["val/loss"] > 0
+    rows = list(csv.DictReader((run / "csv" / "metrics.csv").open()))
+    assert len([r for r in rows if r["val/acc"]]) == 2  # one synced validation row per epoch, from rank zero
+    # The W&B sweeps' metric is in the offline run's record file.
+    assert b"best/val/acc" in next((run / "wandb").glob("offline-run-*/run-*.wandb")).read_bytes()
+
+    checkpoint = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["epoch"] == 1
+    optimizer = checkpoint["optimizer_states"][0]
+    stepped = {g["name"].split("/")[0]: all(i in optimizer["state"] for i in g["params"])
+               for g in optimizer["param_groups"]}
+    never = {g["name"].split("/")[0]: not any(i in optimizer["state"] for i in g["params"])
+             for g in optimizer["param_groups"]}
+    # head from epoch 1, stage4 from epoch 2; stem..stage3 still gated: no gradient ever reached SGD.
+    assert stepped["head"] and stepped["stage4"]
+    assert all(never[g] for g in ("stem", "stage1", "stage2", "stage3"))
+
+
+@pytest.mark.slow  # 2 trials x 2 DDP processes: 30 s on 2 busy cores
+def test_multirun_trials_each_run_ddp_and_a_failed_trial_does_not_end_the_sweep(image_folder, tmp_path):
+    # lamb fails inside fit, after the second rank has started; the sgd trial must still run.
+    args = ["-m", *DDP, "+recipe=freeze_all_but_head", "data=folder", f"data.root={image_folder}", *TINY, *QUICK,
+            "optimizer.name=lamb,sgd", "hydra.sweep.dir=sweep"]
+    proc = _finetune(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("Starting with 2 processes") >= 2  # each trial started its own second rank
+    rows = {r["job"]: r for r in csv.DictReader((tmp_path / "sweep" / "summary.csv").open())}
+    assert rows["0"]["status"] == "failed" and "choose sgd or adamw" in rows["0"]["error"]
+    assert rows["1"]["status"] == "completed" and rows["1"]["rank"] == "1"
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == [".trials", "0", "1", "multirun.yaml",
+                                                                      "summary.csv"]
+    assert (tmp_path / "sweep" / "1" / "checkpoints" / "best.ckpt").is_file()
+    assert json.loads((tmp_path / "sweep" / "1" / "summary.json").read_text())["metrics"]["val/acc"] == \
+        pytest.approx(float(rows["1"]["val/acc"]))
+    assert not (tmp_path / "multirun").exists() and not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
+def test_fit_refuses_multi_process_strategies_with_what_to_do(image_folder, strategy):
+    from finetune import fit
+    from finetune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="finetune trainer=ddp"):
+        fit("freeze_all_but_head", ["data=folder", f"data.root={image_folder}", *TINY, *QUICK, *DDP,
+                                    f"trainer.strategy={strategy}"])
