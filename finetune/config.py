@@ -47,14 +47,17 @@ def compose_config(overrides: list[str]) -> DictConfig:
     """The run config Hydra's CLI would build for `overrides`, without touching global state.
 
     ``paths.output_dir`` (which the CLI takes from Hydra's run directory) becomes the resolved
-    ``hydra.run.dir``, made unique so that two runs in the same second never share a folder.
+    ``hydra.run.dir``, made unique so that two runs in the same second never share a folder
+    (except with ``resume=true``, which continues the run found there).
     """
     register_recipes()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name="finetune"):
         cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
     with open_dict(cfg):
         if str(OmegaConf.to_container(cfg.paths, resolve=False)["output_dir"]).startswith("${hydra:"):
-            cfg.paths.output_dir = str(_unique_dir(Path(cfg.hydra.run.dir).resolve()))
+            run_dir = Path(cfg.hydra.run.dir).resolve()
+            # resume=true continues the run in that very folder.
+            cfg.paths.output_dir = str(run_dir if cfg.get("resume") is True else _unique_dir(run_dir))
         del cfg["hydra"]
     return cfg
 

@@ -20,11 +20,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from finetune.backbone import Backbone, build_backbone
+from finetune.checkpoints import Resume, resume_source
 from finetune.data.check import DataReport, check_data
-from finetune.data.datamodule import ImageDataModule, class_weights, explain_worker_failure
+from finetune.data.datamodule import ImageDataModule, class_weights
 from finetune.data.sources import DataSplits, load_digits, load_folder, load_manifest
 from finetune.data.transforms import build_transforms, input_size, with_input_size
 from finetune.errors import ConfigError
+from finetune.faults import explain_failure
 from finetune.freeze import apply_freeze
 from finetune.head import build_head
 from finetune.history import MetricsHistory
@@ -104,6 +106,7 @@ def run(cfg: DictConfig) -> FitResult:
     config = OmegaConf.to_container(cfg, resolve=True)
     config.pop("hydra", None)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    resume_from = resume_source(cfg, output_dir)  # resume=true / ckpt_path=...: fail before any work
 
     splits = load_data(cfg.data, cfg.seed)
     report = check_data(splits)
@@ -117,6 +120,7 @@ def run(cfg: DictConfig) -> FitResult:
     unfreezing = gradual_unfreezing(model, cfg.freeze.get("unfreeze_every"), cfg.freeze.get("unfreeze_at"))
     module = ClassifierModule(model, splits.classes, cfg.optimizer, cfg.scheduler, config, class_weights=weights)
     _print_start(cfg, backbone, model, unfreezing.schedule if unfreezing else None)
+    resume = Resume(resume_from, cfg.seed, config, splits.classes)
 
     history = MetricsHistory()
     checkpoint = ModelCheckpoint(
@@ -126,14 +130,16 @@ def run(cfg: DictConfig) -> FitResult:
         mode=cfg.callbacks.checkpoint.mode,
         save_top_k=1,
         auto_insert_metric_name=False,
+        save_last=True,  # last.ckpt: what resume=true continues from
+        save_on_train_epoch_end=True,  # after the epoch's history row, so a resume keeps it
     )
-    callbacks = [history, checkpoint] + ([unfreezing] if unfreezing else [])
+    callbacks = [history, checkpoint] + ([unfreezing] if unfreezing else []) + resume.callbacks
     if cfg.callbacks.early_stopping_patience:
         callbacks.append(EarlyStopping(cfg.callbacks.checkpoint.monitor, mode=cfg.callbacks.checkpoint.mode,
                                        patience=cfg.callbacks.early_stopping_patience))
     if cfg.callbacks.progress_bar:
         callbacks.append(TQDMProgressBar())
-    loggers = build_loggers(cfg.logger, output_dir, config)
+    loggers = build_loggers(cfg.logger, output_dir, config, run_id=resume.wandb_id)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     try:
         trainer = L.Trainer(
@@ -143,11 +149,12 @@ def run(cfg: DictConfig) -> FitResult:
             logger=loggers or False,
             enable_progress_bar=bool(cfg.callbacks.progress_bar),
             enable_model_summary=False,  # our groups table says more
+            plugins=resume.plugins,
         )
     except TypeError as err:
         raise ConfigError(f"Invalid trainer setting: {err}. See lightning.Trainer's arguments.") from None
     try:
-        trainer.fit(module, datamodule=data)
+        trainer.fit(module, datamodule=data, ckpt_path=resume.path, weights_only=True)
         best_path = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
         if best_path is not None:
             state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
@@ -157,8 +164,8 @@ def run(cfg: DictConfig) -> FitResult:
             best.update({k: float(v) for k, v in trainer.test(module, datamodule=data, verbose=False)[0].items()})
         model = module.model.cpu().eval()
         pictures = _pictures(cfg, model, splits, eval_tf, backbone, history.epochs, output_dir, loggers)
-    except RuntimeError as err:
-        explained = explain_worker_failure(err)
+    except Exception as err:
+        explained = explain_failure(err, cfg.data.batch_size, output_dir)
         if explained is err:
             raise
         raise explained from err
