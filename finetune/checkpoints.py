@@ -29,6 +29,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from finetune.data.epochs import derived_seed
@@ -196,8 +197,17 @@ class Resume:
     """What train.run needs to make a run resumable: where it continues from (or None), the W&B
     run id to (re)use, the callbacks and the checkpoint-IO plugin."""
 
-    def __init__(self, path: Path | None, seed: int, config: Mapping, classes: list[str]):
+    def __init__(self, path: Path | None, output_dir: Path, seed: int, config: Mapping, classes: list[str]):
         self.path = path
         self.wandb_id = (read_resume_checkpoint(path, config, classes) if path else None) or new_run_id()
-        self.callbacks = [EpochSeeding(seed), RunRecord(self.wandb_id)]
+        self.callbacks = [EpochSeeding(seed), RunRecord(self.wandb_id), last_checkpoint(output_dir)]
         self.plugins = [AtomicCheckpointIO()]
+
+
+def last_checkpoint(output_dir: Path) -> ModelCheckpoint:
+    """``checkpoints/last.ckpt`` after every training epoch. (ModelCheckpoint's own ``save_last``
+    writes it only in epochs where the monitored metric improved.) Saved at the end of the
+    training epoch, after validation and the metrics history, which Lightning resumes from as a
+    finished epoch: the next one starts with all its hooks."""
+    return ModelCheckpoint(dirpath=checkpoint_dir(output_dir), filename=Path(LAST).stem, monitor=None,
+                           save_top_k=1, save_on_train_epoch_end=True, enable_version_counter=False)

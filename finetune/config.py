@@ -68,3 +68,28 @@ def _unique_dir(path: Path) -> Path:
         n += 1
         candidate = path.with_name(f"{path.name}-{n}")
     return candidate
+
+
+# Values whose type the code relies on, checked before a run starts: a wrong one is a one-line
+# ConfigError instead of a traceback from deep inside a library. key -> (types, minimum, wording)
+TYPED_KEYS = {
+    "seed": ((int,), None, "an integer"),
+    "data.batch_size": ((int,), 1, "a positive integer"),
+    "data.num_workers": ((int,), 0, "an integer >= 0"),
+    "trainer.max_epochs": ((int,), -1, "an integer (-1: no limit)"),
+    "optimizer.lr": ((int, float), 0, "a number >= 0"),
+    "resume": ((bool,), None, "true or false"),
+}
+
+
+def check_types(cfg: DictConfig) -> None:
+    """Raise a ConfigError naming the first key of :data:`TYPED_KEYS` whose value is wrong."""
+    from finetune.errors import ConfigError
+
+    for key, (types, minimum, expected) in TYPED_KEYS.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None:
+            continue
+        wrong = not isinstance(value, types) or (isinstance(value, bool) and bool not in types)
+        if wrong or (minimum is not None and value < minimum):
+            raise ConfigError(f"{key}={value!r}: it must be {expected}.")

@@ -38,5 +38,4 @@ def out_of_memory(err: BaseException, batch_size) -> OutOfMemoryError:
                f"effective batch at {batch_size}.")
     else:
         fix = "The batch is already 1: use a smaller backbone or data.image_size, or precision=bf16-mixed."
-    return OutOfMemoryError(f"Out of memory with data.batch_size={batch_size} ({first_line}). {fix} "
-                            f"data.batch_size=auto finds the largest batch that fits.")
+    return OutOfMemoryError(f"Out of memory with data.batch_size={batch_size} ({first_line}). {fix}")

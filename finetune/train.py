@@ -21,6 +21,7 @@ from torch import nn
 
 from finetune.backbone import Backbone, build_backbone
 from finetune.checkpoints import Resume, resume_source
+from finetune.config import check_types
 from finetune.data.check import DataReport, check_data
 from finetune.data.datamodule import ImageDataModule, class_weights
 from finetune.data.sources import DataSplits, load_digits, load_folder, load_manifest
@@ -101,6 +102,7 @@ def build_model(backbone: Backbone, num_classes: int, head_cfg: DictConfig, free
 def run(cfg: DictConfig) -> FitResult:
     """Train as `cfg` says; outputs go to ``cfg.paths.output_dir``."""
     started = time.perf_counter()
+    check_types(cfg)
     output_dir = Path(cfg.paths.output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -120,7 +122,7 @@ def run(cfg: DictConfig) -> FitResult:
     unfreezing = gradual_unfreezing(model, cfg.freeze.get("unfreeze_every"), cfg.freeze.get("unfreeze_at"))
     module = ClassifierModule(model, splits.classes, cfg.optimizer, cfg.scheduler, config, class_weights=weights)
     _print_start(cfg, backbone, model, unfreezing.schedule if unfreezing else None)
-    resume = Resume(resume_from, cfg.seed, config, splits.classes)
+    resume = Resume(resume_from, output_dir, cfg.seed, config, splits.classes)
 
     history = MetricsHistory()
     checkpoint = ModelCheckpoint(
@@ -130,7 +132,6 @@ def run(cfg: DictConfig) -> FitResult:
         mode=cfg.callbacks.checkpoint.mode,
         save_top_k=1,
         auto_insert_metric_name=False,
-        save_last=True,  # last.ckpt: what resume=true continues from
         save_on_train_epoch_end=True,  # after the epoch's history row, so a resume keeps it
     )
     callbacks = [history, checkpoint] + ([unfreezing] if unfreezing else []) + resume.callbacks
