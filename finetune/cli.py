@@ -96,7 +96,22 @@ def main() -> None:
             sys.exit(command(sys.argv[2:]))
         except (FinetuneError, HydraException, OmegaConfBaseException) as err:
             _fail(err)
+    _check_overrides(sys.argv[1:])
     hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")(_train)()
+
+
+def _check_overrides(args: list[str]) -> None:
+    """Compose a plain run's config once before Hydra does, so that an unknown key or a bad
+    override exits with code 2 and Hydra's one-paragraph message (Hydra itself exits 1).
+    Runs with flags (-m, --cfg, --help, ...) are left to Hydra."""
+    if not args or any(a.startswith("-") for a in args):
+        return
+    from finetune.config import compose_config
+
+    try:
+        compose_config(args)
+    except (HydraException, OmegaConfBaseException) as err:
+        _fail(err)
 
 
 if __name__ == "__main__":

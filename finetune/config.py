@@ -47,14 +47,17 @@ def compose_config(overrides: list[str]) -> DictConfig:
     """The run config Hydra's CLI would build for `overrides`, without touching global state.
 
     ``paths.output_dir`` (which the CLI takes from Hydra's run directory) becomes the resolved
-    ``hydra.run.dir``, made unique so that two runs in the same second never share a folder.
+    ``hydra.run.dir``, made unique so that two runs in the same second never share a folder
+    (except with ``resume=true``, which continues the run found there).
     """
     register_recipes()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name="finetune"):
         cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
     with open_dict(cfg):
         if str(OmegaConf.to_container(cfg.paths, resolve=False)["output_dir"]).startswith("${hydra:"):
-            cfg.paths.output_dir = str(_unique_dir(Path(cfg.hydra.run.dir).resolve()))
+            run_dir = Path(cfg.hydra.run.dir).resolve()
+            # resume=true continues the run in that very folder.
+            cfg.paths.output_dir = str(run_dir if cfg.get("resume") is True else _unique_dir(run_dir))
         del cfg["hydra"]
     return cfg
 
@@ -65,3 +68,28 @@ def _unique_dir(path: Path) -> Path:
         n += 1
         candidate = path.with_name(f"{path.name}-{n}")
     return candidate
+
+
+# Values whose type the code relies on, checked before a run starts: a wrong one is a one-line
+# ConfigError instead of a traceback from deep inside a library. key -> (types, minimum, wording)
+TYPED_KEYS = {
+    "seed": ((int,), None, "an integer"),
+    "data.batch_size": ((int,), 1, "a positive integer"),
+    "data.num_workers": ((int,), 0, "an integer >= 0"),
+    "trainer.max_epochs": ((int,), -1, "an integer (-1: no limit)"),
+    "optimizer.lr": ((int, float), 0, "a number >= 0"),
+    "resume": ((bool,), None, "true or false"),
+}
+
+
+def check_types(cfg: DictConfig) -> None:
+    """Raise a ConfigError naming the first key of :data:`TYPED_KEYS` whose value is wrong."""
+    from finetune.errors import ConfigError
+
+    for key, (types, minimum, expected) in TYPED_KEYS.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None:
+            continue
+        wrong = not isinstance(value, types) or (isinstance(value, bool) and bool not in types)
+        if wrong or (minimum is not None and value < minimum):
+            raise ConfigError(f"{key}={value!r}: it must be {expected}.")

@@ -19,3 +19,7 @@ class WeightsError(FinetuneError):
 
 class NonFiniteLossError(FinetuneError):
     """The training loss became NaN or infinite: training cannot recover by itself."""
+
+
+class OutOfMemoryError(FinetuneError):
+    """A batch did not fit in GPU (or CPU) memory: the message names a batch size to try."""

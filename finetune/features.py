@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import albumentations as A
-import lightning as L
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
@@ -213,46 +212,35 @@ def _load(path: Path) -> CachedFeatures | None:
 
 
 class FeatureViews(Dataset):
-    """(feature, label) pairs of one split; ``view`` selects the augmented view of a training split."""
+    """(feature, label) pairs of one split; a training split holds several augmented views."""
 
     def __init__(self, features: torch.Tensor, labels: torch.Tensor):
         self.features = features if features.ndim == 3 else features[None]
         self.labels = labels
-        self.view = 0
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int):
-        return self.features[self.view, index], self.labels[index]
+    def __getitem__(self, index: int | tuple[int, int]):
+        view = 0
+        if isinstance(index, tuple):  # (epoch, index) from EpochSampler: epoch e uses view e % views
+            epoch, index = index
+            view = epoch % len(self.features)
+        return self.features[view, index], self.labels[index]
 
 
 class FeatureDataModule(ImageDataModule):
     """The datamodule of a run, serving cached features instead of decoded images.
 
-    Loading is in-process (``num_workers=0``): the features are already in memory, and the
-    training split's current view is an attribute that :class:`ViewPerEpoch` sets.
+    Loading is in-process (``num_workers=0``): the features are already in memory. Order and
+    views follow the training sampler's (epoch, index) pairs, as for images.
     """
 
     def __init__(self, cached: CachedFeatures, splits: DataSplits, batch_size: int, balance: str, seed: int):
         super().__init__(splits, None, None, batch_size, num_workers=0, balance=balance, seed=seed)
         self.cached = cached
-        self.train_views = FeatureViews(cached.features["train"], cached.labels["train"])
-
     def dataset(self, split: str) -> Dataset:
-        if split == "train":
-            return self.train_views
         return FeatureViews(self.cached.features[split], self.cached.labels[split])
 
     def train_labels(self) -> list[int]:
         return self.cached.labels["train"].tolist()
-
-
-class ViewPerEpoch(L.Callback):
-    """Epoch ``e`` trains on augmented view ``e % views`` of every cached training image."""
-
-    def __init__(self, data: FeatureDataModule):
-        self.data = data
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.data.train_views.view = trainer.current_epoch % self.data.cached.views

@@ -17,7 +17,14 @@ class MetricsHistory(L.Callback):
             return
         row = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         row["epoch"] = trainer.current_epoch
-        self.epochs.append(row)
+        self.epochs = [r for r in self.epochs if r["epoch"] != row["epoch"]] + [row]
+
+    # Saved in checkpoints, so that a resumed run reports the epochs before the interruption too.
+    def state_dict(self) -> dict:
+        return {"epochs": [dict(r) for r in self.epochs]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epochs = [dict(r) for r in state.get("epochs", [])]
 
     def best(self, monitor: str = "val/acc", mode: str = "max") -> dict[str, float]:
         """The recorded epoch with the best `monitor` (the first of ties); {} if none."""

@@ -46,8 +46,9 @@ def _has_credentials(host: str) -> bool:
         return False
 
 
-def build_loggers(cfg: Mapping, output_dir: Path, config: Mapping) -> list[Logger]:
-    """CSV logger at ``output_dir/csv`` when ``cfg.csv``; a W&B logger when ``cfg.wandb`` is set."""
+def build_loggers(cfg: Mapping, output_dir: Path, config: Mapping, run_id: str | None = None) -> list[Logger]:
+    """CSV logger at ``output_dir/csv`` when ``cfg.csv``; a W&B logger when ``cfg.wandb`` is set.
+    `run_id`: the W&B run id; a resumed run passes its first run's id to continue that W&B run."""
     loggers: list[Logger] = []
     if cfg.get("csv"):
         loggers.append(CSVLogger(save_dir=str(output_dir), name="csv", version=""))
@@ -55,11 +56,11 @@ def build_loggers(cfg: Mapping, output_dir: Path, config: Mapping) -> list[Logge
     if wandb_cfg:
         mode = wandb_mode(wandb_cfg.get("mode", "auto"))
         if mode != "disabled":
-            loggers.append(_wandb_logger(wandb_cfg, mode, output_dir, config))
+            loggers.append(_wandb_logger(wandb_cfg, mode, output_dir, config, run_id))
     return loggers
 
 
-def _wandb_logger(cfg: Mapping, mode: str, output_dir: Path, config: Mapping) -> Logger:
+def _wandb_logger(cfg: Mapping, mode: str, output_dir: Path, config: Mapping, run_id: str | None = None) -> Logger:
     import wandb
     from lightning.pytorch.loggers import WandbLogger
 
@@ -72,6 +73,8 @@ def _wandb_logger(cfg: Mapping, mode: str, output_dir: Path, config: Mapping) ->
         save_dir=str(output_dir),
         offline=mode == "offline",
         config=dict(config),
+        # Same id on resume: the run continues in W&B instead of starting a second one.
+        **({"id": run_id, "resume": "allow"} if run_id else {}),
         # A slow or unreachable server must never hold the run: give up on init after 30 s.
         settings=wandb.Settings(init_timeout=30, console="off"),
     )

@@ -78,7 +78,7 @@ class ClassifierModule(L.LightningModule):
             raise NonFiniteLossError(
                 f"The training loss became {loss.item()} at epoch {self.current_epoch + 1}, step {self.global_step + 1}. "
                 f"Lower the learning rate (optimizer.lr; the largest group lr is {lr:g}) or clip gradients "
-                f"(+trainer.gradient_clip_val=1.0). Checkpoints written before this step are kept."
+                f"(+trainer.gradient_clip_val=1.0)."  # the run adds where its last good checkpoint is
             )
         self.train_acc(logits, labels)
         # sync_dist: with trainer=ddp the epoch loss is the mean over every rank's batches (torchmetrics

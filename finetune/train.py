@@ -21,14 +21,17 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from finetune.backbone import Backbone, build_backbone
+from finetune.checkpoints import Resume, resume_source
+from finetune.config import check_types
 from finetune.data.check import DataReport, check_data
-from finetune.data.datamodule import ImageDataModule, class_weights, explain_worker_failure
+from finetune.data.datamodule import ImageDataModule, class_weights
 from finetune.data.decoded import decode_splits, estimated_bytes, stored_short_side
 from finetune.data.sources import DataSplits, load_digits, load_folder, load_manifest
 from finetune.data.transforms import augmentation_is_random, build_transforms, input_size, with_input_size
 from finetune.distributed import check_launcher, is_rank_zero
 from finetune.errors import ConfigError
-from finetune.features import CachedFeatures, FeatureDataModule, ViewPerEpoch, cached_features, not_cacheable_reason
+from finetune.faults import explain_failure
+from finetune.features import CachedFeatures, FeatureDataModule, cached_features, not_cacheable_reason
 from finetune.freeze import apply_freeze
 from finetune.head import build_head
 from finetune.history import MetricsHistory
@@ -104,11 +107,13 @@ def build_model(backbone: Backbone, num_classes: int, head_cfg: DictConfig, free
 def run(cfg: DictConfig) -> FitResult:
     """Train as `cfg` says; outputs go to ``cfg.paths.output_dir``."""
     started = time.perf_counter()
+    check_types(cfg)
     output_dir = Path(cfg.paths.output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     config = OmegaConf.to_container(cfg, resolve=True)
     config.pop("hydra", None)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    resume_from = resume_source(cfg, output_dir)  # resume=true / ckpt_path=...: fail before any work
 
     splits = load_data(cfg.data, cfg.seed)
     report = check_data(splits)
@@ -125,10 +130,8 @@ def run(cfg: DictConfig) -> FitResult:
     if is_rank_zero():
         _print_start(cfg, backbone, model, unfreezing.schedule if unfreezing else None, speed)
     cached = _cached_features(cfg, model, backbone, splits, train_tf, eval_tf, speed)
-    extra_callbacks = []
     if cached is not None:
         data = FeatureDataModule(cached, splits, cfg.data.batch_size, balance, cfg.seed)
-        extra_callbacks.append(ViewPerEpoch(data))
         report.add_unreadable(cached.skipped)
     else:
         decoded = _decoded_images(cfg, splits, backbone, report)
@@ -141,6 +144,7 @@ def run(cfg: DictConfig) -> FitResult:
         model.compile()
     module = ClassifierModule(model, splits.classes, cfg.optimizer, cfg.scheduler, config, class_weights=weights,
                               inputs="images" if cached is None else "features", channels_last=speed.channels_last)
+    resume = Resume(resume_from, output_dir, cfg.seed, config, splits.classes)
 
     history = MetricsHistory()
     checkpoint = ModelCheckpoint(
@@ -150,14 +154,15 @@ def run(cfg: DictConfig) -> FitResult:
         mode=cfg.callbacks.checkpoint.mode,
         save_top_k=1,
         auto_insert_metric_name=False,
+        save_on_train_epoch_end=True,  # after the epoch's history row, so a resume keeps it
     )
-    callbacks = [history, checkpoint] + ([unfreezing] if unfreezing else []) + extra_callbacks
+    callbacks = [history, checkpoint] + ([unfreezing] if unfreezing else []) + resume.callbacks
     if cfg.callbacks.early_stopping_patience:
         callbacks.append(EarlyStopping(cfg.callbacks.checkpoint.monitor, mode=cfg.callbacks.checkpoint.mode,
                                        patience=cfg.callbacks.early_stopping_patience))
     if cfg.callbacks.progress_bar:
         callbacks.append(TQDMProgressBar())
-    loggers = build_loggers(cfg.logger, output_dir, config)
+    loggers = build_loggers(cfg.logger, output_dir, config, run_id=resume.wandb_id)
     try:
         trainer = L.Trainer(
             **trainer_kwargs,
@@ -166,12 +171,13 @@ def run(cfg: DictConfig) -> FitResult:
             logger=loggers or False,
             enable_progress_bar=bool(cfg.callbacks.progress_bar),
             enable_model_summary=False,  # our groups table says more
+            plugins=resume.plugins,
         )
     except TypeError as err:
         raise ConfigError(f"Invalid trainer setting: {err}. See lightning.Trainer's arguments.") from None
     check_launcher(trainer, from_cli=HydraConfig.initialized())
     try:
-        trainer.fit(module, datamodule=data)
+        trainer.fit(module, datamodule=data, ckpt_path=resume.path, weights_only=True)
         best_path = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
         if best_path is not None:
             state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
@@ -184,8 +190,8 @@ def run(cfg: DictConfig) -> FitResult:
         model = module.model.cpu().eval().to(memory_format=torch.contiguous_format)
         pictures = _pictures(cfg, model, splits, eval_tf, backbone, history.epochs, output_dir, loggers) \
             if trainer.is_global_zero else []
-    except RuntimeError as err:
-        explained = explain_worker_failure(err)
+    except Exception as err:
+        explained = explain_failure(err, cfg.data.batch_size, output_dir)
         if explained is err:
             raise
         raise explained from err

@@ -45,11 +45,15 @@ def test_cli_config_mistakes_exit_with_a_short_message(tmp_path):
     proc = finetune("backbone.name=resnet5O", *QUICK, "hydra.run.dir=x", cwd=tmp_path)
     assert proc.returncode == 2 and "resnet50" in proc.stderr
 
-    proc = finetune("optimizer.lrr=0.1", cwd=tmp_path)
-    assert proc.returncode != 0 and "lrr" in proc.stderr
+    proc = finetune("optimizer.lrr=0.1", cwd=tmp_path)  # unknown key: Hydra's message, our exit code
+    assert proc.returncode == 2 and "+optimizer.lrr=0.1" in proc.stderr and "Traceback" not in proc.stderr
+
+    proc = finetune("data.batch_size=abc", *QUICK, "hydra.run.dir=x", cwd=tmp_path)  # wrong type
+    assert proc.returncode == 2 and "data.batch_size='abc': it must be a positive integer" in proc.stderr
+    assert not (tmp_path / "x" / "checkpoints").exists()
 
     proc = finetune("+recipe=no_such_recipe", cwd=tmp_path)
-    assert proc.returncode != 0 and "freeze_all_but_head" in proc.stderr
+    assert proc.returncode == 2 and "freeze_all_but_head" in proc.stderr
 
 
 def test_diverging_run_stops_with_the_step_and_a_fix(image_folder, tmp_path):

@@ -7,8 +7,11 @@ import subprocess
 import sys
 import time
 
+import torch
+
 from conftest import QUICK_WITH_PICTURES, TINY
-from finetune.loggers import wandb_mode
+from finetune.checkpoints import LAST, RUN_KEY
+from finetune.loggers import build_loggers, wandb_mode
 
 
 def test_no_credentials_means_offline(monkeypatch, tmp_path):
@@ -34,3 +37,13 @@ def test_default_wandb_logger_runs_offline_without_credentials(image_folder, tmp
     assert runs
     assert list(runs[0].rglob("media/images/viz/*.png"))  # the pictures went to W&B too
     assert (tmp_path / "run" / "csv" / "metrics.csv").is_file()
+    # The W&B run id is stored in the checkpoints: a resumed run continues this W&B run.
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / LAST, map_location="cpu", weights_only=True)
+    assert runs[0].name.endswith("-" + checkpoint[RUN_KEY]["wandb_id"])
+
+
+def test_a_resumed_run_reuses_its_wandb_run_id(monkeypatch, tmp_path):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    (logger,) = build_loggers({"csv": False, "wandb": {"mode": "auto"}}, tmp_path, {}, run_id="a1b2c3d4")
+    assert logger._wandb_init["id"] == "a1b2c3d4" and logger._wandb_init["resume"] == "allow"
+    assert logger._offline

@@ -111,7 +111,10 @@ def test_balanced_sampler_draws_classes_equally_often():
     data = ImageDataModule(imbalanced(), lambda image: image, lambda image: image, batch_size=10,
                            num_workers=0, balance="sampler", seed=0)
     sampler = data.train_dataloader().sampler
-    drawn = Counter(imbalanced().train[i][1] for _ in range(20) for i in sampler)
+    drawn = Counter()
+    for epoch in range(20):  # an epoch's draws are a function of (seed, epoch): a new epoch, new draws
+        sampler.set_epoch(epoch)
+        drawn.update(imbalanced().train[i][1] for _, i in sampler)
     assert 0.4 < drawn[1] / sum(drawn.values()) < 0.6
 
 

@@ -14,9 +14,10 @@ import cv2
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 
+from finetune.data.epochs import EpochSampler, derived_seed
 from finetune.data.images import UnreadableImage, load_rgb
 from finetune.data.sources import DataSplits, Sample
 from finetune.errors import ConfigError, DataError
@@ -32,16 +33,26 @@ class Unreadable:
 
 class ImageDataset(Dataset):
     """``(path_or_array, label)`` samples through an albumentations pipeline -> (tensor, label),
-    or :class:`Unreadable` for a file that cannot be decoded."""
+    or :class:`Unreadable` for a file that cannot be decoded.
 
-    def __init__(self, samples: list[Sample], transform: Callable):
+    With a `seed`, an index may be an ``(epoch, index)`` pair (from :class:`EpochSampler`): the
+    pipeline is then re-seeded with (seed, epoch, index), so a sample's augmentation depends on
+    nothing else (not the worker, not the samples drawn before it).
+    """
+
+    def __init__(self, samples: list[Sample], transform: Callable, seed: int | None = None):
         self.samples = samples
         self.transform = transform
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int | tuple[int, int]):
+        if isinstance(index, tuple):
+            epoch, index = index
+            if self.seed is not None and hasattr(self.transform, "set_random_seed"):
+                self.transform.set_random_seed(derived_seed(self.seed, epoch, index))
         item, label = self.samples[index]
         if isinstance(item, np.ndarray):
             image = item
@@ -112,20 +123,21 @@ class ImageDataModule(L.LightningDataModule):
 
     def dataset(self, split: str) -> Dataset:
         """The split's dataset: decoded images through the split's pipeline."""
-        transform = self.train_transform if split == "train" else self.eval_transform
-        return ImageDataset(getattr(self.splits, split), transform)
+        if split == "train":  # re-seeded per (epoch, index) that EpochSampler yields
+            return ImageDataset(self.splits.train, self.train_transform, self.seed)
+        return ImageDataset(getattr(self.splits, split), self.eval_transform)
 
     def train_labels(self) -> list[int]:
         return [label for _, label in self.splits.train]
 
     def train_dataloader(self) -> DataLoader:
-        sampler = None
+        weights = None
         if self.balance == "sampler":
             # Each draw picks a class uniformly (in expectation), then an image of it.
-            per_sample = class_weights(self.splits)[self.train_labels()]
-            generator = torch.Generator().manual_seed(self.seed)
-            sampler = WeightedRandomSampler(per_sample.double(), len(per_sample), replacement=True, generator=generator)
-        return self._loader(self.dataset("train"), shuffle=sampler is None, sampler=sampler)
+            weights = class_weights(self.splits)[self.train_labels()]
+        # Order and augmentation are functions of (seed, epoch): a resumed run redoes an epoch exactly.
+        sampler = EpochSampler(len(self.train_labels()), self.seed, weights)
+        return self._loader(self.dataset("train"), shuffle=False, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.dataset("val"), shuffle=False)

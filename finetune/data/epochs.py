@@ -1,0 +1,57 @@
+"""Training randomness as a pure function of (seed, epoch): what makes a resumed run exact.
+
+A run killed mid-epoch continues from the checkpoint written at the end of the previous epoch and
+redoes the interrupted epoch. That epoch then draws exactly what it drew the first time because
+nothing it uses depends on what came before it:
+
+- the order of the training samples: :class:`EpochSampler`, seeded by (seed, epoch);
+- each sample's augmentation: the dataset re-seeds the albumentations pipeline with
+  (seed, epoch, index) for every sample, so it is the same whatever the number of DataLoader
+  workers and whether they persist across epochs;
+- torch / numpy / python global generators (dropout, stochastic depth): re-seeded with
+  (seed, epoch) at the start of every training epoch by :class:`finetune.checkpoints.EpochSeeding`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+
+def derived_seed(*keys: int) -> int:
+    """A well-mixed 32-bit seed from integers (seed, epoch[, index])."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
+
+
+class EpochSampler(Sampler):
+    """Yields ``(epoch, index)`` pairs: a permutation of ``range(n)`` or, with `weights`, `n`
+    weighted draws with replacement, both a function of (seed, epoch) alone.
+
+    Lightning calls :meth:`set_epoch` before every training epoch (also through its
+    distributed wrapper). The epoch travels with each index so that a dataset in a persistent
+    worker process knows which epoch it is serving.
+    """
+
+    def __init__(self, n: int, seed: int, weights: torch.Tensor | None = None):
+        self.n = n
+        self.seed = seed
+        self.weights = weights
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch))
+        if self.weights is None:
+            order = torch.randperm(self.n, generator=generator)
+        else:
+            order = torch.multinomial(self.weights.double(), self.n, replacement=True, generator=generator)
+        epoch = self.epoch
+        return ((epoch, i) for i in order.tolist())

@@ -1,0 +1,204 @@
+"""Runs that survive: kill -9 and resume parity, atomic checkpoints, NaN and out-of-memory faults.
+
+The parity run is the real CLI in a subprocess, killed with SIGKILL after a chosen step by a
+test-only patch (the driver below), then resumed with ``resume=true``; an uninterrupted run of the
+same config runs in this process meanwhile. Digits, the tiny ``test_resnet``, 4 steps per epoch,
+3 epochs: the kill lands mid-epoch 2, which is also the epoch gradual unfreezing opens stage4, with
+head dropout (torch's generator) and a step LR schedule in play.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import QUICK, TINY
+from finetune import fit
+from finetune.checkpoints import LAST, RUN_KEY, atomic_save
+from finetune.errors import ConfigError, NonFiniteLossError, OutOfMemoryError
+from finetune.module import ClassifierModule
+
+RUN = ["+recipe=gradual_unfreeze", *TINY, *QUICK, "trainer.max_epochs=3", "data.batch_size=16",
+       "+trainer.limit_train_batches=4", "+trainer.limit_val_batches=2", "head.dropout=0.3",
+       "optimizer.lr=0.1", "scheduler.step_size=1", "scheduler.gamma=0.5"]
+KILL_AFTER_STEP = 6  # global step 6 of 12: epoch 2 of 3 (0-based 1), its second batch
+
+# The real CLI, with a test-only hook: SIGKILL its own process after optimizer step K.
+DRIVER = """
+import os, signal, sys
+from finetune.module import ClassifierModule
+k = int(os.environ["KILL_AFTER_STEP"])
+def kill(self, outputs, batch, batch_idx):
+    if self.global_step == k:
+        os.kill(os.getpid(), signal.SIGKILL)
+ClassifierModule.on_train_batch_end = kill
+from finetune.cli import main
+sys.argv = ["finetune", *sys.argv[1:]]
+main()
+"""
+
+
+def cli(*args: str, cwd: Path, kill_after: int | None = None, wait: bool = True):
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    if kill_after is None:
+        command = [sys.executable, "-m", "finetune", *args]
+    else:
+        command = [sys.executable, "-c", DRIVER, *args]
+        env["KILL_AFTER_STEP"] = str(kill_after)
+    proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if not wait:
+        return proc
+    out, err = proc.communicate(timeout=600)
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory):
+    """(uninterrupted run dir, killed-then-resumed run dir, the killed run's last.ckpt as it was,
+    a CLI run asked to resume from an empty folder)."""
+    root = tmp_path_factory.mktemp("resume")
+    killed = cli(*RUN, "hydra.run.dir=b", cwd=root, kill_after=KILL_AFTER_STEP, wait=False)
+    nothing = cli(*RUN, "hydra.run.dir=empty", "resume=true", cwd=root, wait=False)
+    fit(overrides=RUN + [f"hydra.run.dir={root / 'a'}"])  # meanwhile, the uninterrupted run
+    out, err = killed.communicate(timeout=600)
+    assert killed.returncode == -signal.SIGKILL, err[-3000:]
+    last = root / "b" / "checkpoints" / LAST
+    at_kill = torch.load(last, map_location="cpu", weights_only=True)
+    assert not (root / "b" / "summary.json").exists()
+
+    resumed = cli(*RUN, "hydra.run.dir=b", "resume=true", cwd=root)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Restored all states" in resumed.stdout + resumed.stderr
+    nothing_out, nothing_err = nothing.communicate(timeout=600)
+    return root / "a", root / "b", at_kill, (nothing.returncode, nothing_err, root / "empty")
+
+
+def test_killed_run_resumes_to_the_same_weights_and_metrics(killed_and_resumed):
+    uninterrupted, resumed, at_kill, _ = killed_and_resumed
+    # The kill came mid-epoch: the checkpoint it left is the end of the first epoch.
+    assert at_kill["epoch"] == 0 and at_kill["global_step"] == 4
+
+    a, b = weights(uninterrupted / "checkpoints" / LAST), weights(resumed / "checkpoints" / LAST)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+    # Some weights moved since the kill: the comparison is not between two copies of one file.
+    assert not all(torch.equal(b[k], at_kill["state_dict"][k]) for k in b)
+
+    summary_a = json.loads((uninterrupted / "summary.json").read_text())
+    summary_b = json.loads((resumed / "summary.json").read_text())
+    assert len(summary_b["history"]) == 3  # the epoch before the kill is reported too
+    assert summary_b["history"] == summary_a["history"]  # every metric, every epoch, bit for bit
+    assert summary_b["metrics"] == summary_a["metrics"]
+    # Unfreezing went on from where it was: stage4 opened in epoch 2, stage3 in epoch 3.
+    assert [row["unfrozen_groups"] for row in summary_b["history"]] == [0.0, 1.0, 2.0]
+
+
+def test_resumed_run_keeps_its_wandb_id_and_optimizer_state(killed_and_resumed):
+    _, resumed, at_kill, _ = killed_and_resumed
+    final = torch.load(resumed / "checkpoints" / LAST, map_location="cpu", weights_only=True)
+    assert final[RUN_KEY]["wandb_id"] == at_kill[RUN_KEY]["wandb_id"]
+    assert final["epoch"] == 2 and final["global_step"] == 12
+    assert final["lr_schedulers"][0]["last_epoch"] == 3
+    assert final["optimizer_states"][0]["state"]  # momentum buffers came along
+
+
+def test_resume_from_a_checkpoint_path_with_the_notebook_api(killed_and_resumed, tmp_path):
+    uninterrupted, resumed, _, _ = killed_and_resumed
+    # Continue the finished 3-epoch run for a 4th epoch, into a new folder.
+    result = fit(overrides=RUN + [f"ckpt_path={resumed / 'checkpoints' / 'last.ckpt'}", "trainer.max_epochs=4",
+                                  f"hydra.run.dir={tmp_path / 'more'}"])
+    assert [row["epoch"] for row in result.history] == [0, 1, 2, 3]
+    assert result.history[:3] == json.loads((uninterrupted / "summary.json").read_text())["history"]
+
+
+def test_nothing_to_resume_is_an_error_not_a_fresh_start(killed_and_resumed, tmp_path):
+    returncode, stderr, empty = killed_and_resumed[3]
+    assert returncode == 2, stderr[-2000:]
+    assert "nothing to resume" in stderr and "hydra.run.dir" in stderr and "Traceback" not in stderr
+    assert not (empty / "checkpoints").exists()
+
+    with pytest.raises(ConfigError, match="does not exist: nothing to resume"):
+        fit(overrides=RUN + [f"ckpt_path={tmp_path}/no.ckpt", f"hydra.run.dir={tmp_path}/x"])
+    with pytest.raises(ConfigError, match="resume='maybe': it must be true or false"):
+        fit(overrides=RUN + ["resume=maybe", f"hydra.run.dir={tmp_path}/y"])
+
+
+def test_resume_with_a_different_model_is_refused(killed_and_resumed, tmp_path):
+    _, resumed, _, _ = killed_and_resumed
+    last = resumed / "checkpoints" / LAST
+    with pytest.raises(ConfigError, match=r"head=.*hidden.*this run"):
+        fit(overrides=RUN + [f"ckpt_path={last}", "head=mlp", f"hydra.run.dir={tmp_path}/x"])
+    not_a_run = tmp_path / "weights.pt"
+    torch.save({"state_dict": weights(last)}, not_a_run)
+    with pytest.raises(ConfigError, match="not a finetune training checkpoint"):
+        fit(overrides=RUN + [f"ckpt_path={not_a_run}", f"hydra.run.dir={tmp_path}/y"])
+
+
+def test_a_crash_while_writing_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoints" / LAST
+    atomic_save({"state_dict": {"w": torch.ones(3)}, "epoch": 0}, path)
+
+    def dies_halfway(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a zip")  # what a process killed mid-write leaves behind
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr("finetune.checkpoints.torch.save", dies_halfway)
+    with pytest.raises(OSError, match="No space"):
+        atomic_save({"state_dict": {"w": torch.zeros(3)}, "epoch": 1}, path)
+    monkeypatch.undo()
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    assert checkpoint["epoch"] == 0 and torch.equal(checkpoint["state_dict"]["w"], torch.ones(3))
+    assert [p.name for p in path.parent.iterdir()] == [LAST]  # no temporary file left behind
+
+
+def test_nan_keeps_the_last_good_checkpoint_and_says_where(tmp_path, monkeypatch):
+    def poison(self, outputs, batch, batch_idx):  # the weights blow up during the second epoch
+        if self.global_step == 5:
+            with torch.no_grad():
+                next(self.model.head.parameters()).fill_(float("nan"))
+
+    monkeypatch.setattr(ClassifierModule, "on_train_batch_end", poison, raising=False)
+    with pytest.raises(NonFiniteLossError) as caught:
+        fit(overrides=RUN + [f"hydra.run.dir={tmp_path}/run"])
+    last = tmp_path / "run" / "checkpoints" / LAST
+    message = str(caught.value)
+    assert "step 6" in message and "optimizer.lr" in message
+    assert f"The last good checkpoint is kept: {last} (end of epoch 1)" in message
+    kept = torch.load(last, map_location="cpu", weights_only=True)
+    assert kept["epoch"] == 0 and all(torch.isfinite(t).all() for t in kept["state_dict"].values() if t.is_floating_point())
+
+
+@pytest.mark.parametrize("error", [
+    torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to "
+                 "allocate 8589934592 bytes."),
+])
+def test_out_of_memory_names_the_batch_size_to_try(tmp_path, monkeypatch, error):
+    def too_big(self, batch, batch_idx):
+        raise error
+
+    monkeypatch.setattr(ClassifierModule, "training_step", too_big)
+    with pytest.raises(OutOfMemoryError) as caught:
+        fit(overrides=RUN + [f"hydra.run.dir={tmp_path}/run"])
+    message = str(caught.value)
+    assert "data.batch_size=8 (half of 16)" in message and str(error).splitlines()[0] in message
+
+
+def test_unrelated_runtime_errors_are_not_called_out_of_memory(tmp_path, monkeypatch):
+    def broken(self, batch, batch_idx):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(ClassifierModule, "training_step", broken)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        fit(overrides=RUN + [f"hydra.run.dir={tmp_path}/run"])
