@@ -29,7 +29,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from finetune.groups import LayerGroup
+from finetune.groups import LayerGroup, group_modules
 from finetune.summary import format_table
 from finetune.viz.receptive import output_size
 
@@ -90,7 +90,7 @@ def anatomy(model: nn.Module, groups: Sequence[LayerGroup], input_size: Sequence
     `groups` hold parameter names of `model` (a Backbone's, or a Classifier's with its head).
     """
     input_size = tuple(int(s) for s in input_size)
-    outputs = {g.name: _output_candidates(model, g) for g in groups}
+    outputs = {g.name: group_modules(model, g) for g in groups}
     finished: dict[str, tuple[int, object, float]] = {}  # module -> (finish order, output, flops so far)
     counter = FlopCounterMode(display=False)
 
@@ -343,14 +343,3 @@ def _macs(macs: int) -> str:
         if macs >= scale:
             return f"{macs / scale:.3g}{unit}"
     return str(macs)
-
-
-def _output_candidates(model: nn.Module, group: LayerGroup) -> list[str]:
-    """The largest modules whose parameters all belong to `group` (their parent has others)."""
-    members = set(group.param_names)
-    qualifies = {}
-    for name, module in model.named_modules():
-        params = [f"{name}.{p}" if name else p for p, _ in module.named_parameters()]
-        qualifies[name] = bool(params) and all(p in members for p in params)
-    return [name for name, ok in qualifies.items()
-            if ok and (name == "" or not qualifies.get(name.rpartition(".")[0], False))]

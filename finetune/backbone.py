@@ -16,7 +16,7 @@ from torch import nn
 
 from finetune import lenet, torchvision_backbones
 from finetune.errors import ConfigError
-from finetune.groups import LayerGroup, backbone_groups
+from finetune.groups import LayerGroup, backbone_groups, feature_modules
 from finetune.weights import WeightsReport, create_pretrained_model, load_file_into
 
 
@@ -75,7 +75,9 @@ def _torchvision_backbone(name: str, weights: str, drop_rate: float | None, glob
     if global_pool is not None:
         _replace_global_pool(model, name, global_pool)
         num_features = _output_width(model, data_config["input_size"])
-    return Backbone(name, model, num_features, data_config, torchvision_backbones.torchvision_groups(model, arch), report)
+    groups = torchvision_backbones.torchvision_groups(model, arch)
+    model.feature_info = feature_modules(model, groups)  # the layers finetune's pictures look at
+    return Backbone(name, model, num_features, data_config, groups, report)
 
 
 def _replace_global_pool(model: nn.Module, name: str, global_pool: str) -> None:
@@ -104,4 +106,6 @@ def _lenet_backbone(weights: str, global_pool: str | None) -> Backbone:
             f"backbone.weights={weights!r}: LeNet-5 has no pretrained weights, it trains from scratch. "
             f"Use backbone=lenet5 (or backbone.weights=random), or a weights file of your own."
         )
-    return Backbone("lenet5", model, lenet.NUM_FEATURES, dict(lenet.DATA_CONFIG), lenet.lenet_groups(model), report)
+    groups = lenet.lenet_groups(model)
+    model.feature_info = feature_modules(model, groups)
+    return Backbone("lenet5", model, lenet.NUM_FEATURES, dict(lenet.DATA_CONFIG), groups, report)

@@ -62,13 +62,13 @@ def create_torchvision_model(arch: str, weights: str = "pretrained",
     deterministic). Returns (model, number of features, report).
     """
     _check_arch(arch)
-    model = _build(arch)
+    weights = str(weights)
+    model = _build(arch, init=weights == "random")
     num_features = _drop_classifier(model, arch)
     if drop_rate is not None:
         for module in model.modules():
             if isinstance(module, nn.Dropout):
                 module.p = float(drop_rate)
-    weights = str(weights)
     if weights == "random":
         return model, num_features, WeightsReport("random initialization (no pretrained weights)", 0)
     if weights == "embedded":
@@ -166,10 +166,10 @@ def _check_arch(arch: str) -> None:
                           f"torchvision {torchvision.__version__} has: {', '.join(known)}.")
 
 
-def _build(arch: str) -> nn.Module:
+def _build(arch: str, init: bool) -> nn.Module:
     kwargs = {}
-    if arch in _INCEPTION_STYLE:
-        kwargs = {"aux_logits": False, "transform_input": True, "init_weights": True}
+    if arch in _INCEPTION_STYLE:  # their truncated-normal init takes seconds: skipped when weights follow
+        kwargs = {"aux_logits": False, "transform_input": True, "init_weights": init}
     return tv_models.get_model(arch, weights=None, **kwargs)
 
 
