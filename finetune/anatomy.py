@@ -20,6 +20,8 @@ A group's output is that of its last-finishing module among those wholly inside 
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -92,28 +94,13 @@ def anatomy(model: nn.Module, groups: Sequence[LayerGroup], input_size: Sequence
     input_size = tuple(int(s) for s in input_size)
     outputs = {g.name: group_modules(model, g) for g in groups}
     finished: dict[str, tuple[int, object, float]] = {}  # module -> (finish order, output, flops so far)
+    calls = itertools.count()
     counter = FlopCounterMode(display=False)
 
-    def hook(name):
-        def record(module, inputs, output):
-            finished[name] = (len(finished), output, counter.get_total_flops())
-        return record
+    def record(name, output):
+        finished[name] = (next(calls), output, counter.get_total_flops())
 
-    modules = dict(model.named_modules())
-    handles = [modules[m].register_forward_hook(hook(m)) for ms in outputs.values() for m in ms]
-    tracer = FieldTracer()
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), counter, tracer:
-            x = torch.zeros(1, *input_size)
-            setattr(x, _ATTR, (Axis(0, 0, 1), Axis(0, 0, 1)))
-            model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-
+    tracer = _traced_forward(model, input_size, [m for ms in outputs.values() for m in ms], record, counter)
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())
     rows, previous = [], 0.0
     for group in groups:
@@ -134,30 +121,42 @@ def anatomy(model: nn.Module, groups: Sequence[LayerGroup], input_size: Sequence
 
 def anatomy_table(result: Anatomy) -> str:
     """Group, output shape, stride, receptive field, parameters, multiply-adds."""
-    rows = [[g.name, "x".join(map(str, g.shape)) or "-", g.stride, g.receptive_field, f"{g.params:,}", _macs(g.macs)]
+    rows = [[g.name, "x".join(map(str, g.shape)) or "-", g.stride, g.receptive_field, f"{g.params:,}", format_count(g.macs)]
             for g in result.groups]
     c, h, w = result.input_size
     table = format_table(["group", "output", "stride", "receptive field", "params", "mult-adds"], rows, "lrrrrr")
-    return (f"{table}\ntotal {result.params:,} parameters, {_macs(result.macs)} multiply-adds per {c}x{h}x{w} image\n"
-            f"(receptive fields and strides in input pixels, by convolution arithmetic; output sizes checked "
-            f"against the forward pass at {result.checked_ops} convolutions/poolings)")
+    return (f"{table}\ntotal {result.params:,} parameters, {format_count(result.macs)} multiply-adds per {c}x{h}x{w} image\n"
+            f"(receptive fields and strides in input pixels, by convolution arithmetic, a field larger than the "
+            f"image reaching into the padding;\n output sizes checked against the forward pass at "
+            f"{result.checked_ops} convolutions/poolings)")
 
 
 def trace_fields(model: nn.Module, modules: Sequence[str], input_size: Sequence[int]) -> dict[str, Field | None]:
     """The receptive field of each named module's output (for tests and for single layers)."""
     captured: dict[str, Field | None] = {}
+
+    def record(name, output):
+        captured[name] = getattr(_first_tensor(output), _ATTR, None)
+
+    _traced_forward(model, tuple(input_size), modules, record)
+    return captured
+
+
+def _traced_forward(model: nn.Module, input_size: tuple[int, ...], watch: Sequence[str], record,
+                    *contexts) -> FieldTracer:
+    """One forward pass of a zero image under a :class:`FieldTracer` (and `contexts`), in eval
+    mode without gradients; ``record(name, output)`` runs as each module named in `watch` finishes."""
     lookup = dict(model.named_modules())
-
-    def hook(name):
-        def record(module, inputs, output):
-            captured[name] = getattr(_first_tensor(output), _ATTR, None)
-        return record
-
-    handles = [lookup[m].register_forward_hook(hook(m)) for m in modules]
+    handles = [lookup[name].register_forward_hook(lambda module, inputs, output, name=name: record(name, output))
+               for name in dict.fromkeys(watch)]
+    tracer = FieldTracer()
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), FieldTracer():
+        with torch.no_grad(), contextlib.ExitStack() as stack:
+            for context in contexts:
+                stack.enter_context(context)
+            stack.enter_context(tracer)
             x = torch.zeros(1, *input_size)
             setattr(x, _ATTR, (Axis(0, 0, 1), Axis(0, 0, 1)))
             model(x)
@@ -165,7 +164,7 @@ def trace_fields(model: nn.Module, modules: Sequence[str], input_size: Sequence[
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    return captured
+    return tracer
 
 
 class FieldTracer(TorchFunctionMode):
@@ -338,7 +337,8 @@ def _per_axis(field: Field | None, value) -> str:
     return str(rows) if rows == cols else f"{rows}x{cols}"
 
 
-def _macs(macs: int) -> str:
+def format_count(macs: int) -> str:
+    """1.81G, 118K, 12: three significant digits with a unit."""
     for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if macs >= scale:
             return f"{macs / scale:.3g}{unit}"

@@ -19,6 +19,7 @@ from finetune.anatomy import AnatomyError, anatomy, trace_fields
 from finetune.backbone import build_backbone
 from finetune.commands import show_groups_command
 from finetune.errors import ConfigError, WeightsError
+from finetune.export import export
 from finetune.head import build_head
 from finetune.lenet import C3_TABLE, LeNet5
 from finetune.torchvision_backbones import torchvision_data_config
@@ -249,6 +250,9 @@ def test_classic_head_trains_through_fit_and_reloads(name, tmp_path):
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         assert torch.allclose(loaded.model(x), result.model.eval()(x), atol=1e-5)
+    # Not a timm model: the safetensors export keeps finetune's layout, parity-checked.
+    exported = export(loaded, "safetensors", tmp_path / "export", x)
+    assert exported.max_abs_diff <= 1e-4 and exported.path.is_file()
 
 
 def test_lenet5_from_scratch_learns_the_digits(tmp_path):
