@@ -77,6 +77,7 @@ def _torchvision_backbone(name: str, weights: str, drop_rate: float | None, glob
         num_features = _output_width(model, data_config["input_size"])
     groups = torchvision_backbones.torchvision_groups(model, arch)
     model.feature_info = feature_modules(model, groups)  # the layers finetune's pictures look at
+    _require_min_input(model, name, torchvision_backbones.min_input_size(arch))
     return Backbone(name, model, num_features, data_config, groups, report)
 
 
@@ -108,4 +109,24 @@ def _lenet_backbone(weights: str, global_pool: str | None) -> Backbone:
         )
     groups = lenet.lenet_groups(model)
     model.feature_info = feature_modules(model, groups)
+    _require_min_input(model, "lenet5", lenet.MIN_INPUT_SIZE)
     return Backbone("lenet5", model, lenet.NUM_FEATURES, dict(lenet.DATA_CONFIG), groups, report)
+
+
+class _MinInputSize:
+    """Forward pre-hook: an input smaller than the network accepts is a config mistake, said as
+    one (PyTorch would stop deep inside with "kernel size can't be greater than input size")."""
+
+    def __init__(self, name: str, size: int):
+        self.name, self.size = name, size
+
+    def __call__(self, module: nn.Module, args) -> None:
+        height, width = args[0].shape[-2:]
+        if min(height, width) < self.size:
+            raise ConfigError(f"{self.name} needs inputs of at least {self.size}x{self.size} px, got {height}x{width}: "
+                              f"set data.image_size={self.size} or more.")
+
+
+def _require_min_input(model: nn.Module, name: str, size: int) -> None:
+    if size > 1:
+        model.register_forward_pre_hook(_MinInputSize(name, size))

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from finetune.groups import LayerGroup
 
 NUM_FEATURES = 84
+MIN_INPUT_SIZE = 32  # below it C5 has nothing left to convolve
 DATA_CONFIG = {"input_size": (3, 32, 32), "interpolation": "bilinear", "mean": (0.5, 0.5, 0.5),
                "std": (0.5, 0.5, 0.5), "crop_pct": 1.0}
 LUMA = (0.299, 0.587, 0.114)

@@ -100,6 +100,14 @@ def weights_enum(arch: str, name: str = "pretrained"):
     return enum_class[member]
 
 
+def min_input_size(arch: str) -> int:
+    """The smallest input side `arch` accepts (torchvision's weights metadata), 1 if unknown."""
+    try:
+        return int(weights_enum(arch).meta.get("min_size", (1, 1))[0])
+    except ConfigError:
+        return 1
+
+
 def torchvision_data_config(arch: str, weights: str = "pretrained") -> dict:
     """Input size, interpolation, mean, std and crop_pct from the weights' own eval transform
     (resize to ``resize_size``, center crop ``crop_size``): crop_pct = crop / resize. The named

@@ -9,7 +9,7 @@ import urllib.error
 
 import pytest
 import torch
-from conftest import QUICK
+from conftest import QUICK, TINY
 from safetensors.torch import save_file
 from torchvision import models as tv_models
 
@@ -157,6 +157,22 @@ def test_show_groups_prints_the_anatomy(capsys):
     assert "checked against the forward pass at 5 convolutions/poolings" in out
 
 
+def test_show_groups_anatomy_works_for_timm_backbones(capsys):
+    assert show_groups_command(TINY) == 0
+    lines = [line.split() for line in capsys.readouterr().out.splitlines()]
+    rows = {line[0]: line for line in lines if len(line) == 6 and line[0] in ("stem", "stage2", "stage4", "head")}
+    assert rows["stem"][1:3] == ["32x16x16", "2"] and rows["stage4"][1:3] == ["96x1x1", "32"]  # test_resnet, 32 px
+    assert rows["head"][1:4] == ["10", "global", "global"]
+    # The printed field is the one autograd measures (at 64 px, where stage2's field fits the image),
+    # once the residual branches carry gradient: timm zero-initializes each block's last BatchNorm.
+    backbone = build_backbone("test_resnet", "random")
+    for module in backbone.model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            torch.nn.init.ones_(module.weight)
+    measured = measure(backbone.model, backbone.model.get_submodule("layer2"), 64, probes=2)
+    assert not measured.clipped and rows["stage2"][3] == str(measured.size)
+
+
 # --- weights -----------------------------------------------------------------------------------
 
 def test_local_weight_files_round_trip_and_aux_tensors_are_ignored(tmp_path):
@@ -223,6 +239,12 @@ def test_hub_weights_are_verified_and_offline_says_how_to_pass_a_file(monkeypatc
 def test_config_mistakes_are_config_errors(name, weights, pool, message):
     with pytest.raises(ConfigError, match=message):
         build_backbone(name, weights, global_pool=pool)
+
+
+@pytest.mark.parametrize("name, side, needed", [("torchvision:inception_v3", 64, 75), ("lenet5", 28, 32)])
+def test_too_small_inputs_are_config_errors(name, side, needed):
+    with pytest.raises(ConfigError, match=f"at least {needed}x{needed} px, got {side}x{side}: set data.image_size={needed}"):
+        built(name).model(torch.zeros(1, 3, side, side))
 
 
 def test_head_pool_replaces_torchvision_global_pooling():
