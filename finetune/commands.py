@@ -40,7 +40,11 @@ def check_data_command(overrides: Sequence[str]) -> int:
 
 def show_groups_command(overrides: Sequence[str]) -> int:
     """``finetune show-groups backbone.name=NAME``: the layer-group table of a run, without
-    downloading weights or training (the head is sized for the configured data's classes)."""
+    downloading weights or training (the head is sized for the configured data's classes), then
+    each group's output shape, stride, receptive field and multiply-adds at the run's input size."""
+    from finetune.anatomy import anatomy, anatomy_table
+    from finetune.data.transforms import with_input_size
+
     cfg = compose_config(overrides)
     classes = load_data(cfg.data, cfg.seed).classes
     backbone = backbone_from_config(cfg, weights="random")
@@ -48,6 +52,9 @@ def show_groups_command(overrides: Sequence[str]) -> int:
     print(f"backbone: {cfg.backbone.name}, {len(classes)} classes, freeze: {dict(cfg.freeze)}")
     unfreezing = gradual_unfreezing(model, cfg.freeze.get("unfreeze_every"), cfg.freeze.get("unfreeze_at"))
     print(groups_table(model, group_lrs(model, cfg.optimizer), unfreezing.schedule if unfreezing else None))
+    input_size = with_input_size(backbone.data_config, cfg.data.image_size)["input_size"]
+    print(f"\nat input {'x'.join(map(str, input_size))} (data.image_size={cfg.data.image_size}):")
+    print(anatomy_table(anatomy(model, model.groups, input_size)))
     return 0
 
 

@@ -103,8 +103,9 @@ def _safetensors(model: FinetunedModel, out_dir: Path, sample: torch.Tensor):
     n = len(model.classes)
     linear = [m for m in model.model.head if isinstance(m, torch.nn.Linear)]
     path = out_dir / "model.safetensors"
-    timm_model = timm.create_model(name, pretrained=False, num_classes=len(model.classes))
-    classifier = timm_model.pretrained_cfg.get("classifier")
+    # torchvision:ARCH and lenet5 backbones are not timm models: they keep finetune's layout.
+    timm_model = timm.create_model(name, pretrained=False, num_classes=n) if timm.is_model(name) else None
+    classifier = timm_model.pretrained_cfg.get("classifier") if timm_model is not None else None
     pool = model.config["head"].get("pool")
     if len(linear) == 1 and isinstance(classifier, str) and pool in (None, "avg"):
         state = {k.removeprefix("backbone."): v for k, v in model.model.state_dict().items() if k.startswith("backbone.")}

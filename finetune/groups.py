@@ -56,3 +56,21 @@ def _block_patterns(matcher) -> list[re.Pattern]:
     if isinstance(blocks, str):
         return [re.compile(blocks)]
     return [re.compile(pattern) for pattern, order in blocks if order is None]
+
+
+def group_modules(model: nn.Module, group: LayerGroup) -> list[str]:
+    """The largest modules of `model` whose parameters all belong to `group` (their parent has
+    others), in registration order: ``layer1`` for a ResNet stage, the convolutions of a VGG block."""
+    members = set(group.param_names)
+    qualifies = {}
+    for name, module in model.named_modules():
+        params = [f"{name}.{p}" if name else p for p, _ in module.named_parameters()]
+        qualifies[name] = bool(params) and all(p in members for p in params)
+    return [name for name, ok in qualifies.items()
+            if ok and (name == "" or not qualifies.get(name.rpartition(".")[0], False))]
+
+
+def feature_modules(model: nn.Module, groups: list[LayerGroup]) -> list[dict]:
+    """timm-style ``feature_info`` entries (``{"module": name}``), one per group: its last module.
+    The pictures look at these layers (non-spatial ones, such as fc6, are skipped there)."""
+    return [{"module": modules[-1]} for g in groups if (modules := group_modules(model, g))]

@@ -172,13 +172,22 @@ def _find_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_file_into(model: nn.Module, path: Path) -> WeightsReport:
-    """Load a local weights file into timm `model`; every non-classifier tensor must be found.
+    """Load a local weights file into `model`; every non-classifier tensor must be found.
 
     Key prefixes are stripped when that makes the file's keys match (``module.`` from DDP,
     ``model.backbone.`` from a finetune/Lightning checkpoint). The classifier is loaded when the
     file has one of the same shape, and left alone otherwise (a fine-tuned file's head).
     """
-    source = strip_prefix(read_state_dict(path), model.state_dict())
+    return load_state_into(model, read_state_dict(path), f"file {path}")
+
+
+def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], origin: str) -> WeightsReport:
+    """:func:`load_file_into` for tensors already in memory; `origin` names them in messages.
+
+    Keys of `state` that the model does not have (another head, auxiliary classifiers) are
+    ignored; every tensor of the model (its timm classifier aside) must be in `state`.
+    """
+    source = strip_prefix(state, model.state_dict())
     target = model.state_dict()
     classifier = _classifier_prefixes(model)
     # num_batches_tracked is bookkeeping that many exported files leave out.
@@ -187,19 +196,19 @@ def load_file_into(model: nn.Module, path: Path) -> WeightsReport:
     if missing:
         unexpected = [k for k in source if k not in target]
         raise WeightsError(
-            f"{path} does not hold weights for this backbone: {len(missing)} of {len(required)} tensors are "
+            f"{origin} does not hold weights for this backbone: {len(missing)} of {len(required)} tensors are "
             f"missing (e.g. {missing[:3]}); the file has keys like {list(source)[:3]}"
             + (f" and {len(unexpected)} keys the model does not know" if unexpected else "")
             + ". Is it for another architecture (backbone.name)?"
         )
     wrong = [(k, tuple(source[k].shape), tuple(target[k].shape)) for k in required if source[k].shape != target[k].shape]
     if wrong:
-        raise WeightsError(f"{path}: tensors with the wrong shape for this backbone, e.g. {wrong[:3]}.")
+        raise WeightsError(f"{origin}: tensors with the wrong shape for this backbone, e.g. {wrong[:3]}.")
     # Everything the file has for this model: required tensors, bookkeeping, a same-shape classifier.
     selected = {k: source[k] for k in target if k in source and source[k].shape == target[k].shape}
     model.load_state_dict(selected, strict=False)
     verified = verify_loaded(model, selected)
-    return WeightsReport(f"file {path}", verified)
+    return WeightsReport(origin, verified)
 
 
 def strip_prefix(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -227,6 +236,7 @@ def verify_loaded(model: nn.Module, source: dict[str, torch.Tensor]) -> int:
 
 
 def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
-    names = model.pretrained_cfg.get("classifier") or ()
+    # Models without timm's pretrained_cfg (torchvision's, LeNet-5) arrive without a classifier.
+    names = getattr(model, "pretrained_cfg", {}).get("classifier") or ()
     names = (names,) if isinstance(names, str) else tuple(names)
     return tuple(f"{n}." for n in names) or ("\0",)
