@@ -8,7 +8,8 @@ For each backbone (random weights: speed does not depend on them), batch `--batc
 - synthetic: random tensors already on the device, bf16 autocast + channels_last: the limit;
 - plain fp32: torchvision ImageFolder + PIL transforms, fp32, NCHW (the tutorial's loop);
 - plain bf16: the same loader, bf16 + channels_last;
-- finetune: finetune's datamodule (albumentations, epoch sampler) on files, bf16 + channels_last;
+- finetune: finetune's datamodule (albumentations, epoch sampler, uint8 batches normalized on the
+  device) on files, bf16 + channels_last;
 - finetune decoded: the same on the decoded-image cache (decode once, uint8 in RAM).
 With `--large`, the photos are first re-encoded at ~2,000 px on the long side (in a temp folder)
 and the loaders also run with `--few-workers` workers. Writes benchmarks/results/gpu_throughput.{md,json}.
@@ -44,6 +45,8 @@ def train_steps(model: nn.Module, batches, steps: int, device: torch.device, fas
             started, seen = time.perf_counter(), 0
         images, labels = next(batches)[:2]
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        if images.dtype == torch.uint8:  # finetune's loaders: uint8 through the DataLoader, normalized here
+            images = (images.float() - 127.5) / 127.5
         if fast:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast):
@@ -86,7 +89,7 @@ def finetune_loader(root: Path, size: int, batch_size: int, workers: int, decode
               "interpolation": "bilinear"}
     if decoded:
         splits = decode_splits(splits, stored_short_side(size, size, 0.875), max(1, workers), {})
-    train_tf, eval_tf = build_transforms(config, {"random_resized_crop": True, "hflip": 0.5}, seed=0)
+    train_tf, eval_tf = build_transforms(config, {"random_resized_crop": True, "hflip": 0.5}, seed=0, normalize=False)
     loader = ImageDataModule(splits, train_tf, eval_tf, batch_size, workers, seed=0).train_dataloader()
     return loader
 

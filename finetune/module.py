@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
+from finetune.data.transforms import normalize_on_device
 from finetune.errors import NonFiniteLossError
 from finetune.model import Classifier
 from finetune.optim import build_optimizer, build_scheduler, param_groups
@@ -30,12 +31,19 @@ class ClassifierModule(L.LightningModule):
 
     def __init__(self, model: Classifier, classes: list[str], optimizer: Mapping, scheduler: Mapping,
                  config: Mapping | None = None, label_smoothing: float = 0.0,
-                 class_weights: torch.Tensor | None = None, inputs: str = "images", channels_last: bool = False):
+                 class_weights: torch.Tensor | None = None, inputs: str = "images", channels_last: bool = False,
+                 pixel_stats: tuple[Sequence[float], Sequence[float]] | None = None):
         super().__init__()
         if inputs not in ("images", "features"):
             raise ValueError(f"inputs={inputs!r}; expected 'images' or 'features'")
         self.inputs = inputs  # "features": batches hold cached backbone outputs, only the head runs
         self.channels_last = channels_last
+        # uint8 image batches are normalized here, on the training device (mean, std in 0..1).
+        if pixel_stats is not None:
+            mean, std = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) * 255 for v in pixel_stats)
+            self.register_buffer("pixel_mean", mean, persistent=False)
+            self.register_buffer("pixel_std", std, persistent=False)
+        self.pixel_stats = pixel_stats
         self.model = model
         self.classes = list(classes)
         self.optimizer_cfg = dict(optimizer)
@@ -58,6 +66,12 @@ class ClassifierModule(L.LightningModule):
         if self.inputs == "features":
             return self.model.head(x)
         return self.model(to_channels_last(x) if self.channels_last else x)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        images = batch[0]
+        if self.pixel_stats is not None and images.dtype == torch.uint8:
+            batch = (normalize_on_device(images, self.pixel_mean, self.pixel_std), *batch[1:])
+        return batch
 
     def _unpack(self, batch):
         """(images, labels) of a batch; files that failed to decode are recorded, not fatal."""

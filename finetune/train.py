@@ -134,16 +134,19 @@ def run(cfg: DictConfig) -> FitResult:
         data = FeatureDataModule(cached, splits, cfg.data.batch_size, balance, cfg.seed)
         report.add_unreadable(cached.skipped)
     else:
+        # uint8 batches through the DataLoader, normalized on the training device by the module
+        uint8_train_tf, uint8_eval_tf = build_transforms(backbone.data_config, cfg.augment, cfg.data.image_size,
+                                                         seed=cfg.seed, normalize=False)
         decoded = _decoded_images(cfg, splits, backbone, report)
-        if decoded is not None:
-            data = ImageDataModule(decoded, train_tf, eval_tf, cfg.data.batch_size, cfg.data.num_workers, balance,
-                                   cfg.seed)
+        data = ImageDataModule(decoded or splits, uint8_train_tf, uint8_eval_tf, cfg.data.batch_size,
+                               cfg.data.num_workers, balance, cfg.seed)
         if speed.channels_last:
             model.to(memory_format=torch.channels_last)
     if speed.compile:
         model.compile()
     module = ClassifierModule(model, splits.classes, cfg.optimizer, cfg.scheduler, config, class_weights=weights,
-                              inputs="images" if cached is None else "features", channels_last=speed.channels_last)
+                              inputs="images" if cached is None else "features", channels_last=speed.channels_last,
+                              pixel_stats=(backbone.data_config["mean"], backbone.data_config["std"]))
     resume = Resume(resume_from, output_dir, cfg.seed, config, splits.classes)
 
     history = MetricsHistory()

@@ -51,3 +51,26 @@ def test_channels_last_training_matches_the_default_layout(tmp_path, image_folde
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-4, rtol=1e-4, msg=f"{name} differs")
     assert all(t.is_contiguous() for t in a.values())  # users get the ordinary layout back
+
+
+def test_uint8_batches_normalized_on_device_match_the_normalizing_pipeline():
+    import numpy as np
+
+    from finetune.data.transforms import build_transforms
+    from finetune.model import Classifier
+    from finetune.module import ClassifierModule
+
+    config = {"input_size": (3, 32, 32), "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
+              "crop_pct": 0.875, "interpolation": "bicubic"}
+    image = np.random.default_rng(0).integers(0, 256, (50, 40, 3), dtype=np.uint8)
+    _, normalizing = build_transforms(config, {"random_resized_crop": False})
+    _, raw = build_transforms(config, {"random_resized_crop": False}, normalize=False)
+    expected, as_uint8 = normalizing(image=image)["image"], raw(image=image)["image"]
+    assert as_uint8.dtype == torch.uint8
+    module = ClassifierModule(Classifier(torch.nn.Identity(), torch.nn.Linear(3, 2), []), ["a", "b"], {"lr": 0.1},
+                              {"name": "none"}, pixel_stats=(config["mean"], config["std"]))
+    images, labels, failures = module.on_after_batch_transfer((as_uint8[None], torch.tensor([1]), []), 0)
+    torch.testing.assert_close(images[0], expected, atol=1e-5, rtol=1e-5)
+    assert labels.tolist() == [1] and failures == []
+    floats = torch.randn(1, 3, 4, 4)  # cached features and float batches pass through untouched
+    assert module.on_after_batch_transfer((floats, labels, []), 0)[0] is floats

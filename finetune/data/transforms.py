@@ -38,9 +38,12 @@ def augmentation_is_random(augment: Mapping) -> bool:
 
 
 def build_transforms(
-    data_config: Mapping, augment: Mapping, image_size: int | None = None, seed: int | None = None
+    data_config: Mapping, augment: Mapping, image_size: int | None = None, seed: int | None = None,
+    normalize: bool = True,
 ) -> tuple[A.Compose, A.Compose]:
-    """(train, eval) pipelines taking HxWx3 uint8 RGB arrays to normalized CHW float tensors.
+    """(train, eval) pipelines taking HxWx3 uint8 RGB arrays to normalized CHW float tensors, or
+    with ``normalize=False`` to CHW uint8 tensors (a quarter of the bytes through the DataLoader)
+    that :func:`normalize_on_device` finishes where the model runs.
 
     eval: resize the short side to size / crop_pct, center crop (timm's evaluation transform).
     Shrinking uses pixel-area averaging (like PIL's antialiased resize): bicubic alone aliases
@@ -56,7 +59,7 @@ def build_transforms(
     finish = [
         A.Normalize(mean=tuple(data_config["mean"]), std=tuple(data_config["std"]), max_pixel_value=255.0),
         ToTensorV2(),
-    ]
+    ] if normalize else [ToTensorV2()]
     eval_geometry = [
         A.SmallestMaxSize(
             max_size=int(math.floor(min(height, width) / crop_pct)),
@@ -81,3 +84,9 @@ def build_transforms(
     if hflip > 0:
         train_geometry.append(A.HorizontalFlip(p=hflip))
     return A.Compose(train_geometry + finish, seed=seed), A.Compose(eval_geometry + finish, seed=seed)
+
+
+def normalize_on_device(images, mean, std):
+    """uint8 NCHW `images` -> float32 ``(x / 255 - mean) / std``, computed where they already are.
+    `mean` and `std` are per-channel tensors scaled to 0..255 and shaped (1, C, 1, 1)."""
+    return (images.float() - mean) / std
