@@ -75,7 +75,7 @@ def _unique_dir(path: Path) -> Path:
 TYPED_KEYS = {
     "seed": ((int,), None, "an integer"),
     "data.batch_size": ((int,), 1, "a positive integer"),
-    "data.num_workers": ((int,), 0, "an integer >= 0"),
+    "data.num_workers": ((int,), 0, "auto or an integer >= 0"),
     "trainer.max_epochs": ((int,), -1, "an integer (-1: no limit)"),
     "optimizer.lr": ((int, float), 0, "a number >= 0"),
     "resume": ((bool,), None, "true or false"),
@@ -88,7 +88,7 @@ def check_types(cfg: DictConfig) -> None:
 
     for key, (types, minimum, expected) in TYPED_KEYS.items():
         value = OmegaConf.select(cfg, key, default=None)
-        if value is None:
+        if value is None or (key == "data.num_workers" and value == "auto"):
             continue
         wrong = not isinstance(value, types) or (isinstance(value, bool) and bool not in types)
         if wrong or (minimum is not None and value < minimum):

@@ -21,7 +21,7 @@ from finetune.data.sources import DataSplits
 from finetune.data.transforms import build_transforms
 from finetune.errors import ConfigError
 from finetune.features import cached_features
-from finetune.speed import resolve_speed
+from finetune.speed import resolve_num_workers, resolve_speed
 
 FORMATS = ("npz", "parquet")
 
@@ -52,7 +52,7 @@ def embed(backbone: nn.Module, data_config: dict, backbone_name: str, cfg: DictC
     by_split = {"train": splits.train, "val": splits.val, "test": splits.test}
     cached = cached_features(backbone, f"{backbone_name}|pool={cfg.head.get('pool')}", by_split, eval_tf, eval_tf,
                              False, 1, Path(cache.get("dir", "~/.cache/finetune")), cfg.data.batch_size,
-                             cfg.data.num_workers, speed, cfg.seed)
+                             resolve_num_workers(cfg.data.num_workers, speed.device, in_memory=False), speed, cfg.seed)
     parts = {"features": [], "labels": [], "paths": [], "splits": []}
     for split, samples in by_split.items():
         if not samples:

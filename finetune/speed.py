@@ -9,6 +9,7 @@ backbones (15.5 img/s on the same CPU, 1.6x). Any explicit value wins over ``aut
 
 from __future__ import annotations
 
+import os
 import platform
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -99,6 +100,30 @@ def resolve_speed(trainer_cfg: Mapping, model: nn.Module) -> tuple[dict, Speed]:
         device=device,
     )
     return kwargs, speed
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def resolve_num_workers(setting, device: torch.device, in_memory: bool) -> int:
+    """DataLoader worker processes for ``data.num_workers`` (``auto`` or a count).
+
+    auto: on a GPU, up to 8 (one core stays with the training process). On a CPU the workers
+    share the cores that train: with images already decoded in memory only augmentation is left,
+    cheaper in the training process itself on a small machine (2-core EPYC, lite0 full
+    fine-tuning, 5 epochs: 84 s with 0 workers, 114 s with 2); files still get workers to decode.
+    """
+    if setting != "auto":
+        if isinstance(setting, bool) or not isinstance(setting, int) or setting < 0:
+            raise ConfigError(f"data.num_workers={setting!r}: use auto or an integer >= 0.")
+        return setting
+    cores = usable_cores()
+    if device.type == "cuda":
+        return max(1, min(8, cores - 1))
+    if in_memory:
+        return 0 if cores <= 4 else min(4, cores // 4)
+    return min(2, cores) if cores <= 4 else min(8, cores // 2)
 
 
 def to_channels_last(x: torch.Tensor) -> torch.Tensor:

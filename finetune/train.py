@@ -39,7 +39,7 @@ from finetune.loggers import build_loggers, finish_wandb, log_best
 from finetune.model import Classifier
 from finetune.module import ClassifierModule
 from finetune.optim import group_lrs
-from finetune.speed import Speed, resolve_speed
+from finetune.speed import Speed, resolve_num_workers, resolve_speed, usable_cores
 from finetune.summary import groups_table
 from finetune.unfreeze import gradual_unfreezing
 
@@ -122,14 +122,14 @@ def run(cfg: DictConfig) -> FitResult:
     backbone = backbone_from_config(cfg)
     train_tf, eval_tf = build_transforms(backbone.data_config, cfg.augment, cfg.data.image_size, seed=cfg.seed)
     balance = cfg.data.get("balance", "none")
-    data = ImageDataModule(splits, train_tf, eval_tf, cfg.data.batch_size, cfg.data.num_workers, balance, cfg.seed)
     model = build_model(backbone, len(splits.classes), cfg.head, cfg.freeze)
     weights = class_weights(splits) if balance == "weighted_loss" else None
     unfreezing = gradual_unfreezing(model, cfg.freeze.get("unfreeze_every"), cfg.freeze.get("unfreeze_at"))
     trainer_kwargs, speed = resolve_speed(OmegaConf.to_container(cfg.trainer, resolve=True), model)
     if is_rank_zero():
         _print_start(cfg, backbone, model, unfreezing.schedule if unfreezing else None, speed)
-    cached = _cached_features(cfg, model, backbone, splits, train_tf, eval_tf, speed)
+    file_workers = resolve_num_workers(cfg.data.num_workers, speed.device, in_memory=False)
+    cached = _cached_features(cfg, model, backbone, splits, train_tf, eval_tf, speed, file_workers)
     if cached is not None:
         data = FeatureDataModule(cached, splits, cfg.data.batch_size, balance, cfg.seed)
         report.add_unreadable(cached.skipped)
@@ -138,8 +138,9 @@ def run(cfg: DictConfig) -> FitResult:
         uint8_train_tf, uint8_eval_tf = build_transforms(backbone.data_config, cfg.augment, cfg.data.image_size,
                                                          seed=cfg.seed, normalize=False)
         decoded = _decoded_images(cfg, splits, backbone, report)
-        data = ImageDataModule(decoded or splits, uint8_train_tf, uint8_eval_tf, cfg.data.batch_size,
-                               cfg.data.num_workers, balance, cfg.seed)
+        workers = resolve_num_workers(cfg.data.num_workers, speed.device, in_memory=decoded is not None)
+        data = ImageDataModule(decoded or splits, uint8_train_tf, uint8_eval_tf, cfg.data.batch_size, workers,
+                               balance, cfg.seed)
         if speed.channels_last:
             model.to(memory_format=torch.channels_last)
     if speed.compile:
@@ -212,7 +213,7 @@ def run(cfg: DictConfig) -> FitResult:
     return result
 
 
-def _cached_features(cfg, model, backbone, splits, train_tf, eval_tf, speed) -> CachedFeatures | None:
+def _cached_features(cfg, model, backbone, splits, train_tf, eval_tf, speed, workers: int) -> CachedFeatures | None:
     """The frozen backbone's features for every image (data.cache), or None to train on images."""
     cache = cfg.data.get("cache") or {}
     setting = cache.get("features", "auto")
@@ -231,7 +232,7 @@ def _cached_features(cfg, model, backbone, splits, train_tf, eval_tf, speed) -> 
     cached = cached_features(model.backbone, f"{backbone.name}|pool={cfg.head.get('pool')}",
                              {"train": splits.train, "val": splits.val, "test": splits.test},
                              train_tf, eval_tf, augmented, cache.get("views", 1), Path(cache.get("dir", "~/.cache/finetune")),
-                             cfg.data.batch_size, cfg.data.num_workers, speed, cfg.seed)
+                             cfg.data.batch_size, workers, speed, cfg.seed)
     how = "loaded" if cached.hit else "computed"
     views = f"{cached.views} augmented views per training image" if augmented else "no augmentation: one view"
     print(f"feature cache: on, backbone frozen; {views}; {how} in {cached.seconds:.1f} s: {cached.path}", flush=True)
@@ -257,7 +258,7 @@ def _decoded_images(cfg, splits: DataSplits, backbone: Backbone, report: DataRep
         print(f"decoded-image cache: off ({message})", flush=True)
         return None
     started, failures = time.perf_counter(), {}
-    decoded = decode_splits(splits, short_side, max(1, cfg.data.num_workers), failures)
+    decoded = decode_splits(splits, short_side, usable_cores(), failures)  # threads: all cores
     report.add_unreadable(failures)
     print(f"decoded-image cache: on, {needed / 2**20:.0f} MB of uint8 images (short side <= {short_side} px), "
           f"decoded in {time.perf_counter() - started:.1f} s", flush=True)

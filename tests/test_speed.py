@@ -74,3 +74,19 @@ def test_uint8_batches_normalized_on_device_match_the_normalizing_pipeline():
     assert labels.tolist() == [1] and failures == []
     floats = torch.randn(1, 3, 4, 4)  # cached features and float batches pass through untouched
     assert module.on_after_batch_transfer((floats, labels, []), 0)[0] is floats
+
+
+def test_auto_workers_follow_the_device_and_where_the_images_are(monkeypatch):
+    from finetune import speed
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(speed, "usable_cores", lambda: 2)
+    assert speed.resolve_num_workers("auto", cpu, in_memory=True) == 0  # augmenting in-process is cheaper
+    assert speed.resolve_num_workers("auto", cpu, in_memory=False) == 2  # files still need decoding
+    assert speed.resolve_num_workers("auto", gpu, in_memory=True) == 1
+    monkeypatch.setattr(speed, "usable_cores", lambda: 16)
+    assert speed.resolve_num_workers("auto", gpu, in_memory=False) == 8
+    assert speed.resolve_num_workers(3, cpu, in_memory=True) == 3  # an explicit count wins
+    for bad in (-1, "many", True):
+        with pytest.raises(ConfigError, match="data.num_workers"):
+            speed.resolve_num_workers(bad, cpu, in_memory=True)
