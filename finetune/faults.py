@@ -35,7 +35,30 @@ def out_of_memory(err: BaseException, batch_size) -> OutOfMemoryError:
     if isinstance(batch_size, int) and batch_size > 1:
         half = batch_size // 2
         fix = (f"Try data.batch_size={half} (half of {batch_size}); +trainer.accumulate_grad_batches=2 keeps the "
-               f"effective batch at {batch_size}.")
+               f"effective batch at {batch_size}. On a GPU, data.find_batch_size=true finds the largest batch that fits.")
     else:
         fix = "The batch is already 1: use a smaller backbone or data.image_size, or precision=bf16-mixed."
     return OutOfMemoryError(f"Out of memory with data.batch_size={batch_size} ({first_line}). {fix}")
+
+
+def find_batch_size(trainer, module, datamodule, device, resuming: bool) -> int:
+    """The largest batch size that trains on `device` (Lightning's batch-size finder: powers of
+    two from ``datamodule.batch_size``, one step each), set on `datamodule` and returned.
+
+    GPU only: CPU memory does not run out at a batch size a run could use, and the search
+    there would only cost time. A resumed run keeps the batch size it started with.
+    """
+    from lightning.pytorch.tuner import Tuner
+
+    from finetune.errors import ConfigError
+
+    if device.type != "cuda":
+        raise ConfigError("data.find_batch_size=true needs a GPU (on a CPU memory is not the limit): "
+                          "set data.batch_size instead.")
+    if resuming:
+        raise ConfigError("data.find_batch_size=true cannot be combined with resume: the resumed run must keep "
+                          "its batch size. Drop data.find_batch_size and set data.batch_size to the run's.")
+    found = Tuner(trainer).scale_batch_size(module, datamodule=datamodule, mode="power", steps_per_trial=2,
+                                            init_val=datamodule.batch_size)
+    datamodule.batch_size = int(found)
+    return int(found)

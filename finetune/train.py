@@ -30,7 +30,7 @@ from finetune.data.sources import DataSplits, load_digits, load_folder, load_man
 from finetune.data.transforms import augmentation_is_random, build_transforms, input_size, with_input_size
 from finetune.distributed import check_launcher, is_rank_zero
 from finetune.errors import ConfigError
-from finetune.faults import explain_failure
+from finetune.faults import explain_failure, find_batch_size
 from finetune.features import CachedFeatures, FeatureDataModule, cached_features, not_cacheable_reason
 from finetune.freeze import apply_freeze
 from finetune.head import build_head
@@ -181,6 +181,9 @@ def run(cfg: DictConfig) -> FitResult:
         raise ConfigError(f"Invalid trainer setting: {err}. See lightning.Trainer's arguments.") from None
     check_launcher(trainer, from_cli=HydraConfig.initialized())
     try:
+        if cfg.data.get("find_batch_size"):
+            found = find_batch_size(trainer, module, data, speed.device, resume.path is not None)
+            print(f"batch-size finder: data.batch_size={found} fits on {speed.device}", flush=True)
         trainer.fit(module, datamodule=data, ckpt_path=resume.path, weights_only=True)
         best_path = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
         if best_path is not None:

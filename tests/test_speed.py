@@ -90,3 +90,18 @@ def test_auto_workers_follow_the_device_and_where_the_images_are(monkeypatch):
     for bad in (-1, "many", True):
         with pytest.raises(ConfigError, match="data.num_workers"):
             speed.resolve_num_workers(bad, cpu, in_memory=True)
+
+
+def test_batch_size_finder_needs_a_gpu(tmp_path, image_folder):
+    with pytest.raises(ConfigError, match="find_batch_size=true needs a GPU"):
+        fit("full_finetune", TINY + QUICK + ["data=folder", f"data.root={image_folder}", "trainer.accelerator=cpu",
+                                             "data.find_batch_size=true", f"hydra.run.dir={tmp_path / 'run'}"])
+
+
+@pytest.mark.gpu
+def test_batch_size_finder_grows_the_batch_on_a_gpu(tmp_path, image_folder, capsys):
+    result = fit("full_finetune", TINY + QUICK + ["data=folder", f"data.root={image_folder}", "trainer=gpu",
+                                                  "data.batch_size=2", "data.find_batch_size=true",
+                                                  f"hydra.run.dir={tmp_path / 'run'}"])
+    found = int(capsys.readouterr().out.split("batch-size finder: data.batch_size=")[1].split()[0])
+    assert found > 2 and "val/acc" in result.metrics
