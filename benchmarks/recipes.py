@@ -12,14 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "hymenoptera_data"
+from common import add_data_and_out, check_data_and_out  # benchmarks/common.py, beside this script
 
 
 def main() -> None:
@@ -27,16 +23,13 @@ def main() -> None:
     from finetune.config import recipe_names
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=Path(os.environ.get("FINETUNE_HYMENOPTERA", DEFAULT_DATA)))
+    add_data_and_out(parser)
     parser.add_argument("--recipes", nargs="*", default=recipe_names())
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args()
-    if not (args.data / "train").is_dir():
-        sys.exit(f"hymenoptera data not found at {args.data} (--data DIR or FINETUNE_HYMENOPTERA=DIR)")
-    args.out.mkdir(parents=True, exist_ok=True)
+    check_data_and_out(args)
 
     runs = []
     for recipe in args.recipes:

@@ -28,7 +28,6 @@ import json
 import math
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,8 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "hymenoptera_data"
+from common import add_data_and_out, check_data_and_out  # benchmarks/common.py, beside this script
 BACKBONE = "tf_efficientnet_lite0"
 LR = {"head": 0.01, "full": 0.001}
 RECIPE = {"head": "freeze_all_but_head", "full": "full_finetune"}
@@ -129,19 +127,16 @@ def sweep(data: Path, trials: int, epochs: int, batch_size: int, workers: int, s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=Path(os.environ.get("FINETUNE_HYMENOPTERA", DEFAULT_DATA)))
+    add_data_and_out(parser)
     parser.add_argument("--modes", nargs="*", default=["head", "full"], choices=["head", "full"])
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sweep", type=int, default=0, help="trials of a warm-cache head-only sweep to time")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for the finetune runs")
     args = parser.parse_args()
-    if not (args.data / "train").is_dir():
-        sys.exit(f"hymenoptera data not found at {args.data} (--data DIR or FINETUNE_HYMENOPTERA=DIR)")
-    args.out.mkdir(parents=True, exist_ok=True)
+    check_data_and_out(args)
     cache = Path(tempfile.mkdtemp(prefix="finetune-speed-cache-"))  # cold: the fill is part of the time
 
     rows = []
