@@ -36,11 +36,18 @@ def recipe_names() -> list[str]:
     return sorted(p.stem for p in recipes_dir().glob("*.yaml"))
 
 
+_registered: dict[Path, int] = {}  # recipe file -> the mtime it was registered with
+
+
 def register_recipes() -> None:
-    """Put every ``recipes/*.yaml`` into the ConfigStore as ``recipe/NAME`` (idempotent)."""
+    """Put every ``recipes/*.yaml`` into the ConfigStore as ``recipe/NAME`` (idempotent; a file
+    is parsed again only when it changed)."""
     store = ConfigStore.instance()
     for path in sorted(recipes_dir().glob("*.yaml")):
-        store.store(group="recipe", name=path.stem, node=OmegaConf.load(path), package="_global_")
+        mtime = path.stat().st_mtime_ns
+        if _registered.get(path) != mtime:
+            store.store(group="recipe", name=path.stem, node=OmegaConf.load(path), package="_global_")
+            _registered[path] = mtime
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
@@ -79,6 +86,7 @@ TYPED_KEYS = {
     "trainer.max_epochs": ((int,), -1, "an integer (-1: no limit)"),
     "optimizer.lr": ((int, float), 0, "a number >= 0"),
     "resume": ((bool,), None, "true or false"),
+    "callbacks.checkpoint.min_write_interval_s": ((int, float), 0, "a number of seconds >= 0 (0: every epoch)"),
 }
 
 

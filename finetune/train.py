@@ -148,7 +148,8 @@ def run(cfg: DictConfig) -> FitResult:
     module = ClassifierModule(model, splits.classes, cfg.optimizer, cfg.scheduler, config, class_weights=weights,
                               inputs="images" if cached is None else "features", channels_last=speed.channels_last,
                               pixel_stats=(backbone.data_config["mean"], backbone.data_config["std"]))
-    resume = Resume(resume_from, output_dir, cfg.seed, config, splits.classes)
+    resume = Resume(resume_from, output_dir, cfg.seed, config, splits.classes,
+                    cfg.callbacks.checkpoint.get("min_write_interval_s", 0))
 
     history = MetricsHistory()
     checkpoint = ModelCheckpoint(

@@ -20,14 +20,15 @@ import pytest
 import torch
 
 from conftest import QUICK, TINY
-from finetune import fit
+from finetune import checkpoints, fit
 from finetune.checkpoints import LAST, RUN_KEY, atomic_save
 from finetune.errors import ConfigError, NonFiniteLossError, OutOfMemoryError
 from finetune.module import ClassifierModule
 
 RUN = ["+recipe=gradual_unfreeze", *TINY, *QUICK, "trainer.max_epochs=3", "data.batch_size=16",
        "+trainer.limit_train_batches=4", "+trainer.limit_val_batches=2", "head.dropout=0.3",
-       "optimizer.lr=0.1", "scheduler.step_size=1", "scheduler.gamma=0.5"]
+       "optimizer.lr=0.1", "scheduler.step_size=1", "scheduler.gamma=0.5",
+       "callbacks.checkpoint.min_write_interval_s=0"]  # last.ckpt at every epoch end, however short
 KILL_AFTER_STEP = 6  # global step 6 of 12: epoch 2 of 3 (0-based 1), its second batch
 
 # The real CLI, with a test-only hook: SIGKILL its own process after optimizer step K.
@@ -35,7 +36,9 @@ DRIVER = """
 import os, signal, sys
 from finetune.module import ClassifierModule
 k = int(os.environ["KILL_AFTER_STEP"])
+batch_end = ClassifierModule.on_train_batch_end
 def kill(self, outputs, batch, batch_idx):
+    batch_end(self, outputs, batch, batch_idx)
     if self.global_step == k:
         os.kill(os.getpid(), signal.SIGKILL)
 ClassifierModule.on_train_batch_end = kill
@@ -162,21 +165,51 @@ def test_a_crash_while_writing_leaves_the_previous_checkpoint_whole(tmp_path, mo
     assert [p.name for p in path.parent.iterdir()] == [LAST]  # no temporary file left behind
 
 
-def test_nan_keeps_the_last_good_checkpoint_and_says_where(tmp_path, monkeypatch):
+@pytest.mark.parametrize("interval", [0, 3600], ids=["written-every-epoch", "held-in-memory"])
+def test_nan_keeps_the_last_good_checkpoint_and_says_where(tmp_path, monkeypatch, interval):
+    batch_end = ClassifierModule.on_train_batch_end
+
     def poison(self, outputs, batch, batch_idx):  # the weights blow up during the second epoch
+        batch_end(self, outputs, batch, batch_idx)
         if self.global_step == 5:
             with torch.no_grad():
                 next(self.model.head.parameters()).fill_(float("nan"))
 
-    monkeypatch.setattr(ClassifierModule, "on_train_batch_end", poison, raising=False)
-    with pytest.raises(NonFiniteLossError) as caught:
-        fit(overrides=RUN + [f"hydra.run.dir={tmp_path}/run"])
+    monkeypatch.setattr(ClassifierModule, "on_train_batch_end", poison)
+    with pytest.raises(NonFiniteLossError) as caught:  # held in memory: the failure writes it
+        fit(overrides=RUN + [f"callbacks.checkpoint.min_write_interval_s={interval}", f"hydra.run.dir={tmp_path}/run"])
     last = tmp_path / "run" / "checkpoints" / LAST
     message = str(caught.value)
     assert "step 6" in message and "optimizer.lr" in message
     assert f"The last good checkpoint is kept: {last} (end of epoch 1)" in message
     kept = torch.load(last, map_location="cpu", weights_only=True)
     assert kept["epoch"] == 0 and all(torch.isfinite(t).all() for t in kept["state_dict"].values() if t.is_floating_point())
+
+
+def test_paced_checkpoints_are_written_once_and_equal_those_of_every_epoch(tmp_path, monkeypatch):
+    """min_write_interval_s longer than the run: every epoch's checkpoints wait in memory, and the
+    end of training writes best.ckpt and last.ckpt once each, identical to a run writing them at
+    every epoch end (same seed: the same weights, bit for bit)."""
+    writes = []
+    save = checkpoints.atomic_save
+
+    def counted(obj, path):
+        writes.append((Path(path).name, obj["epoch"]))
+        save(obj, path)
+
+    every_epoch = fit(overrides=RUN + [f"hydra.run.dir={tmp_path}/every"])
+    monkeypatch.setattr(checkpoints, "atomic_save", counted)
+    paced = fit(overrides=RUN + ["callbacks.checkpoint.min_write_interval_s=3600", f"hydra.run.dir={tmp_path}/paced"])
+    best_epoch = int(paced.metrics["epoch"])
+    assert sorted(writes) == [("best.ckpt", best_epoch), (LAST, 2)]
+    assert paced.history == every_epoch.history
+    for name in ("best.ckpt", LAST):
+        a = torch.load(every_epoch.output_dir / "checkpoints" / name, map_location="cpu", weights_only=True)
+        b = torch.load(paced.output_dir / "checkpoints" / name, map_location="cpu", weights_only=True)
+        assert (a["epoch"], a["global_step"]) == (b["epoch"], b["global_step"])
+        assert a["state_dict"].keys() == b["state_dict"].keys()
+        assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+        assert a["callbacks"].keys() == b["callbacks"].keys()
 
 
 @pytest.mark.parametrize("error", [
