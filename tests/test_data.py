@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +12,8 @@ import torch
 from PIL import Image
 
 from conftest import write_class_folders
-from finetune.data.images import load_rgb
+from finetune.data.check import check_data
+from finetune.data.images import load_rgb, probe
 from finetune.data.sources import load_digits, load_folder, stratified_split
 from finetune.data.transforms import build_transforms
 from finetune.errors import DataError
@@ -148,3 +151,23 @@ def test_augmentation_is_reproducible_and_differs_between_workers():
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     # Batches 0 and 1 are the first draws of workers 0 and 1: copies of one generator would match.
     assert not torch.equal(first[0], first[1])
+
+
+def test_per_file_memory_rereads_a_file_that_changed(tmp_path):
+    """Probes and content hashes are remembered within a process (a sweep's trials re-check the same
+    folder), keyed by path, size and mtime: replacing a file is seen at once."""
+    path = tmp_path / "a.png"
+    Image.new("RGB", (10, 20)).save(path)
+    assert probe(path) == (10, 20)
+    stat = path.stat()
+    Image.new("RGB", (30, 40), "white").save(path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert probe(path) == (30, 40)
+
+    write_class_folders(tmp_path / "data" / "train", ("a", "b"), per_class=2, seed=0)
+    write_class_folders(tmp_path / "data" / "val", ("a", "b"), per_class=1, seed=1)
+    splits = load_folder(tmp_path / "data", "train", "val", 0.2, 0)
+    assert check_data(splits).duplicates == []
+    val_file, train_file = Path(splits.val[0][0]), Path(splits.train[0][0])
+    val_file.write_bytes(train_file.read_bytes())  # now a copy of a training image
+    assert len(check_data(splits).duplicates) == 1

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from finetune.data.file_memo import remembered_per_file
 from finetune.data.sources import SPLITS, DataSplits
 from finetune.errors import DataError
 from finetune.summary import format_table
@@ -106,8 +107,14 @@ def _duplicates(splits: DataSplits) -> list[tuple[str, str]]:
 
 
 def _digest(item) -> str:
-    data = item.tobytes() if isinstance(item, np.ndarray) else Path(item).read_bytes()
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
+    if isinstance(item, np.ndarray):
+        return hashlib.blake2b(item.tobytes(), digest_size=16).hexdigest()
+    return _file_digest(item)
+
+
+@remembered_per_file  # a sweep's trials check the same files
+def _file_digest(path) -> str:
+    return hashlib.blake2b(Path(path).read_bytes(), digest_size=16).hexdigest()
 
 
 def _name(item) -> str:

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from finetune.data.file_memo import remembered_per_file
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 
 # Larger images are refused before decoding: a few-KB "decompression bomb" can claim gigabytes.
@@ -41,8 +43,10 @@ def _guarded(path):
             raise UnreadableImage(f"not a readable image ({type(err).__name__}: {err})") from None
 
 
+@remembered_per_file
 def probe(path: str | Path) -> tuple[int, int]:
-    """(width, height) from the file's header, without decoding; UnreadableImage if it has none."""
+    """(width, height) from the file's header, without decoding; UnreadableImage if it has none.
+    Remembered per file in this process (a sweep's trials probe the same folder)."""
     with _guarded(path) as img:
         return img.size
 

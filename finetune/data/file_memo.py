@@ -1,0 +1,38 @@
+"""Per-process memory of per-file work (header probes, content hashes), keyed by the file's stat.
+
+A sweep calls ``fit`` dozens of times on the same folder; probing 400 headers and hashing 30 MB
+of images again for every trial costs more than training a head on cached features. A file whose
+path, size or modification time changed is read again; nothing is kept across processes.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+MAX_ENTRIES = 1_000_000  # about 200 MB of keys at most; beyond it the memory starts afresh
+
+
+def remembered_per_file(fn: Callable[[str | os.PathLike], T]) -> Callable[[str | os.PathLike], T]:
+    """`fn(path)`, computed once per (path, size, mtime) in this process. Exceptions are not
+    remembered (a failing file is tried again), and a path that cannot be stat'ed is passed through."""
+    memory: dict[tuple[str, int, int], T] = {}
+
+    @functools.wraps(fn)
+    def wrapper(path):
+        try:
+            stat = os.stat(path)
+        except OSError:
+            return fn(path)
+        key = (os.fspath(path), stat.st_size, stat.st_mtime_ns)
+        if key not in memory:
+            if len(memory) >= MAX_ENTRIES:
+                memory.clear()
+            memory[key] = fn(path)
+        return memory[key]
+
+    return wrapper
