@@ -2,7 +2,7 @@
 
     python benchmarks/speed.py                      # head-only and full fine-tuning, 10 epochs
     python benchmarks/speed.py --modes head --sweep 20
-    python benchmarks/speed.py --modes full --epochs 3
+    python benchmarks/speed.py --modes full --epochs 5 --seeds 0 1 2
 
 Both sides use hymenoptera (ants vs bees), tf_efficientnet_lite0 with the same embedded ImageNet
 weights, batch 32, the backbone's input size, SGD (momentum 0.9, lr 0.01 head-only / 0.001 full),
@@ -14,6 +14,9 @@ StepLR(7, 0.1), random resized crop + flip, and report the best epoch's val accu
 - finetune is `finetune.fit` with the recipe and its defaults (feature cache, precision and
   memory layout resolved for this machine), pictures and loggers off. Its time includes
   everything the call does: data check, model build, cache fill (cold: a fresh cache folder).
+- `--seeds`: each side runs once per seed; the table shows mean +- std of the best val accuracy
+  (a 153-image val set moves 0.0065 per image, so one seed cannot show a 0.01 difference) and
+  the mean wall time.
 - `--sweep N`: N more head-only `fit` calls (learning rate x weight decay grid) on the warm cache,
   timed together: what an N-trial sweep costs after its first trial.
 
@@ -132,7 +135,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--sweep", type=int, default=0, help="trials of a warm-cache head-only sweep to time")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for the finetune runs")
     args = parser.parse_args()
@@ -141,38 +144,61 @@ def main() -> None:
 
     rows = []
     for mode in args.modes:
-        common = (args.data, mode, args.epochs, args.batch_size, args.workers, args.seed)
-        plain = plain_loop(*common)
-        print(f"{mode}: plain loop val/acc {plain['val_acc']:.4f} in {plain['seconds']:.0f} s", flush=True)
-        ours = finetune_run(*common, cache, args.out / "runs" / f"speed-{mode}", args.overrides)
-        print(f"{mode}: finetune   val/acc {ours['val_acc']:.4f} in {ours['seconds']:.0f} s", flush=True)
-        rows.append({"mode": mode, "plain": plain, "finetune": ours, "time_ratio": ours["seconds"] / plain["seconds"]})
+        runs = {"plain": [], "finetune": []}
+        for seed in args.seeds:
+            common = (args.data, mode, args.epochs, args.batch_size, args.workers, seed)
+            runs["plain"].append(plain_loop(*common))
+            print(f"{mode}, seed {seed}: plain loop val/acc {runs['plain'][-1]['val_acc']:.4f} in "
+                  f"{runs['plain'][-1]['seconds']:.0f} s", flush=True)
+            seed_cache = cache / f"seed{seed}"  # every seed starts cold, like its first run would
+            runs["finetune"].append(finetune_run(*common, seed_cache, args.out / "runs" / f"speed-{mode}-{seed}",
+                                                 args.overrides))
+            print(f"{mode}, seed {seed}: finetune   val/acc {runs['finetune'][-1]['val_acc']:.4f} in "
+                  f"{runs['finetune'][-1]['seconds']:.0f} s", flush=True)
+        plain, ours = (summarize(runs[side]) for side in ("plain", "finetune"))
+        rows.append({"mode": mode, "seeds": args.seeds, "runs": runs, "plain": plain, "finetune": ours,
+                     "time_ratio": ours["seconds"] / plain["seconds"],
+                     "val_acc_difference": ours["val_acc"] - plain["val_acc"]})
     if args.sweep:
-        swept = sweep(args.data, args.sweep, args.epochs, args.batch_size, args.workers, args.seed, cache,
-                      args.out / "runs" / "speed-sweep", args.overrides)
+        swept = sweep(args.data, args.sweep, args.epochs, args.batch_size, args.workers, args.seeds[0],
+                      cache / f"seed{args.seeds[0]}", args.out / "runs" / "speed-sweep", args.overrides)
         head = next((r for r in rows if r["mode"] == "head"), None)
         if head:
-            swept["ratio_to_one_cold_run"] = (swept["seconds"] + head["finetune"]["seconds"]) / head["finetune"]["seconds"]
+            cold = head["runs"]["finetune"][0]["seconds"]  # the sweep's seed, on the cache it filled
+            swept["cold_run_seconds"] = cold
+            swept["ratio_to_one_cold_run"] = (swept["seconds"] + cold) / cold
         rows.append({"mode": "sweep", **swept})
         print(f"sweep: {swept['trials']} warm-cache trials in {swept['seconds']:.0f} s", flush=True)
 
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-    lines = [f"hymenoptera, {BACKBONE}, batch {args.batch_size}, {args.epochs} epochs, {args.workers} workers; {machine}",
-             "", "| job | plain loop: val acc, s | finetune: val acc, s | time ratio |", "|---|---|---|---|"]
+    seeds = ", ".join(map(str, args.seeds))
+    lines = [f"hymenoptera, {BACKBONE}, batch {args.batch_size}, {args.epochs} epochs, {args.workers} workers "
+             f"(plain loop), seeds {seeds}; {machine}", "",
+             "| job | plain loop: val acc, s | finetune: val acc, s | time ratio | val acc difference |",
+             "|---|---|---|---|---|"]
     for r in rows:
         if r["mode"] == "sweep":
             ratio = r.get("ratio_to_one_cold_run")
             lines.append(f"| head-only sweep: 1 cold + {r['trials']} warm-cache trials | | best {r['best_val_acc']:.3f}, "
                          f"{r['seconds']:.0f} s for the {r['trials']} | "
-                         f"{'' if ratio is None else f'{ratio:.2f}x one cold run'} |")
+                         f"{'' if ratio is None else f'{ratio:.2f}x one cold run'} | |")
             continue
         p, f = r["plain"], r["finetune"]
-        lines.append(f"| {'head-only' if r['mode'] == 'head' else 'full fine-tuning'} | {p['val_acc']:.3f}, "
-                     f"{p['seconds']:.0f} | {f['val_acc']:.3f}, {f['seconds']:.0f} | {r['time_ratio']:.2f} |")
+        lines.append(f"| {'head-only' if r['mode'] == 'head' else 'full fine-tuning'} | {p['val_acc']:.3f} "
+                     f"± {p['val_acc_std']:.3f}, {p['seconds']:.0f} | {f['val_acc']:.3f} ± {f['val_acc_std']:.3f}, "
+                     f"{f['seconds']:.0f} | {r['time_ratio']:.2f} | {r['val_acc_difference']:+.3f} |")
     table = "\n".join(lines)
     (args.out / "speed.json").write_text(json.dumps(rows, indent=2))
     (args.out / "speed.md").write_text(table + "\n")
     print(table)
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Mean best val accuracy (and its sample std) and mean seconds over seeds."""
+    accs = [r["val_acc"] for r in runs]
+    mean = sum(accs) / len(accs)
+    std = math.sqrt(sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) if len(accs) > 1 else 0.0
+    return {"val_acc": mean, "val_acc_std": std, "seconds": sum(r["seconds"] for r in runs) / len(runs)}
 
 
 if __name__ == "__main__":
