@@ -20,7 +20,7 @@ from torch import nn
 from finetune.data.sources import DataSplits
 from finetune.data.transforms import build_transforms
 from finetune.errors import ConfigError
-from finetune.features import cached_features
+from finetune.features import cache_settings, cached_features
 from finetune.speed import resolve_num_workers, resolve_speed
 
 FORMATS = ("npz", "parquet")
@@ -48,10 +48,9 @@ def embed(backbone: nn.Module, data_config: dict, backbone_name: str, cfg: DictC
     features) with the evaluation pipeline of `data_config`, and `cfg`'s data and trainer settings."""
     _, eval_tf = build_transforms(data_config, {"random_resized_crop": False}, cfg.data.image_size, seed=cfg.seed)
     _, speed = resolve_speed(OmegaConf.to_container(cfg.trainer, resolve=True), backbone)
-    cache = cfg.data.get("cache") or {}
     by_split = {"train": splits.train, "val": splits.val, "test": splits.test}
-    cached = cached_features(backbone, f"{backbone_name}|pool={cfg.head.get('pool')}", by_split, eval_tf, eval_tf,
-                             False, 1, Path(cache.get("dir", "~/.cache/finetune")), cfg.data.batch_size,
+    architecture, cache_dir = cache_settings(cfg, backbone_name)
+    cached = cached_features(backbone, architecture, by_split, eval_tf, eval_tf, False, 1, cache_dir, cfg.data.batch_size,
                              resolve_num_workers(cfg.data.num_workers, speed.device, in_memory=False), speed, cfg.seed)
     parts = {"features": [], "labels": [], "paths": [], "splits": []}
     for split, samples in by_split.items():

@@ -132,6 +132,13 @@ def extract(backbone: nn.Module, samples: Sequence[Sample], transform: Callable,
     return torch.cat(features), torch.cat(labels), skipped
 
 
+def cache_settings(cfg, backbone_name: str) -> tuple[str, Path]:
+    """(architecture label, cache folder) of a run config: the backbone's name with the head's
+    pooling (it changes the pooled features), and ``data.cache.dir``."""
+    cache = cfg.data.get("cache") or {}
+    return f"{backbone_name}|pool={cfg.head.get('pool')}", Path(cache.get("dir", "~/.cache/finetune"))
+
+
 def cached_features(backbone: nn.Module, architecture: str, splits: dict[str, Sequence[Sample]],
                     train_transform: A.Compose, eval_transform: A.Compose, augmented: bool, views: int,
                     cache_dir: Path, batch_size: int, num_workers: int, speed: Speed, seed: int) -> CachedFeatures:

@@ -31,7 +31,8 @@ from finetune.data.transforms import augmentation_is_random, build_transforms, i
 from finetune.distributed import check_launcher, is_rank_zero
 from finetune.errors import ConfigError
 from finetune.faults import explain_failure, find_batch_size
-from finetune.features import CachedFeatures, FeatureDataModule, cached_features, not_cacheable_reason
+from finetune.features import (CachedFeatures, FeatureDataModule, cache_settings, cached_features,
+                               not_cacheable_reason)
 from finetune.freeze import apply_freeze
 from finetune.head import build_head
 from finetune.history import MetricsHistory
@@ -233,10 +234,10 @@ def _cached_features(cfg, model, backbone, splits, train_tf, eval_tf, speed, wor
         print(f"feature cache: off ({reason})", flush=True)
         return None
     augmented = augmentation_is_random(cfg.augment)
-    cached = cached_features(model.backbone, f"{backbone.name}|pool={cfg.head.get('pool')}",
-                             {"train": splits.train, "val": splits.val, "test": splits.test},
-                             train_tf, eval_tf, augmented, cache.get("views", 1), Path(cache.get("dir", "~/.cache/finetune")),
-                             cfg.data.batch_size, workers, speed, cfg.seed)
+    architecture, cache_dir = cache_settings(cfg, backbone.name)
+    cached = cached_features(model.backbone, architecture, {"train": splits.train, "val": splits.val, "test": splits.test},
+                             train_tf, eval_tf, augmented, cache.get("views", 1), cache_dir, cfg.data.batch_size,
+                             workers, speed, cfg.seed)
     how = "loaded" if cached.hit else "computed"
     views = f"{cached.views} augmented views per training image" if augmented else "no augmentation: one view"
     print(f"feature cache: on, backbone frozen; {views}; {how} in {cached.seconds:.1f} s: {cached.path}", flush=True)
