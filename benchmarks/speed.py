@@ -11,14 +11,16 @@ StepLR(7, 0.1), random resized crop + flip, and report the best epoch's val accu
 - The plain loop is the PyTorch transfer-learning tutorial's: torchvision ImageFolder + PIL
   transforms, 2 DataLoader workers, fp32, NCHW, a validation pass every epoch. Head-only, it
   re-runs the frozen backbone (eval mode, no_grad) on every batch of every epoch.
-- finetune is `finetune.fit` with the recipe and its defaults (feature cache, precision and
-  memory layout resolved for this machine), pictures and loggers off. Its time includes
+- finetune is `finetune.fit` with the recipe and its defaults (feature cache, precision, memory
+  layout and `data.num_workers` resolved for this machine), pictures and loggers off. Its time includes
   everything the call does: data check, model build, cache fill (cold: a fresh cache folder).
 - `--seeds`: each side runs once per seed; the table shows mean +- std of the best val accuracy
   (a 153-image val set moves 0.0065 per image, so one seed cannot show a 0.01 difference) and
   the mean wall time.
 - `--sweep N`: N more head-only `fit` calls (learning rate x weight decay grid) on the warm cache,
-  timed together: what an N-trial sweep costs after its first trial.
+  timed together in one process: what an N-trial sweep costs after its first trial.
+- Every run (and the sweep) is a fresh process: a run after another in the same process was 20%
+  slower here (allocator and thread-pool state), which would favour whichever side runs first.
 
 Writes benchmarks/results/speed.{md,json}.
 """
@@ -29,6 +31,7 @@ import argparse
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import platform
 import tempfile
@@ -42,6 +45,31 @@ from common import add_data_and_out, check_data_and_out  # benchmarks/common.py,
 BACKBONE = "tf_efficientnet_lite0"
 LR = {"head": 0.01, "full": 0.001}
 RECIPE = {"head": "freeze_all_but_head", "full": "full_finetune"}
+
+
+def isolated(fn, *args):
+    """`fn(*args)` in a fresh Python process (spawned, not daemonic: DataLoader workers allowed)."""
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    process = context.Process(target=_child, args=(results, fn, args))
+    process.start()
+    ok, value = results.get()
+    process.join()
+    if not ok:
+        raise RuntimeError(f"{fn.__name__} failed in its process:\n{value}")
+    return value
+
+
+def _child(results, fn, args) -> None:
+    import traceback
+
+    # DataLoader workers start as they would from a shell on Linux (a spawned process would spawn
+    # them too, re-importing torch in each: 17 s per loader here).
+    multiprocessing.set_start_method("fork", force=True)
+    try:
+        results.put((True, fn(*args)))
+    except BaseException:  # noqa: BLE001 - reported to the parent, which raises
+        results.put((False, traceback.format_exc()))
 
 
 def plain_loop(data: Path, mode: str, epochs: int, batch_size: int, workers: int, seed: int) -> dict:
@@ -101,28 +129,26 @@ def plain_loop(data: Path, mode: str, epochs: int, batch_size: int, workers: int
     return {"val_acc": best, "seconds": seconds, "train_images_per_s": epochs * len(train.dataset) / train_seconds}
 
 
-def finetune_run(data: Path, mode: str, epochs: int, batch_size: int, workers: int, seed: int, cache: Path,
-                 run_dir: Path, overrides: list[str]) -> dict:
+def finetune_run(data: Path, mode: str, epochs: int, batch_size: int, seed: int, cache: Path, run_dir: Path,
+                 overrides: list[str]) -> dict:
     from finetune import fit
 
     started = time.perf_counter()
     result = fit(RECIPE[mode], list(overrides), data="folder", data__root=data, seed=seed, backbone__name=BACKBONE,
-                 trainer__max_epochs=epochs, data__batch_size=batch_size, data__num_workers=workers,
-                 optimizer__lr=LR[mode], data__cache__dir=cache, logger="none", viz="none",
+                 trainer__max_epochs=epochs, data__batch_size=batch_size, optimizer__lr=LR[mode], data__cache__dir=cache, logger="none", viz="none",
                  callbacks__progress_bar=False, hydra__run__dir=run_dir)
     return {"val_acc": result.metrics["val/acc"], "seconds": time.perf_counter() - started}
 
 
-def sweep(data: Path, trials: int, epochs: int, batch_size: int, workers: int, seed: int, cache: Path,
-          out: Path, overrides: list[str]) -> dict:
+def sweep(data: Path, trials: int, epochs: int, batch_size: int, seed: int, cache: Path, out: Path,
+          overrides: list[str]) -> dict:
     from finetune import fit
 
     grid = list(itertools.product([0.003, 0.01, 0.03, 0.1, 0.3], [0.0, 1e-4, 1e-3, 1e-2]))[:trials]
     started, accs = time.perf_counter(), []
     for i, (lr, wd) in enumerate(grid):
         result = fit(RECIPE["head"], list(overrides), data="folder", data__root=data, seed=seed,
-                     backbone__name=BACKBONE, trainer__max_epochs=epochs, data__batch_size=batch_size,
-                     data__num_workers=workers, optimizer__lr=lr, optimizer__weight_decay=wd, data__cache__dir=cache,
+                     backbone__name=BACKBONE, trainer__max_epochs=epochs, data__batch_size=batch_size, optimizer__lr=lr, optimizer__weight_decay=wd, data__cache__dir=cache,
                      logger="none", viz="none", callbacks__progress_bar=False, hydra__run__dir=out / f"trial{i}")
         accs.append(result.metrics["val/acc"])
     return {"trials": len(grid), "seconds": time.perf_counter() - started, "best_val_acc": max(accs)}
@@ -134,7 +160,7 @@ def main() -> None:
     parser.add_argument("--modes", nargs="*", default=["head", "full"], choices=["head", "full"])
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2, help="the plain loop's DataLoader workers")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--sweep", type=int, default=0, help="trials of a warm-cache head-only sweep to time")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for the finetune runs")
@@ -146,13 +172,12 @@ def main() -> None:
     for mode in args.modes:
         runs = {"plain": [], "finetune": []}
         for seed in args.seeds:
-            common = (args.data, mode, args.epochs, args.batch_size, args.workers, seed)
-            runs["plain"].append(plain_loop(*common))
+            runs["plain"].append(isolated(plain_loop, args.data, mode, args.epochs, args.batch_size, args.workers, seed))
             print(f"{mode}, seed {seed}: plain loop val/acc {runs['plain'][-1]['val_acc']:.4f} in "
                   f"{runs['plain'][-1]['seconds']:.0f} s", flush=True)
             seed_cache = cache / f"seed{seed}"  # every seed starts cold, like its first run would
-            runs["finetune"].append(finetune_run(*common, seed_cache, args.out / "runs" / f"speed-{mode}-{seed}",
-                                                 args.overrides))
+            runs["finetune"].append(isolated(finetune_run, args.data, mode, args.epochs, args.batch_size, seed,
+                                             seed_cache, args.out / "runs" / f"speed-{mode}-{seed}", args.overrides))
             print(f"{mode}, seed {seed}: finetune   val/acc {runs['finetune'][-1]['val_acc']:.4f} in "
                   f"{runs['finetune'][-1]['seconds']:.0f} s", flush=True)
         plain, ours = (summarize(runs[side]) for side in ("plain", "finetune"))
@@ -160,8 +185,8 @@ def main() -> None:
                      "time_ratio": ours["seconds"] / plain["seconds"],
                      "val_acc_difference": ours["val_acc"] - plain["val_acc"]})
     if args.sweep:
-        swept = sweep(args.data, args.sweep, args.epochs, args.batch_size, args.workers, args.seeds[0],
-                      cache / f"seed{args.seeds[0]}", args.out / "runs" / "speed-sweep", args.overrides)
+        swept = isolated(sweep, args.data, args.sweep, args.epochs, args.batch_size, args.seeds[0],
+                         cache / f"seed{args.seeds[0]}", args.out / "runs" / "speed-sweep", args.overrides)
         head = next((r for r in rows if r["mode"] == "head"), None)
         if head:
             cold = head["runs"]["finetune"][0]["seconds"]  # the sweep's seed, on the cache it filled
@@ -173,7 +198,7 @@ def main() -> None:
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     seeds = ", ".join(map(str, args.seeds))
     lines = [f"hymenoptera, {BACKBONE}, batch {args.batch_size}, {args.epochs} epochs, {args.workers} workers "
-             f"(plain loop), seeds {seeds}; {machine}", "",
+             f"(plain loop; finetune: its default), seeds {seeds}; {machine}", "",
              "| job | plain loop: val acc, s | finetune: val acc, s | time ratio | val acc difference |",
              "|---|---|---|---|---|"]
     for r in rows:
