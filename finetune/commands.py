@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from finetune.config import compose_config
-from finetune.data.check import check_data
+from finetune.data.check import NEAR_BLANK_SHARE, check_data, near_blank_share
 from finetune.data.images import UnreadableImage, load_rgb
 from finetune.data.sources import SPLITS, relabel, scan_class_folders
 from finetune.errors import ConfigError
@@ -26,14 +26,17 @@ from finetune.unfreeze import gradual_unfreezing
 
 
 def check_data_command(overrides: Sequence[str]) -> int:
-    """``finetune check-data data=...``: the pre-run data check, plus a full decode of every file."""
+    """``finetune check-data data=...``: the pre-run data check, plus a full decode of every file
+    (unreadable files are listed as skipped, near-blank placeholders as a warning)."""
     cfg = compose_config(overrides)
     splits = load_data(cfg.data, cfg.seed)
     failures: dict[str, str] = {}
-    for _ in _readable_batches([s for split in SPLITS for s in getattr(splits, split)], 64, failures):
-        pass  # decoding is the check
+    near_blank = []
+    for images, names, _ in _readable_batches([s for split in SPLITS for s in getattr(splits, split)], 64, failures):
+        near_blank += [n for image, n in zip(images, names) if near_blank_share(image) >= NEAR_BLANK_SHARE]
     report = check_data(splits)
     report.add_unreadable(failures)
+    report.add_near_blank(near_blank)
     print(report.table())
     return 0
 

@@ -135,16 +135,56 @@ def test_run_with_every_bad_kind_injected_finishes_and_reports_exactly_them(tmp_
     assert result.data_report.counts["train"] == {"ants": 15, "bees": 13, "wasps": 13}
 
 
-def test_check_data_command_decodes_everything_and_flags_duplicates(tmp_path, capsys):
+def placeholder_gif(path: Path) -> None:
+    """What scrapers save when the picture is gone: flat gray, a frame and a line of text."""
+    from PIL import ImageDraw
+
+    image = Image.new("RGB", (300, 300), (238, 238, 238))
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((10, 10, 289, 289), outline=(200, 200, 200))
+    draw.text((60, 140), "WE'RE SORRY, THIS IMAGE COULD NOT BE FOUND.", fill=(80, 80, 80))
+    image.convert("P", palette=Image.Palette.ADAPTIVE, colors=32).save(path)
+
+
+def test_check_data_command_decodes_everything_and_flags_duplicates_and_placeholders(tmp_path, capsys):
     root = tmp_path / "data"
     write_class_folders(root / "train", per_class=3)
     write_class_folders(root / "val", per_class=2, seed=1)
     truncated_jpeg(root / "train" / "ants" / "cut.jpg")
     shutil.copy(root / "train" / "bees" / "bees_0.jpg", root / "val" / "bees" / "copy.jpg")
+    shutil.copy(root / "train" / "bees" / "bees_1.jpg", root / "train" / "wasps" / "mislabeled.jpg")
+    placeholder_gif(root / "train" / "ants" / "imageNotFound.gif")
     assert check_data_command(["data=folder", f"data.root={root}"]) == 0
     out = capsys.readouterr().out
     assert "cut.jpg" in out and "truncated" in out
     assert "duplicates across splits: 1" in out and "optimistic" in out
+    conflict = next(line for line in out.splitlines() if "different classes" in line)
+    assert "1 training images" in conflict and "bees_1.jpg" in conflict and "mislabeled.jpg" in conflict
+    blank = next(line for line in out.splitlines() if "near-blank" in line)
+    assert blank.startswith("warning: 1 near-blank images") and "imageNotFound.gif" in blank
+
+
+def test_near_blank_share_separates_placeholders_from_objects_on_white(tmp_path):
+    from finetune.data.check import NEAR_BLANK_SHARE, near_blank_share
+
+    placeholder_gif(tmp_path / "gone.gif")
+    assert near_blank_share(load_rgb(tmp_path / "gone.gif")) >= NEAR_BLANK_SHARE
+    # a product shot: a dark object covering a fifth of a white, slightly noisy JPEG
+    photo = np.full((240, 320, 3), 255, np.uint8)
+    photo[80:176, 100:260] = (150, 60, 20)
+    Image.fromarray(photo).save(tmp_path / "object.jpg", quality=90)
+    assert 0.7 < near_blank_share(load_rgb(tmp_path / "object.jpg")) < NEAR_BLANK_SHARE
+    assert near_blank_share(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)) < 0.01
+
+
+@pytest.mark.slow
+def test_check_data_finds_the_placeholder_in_hymenoptera_and_nothing_else(hymenoptera, capsys):
+    assert check_data_command(["data=folder", f"data.root={hymenoptera}"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped files: 0; duplicates across splits: 0" in out
+    warnings = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "1 near-blank images" in warnings[0], warnings
+    assert "train/ants/imageNotFound.gif" in warnings[0]
 
 
 @pytest.mark.slow

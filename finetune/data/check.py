@@ -1,8 +1,10 @@
 """The data check run before every run and by ``finetune check-data``.
 
 It reports images per class and split, skipped files with their reasons, the range of image
-sizes, exact duplicates across splits (content hash) and classes missing from a split. Problems
-that make training meaningless raise :class:`DataError`; the rest become warnings.
+sizes, exact duplicates across splits (content hash), identical training files filed under
+different classes, and classes missing from a split. ``finetune check-data`` also decodes every
+file and lists near-blank images (placeholders). Problems that make training meaningless raise
+:class:`DataError`; the rest become warnings.
 """
 
 from __future__ import annotations
@@ -28,12 +30,25 @@ class DataReport:
     skipped: list[tuple[str, str]]  # (path, reason), found while scanning or while decoding
     size_range: tuple[int, int, int, int] | None  # min width, min height, max width, max height
     duplicates: list[tuple[str, str]]  # (train item, val/test item) with identical content
+    conflicts: list[tuple[str, str]] = field(default_factory=list)  # identical train items, different classes
+    near_blank: list[str] = field(default_factory=list)  # found by a full decode (check-data)
     warnings: list[str] = field(default_factory=list)
 
     def add_unreadable(self, failures: dict[str, str]) -> None:
         """Record files that passed the header check but failed to decode during the run."""
         known = {path for path, _ in self.skipped}
         self.skipped += [(p, r) for p, r in sorted(failures.items()) if p not in known]
+
+    def add_near_blank(self, names: list[str]) -> None:
+        """Record images whose pixels are nearly all one color (see :func:`near_blank_share`)."""
+        self.near_blank += [n for n in names if n not in self.near_blank]
+        if names:
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            self.warnings.append(
+                f"{len(names)} near-blank images (one color covers >= {NEAR_BLANK_SHARE:.0%} of the pixels): "
+                f"{shown}. Placeholders such as 'image not found' pictures train as if they were their "
+                f"class; look at them and delete the ones that are not real images"
+            )
 
     def table(self) -> str:
         splits = [s for s in SPLITS if sum(self.counts.get(s, {}).values())]
@@ -68,7 +83,7 @@ def check_data(splits: DataSplits) -> DataReport:
         counts,
         list(splits.skipped),
         _size_range(splits),
-        _duplicates(splits),
+        *_duplicates(splits),
     )
     for c in splits.classes:
         missing = [s for s in ("train", "val") if counts[s][c] == 0]
@@ -78,6 +93,11 @@ def check_data(splits: DataSplits) -> DataReport:
         report.warnings.append(
             f"{len(report.duplicates)} images of val/test also appear in train (identical files): "
             f"validation accuracy will be optimistic. First: {report.duplicates[0]}"
+        )
+    if report.conflicts:
+        report.warnings.append(
+            f"{len(report.conflicts)} training images are identical files filed under different classes "
+            f"(the same picture with two labels). First: {report.conflicts[0]}"
         )
     if splits.skipped:
         report.warnings.append(f"{len(splits.skipped)} files skipped (listed above and in summary.json)")
@@ -93,17 +113,35 @@ def _size_range(splits: DataSplits) -> tuple[int, int, int, int] | None:
     return min(widths), min(heights), max(widths), max(heights)
 
 
-def _duplicates(splits: DataSplits) -> list[tuple[str, str]]:
+def near_blank_share(image: np.ndarray) -> float:
+    """The share of `image`'s pixels (HxWx3 uint8) taken by its most common color, colors
+    compared at 6 bits per channel so JPEG noise on a flat background still counts as one color.
+    Placeholder pictures score about 0.95; photos of an object on white stay below 0.9."""
+    coarse = (np.ascontiguousarray(image[..., :3]) >> 2).astype(np.int32).reshape(-1, 3)
+    codes = (coarse[:, 0] << 12) | (coarse[:, 1] << 6) | coarse[:, 2]
+    return float(np.bincount(codes).max() / len(codes)) if len(codes) else 1.0
+
+
+NEAR_BLANK_SHARE = 0.9
+
+
+def _duplicates(splits: DataSplits) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(train item, val/test item) pairs with identical content, and (train item, train item)
+    pairs with identical content but different labels."""
     train = defaultdict(list)
-    for item, _ in splits.train:
-        train[_digest(item)].append(item)
-    found = []
+    for item, label in splits.train:
+        train[_digest(item)].append((item, label))
+    conflicts = []
+    for twins in train.values():
+        first, label = twins[0]
+        conflicts += [(_name(first), _name(other)) for other, other_label in twins[1:] if other_label != label]
+    across = []
     for split in ("val", "test"):
         for item, _ in getattr(splits, split):
             twins = train.get(_digest(item))
             if twins:
-                found.append((_name(twins[0]), _name(item)))
-    return found
+                across.append((_name(twins[0][0]), _name(item)))
+    return across, conflicts
 
 
 def _digest(item) -> str:
