@@ -203,8 +203,9 @@ def _latest_unfinished(output_dir: Path) -> Path | None:
     return max(candidates, key=lambda p: (p / "checkpoints" / LAST).stat().st_mtime, default=None)
 
 
-def read_resume_checkpoint(path: Path, config: Mapping, classes: list[str]) -> str | None:
-    """Check that `path` can continue a run with `config` and `classes`; returns its W&B run id."""
+def read_resume_checkpoint(path: Path, config: Mapping, classes: list[str]) -> tuple[str | None, int]:
+    """Check that `path` can continue a run with `config` and `classes`; returns its W&B run id
+    and the (0-based) epoch whose end it was saved at."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same advice
@@ -223,7 +224,7 @@ def read_resume_checkpoint(path: Path, config: Mapping, classes: list[str]) -> s
     if differences:
         raise ConfigError(f"Cannot resume from {path}: it was trained with " + "; ".join(differences)
                           + ". Resume with the checkpoint's settings, or start a new run without resume/ckpt_path.")
-    return (checkpoint.get(RUN_KEY) or {}).get("wandb_id")
+    return (checkpoint.get(RUN_KEY) or {}).get("wandb_id"), int(checkpoint.get("epoch", -1))
 
 
 def new_run_id() -> str:
@@ -251,13 +252,15 @@ def _get(tree: Any, dotted: str) -> Any:
 
 
 class Resume:
-    """What train.run needs to make a run resumable: where it continues from (or None), the W&B
-    run id to (re)use, the callbacks and the checkpoint-IO plugin."""
+    """What train.run needs to make a run resumable: where it continues from (or None), the last
+    epoch that checkpoint finished (-1 for a fresh run), the W&B run id to (re)use, the callbacks
+    and the checkpoint-IO plugin."""
 
     def __init__(self, path: Path | None, output_dir: Path, seed: int, config: Mapping, classes: list[str],
                  min_write_interval_s: float = 0.0):
         self.path = path
-        self.wandb_id = (read_resume_checkpoint(path, config, classes) if path else None) or new_run_id()
+        wandb_id, self.finished_epoch = read_resume_checkpoint(path, config, classes) if path else (None, -1)
+        self.wandb_id = wandb_id or new_run_id()
         self.callbacks = [EpochSeeding(seed), RunRecord(self.wandb_id), last_checkpoint(output_dir)]
         self.plugins = [AtomicCheckpointIO(min_write_interval_s, checkpoint_dir(output_dir))]
 

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 import netrc
 import os
 import socket
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 log = logging.getLogger(__name__)
 
@@ -46,18 +49,50 @@ def _has_credentials(host: str) -> bool:
         return False
 
 
-def build_loggers(cfg: Mapping, output_dir: Path, config: Mapping, run_id: str | None = None) -> list[Logger]:
+def build_loggers(cfg: Mapping, output_dir: Path, config: Mapping, run_id: str | None = None,
+                  keep_csv_through_epoch: int = -1) -> list[Logger]:
     """CSV logger at ``output_dir/csv`` when ``cfg.csv``; a W&B logger when ``cfg.wandb`` is set.
-    `run_id`: the W&B run id; a resumed run passes its first run's id to continue that W&B run."""
+    `run_id`: the W&B run id; a resumed run passes its first run's id to continue that W&B run.
+    `keep_csv_through_epoch`: a run resumed in its own folder passes the last epoch its checkpoint
+    finished, and the rows of epochs up to it stay in ``metrics.csv``; later rows (epochs the
+    resumed run redoes) are dropped. -1 starts the file afresh."""
     loggers: list[Logger] = []
     if cfg.get("csv"):
-        loggers.append(CSVLogger(save_dir=str(output_dir), name="csv", version=""))
+        loggers.append(_csv_logger(output_dir, keep_csv_through_epoch))
     wandb_cfg = cfg.get("wandb")
     if wandb_cfg:
         mode = wandb_mode(wandb_cfg.get("mode", "auto"))
         if mode != "disabled":
             loggers.append(_wandb_logger(wandb_cfg, mode, output_dir, config, run_id))
     return loggers
+
+
+def _csv_logger(output_dir: Path, keep_through_epoch: int) -> CSVLogger:
+    logger = CSVLogger(save_dir=str(output_dir), name="csv", version="")
+    path = Path(logger.log_dir) / "metrics.csv"
+    if keep_through_epoch < 0 or not path.is_file() or rank_zero_only.rank != 0:
+        return logger
+    kept = []
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            values = {k: _number(v) for k, v in row.items() if k and v not in ("", None)}
+            if isinstance(values.get("epoch"), float) and values["epoch"] <= keep_through_epoch:
+                kept.append({k: int(v) if k in ("epoch", "step") else v for k, v in values.items()})
+    # Lightning's CSV writer deletes an existing metrics.csv when it starts; it then writes the
+    # kept rows first. Written at once, so a second interruption before any new row keeps them.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Experiment logs directory")
+        writer = logger.experiment
+    writer.metrics = kept + writer.metrics
+    writer.save()
+    return logger
+
+
+def _number(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def _wandb_logger(cfg: Mapping, mode: str, output_dir: Path, config: Mapping, run_id: str | None = None) -> Logger:

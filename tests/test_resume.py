@@ -9,6 +9,7 @@ head dropout (torch's generator) and a step LR schedule in play.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -25,7 +26,7 @@ from finetune.checkpoints import LAST, RUN_KEY, atomic_save
 from finetune.errors import ConfigError, NonFiniteLossError, OutOfMemoryError
 from finetune.module import ClassifierModule
 
-RUN = ["+recipe=gradual_unfreeze", *TINY, *QUICK, "trainer.max_epochs=3", "data.batch_size=16",
+RUN = ["+recipe=gradual_unfreeze", *TINY, *[o for o in QUICK if o != "logger=none"], "logger=csv", "trainer.max_epochs=3", "data.batch_size=16",
        "+trainer.limit_train_batches=4", "+trainer.limit_val_batches=2", "head.dropout=0.3",
        "optimizer.lr=0.1", "scheduler.step_size=1", "scheduler.gamma=0.5",
        "callbacks.checkpoint.min_write_interval_s=0"]  # last.ckpt at every epoch end, however short
@@ -105,6 +106,39 @@ def test_killed_run_resumes_to_the_same_weights_and_metrics(killed_and_resumed):
     assert summary_b["metrics"] == summary_a["metrics"]
     # Unfreezing went on from where it was: stage4 opened in epoch 2, stage3 in epoch 3.
     assert [row["unfrozen_groups"] for row in summary_b["history"]] == [0.0, 1.0, 2.0]
+    # metrics.csv holds every epoch once, the one finished before the kill included
+    rows_a, rows_b = csv_rows(uninterrupted), csv_rows(resumed)
+    assert sorted({row["epoch"] for row in rows_b}) == ["0", "1", "2"]
+    assert rows_b == rows_a
+
+
+def csv_rows(run_dir: Path) -> list[dict[str, str]]:
+    with (run_dir / "csv" / "metrics.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_resumed_csv_keeps_the_finished_epochs_and_drops_the_ones_to_redo(tmp_path):
+    from finetune.loggers import build_loggers
+
+    folder = tmp_path / "csv"
+    folder.mkdir()
+    # a paced run killed in epoch 4: its last.ckpt is from the end of epoch 1, rows reach epoch 3
+    rows = [{"epoch": e, "step": 4 * e + 3, "val/acc": 0.5 + e / 10, "note": "x"} for e in range(4)]
+    with (folder / "metrics.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["epoch", "note", "step", "val/acc"])
+        writer.writeheader()
+        writer.writerows(rows)
+    [logger] = build_loggers({"csv": True}, tmp_path, {}, keep_csv_through_epoch=1)
+    kept = csv_rows(tmp_path)  # on disk before the resumed run logs anything
+    assert [(r["epoch"], r["step"], float(r["val/acc"]), r["note"]) for r in kept] == [("0", "3", 0.5, "x"), ("1", "7", 0.6, "x")]
+    logger.log_metrics({"val/acc": 0.9, "epoch": 2}, step=11)
+    logger.save()
+    assert [r["epoch"] for r in csv_rows(tmp_path)] == ["0", "1", "2"]
+
+    [fresh] = build_loggers({"csv": True}, tmp_path, {})  # a new run in the same folder starts afresh
+    fresh.log_metrics({"val/acc": 0.1, "epoch": 0}, step=3)
+    fresh.save()
+    assert [(r["epoch"], r["val/acc"]) for r in csv_rows(tmp_path)] == [("0", "0.1")]
 
 
 def test_resumed_run_keeps_its_wandb_id_and_optimizer_state(killed_and_resumed):
