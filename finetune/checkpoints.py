@@ -253,14 +253,17 @@ def _get(tree: Any, dotted: str) -> Any:
 
 class Resume:
     """What train.run needs to make a run resumable: where it continues from (or None), the last
-    epoch that checkpoint finished (-1 for a fresh run), the W&B run id to (re)use, the callbacks
-    and the checkpoint-IO plugin."""
+    epoch whose logged rows the output folder keeps (-1: none), the W&B run id to (re)use, the
+    callbacks and the checkpoint-IO plugin."""
 
     def __init__(self, path: Path | None, output_dir: Path, seed: int, config: Mapping, classes: list[str],
                  min_write_interval_s: float = 0.0):
         self.path = path
-        wandb_id, self.finished_epoch = read_resume_checkpoint(path, config, classes) if path else (None, -1)
+        wandb_id, epoch = read_resume_checkpoint(path, config, classes) if path else (None, -1)
         self.wandb_id = wandb_id or new_run_id()
+        # resume=true continues in the checkpoint's own folder: what it logged through `epoch` stays
+        in_place = path is not None and Path(path).resolve().parent == checkpoint_dir(output_dir).resolve()
+        self.logged_through_epoch = epoch if in_place else -1
         self.callbacks = [EpochSeeding(seed), RunRecord(self.wandb_id), last_checkpoint(output_dir)]
         self.plugins = [AtomicCheckpointIO(min_write_interval_s, checkpoint_dir(output_dir))]
 

@@ -72,27 +72,18 @@ def _csv_logger(output_dir: Path, keep_through_epoch: int) -> CSVLogger:
     path = Path(logger.log_dir) / "metrics.csv"
     if keep_through_epoch < 0 or not path.is_file() or rank_zero_only.rank != 0:
         return logger
-    kept = []
     with path.open(newline="") as f:
-        for row in csv.DictReader(f):
-            values = {k: _number(v) for k, v in row.items() if k and v not in ("", None)}
-            if isinstance(values.get("epoch"), float) and values["epoch"] <= keep_through_epoch:
-                kept.append({k: int(v) if k in ("epoch", "step") else v for k, v in values.items()})
-    # Lightning's CSV writer deletes an existing metrics.csv when it starts; it then writes the
-    # kept rows first. Written at once, so a second interruption before any new row keeps them.
+        kept = [{k: v for k, v in row.items() if k and v} for row in csv.DictReader(f)
+                if (row.get("epoch") or "").isdigit() and int(row["epoch"]) <= keep_through_epoch]
+    # Lightning's CSV writer deletes an existing metrics.csv when it starts; handed the kept rows
+    # (as text: it writes values as given), it writes them first, under a header that has their
+    # columns. Written at once, so a second interruption before any new row keeps them.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Experiment logs directory")
         writer = logger.experiment
     writer.metrics = kept + writer.metrics
     writer.save()
     return logger
-
-
-def _number(text: str) -> float | str:
-    try:
-        return float(text)
-    except ValueError:
-        return text
 
 
 def _wandb_logger(cfg: Mapping, mode: str, output_dir: Path, config: Mapping, run_id: str | None = None) -> Logger:

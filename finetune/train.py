@@ -168,9 +168,8 @@ def run(cfg: DictConfig) -> FitResult:
                                        patience=cfg.callbacks.early_stopping_patience))
     if cfg.callbacks.progress_bar:
         callbacks.append(TQDMProgressBar())
-    # resume=true continues in this folder: its metrics.csv keeps the epochs the checkpoint finished
-    kept_epoch = resume.finished_epoch if resume.path is not None and resume.path.parent == output_dir / "checkpoints" else -1
-    loggers = build_loggers(cfg.logger, output_dir, config, run_id=resume.wandb_id, keep_csv_through_epoch=kept_epoch)
+    loggers = build_loggers(cfg.logger, output_dir, config, run_id=resume.wandb_id,
+                            keep_csv_through_epoch=resume.logged_through_epoch)
     try:
         trainer = L.Trainer(
             **trainer_kwargs,

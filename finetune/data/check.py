@@ -21,6 +21,10 @@ from finetune.data.sources import SPLITS, DataSplits
 from finetune.errors import DataError
 from finetune.summary import format_table
 
+# An image whose most common color covers this share of its pixels is reported as near-blank:
+# hymenoptera's "image not found" GIF scores 0.94, its most uniform photo (an ant on white) 0.87.
+NEAR_BLANK_SHARE = 0.9
+
 
 @dataclass
 class DataReport:
@@ -120,9 +124,6 @@ def near_blank_share(image: np.ndarray) -> float:
     coarse = (np.ascontiguousarray(image[..., :3]) >> 2).astype(np.int32).reshape(-1, 3)
     codes = (coarse[:, 0] << 12) | (coarse[:, 1] << 6) | coarse[:, 2]
     return float(np.bincount(codes).max() / len(codes)) if len(codes) else 1.0
-
-
-NEAR_BLANK_SHARE = 0.9
 
 
 def _duplicates(splits: DataSplits) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
