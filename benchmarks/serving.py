@@ -30,8 +30,8 @@ def images_per_second(run, batch: np.ndarray, seconds: float = 5.0) -> float:
 def main() -> None:
     import onnxruntime as ort
 
-    from finetune.export import export
-    from finetune.inference import FinetunedModel, load
+    from finetune.use.export import export
+    from finetune.use.load import FinetunedModel, load
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", type=Path, help="a finetune checkpoint (default: lite0 + a new 2-class head)")
@@ -43,9 +43,9 @@ def main() -> None:
     if args.ckpt:
         model = load(args.ckpt)
     else:
-        from finetune.backbone import build_backbone
-        from finetune.head import build_head
-        from finetune.model import Classifier
+        from finetune.model.backbone import build_backbone
+        from finetune.model.head import build_head
+        from finetune.model.classifier import Classifier
 
         backbone = build_backbone("tf_efficientnet_lite0")
         net = Classifier(backbone.model, build_head(backbone.num_features, 2), backbone.groups)

@@ -76,7 +76,7 @@ def plain_loop(data: Path, mode: str, epochs: int, batch_size: int, workers: int
     """The tutorial loop. Returns best val accuracy, seconds, train images/s."""
     from torchvision import datasets, transforms
 
-    from finetune.backbone import build_backbone
+    from finetune.model.backbone import build_backbone
 
     torch.manual_seed(seed)
     backbone = build_backbone(BACKBONE, "pretrained")

@@ -6,7 +6,7 @@ speed, ImageNet top-1.
 
 Each network is built by finetune (random weights: speed does not depend on them) with a
 1000-class linear head (LeNet-5: 10 classes, the digits), at its own input size. Multiply-adds
-and the receptive field come from finetune.anatomy (one traced forward pass); images/s from
+and the receptive field come from finetune.viz.anatomy (one traced forward pass); images/s from
 fp32 eager inference on a random batch, timed for `--seconds` after one warm-up batch. ImageNet
 top-1 is what torchvision's weights metadata says (``meta['_metrics']['ImageNet-1K']['acc@1']``);
 timm's pretrained_cfg carries no accuracy, so lite0's cell stays blank. Prints a markdown table
@@ -61,10 +61,10 @@ def images_per_second(model: torch.nn.Module, batch: torch.Tensor, seconds: floa
 
 
 def measure(label: str, name: str, batch_size: int, seconds: float) -> list[str]:
-    from finetune.anatomy import anatomy, format_count
-    from finetune.backbone import build_backbone
-    from finetune.head import build_head
-    from finetune.model import Classifier
+    from finetune.viz.anatomy import anatomy, format_count
+    from finetune.model.backbone import build_backbone
+    from finetune.model.head import build_head
+    from finetune.model.classifier import Classifier
 
     torch.manual_seed(0)
     backbone = build_backbone(name, "random")

@@ -1,13 +1,30 @@
-"""finetune: turn a pretrained ImageNet backbone into a classifier for your own images."""
+"""finetune: turn a pretrained ImageNet backbone into a classifier for your own images.
+
+``fit``, ``load``, ``FitResult`` and ``FinetunedModel`` are imported on first use, so that
+``import finetune`` (and ``finetune --help``) does not pay for Lightning, timm and torch upfront.
+"""
 
 import os
 
 # albumentations asks a server for its latest version at import; never from a training run.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from finetune.api import fit  # noqa: E402
-from finetune.inference import FinetunedModel, load  # noqa: E402
-from finetune.train import FitResult  # noqa: E402
-
 __all__ = ["FinetunedModel", "FitResult", "fit", "load"]
 __version__ = "0.1.0"
+
+_LAZY = {"fit": "finetune.api", "load": "finetune.use.load", "FinetunedModel": "finetune.use.load",
+         "FitResult": "finetune.train.report"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'finetune' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

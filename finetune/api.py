@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import re
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
-from finetune.config import compose_config
-from finetune.train import FitResult, run
-
-_PLAIN = re.compile(r"[\w./\-:~+@%]+")
+from finetune.config import compose_config, hydra_value
+from finetune.train.run import FitResult, run
 
 
 def fit(recipe: str | None = None, overrides: Sequence[str] = (), **options) -> FitResult:
@@ -23,23 +19,5 @@ def fit(recipe: str | None = None, overrides: Sequence[str] = (), **options) -> 
     if isinstance(overrides, str):
         overrides = [overrides]
     args = ([f"+recipe={recipe}"] if recipe else []) + list(overrides)
-    args += [f"{key.replace('__', '.')}={_hydra_value(value)}" for key, value in options.items()]
+    args += [f"{key.replace('__', '.')}={hydra_value(value)}" for key, value in options.items()]
     return run(compose_config(args))
-
-
-def _hydra_value(value) -> str:
-    """A Python value written in Hydra's override grammar."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, Mapping):
-        return "{" + ",".join(f"{k}:{_hydra_value(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_hydra_value(v) for v in value) + "]"
-    text = str(value) if not isinstance(value, Path) else str(value.expanduser())
-    if _PLAIN.fullmatch(text):
-        return text
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"

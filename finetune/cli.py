@@ -2,13 +2,14 @@
 
 ``finetune [OVERRIDES]`` trains (``-m`` for a sweep); ``finetune check-data [OVERRIDES]`` and
 ``finetune show-groups [OVERRIDES]`` inspect the data and the layer groups without training;
-``predict``, ``evaluate``, ``export``, ``viz``, ``embed`` and ``probe`` use a model (finetune/commands.py).
+``predict``, ``evaluate``, ``export``, ``viz``, ``embed`` and ``probe`` use a model (finetune/commands/).
 Mistakes a user can fix exit with code 2 and a one-paragraph message.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import hydra
@@ -17,10 +18,13 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from finetune.config import config_dir, register_recipes
-from finetune.distributed import child_argv, in_sweep_child, is_rank_zero, relaunchable_job
-from finetune.errors import FinetuneError
-from finetune.sweep import register_resolvers
-from finetune.train import run
+from finetune.console import is_rank_zero
+from finetune.train.distributed import child_argv, in_sweep_child, relaunchable_job
+from finetune.errors import ConfigError, FinetuneError
+from finetune.train.sweep import register_resolvers
+
+# A first argument that can only be a command (overrides have `=`, flags `-`, appends `+`).
+_COMMAND_LIKE = re.compile(r"[A-Za-z][\w-]*")
 
 
 def _fail(err: Exception) -> None:
@@ -39,6 +43,8 @@ def _train(cfg: DictConfig) -> float | None:
     with relaunchable_job(hydra_cfg.overrides.task, hydra_cfg.runtime.output_dir, sweep):
         if sweep:
             return _sweep_trial(cfg)
+        from finetune.train.run import run
+
         try:
             result = run(cfg)
         except FinetuneError as err:
@@ -65,7 +71,9 @@ def _sweep_trial(cfg: DictConfig) -> float:
     import traceback
     from pathlib import Path
 
-    from finetune.sweep import ERROR_FILE, basic_sweeper
+    from finetune.train.sweep import ERROR_FILE, basic_sweeper
+
+    from finetune.train.run import run
 
     try:
         value = run(cfg).metrics.get("val/acc")
@@ -88,29 +96,43 @@ def main() -> None:
     register_recipes()
     register_resolvers()
     sys.argv = child_argv(sys.argv)  # a DDP process of rank > 0 runs its parent's job
-    from finetune.commands import COMMANDS
-
-    if len(sys.argv) > 1 and sys.argv[1] in COMMANDS:
-        command = COMMANDS[sys.argv[1]]
+    args = sys.argv[1:]
+    if args and _COMMAND_LIKE.fullmatch(args[0]):
         try:
-            sys.exit(command(sys.argv[2:]))
+            sys.exit(_command(args[0], args[1:]))
         except (FinetuneError, HydraException, OmegaConfBaseException) as err:
             _fail(err)
-    _check_overrides(sys.argv[1:])
+    _check_overrides(args)
     hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")(_train)()
 
 
+def _command(name: str, args: list[str]) -> int:
+    """Run ``finetune NAME ARGS``: a subcommand, ``help``, ``list``, or an unknown word."""
+    from finetune.commands import COMMANDS, command
+    from finetune.commands.help import command_help, help_command, list_command, unknown_command
+
+    if name == "help":
+        return help_command(args)
+    if name == "list":
+        return list_command(args)
+    if name not in COMMANDS:
+        raise ConfigError(unknown_command(name))
+    if any(a in ("-h", "--help") for a in args):
+        print(command_help(name))
+        return 0
+    return command(name)(args)
+
+
 def _check_overrides(args: list[str]) -> None:
-    """Compose a plain run's config once before Hydra does, so that an unknown key or a bad
-    override exits with code 2 and Hydra's one-paragraph message (Hydra itself exits 1).
-    Runs with flags (-m, --cfg, --help, ...) are left to Hydra."""
-    if not args or any(a.startswith("-") for a in args):
+    """Check the command line before Hydra runs it, so that an unknown key or a missing extra
+    exits with code 2 and a sentence that names the fix (Hydra itself exits 1), under -m too."""
+    if not args:
         return
-    from finetune.config import compose_config
+    from finetune.config import check_overrides
 
     try:
-        compose_config(args)
-    except (HydraException, OmegaConfBaseException) as err:
+        check_overrides(args)
+    except (FinetuneError, HydraException, OmegaConfBaseException) as err:
         _fail(err)
 
 

@@ -8,13 +8,19 @@ working directory.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
+from functools import cache
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from finetune.errors import ConfigError
+
 _PACKAGE = Path(__file__).resolve().parent
+_PLAIN = re.compile(r"[\w./\-:~+@%]+")
 
 
 def _first_dir(name: str) -> Path:
@@ -92,8 +98,6 @@ TYPED_KEYS = {
 
 def check_types(cfg: DictConfig) -> None:
     """Raise a ConfigError naming the first key of :data:`TYPED_KEYS` whose value is wrong."""
-    from finetune.errors import ConfigError
-
     for key, (types, minimum, expected) in TYPED_KEYS.items():
         value = OmegaConf.select(cfg, key, default=None)
         if value is None or (key == "data.num_workers" and value == "auto"):
@@ -101,3 +105,137 @@ def check_types(cfg: DictConfig) -> None:
         wrong = not isinstance(value, types) or (isinstance(value, bool) and bool not in types)
         if wrong or (minimum is not None and value < minimum):
             raise ConfigError(f"{key}={value!r}: it must be {expected}.")
+
+
+def hydra_value(value) -> str:
+    """A Python value written in Hydra's override grammar."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, Mapping):
+        return "{" + ",".join(f"{k}:{hydra_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(hydra_value(v) for v in value) + "]"
+    text = str(value) if not isinstance(value, Path) else str(value.expanduser())
+    if _PLAIN.fullmatch(text):
+        return text
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+# Hydra's command-line flags that take a value (`--cfg job`); the others (-m) stand alone.
+_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                     "--config-dir", "-cd", "--experimental-rerun", "--info", "-i"}
+# What a sweep override's value looks like: a top-level comma, or Hydra's sweep functions.
+_SWEEP_VALUE = re.compile(r"^(range|choice|interval|glob|tag)\(|,(?![^\[\]{}()]*[\]})])")
+# Config groups whose options come from an extra: option prefix -> (module, pip extra).
+_EXTRAS = {"hparams_search=optuna": ("hydra_plugins.hydra_optuna_sweeper", "sweep"),
+           "hydra/launcher=slurm": ("hydra_plugins.hydra_submitit_launcher", "slurm")}
+
+
+def check_overrides(args: list[str]) -> None:
+    """Raise a ConfigError for a command line Hydra would refuse, with the fix: an unknown key
+    gets "did you mean" from the composed config, a sweeper or launcher whose extra is missing
+    gets its ``pip install``. Sweep values (``a=1,2``, ``range(...)``) are checked by key, so a
+    typo under ``-m`` is caught before the sweep starts. Help flags are left to Hydra."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides, it = [], iter(args)
+    for arg in it:
+        if arg in ("--help", "-h", "--hydra-help", "--shell-completion", "-sc"):
+            return
+        if arg in _FLAGS_WITH_VALUE:
+            next(it, None)
+        elif not arg.startswith("-"):
+            overrides.append(arg)
+    for arg in overrides:
+        for prefix, (module, extra) in _EXTRAS.items():
+            if arg.lstrip("+").startswith(prefix) and not _installed(module):
+                raise ConfigError(f"{arg} needs finetune's {extra!r} extra: pip install 'finetune[{extra}]'.")
+    plain = [a for a in overrides if not _SWEEP_VALUE.search(a.partition("=")[2])]
+    swept = [a.partition("=")[0] for a in overrides if a not in plain]
+    try:
+        cfg = compose_config(plain)
+    except (HydraException, OmegaConfBaseException) as err:
+        key = re.match(r"Could not override '([^']+)'", str(err))
+        option = re.search(r"Could not find '([\w/]+)/([^']+)'", str(err))
+        if option is not None:
+            raise ConfigError(_unknown_option(*option.groups())) from None
+        if key is None:
+            raise ConfigError(" ".join(str(err).split()) or type(err).__name__) from None
+        others = [a for a in plain if a.lstrip("+~").partition("=")[0] != key.group(1)]
+        raise ConfigError(_unknown_key(key.group(1), compose_config(others))) from None
+    groups = {p.name for p in config_dir().iterdir() if p.is_dir()}
+    for key in swept:
+        bare = key.lstrip("+~")
+        if key.startswith(("+", "~")) or bare.startswith("hydra") or bare in groups:
+            continue
+        if OmegaConf.select(cfg, bare, default=_MISSING) is _MISSING:
+            raise ConfigError(_unknown_key(bare, cfg))
+
+
+_MISSING = object()
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
+
+
+def _unknown_key(key: str, cfg: DictConfig) -> str:
+    import difflib
+
+    keys = _dotted_keys(OmegaConf.to_container(cfg, resolve=False))
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    hint = f" Did you mean {close[0]}?" if close else ""
+    return (f"Unknown config key {key!r}.{hint} (To add a new key on purpose: +{key}=VALUE; "
+            f"finetune --cfg job prints every key.)")
+
+
+def _unknown_option(group: str, option: str) -> str:
+    import difflib
+
+    folder = config_dir() / group
+    options = sorted(p.stem for p in folder.glob("*.yaml") if not p.stem.startswith("_")) if folder.is_dir() else []
+    if group == "recipe":
+        options = recipe_names()
+    close = difflib.get_close_matches(option, options, n=1)
+    plus = "+" if group in ("recipe", "hparams_search") else ""
+    hint = f" Did you mean {plus}{group}={close[0]}?" if close else ""
+    listed = f" Options: {', '.join(options)}." if options else ""
+    if group == "backbone":
+        listed += " Any timm model: backbone.name=NAME (finetune list backbones)."
+    return f"No {group} named {option!r}.{hint}{listed}"
+
+
+def _dotted_keys(node, prefix: str = "") -> list[str]:
+    if not isinstance(node, dict):
+        return [prefix] if prefix else []
+    keys = [prefix] if prefix else []
+    for k, v in node.items():
+        keys += _dotted_keys(v, f"{prefix}.{k}" if prefix else str(k))
+    return keys
+
+
+@cache
+def _group_file(group: str, option: str) -> dict:
+    path = config_dir() / group / f"{option}.yaml"
+    if not path.is_file():
+        raise ConfigError(_unknown_option(group, option))
+    values = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    values.pop("defaults", None)
+    return values
+
+
+def with_defaults(group: str, option: str, values: Mapping) -> dict:
+    """`values` (a config group's node, possibly partial, as a caller of a library function
+    passes it) completed from ``conf/GROUP/OPTION.yaml``: the YAML is the one place a default lives."""
+    plain = OmegaConf.to_container(values, resolve=True) if isinstance(values, DictConfig) else dict(values)
+    return {**_group_file(group, option), **plain}

@@ -220,3 +220,22 @@ def test_a_dead_worker_becomes_a_message_with_the_fix():
     assert isinstance(explained, DataError)
     assert "data.num_workers=0" in str(explained) and "shm" in str(explained)
     assert explain_worker_failure(RuntimeError("CUDA out of memory")).args == ("CUDA out of memory",)
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("CUDA out of memory. Tried to allocate 2.00 GiB", True),
+    ("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a non-contiguous input.", True),
+    ("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes.",
+     True),
+    ("[enforce fail at alloc_cpu.cpp:72] data. DefaultCPUAllocator: not enough memory: you tried to allocate 8 bytes.",
+     True),  # Windows' wording, which Lightning's detector does not know
+    ("MPS backend out of memory (MPS allocated: 8.00 GB)", True),
+    ("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)", False),
+    ("DataLoader worker (pid 123) is killed by signal: Killed.", False),
+])
+def test_out_of_memory_is_recognized_in_every_wording(message, expected):
+    from finetune.train.faults import is_out_of_memory
+
+    assert is_out_of_memory(RuntimeError(message)) is expected
+    assert is_out_of_memory(torch.OutOfMemoryError(message)) is True
+    assert is_out_of_memory(ValueError(message)) is False

@@ -9,17 +9,19 @@ import pytest
 from conftest import QUICK, TINY
 
 from finetune import fit
+from finetune.compute import features as feature_cache
 from finetune.commands import embed_command, probe_command
-from finetune.embed import load_embeddings
+from finetune.use.embed import load_embeddings
 from finetune.errors import ConfigError
 
 BACKBONE = ["backbone.name=test_resnet", "backbone.weights=random", "data.image_size=32", "data.num_workers=0"]
 
 
-def test_embed_writes_features_labels_and_paths_of_every_image(tmp_path, image_folder, capsys):
+def test_embed_writes_features_labels_and_paths_of_every_image(tmp_path, image_folder, capsys, monkeypatch):
     bad = image_folder / "val" / "ants" / "truncated.jpg"
     bad.write_bytes(next((image_folder / "val" / "ants").glob("*.jpg")).read_bytes()[:200])
-    args = [*BACKBONE, "data=folder", f"data.root={image_folder}", f"out={tmp_path / 'e'}"]
+    cache = tmp_path / "cache"
+    args = [*BACKBONE, "data=folder", f"data.root={image_folder}", f"data.cache.dir={cache}", f"out={tmp_path / 'e'}"]
     assert embed_command(args) == 0
     assert "skipped 1 unreadable files" in capsys.readouterr().out
     emb = load_embeddings(tmp_path / "e" / "embeddings.npz")
@@ -27,19 +29,30 @@ def test_embed_writes_features_labels_and_paths_of_every_image(tmp_path, image_f
     assert sorted(set(emb.splits)) == ["train", "val"] and str(bad) not in set(emb.paths)
     for path, label in zip(emb.paths, emb.labels):  # rows stay aligned with their files
         assert Path(path).parent.name == emb.classes[label]
-    assert embed_command(args) == 0  # the second call reads the cache
+    # The second call reads the cache: no image goes through the backbone again, the file stays as written.
+    [cached] = (cache / "features").glob("*.safetensors")
+    written = cached.stat().st_mtime_ns
+
+    def extract(*args, **kwargs):
+        raise AssertionError("the second embed recomputed features instead of reading the cache")
+
+    monkeypatch.setattr(feature_cache, "extract", extract)
+    assert embed_command(args) == 0
+    assert "skipped 1 unreadable files" in capsys.readouterr().out  # the skips are cached too
+    assert cached.stat().st_mtime_ns == written and list((cache / "features").iterdir()) == [cached]
     assert np.array_equal(load_embeddings(tmp_path / "e" / "embeddings.npz").features, emb.features)
 
 
 def test_embed_from_a_checkpoint_uses_the_fine_tuned_backbone(tmp_path, image_folder):
+    # fp32 (embed uses the run's precision): bf16 features would differ from the fp32 forward below.
     result = fit("full_finetune", TINY + QUICK + ["data=folder", f"data.root={image_folder}", "data.batch_size=8",
-                                                  f"hydra.run.dir={tmp_path / 'run'}"])
+                                                  "trainer.precision=32-true", f"hydra.run.dir={tmp_path / 'run'}"])
     assert embed_command([f"ckpt={result.best_checkpoint}", f"out={tmp_path / 'e'}"]) == 0
     emb = load_embeddings(tmp_path / "e" / "embeddings.npz")
     import torch
 
     first = emb.paths[emb.splits == "val"][0]
-    from finetune.inference import load
+    from finetune.use.load import load
 
     model = load(result.best_checkpoint)
     expected = model.model.backbone(model.preprocess([first])).detach().numpy()[0]

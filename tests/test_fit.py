@@ -69,8 +69,59 @@ def test_output_dirs_of_runs_in_the_same_second_do_not_collide(tmp_path):
     assert first != second
 
 
+def first_backbone_epoch(freeze) -> int | None:
+    """The first epoch (0-based) in which some backbone parameter trains, as the recipe's
+    ``freeze`` group says; None: the backbone never trains."""
+    if not freeze.groups and not freeze.until and not freeze.patterns:
+        return 0
+    if freeze.unfreeze_at is not None:
+        return freeze.unfreeze_at
+    return freeze.unfreeze_every  # the group next to the head joins first; None: never
+
+
+def record_backbone_at_epoch_starts(monkeypatch) -> dict[int, dict[str, torch.Tensor]]:
+    """epoch -> a copy of the backbone's parameters when that epoch started, for fit() runs
+    started after this call."""
+    from finetune.train.module import ClassifierModule
+
+    seen: dict[int, dict[str, torch.Tensor]] = {}
+    original = ClassifierModule.on_train_epoch_start
+
+    def on_train_epoch_start(self):
+        seen[self.current_epoch] = {n: p.detach().clone() for n, p in self.model.backbone.named_parameters()}
+        original(self)
+
+    monkeypatch.setattr(ClassifierModule, "on_train_epoch_start", on_train_epoch_start)
+    return seen
+
+
 @pytest.mark.parametrize("recipe", recipe_names())
-def test_every_recipe_runs_a_few_batches(recipe, image_folder, tmp_path):
-    result = fit(recipe, TINY + QUICK + ["data=folder", f"data.root={image_folder}", "trainer.max_epochs=2",
-                                         "+trainer.limit_train_batches=2", f"hydra.run.dir={tmp_path}"])
-    assert len(result.history) == 2 and "val/acc" in result.metrics
+def test_every_recipe_trains_its_own_backbone_from_the_epoch_its_freeze_plan_says(recipe, image_folder, tmp_path,
+                                                                                    monkeypatch):
+    """Each recipe as written: its own backbone where it names one (lenet_from_scratch trains
+    LeNet-5, not TINY's test_resnet), and long enough to pass its unfreezing epoch (lp_ft:
+    epochs 0-4 probe, 5 on fine-tune): the backbone's parameters stay put before the epoch its
+    freeze plan names and move from it on, and the lr follows the recipe's step schedule."""
+    cfg = compose_config([f"+recipe={recipe}"])
+    own_backbone = cfg.backbone.name != compose_config([]).backbone.name
+    backbone = ["data.image_size=32"] if own_backbone else TINY  # the default lite0 is too slow here
+    start = first_backbone_epoch(cfg.freeze)
+    epochs = 2 if start is None else start + 2  # epochs 0..start+1: one full epoch past the switch
+    seen = record_backbone_at_epoch_starts(monkeypatch)
+    result = fit(recipe, backbone + QUICK + ["data=folder", f"data.root={image_folder}", f"trainer.max_epochs={epochs}",
+                                            "+trainer.limit_train_batches=2", f"hydra.run.dir={tmp_path}"])
+    assert result.config["backbone"]["name"] == (cfg.backbone.name if own_backbone else "test_resnet")
+    assert len(result.history) == epochs and "val/acc" in result.metrics
+    assert sorted(seen) == list(range(epochs)), "fit() did not run the recorded module"
+    names = list(seen[0])
+    moved = [[n for n in names if not torch.equal(seen[e][n], seen[e + 1][n])] for e in range(epochs - 1)]
+    assert [bool(m) for m in moved] == [start is not None and e >= start for e in range(epochs - 1)], (start, moved)
+    if cfg.freeze.unfreeze_at is not None:  # LP-FT: every backbone group joins at once
+        groups = {g.name: {n.removeprefix("backbone.") for n in g.param_names} for g in result.model.groups[:-1]}
+        assert [g for g, params in groups.items() if not params & set(moved[start])] == []
+        assert [row["unfrozen_groups"] for row in result.history] == [0.0] * start + [float(len(groups))] * 2
+    # Every recipe keeps the step schedule: lr x gamma^(epoch // step_size) (lp_ft: 0.01, then 0.001 from epoch 5).
+    assert cfg.scheduler.name == "step"
+    expected = [cfg.optimizer.lr * cfg.scheduler.gamma ** (e // cfg.scheduler.step_size) for e in range(epochs)]
+    assert [row["lr/head"] for row in result.history] == pytest.approx(expected, rel=1e-6)  # logged as float32
+

@@ -7,13 +7,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from finetune.backbone import build_backbone
+from finetune.model.backbone import build_backbone
 from finetune.errors import ConfigError
-from finetune.freeze import apply_freeze
-from finetune.head import build_head
-from finetune.model import Classifier
-from finetune.module import ClassifierModule
-from finetune.optim import param_groups
+from finetune.model.freeze import apply_freeze
+from finetune.model.head import build_head
+from finetune.model.classifier import Classifier
+from finetune.train.module import ClassifierModule
+from finetune.train.optim import param_groups
 
 
 def tiny_classifier(num_classes: int = 3) -> Classifier:
@@ -136,7 +136,8 @@ def test_layers_after_the_last_block_train_with_the_head():
 
 # --- gradual unfreezing ---------------------------------------------------------------------
 
-from finetune.unfreeze import gradual_unfreezing, unfreeze_schedule  # noqa: E402
+from finetune.model.freeze import unfreeze_schedule  # noqa: E402
+from finetune.train.unfreeze import gradual_unfreezing  # noqa: E402
 
 
 def test_unfreeze_schedule_goes_from_the_head_down():
@@ -163,8 +164,8 @@ class RecordEpochs(L.Callback):
         self.changed.append({k.split(".")[0] for k, v in self._before.items() if not torch.equal(v, after[k])})
 
 
-def fit_with_unfreezing(model, epochs, every=None, at=None, ckpt_path=None, save_to=None):
-    unfreezing = gradual_unfreezing(model, every, at)
+def fit_with_unfreezing(model, epochs, ckpt_path=None, save_to=None):
+    unfreezing = gradual_unfreezing(model)
     record = RecordEpochs(unfreezing)
     torch.manual_seed(0)
     images, labels = torch.randn(32, 3, 32, 32) * 3 + 1, torch.randint(0, 3, (32,))
@@ -182,8 +183,8 @@ def fit_with_unfreezing(model, epochs, every=None, at=None, ckpt_path=None, save
 
 def test_gated_groups_stay_bit_exact_until_their_epoch():
     model = tiny_classifier()
-    apply_freeze(model, until="stage4")
-    record, _ = fit_with_unfreezing(model, epochs=3, every=1)
+    apply_freeze(model, until="stage4", unfreeze_every=1)
+    record, _ = fit_with_unfreezing(model, epochs=3)
     assert record.gated == [["stage1", "stage2", "stage3", "stage4", "stem"],
                             ["stage1", "stage2", "stage3", "stem"],
                             ["stage1", "stage2", "stem"]]
@@ -195,14 +196,14 @@ def test_gated_groups_stay_bit_exact_until_their_epoch():
 @pytest.mark.parametrize("resume_after", [1, 3])  # epochs done: before / after the unfreeze (epoch index 2)
 def test_resume_across_the_unfreeze_epoch_restores_trainable_set_and_optimizer_state(tmp_path, resume_after):
     model = tiny_classifier()
-    apply_freeze(model, groups="all")
+    apply_freeze(model, groups="all", unfreeze_at=2)
     ckpt = tmp_path / "resume.ckpt"
-    _, first = fit_with_unfreezing(model, epochs=resume_after, at=2, save_to=ckpt)
+    _, first = fit_with_unfreezing(model, epochs=resume_after, save_to=ckpt)
     saved = first.optimizers[0].state_dict()
 
     resumed_model = tiny_classifier()
-    apply_freeze(resumed_model, groups="all")
-    record, second = fit_with_unfreezing(resumed_model, epochs=4, at=2, ckpt_path=str(ckpt))
+    apply_freeze(resumed_model, groups="all", unfreeze_at=2)
+    record, second = fit_with_unfreezing(resumed_model, epochs=4, ckpt_path=str(ckpt))
     gated_then = [] if resume_after >= 2 else ["stage1", "stage2", "stage3", "stage4", "stem"]
     assert record.gated[0] == gated_then
     assert record.changed[-1] == {"conv1", "bn1", "layer1", "layer2", "layer3", "layer4"}

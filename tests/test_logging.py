@@ -7,11 +7,12 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from conftest import QUICK_WITH_PICTURES, TINY
-from finetune.checkpoints import LAST, RUN_KEY
-from finetune.loggers import build_loggers, wandb_mode
+from finetune.train.checkpoints import LAST, RUN_KEY
+from finetune.train.loggers import build_loggers, wandb_mode
 
 
 def test_no_credentials_means_offline(monkeypatch, tmp_path):
@@ -26,6 +27,7 @@ def test_no_credentials_means_offline(monkeypatch, tmp_path):
     assert wandb_mode("auto") == "disabled"
 
 
+@pytest.mark.slow  # a CLI run with pictures; fast: the offline decision and run-id tests in this file
 def test_default_wandb_logger_runs_offline_without_credentials(image_folder, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(HOME=str(tmp_path), NETRC=str(tmp_path / "none"))

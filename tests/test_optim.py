@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from conftest import QUICK, TINY
 from finetune.errors import ConfigError
-from finetune.optim import build_optimizer, build_scheduler
+from finetune.train.optim import build_optimizer, build_scheduler
 
 
 def groups():
@@ -35,9 +37,12 @@ def test_adamw_with_warmup_and_cosine():
     optimizer = build_optimizer(groups(), {"name": "adamw", "lr": 0.1})
     assert isinstance(optimizer, torch.optim.AdamW)
     scheduler = build_scheduler(optimizer, {"name": "cosine", "warmup_epochs": 2, "min_lr": 0.0}, max_epochs=6)
-    seen = lrs(scheduler, 6)
-    assert seen[0] < seen[1] < seen[2] == pytest.approx(0.1)
-    assert seen[2] > seen[3] > seen[4] > seen[5] > 0.0
+    # Linear warmup from lr/(warmup+1) over 2 epochs, then cosine from 0.1 to min_lr over the other 4:
+    # lr_e = 0.1 x (1 + cos(pi x (e - 2) / 4)) / 2.
+    warmup = [0.1 * (e + 1) / 3 for e in range(2)]
+    cosine = [0.1 * (1 + math.cos(math.pi * (e - 2) / 4)) / 2 for e in range(2, 6)]
+    assert lrs(scheduler, 6) == pytest.approx(warmup + cosine, rel=1e-9)
+    assert warmup + cosine == pytest.approx([0.1 / 3, 0.2 / 3, 0.1, 0.0853553, 0.05, 0.0146447], rel=1e-5)
 
 
 def test_unknown_optimizer_or_scheduler_names_say_the_choices():
@@ -50,9 +55,22 @@ def test_unknown_optimizer_or_scheduler_names_say_the_choices():
 
 
 @pytest.mark.gpu
-def test_fit_on_gpu_with_bf16(image_folder, tmp_path):
+def test_fit_on_gpu_with_bf16(image_folder, tmp_path, monkeypatch):
     from finetune import fit
+    from finetune.train.module import ClassifierModule
 
-    result = fit("full_finetune", TINY + QUICK + ["trainer=gpu", "data=folder", f"data.root={image_folder}",
-                                                  f"hydra.run.dir={tmp_path}"])
-    assert 0.0 <= result.metrics["val/acc"] <= 1.0
+    seen = set()  # (device, logits dtype) of every forward pass, training and validation
+    original = ClassifierModule.forward
+
+    def forward(self, x):
+        logits = original(self, x)
+        seen.add((logits.device.type, logits.dtype))
+        return logits
+
+    monkeypatch.setattr(ClassifierModule, "forward", forward)
+    on_gpu = [o for o in QUICK if not o.startswith("trainer.accelerator=")]  # QUICK's cpu would win over trainer=gpu
+    result = fit("full_finetune", TINY + on_gpu + ["trainer=gpu", "data=folder", f"data.root={image_folder}",
+                                                   f"hydra.run.dir={tmp_path}"])
+    assert seen == {("cuda", torch.bfloat16)}  # every step on the GPU, under bf16 autocast
+    assert result.metrics["val/acc"] * 12 == pytest.approx(round(result.metrics["val/acc"] * 12))  # k of 12 images
+    assert next(result.model.parameters()).dtype == torch.float32  # mixed precision: fp32 master weights

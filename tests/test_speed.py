@@ -9,7 +9,7 @@ from conftest import QUICK, TINY
 
 from finetune import fit
 from finetune.errors import ConfigError
-from finetune.speed import cpu_has_native_bf16, resolve_precision, resolve_speed
+from finetune.compute.speed import cpu_has_native_bf16, resolve_precision, resolve_speed
 
 
 def test_auto_precision_is_bf16_only_where_it_is_native():
@@ -57,8 +57,8 @@ def test_uint8_batches_normalized_on_device_match_the_normalizing_pipeline():
     import numpy as np
 
     from finetune.data.transforms import build_transforms
-    from finetune.model import Classifier
-    from finetune.module import ClassifierModule
+    from finetune.model.classifier import Classifier
+    from finetune.train.module import ClassifierModule
 
     config = {"input_size": (3, 32, 32), "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
               "crop_pct": 0.875, "interpolation": "bicubic"}
@@ -77,7 +77,7 @@ def test_uint8_batches_normalized_on_device_match_the_normalizing_pipeline():
 
 
 def test_auto_workers_follow_the_device_and_where_the_images_are(monkeypatch):
-    from finetune import speed
+    from finetune.compute import speed
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(speed, "usable_cores", lambda: 2)

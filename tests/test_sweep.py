@@ -70,7 +70,7 @@ def _compose_hydra(overrides):
     from hydra import compose, initialize_config_dir
 
     from finetune.config import config_dir, register_recipes
-    from finetune.sweep import register_resolvers
+    from finetune.train.sweep import register_resolvers
 
     register_recipes()
     register_resolvers()

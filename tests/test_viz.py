@@ -12,7 +12,7 @@ from conftest import QUICK, QUICK_WITH_PICTURES, TINY
 from finetune import fit
 from finetune.commands import viz_command
 from finetune.viz.pictures import top_patch_crops
-from finetune.viz.receptive import conv_arithmetic, measure, output_size
+from finetune.viz.receptive import ReceptiveField, output_size, patch_fields
 
 
 def alexnet_features() -> nn.Sequential:
@@ -23,16 +23,64 @@ def alexnet_features() -> nn.Sequential:
     )
 
 
-def test_receptive_field_arithmetic_matches_known_networks_and_autograd():
+def footprint(model: nn.Module, layer: str, side: int, probes: int = 2) -> ReceptiveField:
+    """Autograd's answer, independent of the tracer: the input rows with a non-zero gradient for
+    the middle unit of `layer`'s output map (summed over channels, on `probes` random images),
+    and their shift to the next unit (the stride)."""
+    module = model.get_submodule(layer)
+
+    def touched(unit: int | None):
+        captured = {}
+        handle = module.register_forward_hook(lambda m, inputs, output: captured.setdefault("out", output))
+        x = torch.randn(probes, 3, side, side, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        try:
+            model(x)
+        finally:
+            handle.remove()
+        out = captured["out"]
+        unit = out.shape[2] // 2 if unit is None else unit
+        out[:, :, unit, unit].sum().backward()
+        rows = torch.nonzero((x.grad.abs().sum(dim=(0, 1)) > 0).any(dim=1)).flatten()
+        return int(rows.min()), int(rows.max()), unit
+
+    was_training = model.training
+    model.eval()  # BatchNorm normalizes with its running statistics: no unit sees the whole batch
+    try:
+        first, last, unit = touched(None)
+        stride = touched(unit + 1)[0] - first
+    finally:
+        model.train(was_training)
+    return ReceptiveField(last - first + 1, stride, (first + last) / 2 - unit * stride,
+                          clipped=first == 0 or last == side - 1)
+
+
+def test_receptive_fields_match_known_networks_and_autograd():
     alex = alexnet_features()
     assert output_size(224, 11, 4, 2) == 55  # AlexNet conv1: 55x55
-    field = conv_arithmetic(list(alex))
-    assert (field.size, field.stride) == (99, 16)  # conv3 of AlexNet sees 99x99 pixels, 16 apart
-    assert measure(alex, alex[6], 224) == field
+    field = patch_fields(alex, ["6"], 224)["6"]
+    assert (field.size, field.stride, field.clipped) == (99, 16, False)  # conv3 of AlexNet sees 99x99 pixels, 16 apart
+    assert field == footprint(alex, "6", 224)
     vgg = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.MaxPool2d(2),
                         nn.Conv2d(4, 4, 3, padding=1))
-    assert (conv_arithmetic(list(vgg)).size, conv_arithmetic(list(vgg)).stride) == (10, 2)  # 3 -> 5 -> 6 -> 10
-    assert measure(vgg, vgg[3], 64) == conv_arithmetic(list(vgg))
+    field = patch_fields(vgg, ["3"], 64)["3"]
+    assert (field.size, field.stride) == (10, 2)  # 3 -> 5 -> 6 -> 10
+    assert field == footprint(vgg, "3", 64)
+
+
+def test_receptive_fields_follow_channels_last_blocks_and_global_gates():
+    """ConvNeXt permutes to channels-last around its LayerNorm and MLP: the field survives;
+    a squeeze-excitation gate really mixes every position, as autograd agrees."""
+    import timm
+
+    torch.manual_seed(0)
+    convnext = timm.create_model("test_convnext", num_classes=0)
+    field = patch_fields(convnext, ["stages.0"], 64)["stages.0"]
+    assert not field.clipped and field == footprint(convnext, "stages.0", 64)
+
+    gated = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), timm.layers.SqueezeExcite(4))
+    field = patch_fields(gated, ["1"], 32)["1"]
+    assert (field.size, field.clipped) == (32, True)
+    assert footprint(gated, "1", 32).size == 32
 
 
 def test_top_patch_of_a_hand_set_conv_is_the_white_square():
@@ -40,7 +88,7 @@ def test_top_patch_of_a_hand_set_conv_is_the_white_square():
     net = nn.Sequential(nn.Conv2d(3, 1, 5, bias=False), nn.Conv2d(1, 1, 3, stride=2, bias=False))
     for conv in net:
         nn.init.constant_(conv.weight, 1.0)
-    field = measure(net, net[1], 32)
+    field = patch_fields(net, ["1"], 32)["1"]
     assert (field.size, field.stride, field.clipped) == (7, 2, False)
     images = np.zeros((3, 32, 32, 3), np.uint8)
     squares = [(10, 14), (0, 0), (24, 6)]  # top-left corners, on the stride-2 grid

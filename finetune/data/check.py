@@ -19,7 +19,7 @@ import numpy as np
 from finetune.data.file_memo import remembered_per_file
 from finetune.data.sources import SPLITS, DataSplits
 from finetune.errors import DataError
-from finetune.summary import format_table
+from finetune.tables import format_table
 
 # An image whose most common color covers this share of its pixels is reported as near-blank:
 # hymenoptera's "image not found" GIF scores 0.94, its most uniform photo (an ant on white) 0.87.
@@ -55,21 +55,34 @@ class DataReport:
             )
 
     def table(self) -> str:
-        splits = [s for s in SPLITS if sum(self.counts.get(s, {}).values())]
-        rows = [[c] + [self.counts[s][c] for s in splits] for c in self.classes]
-        if len(rows) > 12:
-            rows = rows[:10] + [["..."] + [""] * len(splits)]
-        rows.append(["total"] + [sum(self.counts[s].values()) for s in splits])
-        lines = [f"data: {self.description}", format_table(["class"] + splits, rows, "l" + "r" * len(splits))]
+        """Images per class and split (classes across when they fit on a line), image sizes,
+        skipped files and why, duplicates, warnings."""
+        lines = [f"data: {self.description}", self._counts_table()]
+        facts = []
         if self.size_range:
             w0, h0, w1, h1 = self.size_range
-            lines.append(f"image sizes: {w0}x{h0} (smallest) to {w1}x{h1} (largest)")
-        lines.append(f"skipped files: {len(self.skipped)}; duplicates across splits: {len(self.duplicates)}")
+            facts.append(f"image sizes: {w0}x{h0} (smallest) to {w1}x{h1} (largest)")
+        facts.append(f"skipped files: {len(self.skipped)}; duplicates across splits: {len(self.duplicates)}")
+        lines.append("; ".join(facts))
         lines += [f"  skipped {path}: {reason}" for path, reason in self.skipped[:20]]
         if len(self.skipped) > 20:
             lines.append(f"  ... and {len(self.skipped) - 20} more (all in summary.json)")
         lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
+
+    def _counts_table(self, width: int = 100) -> str:
+        splits = [s for s in SPLITS if sum(self.counts.get(s, {}).values())]
+        totals = [sum(self.counts[s].values()) for s in splits]
+        across = [["class", *self.classes, "total"]] + [[s, *(self.counts[s][c] for c in self.classes), t]
+                                                         for s, t in zip(splits, totals)]
+        widths = [max(len(str(row[i])) for row in across) for i in range(len(across[0]))]
+        if sum(widths) + 2 * len(widths) <= width:
+            return format_table(across[0], across[1:], "l" + "r" * (len(widths) - 1))
+        rows = [[c] + [self.counts[s][c] for s in splits] for c in self.classes]
+        if len(rows) > 12:
+            rows = rows[:10] + [["..."] + [""] * len(splits)]
+        rows.append(["total"] + totals)
+        return format_table(["class"] + splits, rows, "l" + "r" * len(splits))
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -14,8 +14,7 @@ import cv2
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
-from torch.utils.data._utils.collate import default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from finetune.data.epochs import EpochSampler, derived_seed
 from finetune.data.images import UnreadableImage, load_rgb

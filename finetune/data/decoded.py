@@ -10,8 +10,10 @@ kept as a uint8 array; the albumentations pipelines then run on those arrays.
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
@@ -19,8 +21,13 @@ import cv2
 import numpy as np
 from tqdm.auto import tqdm
 
+from finetune.data.check import DataReport
 from finetune.data.images import UnreadableImage, load_rgb
 from finetune.data.sources import DataSplits, Sample
+from finetune.data.transforms import input_size
+from finetune.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 
@@ -74,6 +81,35 @@ def decode_splits(splits: DataSplits, short_side: int, threads: int, failures: d
         for split in SPLITS:
             samples: Sequence[Sample] = getattr(splits, split)
             results = list(tqdm(pool.map(one, samples), total=len(samples), desc=f"decoding {split} images once",
-                                unit="img", leave=False, disable=not samples))
+                                unit="img", leave=False, disable=None if samples else True))
             decoded[split] = [r for r in results if r is not None]
     return replace(splits, **decoded)
+
+
+def decoded_images(cache: Mapping, splits: DataSplits, data_config: Mapping, image_size: int | None,
+                   report: DataReport, threads: int) -> DataSplits | None:
+    """`splits` decoded once into memory as the ``data.cache`` settings say (``decoded: auto``
+    when the files fit in ``memory_gb``), or None to decode at every epoch. Files that fail to
+    decode are added to `report`."""
+    setting = cache["decoded"]
+    if setting not in ("auto", True, False):
+        raise ConfigError(f"data.cache.decoded={setting!r}; use auto, true or false.")
+    files = any(isinstance(item, str) for split in SPLITS for item, _ in getattr(splits, split))
+    if setting is False or not files:
+        return None
+    height, width = input_size(data_config, image_size)
+    short_side = stored_short_side(height, width, data_config.get("crop_pct"))
+    memory_gb = cache["memory_gb"]
+    needed, budget = estimated_bytes(splits, short_side), float(memory_gb) * 2**30
+    if needed > budget:
+        message = f"needs {needed / 2**30:.1f} GB, more than data.cache.memory_gb={memory_gb}"
+        if setting is True:
+            raise ConfigError(f"data.cache.decoded=true {message}: raise the budget or use data.cache.decoded=auto.")
+        log.info("decoded-image cache: off (%s)", message)
+        return None
+    started, failures = time.perf_counter(), {}
+    decoded = decode_splits(splits, short_side, threads, failures)
+    report.add_unreadable(failures)
+    log.info("decoded-image cache: on, %.0f MB of uint8 images (short side <= %d px), decoded in %.1f s",
+             needed / 2**20, short_side, time.perf_counter() - started)
+    return decoded

@@ -9,7 +9,7 @@ nothing it uses depends on what came before it:
   (seed, epoch, index) for every sample, so it is the same whatever the number of DataLoader
   workers and whether they persist across epochs;
 - torch / numpy / python global generators (dropout, stochastic depth): re-seeded with
-  (seed, epoch) at the start of every training epoch by :class:`finetune.checkpoints.EpochSeeding`.
+  (seed, epoch) at the start of every training epoch by :class:`finetune.train.checkpoints.EpochSeeding`.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from finetune.data.images import IMAGE_EXTENSIONS, UnreadableImage, probe
-from finetune.errors import DataError
+from finetune.errors import ConfigError, DataError
 
 Sample = tuple["str | np.ndarray", int]
 SPLITS = ("train", "val", "test")
@@ -39,6 +39,18 @@ class DataSplits:
         for _, label in getattr(self, split):
             per_class[self.classes[label]] += 1
         return {c: per_class[c] for c in self.classes}
+
+
+def load_data(cfg, seed: int) -> DataSplits:
+    """The samples the ``data`` config group describes (``data=digits|folder|csv``)."""
+    if cfg.name == "digits":
+        return load_digits(cfg.val_fraction, seed)
+    if cfg.name == "folder":
+        return load_folder(cfg.root, cfg.train_dir, cfg.val_dir, cfg.val_fraction, seed, cfg.get("test_dir"))
+    if cfg.name == "csv":
+        return load_manifest(cfg.csv, cfg.root, cfg.path_column, cfg.label_column, cfg.split_column,
+                             cfg.path_template, cfg.val_fraction, seed)
+    raise ConfigError(f"data.name={cfg.name!r}; choose data=digits, data=folder or data=csv.")
 
 
 def load_digits(val_fraction: float, seed: int) -> DataSplits:
@@ -207,7 +219,7 @@ def _read_table(path: Path) -> list[dict]:
 
             return pd.read_parquet(path).to_dict("records")
         except ImportError as err:
-            raise DataError(f"Reading {path.name} needs pandas and pyarrow: pip install pandas pyarrow ({err}).") from None
+            raise DataError(f"Reading {path.name} needs pandas and pyarrow: pip install 'finetune[parquet]' ({err}).") from None
     with path.open(newline="", encoding="utf-8-sig") as f:
         return list(csv.DictReader(f))
 

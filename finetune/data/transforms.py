@@ -9,6 +9,8 @@ import albumentations as A
 import cv2
 from albumentations.pytorch import ToTensorV2
 
+from finetune.config import with_defaults
+
 INTERPOLATIONS = {
     "nearest": cv2.INTER_NEAREST,
     "bilinear": cv2.INTER_LINEAR,
@@ -34,7 +36,8 @@ def with_input_size(data_config: Mapping, image_size: int | None = None) -> dict
 
 def augmentation_is_random(augment: Mapping) -> bool:
     """Whether the training pipeline build_transforms makes from `augment` draws random numbers."""
-    return bool(augment.get("random_resized_crop", True)) or float(augment.get("hflip", 0.0)) > 0
+    augment = with_defaults("augment", "standard", augment)
+    return bool(augment["random_resized_crop"]) or float(augment["hflip"]) > 0
 
 
 def build_transforms(
@@ -53,6 +56,7 @@ def build_transforms(
     own generator, which global seeds do not touch: `seed` makes the training pipeline
     reproducible (DataLoader workers re-seed their copy, see the datamodule).
     """
+    augment = with_defaults("augment", "standard", augment)  # keys a caller leaves out: conf/augment/standard.yaml
     height, width = input_size(data_config, image_size)
     interpolation = INTERPOLATIONS.get(data_config.get("interpolation", "bilinear"), cv2.INTER_LINEAR)
     crop_pct = data_config.get("crop_pct") or 1.0
@@ -68,19 +72,19 @@ def build_transforms(
         ),
         A.CenterCrop(height=height, width=width),
     ]
-    if augment.get("random_resized_crop", True):
+    if augment["random_resized_crop"]:
         train_geometry = [
             A.RandomResizedCrop(
                 size=(height, width),
-                scale=tuple(augment.get("scale", (0.08, 1.0))),
-                ratio=tuple(augment.get("ratio", (0.75, 4 / 3))),
+                scale=tuple(augment["scale"]),
+                ratio=tuple(augment["ratio"]),
                 interpolation=interpolation,
                 area_for_downscale="image",
             )
         ]
     else:
         train_geometry = list(eval_geometry)
-    hflip = float(augment.get("hflip", 0.0))
+    hflip = float(augment["hflip"])
     if hflip > 0:
         train_geometry.append(A.HorizontalFlip(p=hflip))
     return A.Compose(train_geometry + finish, seed=seed), A.Compose(eval_geometry + finish, seed=seed)

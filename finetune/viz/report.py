@@ -19,9 +19,9 @@ from tqdm import tqdm
 
 from finetune.data.datamodule import ImageDataset, collate_skipping_unreadable
 from finetune.data.sources import Sample
-from finetune.metrics import classification_report
+from finetune.use.metrics import classification_report
 from finetune.viz import pictures
-from finetune.viz.receptive import measure
+from finetune.viz.receptive import patch_fields
 
 
 @dataclass(frozen=True)
@@ -81,9 +81,8 @@ def write_pictures(
         f"Confusion matrix on {report['images']} validation images (counts, and normalized by true class), with per-class precision/recall.")
     add("mistakes", pictures.mistakes(images, labels, logits.softmax(1), classes, out_dir / "mistakes.png"),
         "The most confident mistakes: wrong labels, ambiguous images or a real weakness.")
-    size = data_config["input_size"][1]
-    for name in tqdm(spatial, desc="receptive fields", unit="layer", disable=not spatial):
-        field = measure(model.backbone, model.backbone.get_submodule(name), size, probes=2)
+    fields = patch_fields(model.backbone, spatial, data_config["input_size"][1]) if spatial else {}
+    for name, field in fields.items():
         safe = name.replace(".", "_")
         add(f"patches_{safe}", pictures.top_patches(images, peaks[name], positions[name], field, name,
                                                     out_dir / f"patches_{safe}.png", channels, top_k),
@@ -134,7 +133,7 @@ def _evaluate(model, samples, transform, data_config, layers, batch_size):
     positions = {n: [] for n in layers}
     device = next(model.parameters()).device
     try:
-        for x, y, _ in tqdm(loader, desc="looking inside", unit="batch", leave=False):
+        for x, y, _ in tqdm(loader, desc="looking inside", unit="batch", leave=False, disable=None):
             if not len(y):
                 continue
             logits.append(model(x.to(device)).float().cpu())

@@ -1,0 +1,35 @@
+"""The CLI's subcommands besides training: each takes ``key=value`` arguments and returns an
+exit code. Before training: ``check-data``, ``show-groups`` (:mod:`.inspect_run`); with a trained
+model: ``predict``, ``evaluate``, ``export``, ``viz`` (:mod:`.model`); features out: ``embed``,
+``probe`` (:mod:`.features`). A command's module is imported when it runs, so that the CLI
+answers ``--help`` and mistakes without loading torch."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+# command -> (module, function)
+COMMANDS = {
+    "check-data": ("finetune.commands.inspect_run", "check_data_command"),
+    "show-groups": ("finetune.commands.inspect_run", "show_groups_command"),
+    "predict": ("finetune.commands.model", "predict_command"),
+    "evaluate": ("finetune.commands.model", "evaluate_command"),
+    "export": ("finetune.commands.model", "export_command"),
+    "viz": ("finetune.commands.model", "viz_command"),
+    "embed": ("finetune.commands.features", "embed_command"),
+    "probe": ("finetune.commands.features", "probe_command"),
+}
+
+
+def command(name: str) -> Callable[[list[str]], int]:
+    """The function behind ``finetune NAME``."""
+    module, function = COMMANDS[name]
+    return getattr(importlib.import_module(module), function)
+
+
+def __getattr__(name: str):
+    for command_name, (_, function) in COMMANDS.items():
+        if function == name:
+            return command(command_name)
+    raise AttributeError(f"module 'finetune.commands' has no attribute {name!r}")

@@ -1,0 +1,83 @@
+"""What every subcommand shares: its one argument parser, the run config behind a checkpoint,
+the output folder, and images decoded batch by batch."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from finetune.config import compose_config
+from finetune.data.images import UnreadableImage, load_rgb
+from finetune.errors import ConfigError
+
+REQUIRED = object()  # an option without a default: the command needs it
+
+
+def parse(args: Sequence[str], options: dict, command: str, overrides: str | None = None) -> tuple[dict, list[str]]:
+    """(this command's ``key=value`` options, the config overrides among `args`).
+
+    `options` maps each option to its default (:data:`REQUIRED`: must be given; None: optional).
+    ``hydra.run.dir=DIR`` means ``out=DIR``, as for training. `overrides`: which other
+    ``key=value`` arguments the command passes on to the config: None (none), ``"data"``
+    (``data=...`` and ``data.*=...``) or ``"all"``. Anything else is a :class:`ConfigError`
+    that lists what the command takes.
+    """
+    chosen, passed_on = dict(options), []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if key == "hydra.run.dir" and "out" in options:
+            key = "out"
+        if sep and key in options:
+            chosen[key] = value
+        elif sep and (overrides == "all" or (overrides == "data" and (key == "data" or key.startswith("data.")))):
+            passed_on.append(arg)
+        else:
+            accepted = " ".join(f"{k}=..." for k in options)
+            accepted += {None: "", "data": " data=... data.*=...", "all": " and config overrides (key=value)"}[overrides]
+            raise ConfigError(f"finetune {command}: unexpected argument {arg!r}; it takes {accepted}.")
+    missing = [k for k, v in chosen.items() if v is REQUIRED]
+    if missing:
+        raise ConfigError(f"finetune {command} needs {' '.join(f'{k}=...' for k in missing)}.")
+    return chosen, passed_on
+
+
+def training_config(model, overrides: Sequence[str] = ()) -> DictConfig:
+    """The config the data of a command come from: `overrides` composed afresh when given, else
+    the checkpoint's own training config, completed with today's defaults for keys it predates."""
+    if overrides:
+        return compose_config(list(overrides))
+    defaults = OmegaConf.to_container(compose_config([]), resolve=False)
+    return OmegaConf.merge(OmegaConf.create(defaults), OmegaConf.create(model.config))
+
+
+def output_dir(out: str | None) -> Path:
+    """`out` (or ``hydra.run.dir=``), else a fresh run directory like training's: outputs/DATE/TIME."""
+    path = Path(out) if out else Path(compose_config([]).paths.output_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    return path.resolve()
+
+
+def readable_batches(samples: Sequence, size: int, failures: dict[str, str]) -> Iterator[tuple[list, list, list]]:
+    """Batches ``(images, names, labels)`` of `samples` ((path or array, label) pairs), decoded as
+    they are needed so memory holds one batch; unreadable files go to `failures` (path -> reason)."""
+    images, names, labels = [], [], []
+    for item, label in tqdm(samples, desc="decoding", unit="img", disable=True if len(samples) < 50 else None):
+        if isinstance(item, str):
+            try:
+                image = load_rgb(item)
+            except UnreadableImage as err:
+                failures[item] = str(err)
+                continue
+        else:
+            image = item
+        images.append(image)
+        names.append(item if isinstance(item, str) else type(item).__name__)
+        labels.append(label)
+        if len(images) == size:
+            yield images, names, labels
+            images, names, labels = [], [], []
+    if images:
+        yield images, names, labels

@@ -1,0 +1,137 @@
+"""Use a trained model from the shell: ``finetune predict | evaluate | export | viz ckpt=PATH ...``."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from finetune.commands.args import REQUIRED, output_dir, parse, readable_batches, training_config
+from finetune.data.images import load_rgb
+from finetune.data.sources import load_data, relabel, scan_class_folders
+from finetune.errors import ConfigError
+from finetune.tables import format_table
+from finetune.use.export import export
+from finetune.use.load import FinetunedModel, expand_inputs, load
+from finetune.use.metrics import classification_report, format_report
+
+
+def predict_command(args: Sequence[str]) -> int:
+    """``finetune predict ckpt=PATH input=FILE|DIR|GLOB [top_k=5] [batch_size=32] [out=DIR]``."""
+    opts, _ = parse(args, {"ckpt": REQUIRED, "input": REQUIRED, "top_k": "5", "batch_size": "32", "out": None},
+                    "predict")
+    model = load(opts["ckpt"])
+    failures: dict[str, str] = {}
+    predictions = []
+    batch = int(opts["batch_size"])
+    for images, names, _ in readable_batches([(p, -1) for p in expand_inputs(opts["input"])], batch, failures):
+        predictions += model.predict(images, int(opts["top_k"]), batch, names)
+    out = output_dir(opts["out"])
+    rows = [[p.source, p.label, f"{p.probability:.4f}",
+             ", ".join(f"{label} {prob:.3f}" for label, prob in p.top_k[1:])] for p in predictions]
+    print(format_table(["image", "label", "probability", "next"], rows, "llrl"))
+    with (out / "predictions.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        k = max((len(p.top_k) for p in predictions), default=0)
+        writer.writerow(["image"] + [c for i in range(1, k + 1) for c in (f"label_{i}", f"probability_{i}")])
+        for p in predictions:
+            writer.writerow([p.source] + [v for label, prob in p.top_k for v in (label, f"{prob:.6f}")])
+    (out / "predictions.json").write_text(json.dumps(
+        {"checkpoint": str(Path(opts["ckpt"]).resolve()), "classes": model.classes,
+         "predictions": [{"image": p.source, "top_k": p.top_k} for p in predictions],
+         "skipped": failures}, indent=2))
+    for path, reason in failures.items():
+        print(f"skipped {path}: {reason}")
+    print(f"{len(predictions)} images predicted, {len(failures)} skipped\n  predictions: {out / 'predictions.csv'}\n"
+          f"  json: {out / 'predictions.json'}")
+    return 0
+
+
+def evaluate_command(args: Sequence[str]) -> int:
+    """``finetune evaluate ckpt=PATH input=DIR`` (one folder per class, names as in training; a
+    subset is fine) or ``finetune evaluate ckpt=PATH data=folder data.root=DIR`` (its test split,
+    else its validation split). Accuracy, loss, per-class metrics and the confusion matrix."""
+    opts, data = parse(args, {"ckpt": REQUIRED, "input": None, "batch_size": "32", "out": None}, "evaluate", "data")
+    if not opts["input"] and not data:
+        raise ConfigError("finetune evaluate needs input=DIR (one folder per class) or data=... overrides.")
+    model = load(opts["ckpt"])
+    samples, skipped = _labelled_samples(model, opts["input"], data)
+    failures: dict[str, str] = {}
+    batch = int(opts["batch_size"])
+    logits, labels = [torch.empty(0, len(model.classes))], [torch.empty(0, dtype=torch.long)]
+    for images, _, batch_labels in readable_batches(samples, batch, failures):
+        logits.append(model.logits(images, batch))
+        labels.append(torch.tensor(batch_labels, dtype=torch.long))
+    report = classification_report(torch.cat(logits), torch.cat(labels), model.classes)
+    report["skipped"] = dict(skipped) | failures
+    out = output_dir(opts["out"])
+    (out / "evaluation.json").write_text(json.dumps(report, indent=2))
+    print(format_report(report))
+    print(f"  evaluation: {out / 'evaluation.json'}")
+    return 0
+
+
+def export_command(args: Sequence[str]) -> int:
+    """``finetune export ckpt=PATH format=onnx|torchscript|safetensors [out=DIR] [input=IMAGES]``:
+    parity is checked on up to 8 images from `input`, else from the training config's data."""
+    opts, _ = parse(args, {"ckpt": REQUIRED, "format": REQUIRED, "out": None, "input": None, "tolerance": "1e-4"},
+                    "export")
+    model = load(opts["ckpt"])
+    images, where = _parity_images(model, opts["input"])
+    result = export(model, opts["format"], output_dir(opts["out"]), model.preprocess(images), float(opts["tolerance"]))
+    print(f"exported {opts['format']}: {result.path}\n  preprocessing: {result.preprocessing}\n"
+          f"  parity on {len(images)} {where}: max |logit difference| = {result.max_abs_diff:.2e}")
+    return 0
+
+
+def viz_command(args: Sequence[str]) -> int:
+    """``finetune viz ckpt=PATH [input=DIR | data=...] [out=DIR]``: the pictures of a trained
+    model, on the images :func:`_labelled_samples` picks."""
+    from finetune.viz.report import write_pictures
+
+    opts, data = parse(args, {"ckpt": REQUIRED, "input": None, "out": None, "max_images": "500"}, "viz", "data")
+    model = load(opts["ckpt"])
+    cfg = training_config(model)
+    samples, _ = _labelled_samples(model, opts["input"], data)
+    summary = Path(opts["ckpt"]).resolve().parent.parent / "summary.json"
+    history = json.loads(summary.read_text()).get("history", []) if summary.is_file() else []
+    out = output_dir(opts["out"])
+    pictures = write_pictures(model.model, model.classes, samples, model.transform, model.data_config, out, history,
+                              cfg.viz.layers, max_images=int(opts["max_images"]))
+    for picture in pictures:
+        print(f"  {picture.name}: {picture.path}")
+    print(f"  index: {out / 'index.md'}")
+    return 0
+
+
+def _labelled_samples(model: FinetunedModel, folder: str | None, data: list[str]) -> tuple[list, list]:
+    """Samples labelled with the model's classes, matched by name, and the files skipped: the
+    class folders of `folder`; or the test split (else the validation split) of the data that
+    the `data` overrides describe; or, with neither, the validation split the model was trained
+    with."""
+    if folder:
+        skipped, sizes = [], {}
+        found, samples = scan_class_folders(Path(folder).resolve(), skipped, sizes)
+        return relabel(samples, found, model.classes, folder, "the model"), skipped
+    cfg = training_config(model, data)
+    splits = load_data(cfg.data, cfg.seed)
+    chosen = relabel(splits.test or splits.val, splits.classes, model.classes, "The data", "the model")
+    return chosen, list(splits.skipped)
+
+
+def _parity_images(model: FinetunedModel, spec: str | None) -> tuple[list, str]:
+    if spec:
+        images, _, _ = next(readable_batches([(p, -1) for p in expand_inputs(spec)[:8]], 8, {}), ([], [], []))
+        if images:
+            return images, f"images from {spec}"
+    try:
+        cfg = training_config(model)
+        items = [item for item, _ in load_data(cfg.data, cfg.seed).val[:8]]
+        return [load_rgb(i) if isinstance(i, str) else i for i in items], "validation images of the training data"
+    except Exception:  # the training data is not on this machine: random pixels still test parity
+        rng = np.random.default_rng(0)
+        return [rng.integers(0, 256, (256, 256, 3), dtype=np.uint8) for _ in range(4)], "random images (training data not found)"

@@ -1,0 +1,138 @@
+"""One fine-tuning run from a composed config: the flow of ENGINEERING.md section 1.
+
+``run(cfg)`` is shared by the CLI and :func:`finetune.fit`: compose -> data -> model -> data
+module -> Trainer -> fit -> outputs. It returns a :class:`FitResult`; what it prints (start table,
+closing report) and writes (``summary.json``, pictures) lives in :mod:`finetune.train.report`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from finetune.compute.features import FeatureDataModule, features_for_run
+from finetune.compute.speed import resolve_num_workers, resolve_speed, usable_cores
+from finetune.config import check_types
+from finetune.console import run_log
+from finetune.data.check import DataReport, check_data
+from finetune.data.datamodule import ImageDataModule, class_weights
+from finetune.data.decoded import decoded_images
+from finetune.data.sources import DataSplits, load_data
+from finetune.data.transforms import build_transforms
+from finetune.model.backbone import Backbone
+from finetune.model.build import backbone_from_config, build_model
+from finetune.model.classifier import Classifier
+from finetune.train import report
+from finetune.train.checkpoints import Resume, resume_source
+from finetune.train.faults import explain_failure, find_batch_size
+from finetune.train.history import MetricsHistory
+from finetune.train.loggers import finish_wandb, log_best
+from finetune.train.module import ClassifierModule
+from finetune.train.report import FitResult
+from finetune.train.trainer import build_trainer
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FitResult", "run"]
+
+
+def run(cfg: DictConfig) -> FitResult:
+    """Train as `cfg` says; outputs go to ``cfg.paths.output_dir``."""
+    started = time.perf_counter()
+    check_types(cfg)
+    output_dir = Path(cfg.paths.output_dir).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config.pop("hydra", None)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    resume_from = resume_source(cfg, output_dir)  # resume=true / ckpt_path=...: fail before any work
+    with run_log(output_dir):
+        splits = load_data(cfg.data, cfg.seed)
+        data_report = check_data(splits)
+        log.info(data_report.table())
+        backbone = backbone_from_config(cfg)
+        model = build_model(backbone, len(splits.classes), cfg.head, cfg.freeze)
+        trainer_kwargs, speed = resolve_speed(OmegaConf.to_container(cfg.trainer, resolve=True), model)
+        report.log_start(cfg, backbone, model, speed)
+        data, eval_tf = _datamodule(cfg, model, backbone, splits, data_report, speed)
+        module = ClassifierModule(model, splits.classes, cfg.optimizer, cfg.scheduler, config,
+                                  label_smoothing=cfg.loss.label_smoothing,
+                                  class_weights=class_weights(splits) if cfg.data.balance == "weighted_loss" else None,
+                                  inputs="features" if isinstance(data, FeatureDataModule) else "images",
+                                  channels_last=speed.channels_last,
+                                  pixel_stats=(backbone.data_config["mean"], backbone.data_config["std"]))
+        resume = Resume(resume_from, output_dir, cfg.seed, config, splits.classes,
+                        cfg.callbacks.checkpoint.min_write_interval_s)
+        history = MetricsHistory()
+        trainer, checkpoint, loggers = build_trainer(cfg, trainer_kwargs, model, history, resume, output_dir, config)
+        try:
+            if cfg.data.find_batch_size:
+                found = find_batch_size(trainer, module, data, speed.device, resume.path is not None)
+                log.info("batch-size finder: data.batch_size=%d fits on %s", found, speed.device)
+            trainer.fit(module, datamodule=data, ckpt_path=resume.path, weights_only=True)
+            best_path = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
+            best = _best_metrics(cfg, trainer, module, data, history, best_path, splits)
+            if trainer.is_global_zero:
+                log_best(loggers, best)
+            model = module.model.cpu().eval().to(memory_format=torch.contiguous_format)
+            pictures = report.draw_pictures(cfg, model, splits, eval_tf, backbone, history.epochs, output_dir,
+                                            loggers) if trainer.is_global_zero else []
+        except Exception as err:
+            explained = explain_failure(err, cfg.data.batch_size, output_dir)
+            if explained is err:
+                raise
+            raise explained from err
+        finally:
+            finish_wandb()
+
+        data_report.add_unreadable(module.unreadable)
+        result = FitResult(best, best_path, list(splits.classes), model, output_dir, config, history.epochs,
+                           report.outputs(output_dir, best_path, loggers, pictures), data_report)
+        if trainer.is_global_zero:
+            report.write_summary(result, time.perf_counter() - started)
+            report.log_end(result)
+    return result
+
+
+def _datamodule(cfg: DictConfig, model: Classifier, backbone: Backbone, splits: DataSplits, data_report: DataReport,
+                speed) -> tuple[L.LightningDataModule, object]:
+    """(the run's data module, the evaluation pipeline): the frozen backbone's cached features
+    when nothing below the head trains, else images (decoded once into memory when they fit),
+    as uint8 batches normalized on the training device by the module."""
+    train_tf, eval_tf = build_transforms(backbone.data_config, cfg.augment, cfg.data.image_size, seed=cfg.seed)
+    file_workers = resolve_num_workers(cfg.data.num_workers, speed.device, in_memory=False)
+    cached = features_for_run(cfg, model, backbone.name, splits, train_tf, eval_tf, speed, file_workers)
+    if cached is not None:
+        data_report.add_unreadable(cached.skipped)
+        data = FeatureDataModule(cached, splits, cfg.data.batch_size, cfg.data.balance, cfg.seed)
+    else:
+        uint8_train_tf, uint8_eval_tf = build_transforms(backbone.data_config, cfg.augment, cfg.data.image_size,
+                                                         seed=cfg.seed, normalize=False)
+        decoded = decoded_images(cfg.data.cache, splits, backbone.data_config, cfg.data.image_size, data_report,
+                                 usable_cores())  # decoding threads: all cores
+        workers = resolve_num_workers(cfg.data.num_workers, speed.device, in_memory=decoded is not None)
+        data = ImageDataModule(decoded or splits, uint8_train_tf, uint8_eval_tf, cfg.data.batch_size, workers,
+                               cfg.data.balance, cfg.seed)
+        if speed.channels_last:
+            model.to(memory_format=torch.channels_last)
+    if speed.compile:
+        model.compile()
+    return data, eval_tf
+
+
+def _best_metrics(cfg: DictConfig, trainer: L.Trainer, module: ClassifierModule, data, history: MetricsHistory,
+                  best_path: Path | None, splits: DataSplits) -> dict[str, float]:
+    """The best epoch's metrics, with the best weights loaded into `module` and, when the data
+    have a held-out test split, its ``test/*`` scores (computed once, here)."""
+    trainer.strategy.barrier("best.ckpt written")  # DDP: rank zero writes held checkpoints as fit ends
+    if best_path is not None:
+        module.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"])
+    best = dict(history.best(cfg.callbacks.checkpoint.monitor, cfg.callbacks.checkpoint.mode))
+    if splits.test:
+        best.update({k: float(v) for k, v in trainer.test(module, datamodule=data, verbose=False)[0].items()})
+    return best

@@ -1,0 +1,59 @@
+"""The Lightning Trainer of a run: its callbacks, loggers and plugins, from the config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from omegaconf import DictConfig
+
+from finetune.errors import ConfigError
+from finetune.model.classifier import Classifier
+from finetune.train.checkpoints import Resume
+from finetune.train.distributed import check_launcher
+from finetune.train.history import MetricsHistory
+from finetune.train.loggers import build_loggers
+from finetune.train.progress import EpochBar, EpochTable, live_bar_wanted
+from finetune.train.unfreeze import gradual_unfreezing
+
+
+def build_trainer(cfg: DictConfig, trainer_kwargs: dict, model: Classifier, history: MetricsHistory, resume: Resume,
+                  output_dir: Path, config: dict) -> tuple[L.Trainer, ModelCheckpoint, list]:
+    """(the Trainer, the best-checkpoint callback, the loggers). `trainer_kwargs` are the
+    ``trainer`` group's Lightning arguments, resolved for this machine."""
+    monitor, mode = cfg.callbacks.checkpoint.monitor, cfg.callbacks.checkpoint.mode
+    checkpoint = ModelCheckpoint(
+        dirpath=output_dir / "checkpoints",
+        filename="best",
+        monitor=monitor,
+        mode=mode,
+        save_top_k=1,
+        auto_insert_metric_name=False,
+        save_on_train_epoch_end=True,  # after the epoch's history row, so a resume keeps it
+    )
+    unfreezing = gradual_unfreezing(model)
+    callbacks = [history, checkpoint] + ([unfreezing] if unfreezing else []) + resume.callbacks
+    if cfg.callbacks.early_stopping_patience:
+        callbacks.append(EarlyStopping(monitor, mode=mode, patience=cfg.callbacks.early_stopping_patience))
+    callbacks.append(EpochTable())
+    live_bar = bool(cfg.callbacks.progress_bar) and live_bar_wanted()
+    if live_bar:
+        callbacks.append(EpochBar())
+    loggers = build_loggers(cfg.logger, output_dir, config, run_id=resume.wandb_id,
+                            keep_csv_through_epoch=resume.logged_through_epoch)
+    try:
+        trainer = L.Trainer(
+            **trainer_kwargs,
+            default_root_dir=str(output_dir),
+            callbacks=callbacks,
+            logger=loggers or False,
+            enable_progress_bar=live_bar,
+            enable_model_summary=False,  # our groups table says more
+            plugins=resume.plugins,
+        )
+    except TypeError as err:
+        raise ConfigError(f"Invalid trainer setting: {err}. See lightning.Trainer's arguments.") from None
+    check_launcher(trainer, from_cli=HydraConfig.initialized())
+    return trainer, checkpoint, loggers

@@ -1,0 +1,47 @@
+"""Gradual unfreezing, epoch by epoch, as the model's :class:`~finetune.model.freeze.FreezePlan`
+schedules it (``freeze.unfreeze_every`` / ``freeze.unfreeze_at``).
+
+The schedule is a pure function of the epoch, so resuming from any checkpoint restores the same
+trainable set. Scheduled groups are in the optimizer from the start; until its epoch a group's
+gradients are dropped before each optimizer step (no update, no weight decay, no optimizer
+state) and its BatchNorm layers stay in eval mode (the plan's :meth:`set_epoch`).
+"""
+
+from __future__ import annotations
+
+import lightning as L
+
+from finetune.model.classifier import Classifier
+from finetune.model.freeze import FreezePlan
+
+
+class GradualUnfreezing(L.Callback):
+    """Moves `model`'s freeze plan along at each training epoch and gates the gradients of the
+    groups that do not train yet."""
+
+    def __init__(self, model: Classifier):
+        self.plan: FreezePlan = model.freeze_plan
+        self.schedule = dict(self.plan.unfreeze_at)
+        self.apply(model, epoch=0)
+
+    def apply(self, model: Classifier, epoch: int) -> None:
+        self.gated = self.plan.gated_at(epoch)
+        names = self.plan.gated_params(epoch)
+        # Resolved once per epoch, not at every optimizer step.
+        self.gated_params = [p for n, p in model.named_parameters() if n in names]
+        self.plan.set_epoch(model, epoch)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.apply(pl_module.model, trainer.current_epoch)
+        pl_module.log("unfrozen_groups", float(len(self.schedule) - len(self.gated)), on_step=False, on_epoch=True,
+                      sync_dist=True)
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        for param in self.gated_params:
+            param.grad = None
+
+
+def gradual_unfreezing(model: Classifier) -> GradualUnfreezing | None:
+    """The callback for `model`'s freeze plan, or None when it schedules no unfreezing."""
+    plan = model.freeze_plan
+    return GradualUnfreezing(model) if plan is not None and plan.unfreeze_at else None

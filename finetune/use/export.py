@@ -1,0 +1,143 @@
+"""Export a trained model for serving: ONNX (dynamic batch), TorchScript, or safetensors with a
+timm-compatible config. Every export writes ``preprocessing.json`` (input size, mean, std,
+interpolation, crop, class names) beside the model and is checked for parity: the exported
+model's logits must match PyTorch's within ``tolerance`` (max abs) on a real batch.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from finetune.errors import ConfigError, FinetuneError
+from finetune.files import follow_umask
+from finetune.model.backbone import fixed_size_kwargs
+from finetune.use.load import FinetunedModel
+
+FORMATS = ("onnx", "torchscript", "safetensors")
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    preprocessing: Path
+    max_abs_diff: float
+
+
+class ParityError(FinetuneError):
+    """The exported model does not reproduce PyTorch's logits."""
+
+
+def export(model: FinetunedModel, fmt: str, out_dir: Path, sample: torch.Tensor, tolerance: float = 1e-4) -> ExportResult:
+    """Write `model` in format `fmt` to `out_dir`; verify parity on `sample` (N, 3, H, W)."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"format={fmt!r}; choose one of {', '.join(FORMATS)}.")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    net = model.model.eval()
+    with torch.no_grad():
+        reference = net(sample)
+    path, exported = {"onnx": _onnx, "torchscript": _torchscript, "safetensors": _safetensors}[fmt](model, out_dir, sample)
+    diff = float((exported - reference).abs().max())
+    if diff > tolerance:
+        raise ParityError(f"{path}: exported logits differ from PyTorch's by {diff:.2e} (> {tolerance:.0e}).")
+    preprocessing = out_dir / "preprocessing.json"
+    preprocessing.write_text(json.dumps(_preprocessing(model), indent=2))
+    return ExportResult(path, preprocessing, diff)
+
+
+def _preprocessing(model: FinetunedModel) -> dict:
+    dc = model.data_config
+    return {
+        "architecture": model.config["backbone"]["name"],
+        "input_size": list(dc["input_size"]),
+        "mean": list(dc["mean"]),
+        "std": list(dc["std"]),
+        "interpolation": dc["interpolation"],
+        "crop_pct": dc["crop_pct"],
+        "resize": "shorter side to floor(min(input_size) / crop_pct), then center crop",
+        "pixel_range": "RGB uint8 / 255, then (x - mean) / std",
+        "classes": model.classes,
+    }
+
+
+def _onnx(model: FinetunedModel, out_dir: Path, sample: torch.Tensor):
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ConfigError("ONNX export needs: pip install 'finetune[export]' (onnx, onnxscript, onnxruntime).") from None
+    path = out_dir / "model.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model.model, (sample,), str(path), dynamo=True, external_data=False,
+            input_names=["images"], output_names=["logits"],
+            dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}},
+        )
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    # A batch size other than the traced one proves the dynamic batch axis.
+    doubled = torch.cat([sample, sample])
+    out = torch.from_numpy(session.run(None, {"images": doubled.numpy()})[0])
+    return path, out[: len(sample)]
+
+
+def _torchscript(model: FinetunedModel, out_dir: Path, sample: torch.Tensor):
+    path = out_dir / "model.torchscript.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export, still what servers load
+        traced = torch.jit.trace(model.model, sample)
+        traced.save(str(path))
+        loaded = torch.jit.load(str(path))
+    with torch.no_grad():
+        return path, loaded(sample)
+
+
+def _safetensors(model: FinetunedModel, out_dir: Path, sample: torch.Tensor):
+    """A timm model file when the head is linear (loads with ``timm.create_model``), else the
+    Classifier's own state dict."""
+    import timm
+    from safetensors.torch import save_file
+
+    name = model.config["backbone"]["name"]
+    n = len(model.classes)
+    linear = [m for m in model.model.head if isinstance(m, torch.nn.Linear)]
+    path = out_dir / "model.safetensors"
+    # A fixed-size model (ViT, ...) trained at another size is created at that size again.
+    size = fixed_size_kwargs(name, model.config["data"].get("image_size")) if timm.is_model(name) else {}
+    # torchvision:ARCH and lenet5 backbones are not timm models: they keep finetune's layout.
+    timm_model = timm.create_model(name, pretrained=False, num_classes=n, **size) if timm.is_model(name) else None
+    classifier = timm_model.pretrained_cfg.get("classifier") if timm_model is not None else None
+    pool = model.config["head"].get("pool")
+    if len(linear) == 1 and isinstance(classifier, str) and pool in (None, "avg"):
+        state = {k.removeprefix("backbone."): v for k, v in model.model.state_dict().items() if k.startswith("backbone.")}
+        state[f"{classifier}.weight"] = linear[0].weight
+        state[f"{classifier}.bias"] = linear[0].bias
+        missing, unexpected = timm_model.load_state_dict(state, strict=False)
+        # Only bookkeeping may be absent (FrozenBatchNorm2d keeps no num_batches_tracked).
+        if unexpected or any(not k.endswith("num_batches_tracked") for k in missing):
+            raise FinetuneError(f"Cannot map onto timm's {name}: missing {missing[:3]}, unexpected {unexpected[:3]}.")
+        save_file({k: v.contiguous() for k, v in timm_model.state_dict().items()}, str(path))
+        follow_umask(path)  # safetensors writes 0600
+        config = {"architecture": name, "num_classes": len(model.classes), "label_names": model.classes,
+                  "pretrained_cfg": {k: model.data_config[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct")},
+                  "load": f"timm.create_model({name!r}, pretrained=True, num_classes={n}, "
+                          + "".join(f"{k}={v!r}, " for k, v in size.items())
+                          + f"pretrained_cfg_overlay=dict(file='model.safetensors', num_classes={n}))"}
+        # The overlay's num_classes must match: otherwise timm drops the classifier as a mismatch.
+        check = timm.create_model(name, pretrained=True, num_classes=n, **size,
+                                  pretrained_cfg_overlay=dict(file=str(path), num_classes=n)).eval()
+    else:  # an MLP head or special pooling is not a timm classifier: keep finetune's layout
+        save_file({k: v.contiguous() for k, v in model.model.state_dict().items()}, str(path))
+        follow_umask(path)  # safetensors writes 0600
+        config = {"architecture": name, "format": "finetune Classifier state dict (backbone.*, head.*)",
+                  "num_classes": len(model.classes), "label_names": model.classes, "config": model.config}
+        check = model.model
+        from safetensors.torch import load_file
+
+        check.load_state_dict(load_file(str(path)))
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    with torch.no_grad():
+        return path, check.eval()(sample)

@@ -1,0 +1,142 @@
+"""Use a trained model: ``model = finetune.load(PATH)``, then ``model.predict(images_or_paths)``.
+
+The checkpoint carries the resolved config and the class list, so the exact network (backbone,
+head, frozen-BatchNorm structure) and the exact evaluation preprocessing are rebuilt from it: no
+download, and the same loader and pipeline as validation during training.
+"""
+
+from __future__ import annotations
+
+import glob
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from finetune.data.images import IMAGE_EXTENSIONS, load_rgb
+from finetune.data.transforms import build_transforms, with_input_size
+from finetune.errors import ConfigError, WeightsError
+from finetune.model.build import CHECKPOINT_KEY, backbone_from_config, build_model
+from finetune.model.weights import read_state_dict
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Top-k labels with probabilities for one image (``label``/``probability``: the top one)."""
+
+    source: str
+    top_k: list[tuple[str, float]]
+
+    @property
+    def label(self) -> str:
+        return self.top_k[0][0]
+
+    @property
+    def probability(self) -> float:
+        return self.top_k[0][1]
+
+
+class FinetunedModel:
+    """A trained classifier with its classes and preprocessing.
+
+    ``model`` is the ``nn.Module`` (eval mode, logits out); ``classes`` the names in label order;
+    ``data_config`` input size, mean, std, interpolation and crop as used in training.
+    """
+
+    def __init__(self, model: nn.Module, classes: list[str], data_config: dict, config: dict):
+        self.model = model.eval()
+        self.classes = list(classes)
+        self.data_config = dict(data_config)
+        self.config = config
+        _, self.transform = build_transforms(self.data_config, {"random_resized_crop": False})
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path) -> FinetunedModel:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"ckpt={str(path)!r} does not exist.")
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        meta = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
+        if not meta:
+            raise WeightsError(f"{path} is not a finetune checkpoint (no {CHECKPOINT_KEY!r} entry with classes and config).")
+        cfg = OmegaConf.create(meta["config"])
+        backbone = backbone_from_config(cfg, weights="random")  # the checkpoint holds every weight
+        model = build_model(backbone, len(meta["classes"]), cfg.head, cfg.freeze)
+        state = {k.removeprefix("model."): v for k, v in read_state_dict(path).items() if k.startswith("model.")}
+        model.load_state_dict(state, strict=True)
+        data_config = with_input_size(backbone.data_config, cfg.data.get("image_size"))
+        return cls(model, meta["classes"], data_config, meta["config"])
+
+    def preprocess(self, images: Iterable) -> torch.Tensor:
+        """The exact input batch (N, 3, H, W) for paths, PIL images or HxWx3 uint8 arrays."""
+        return torch.stack([self.transform(image=_as_array(image))["image"] for image in images])
+
+    @torch.no_grad()
+    def logits(self, images: Sequence, batch_size: int = 32) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        chunks = [self.model(self.preprocess(images[i:i + batch_size]).to(device)).float().cpu()
+                  for i in range(0, len(images), batch_size)]
+        return torch.cat(chunks) if chunks else torch.empty(0, len(self.classes))
+
+    def predict(self, images: Sequence, top_k: int = 1, batch_size: int = 32,
+                names: Sequence[str] | None = None) -> list[Prediction]:
+        """Top-k (label, probability) per image, in input order. `names` label the results
+        (default: the paths, or the type of in-memory images)."""
+        if isinstance(images, (str, Path, np.ndarray)) or hasattr(images, "convert"):  # one path, array or PIL image
+            images = [images]
+        images = list(images)
+        names = list(names) if names is not None else [_describe(image) for image in images]
+        probabilities = self.logits(images, batch_size).softmax(dim=1)
+        k = min(top_k, len(self.classes))
+        values, indices = probabilities.topk(k, dim=1)
+        return [
+            Prediction(name, [(self.classes[i], float(p)) for p, i in zip(v.tolist(), ix.tolist())])
+            for name, v, ix in zip(names, values, indices)
+        ]
+
+    def __repr__(self) -> str:
+        return f"FinetunedModel({self.config['backbone']['name']}, classes={self.classes})"
+
+
+def load(path: str | Path) -> FinetunedModel:
+    """Load a checkpoint written by :func:`finetune.fit` or the CLI."""
+    return FinetunedModel.from_checkpoint(path)
+
+
+def expand_inputs(spec: str) -> list[str]:
+    """A file, a folder (its images, recursively, sorted) or a glob pattern -> image paths."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return [str(path)]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    else:
+        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
+        files = [p for p in files if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    if not files:
+        raise ConfigError(f"input={spec!r} matches no image files.")
+    return [str(p) for p in files]
+
+
+def _as_array(image) -> np.ndarray:
+    if isinstance(image, np.ndarray):
+        if image.ndim == 2:
+            image = np.repeat(image[..., None], 3, axis=2)
+        return image
+    if isinstance(image, (str, Path)):
+        return load_rgb(image)
+    if hasattr(image, "convert"):  # a PIL image
+        return np.asarray(image.convert("RGB"))
+    raise TypeError(f"Expected a path, a PIL image or an HxWx3 uint8 array, got {type(image).__name__}.")
+
+
+def _describe(image) -> str:
+    return str(image) if isinstance(image, (str, Path)) else type(image).__name__
+
+
+__all__ = ["FinetunedModel", "Prediction", "expand_inputs", "load"]
