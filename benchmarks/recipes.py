@@ -41,7 +41,7 @@ def main() -> None:
             seconds = time.perf_counter() - started
             trainable = sum(p.numel() for p in result.model.parameters() if p.requires_grad)
             runs.append({"recipe": recipe, "seed": seed, "val_acc": result.metrics["val/acc"],
-                         "best_epoch": int(result.metrics["epoch"]) + 1, "seconds": seconds, "trainable": trainable})
+                         "best_epoch": int(result.metrics["epoch"]), "seconds": seconds, "trainable": trainable})
             print(f"{recipe} seed {seed}: val/acc {result.metrics['val/acc']:.4f} in {seconds:.0f} s", flush=True)
             (args.out / "recipes.json").write_text(json.dumps(runs, indent=2))
 

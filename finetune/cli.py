@@ -71,10 +71,14 @@ def _sweep_trial(cfg: DictConfig) -> float:
     import traceback
     from pathlib import Path
 
-    from finetune.train.sweep import ERROR_FILE, basic_sweeper
+    from omegaconf import open_dict
 
     from finetune.train.run import run
+    from finetune.train.sweep import ERROR_FILE, basic_sweeper
 
+    if not cfg.viz.get("sweep_trials", False):  # the sweep draws its best trial's pictures at its end
+        with open_dict(cfg):
+            cfg.viz.enabled = False
     try:
         value = run(cfg).metrics.get("val/acc")
         if value is None or math.isnan(value):

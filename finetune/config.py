@@ -63,9 +63,18 @@ def compose_config(overrides: list[str]) -> DictConfig:
     ``hydra.run.dir``, made unique so that two runs in the same second never share a folder
     (except with ``resume=true``, which continues the run found there).
     """
+    from hydra.core.global_hydra import GlobalHydra
+
     register_recipes()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name="finetune"):
-        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+    # Inside a Hydra app (a sweep's end, ``finetune viz`` from a callback) Hydra is initialized:
+    # compose beside it, then put it back as it was.
+    global_hydra = GlobalHydra.instance()
+    outer, global_hydra.hydra = global_hydra.hydra, None
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name="finetune"):
+            cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+    finally:
+        global_hydra.hydra = outer
     with open_dict(cfg):
         if str(OmegaConf.to_container(cfg.paths, resolve=False)["output_dir"]).startswith("${hydra:"):
             run_dir = Path(cfg.hydra.run.dir).resolve()

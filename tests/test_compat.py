@@ -5,7 +5,6 @@ A failure here after a Lightning upgrade names the version and what moved; fix c
 
 from __future__ import annotations
 
-import csv
 import importlib
 import inspect
 import os
@@ -15,7 +14,7 @@ import sys
 import lightning as L
 import pytest
 
-from finetune.train.compat import process_launch, restart_csv_with, take_children_from_observers
+from finetune.train.compat import process_launch, take_children_from_observers
 
 VERSION = L.__version__
 
@@ -47,8 +46,6 @@ def test_the_private_names_compat_uses_still_exist():
                                           "_SubprocessScriptLauncher").launch)
     assert "_launch_process_observer" in launching, \
         f"Lightning {VERSION}: the ddp launcher no longer starts _ChildProcessObserver; check take_children_from_observers."
-    writer = private("lightning.fabric.loggers.csv_logs", "_ExperimentWriter")
-    assert callable(getattr(writer, "save", None)), f"Lightning {VERSION}: the CSV writer has no save()."
 
 
 def trainer(**kwargs) -> L.Trainer:
@@ -87,28 +84,6 @@ def test_taking_its_children_retires_the_observer_thread():
         observer.join(timeout=10)
     assert take_children_from_observers() == []
 
-
-def test_restarted_csv_keeps_the_given_rows_first(tmp_path):
-    from lightning.pytorch.loggers import CSVLogger
-
-    first = CSVLogger(save_dir=str(tmp_path), name="csv", version="")
-    first.log_metrics({"val/acc": 0.25, "epoch": 0}, step=1)
-    first.log_metrics({"val/acc": 0.5, "epoch": 1}, step=3)
-    first.save()
-    path = tmp_path / "csv" / "metrics.csv"
-    with path.open(newline="") as f:
-        kept = [row for row in csv.DictReader(f) if row["epoch"] == "0"]
-
-    logger = CSVLogger(save_dir=str(tmp_path), name="csv", version="")
-    restart_csv_with(logger, kept)
-    assert path.is_file(), f"Lightning {VERSION}: the CSV writer's save() wrote no {path.name}."
-    with path.open(newline="") as f:
-        assert list(csv.DictReader(f)) == kept, f"Lightning {VERSION}: the CSV writer's metrics/save() changed."
-    logger.log_metrics({"val/acc": 0.75, "epoch": 1}, step=5)
-    logger.save()
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    assert [(r["epoch"], r["step"], r["val/acc"]) for r in rows] == [("0", "1", "0.25"), ("1", "5", "0.75")]
 
 
 def test_wandb_logger_init_arguments_hold_anonymous_and_drop_it(monkeypatch, tmp_path):

@@ -143,3 +143,24 @@ def test_checkpoints_exports_and_caches_follow_the_umask(tmp_path):
         assert (tmp_path / "private.ckpt").stat().st_mode & 0o777 == 0o600
     finally:
         os.umask(old)
+
+
+def test_epochs_count_from_1_everywhere_and_the_csv_has_one_row_each(image_folder, tmp_path):
+    import csv
+    import json
+
+    from finetune import fit
+
+    result = fit(overrides=["data=folder", f"data.root={image_folder}", *TINY, "trainer.max_epochs=3",
+                            "trainer.accelerator=cpu", "data.num_workers=0", "logger=csv", "viz=none",
+                            "callbacks.progress_bar=false", f"hydra.run.dir={tmp_path / 'run'}"])
+    rows = list(csv.DictReader((tmp_path / "run" / "csv" / "metrics.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    assert all(r["train/loss"] and r["val/acc"] and r["lr/head"] for r in rows)  # one row holds the epoch
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert [h["epoch"] for h in summary["history"]] == [1, 2, 3] == [h["epoch"] for h in result.history]
+    best = max(result.history, key=lambda h: (h["val/acc"], -h["epoch"]))
+    assert result.metrics["epoch"] == summary["metrics"]["epoch"] == best["epoch"]
+    assert float(rows[best["epoch"] - 1]["val/acc"]) == pytest.approx(best["val/acc"], rel=1e-6)
+    log = (tmp_path / "run" / "finetune.log").read_text()
+    assert f"best epoch {best['epoch']} of 3: val/acc={best['val/acc']:.4f}" in log

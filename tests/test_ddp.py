@@ -48,7 +48,7 @@ def test_ddp_run_writes_once_from_rank_zero_and_gates_gradual_unfreezing(tmp_pat
         assert [h[f"lr/{group}"] for h in summary["history"]] == pytest.approx([expected] * 2, rel=1e-6), group
     rows = list(csv.DictReader((run / "csv" / "metrics.csv").open()))
     validated = [r for r in rows if r["val/acc"]]
-    assert len(validated) == 2  # one synced validation row per epoch, from rank zero
+    assert [r["epoch"] for r in rows] == ["1", "2"] and len(validated) == 2  # one synced row per epoch, rank zero
     # The reported metrics are the kept (last) epoch's, as rank zero logged them.
     for key in ("val/acc", "val/loss"):
         assert summary["metrics"][key] == pytest.approx(float(validated[-1][key]), rel=1e-6)
@@ -70,15 +70,16 @@ def test_ddp_run_writes_once_from_rank_zero_and_gates_gradual_unfreezing(tmp_pat
 
 @pytest.mark.slow  # 2 trials x 2 DDP processes: 30 s on 2 busy cores
 def test_multirun_trials_each_run_ddp_and_a_failed_trial_does_not_end_the_sweep(image_folder, tmp_path):
-    # lamb fails inside fit, after the second rank has started; the sgd trial must still run.
+    # An unknown scheduler fails inside fit (configure_optimizers), after the second rank has started;
+    # the step trial must still run.
     args = ["-m", *DDP, "+recipe=freeze_all_but_head", "data=folder", f"data.root={image_folder}", *TINY, *QUICK,
-            "optimizer.name=lamb,sgd", "hydra.sweep.dir=sweep"]
+            "scheduler.name=bogus,step", "hydra.sweep.dir=sweep"]
     proc = _finetune(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     logs = [(tmp_path / "sweep" / job / "finetune.log").read_text() for job in ("0", "1")]
     assert all("Starting with 2 processes" in log for log in logs)  # each trial started its own second rank
     rows = {r["job"]: r for r in csv.DictReader((tmp_path / "sweep" / "summary.csv").open())}
-    assert rows["0"]["status"] == "failed" and "choose sgd or adamw" in rows["0"]["error"]
+    assert rows["0"]["status"] == "failed" and "choose step, cosine or none" in rows["0"]["error"]
     assert rows["1"]["status"] == "completed" and rows["1"]["rank"] == "1"
     assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == [".trials", "0", "1", "multirun.yaml",
                                                                       "summary.csv"]

@@ -110,7 +110,7 @@ def test_killed_run_resumes_to_the_same_weights_and_metrics(killed_and_resumed):
     assert [row["unfrozen_groups"] for row in summary_b["history"]] == [0.0, 1.0, 2.0]
     # metrics.csv holds every epoch once, the one finished before the kill included
     rows_a, rows_b = csv_rows(uninterrupted), csv_rows(resumed)
-    assert sorted({row["epoch"] for row in rows_b}) == ["0", "1", "2"]
+    assert [row["epoch"] for row in rows_b] == ["1", "2", "3"]  # one row per epoch, counted from 1
     assert rows_b == rows_a
 
 
@@ -124,23 +124,26 @@ def test_resumed_csv_keeps_the_finished_epochs_and_drops_the_ones_to_redo(tmp_pa
 
     folder = tmp_path / "csv"
     folder.mkdir()
-    # a paced run killed in epoch 4: its last.ckpt is from the end of epoch 1, rows reach epoch 3
-    rows = [{"epoch": e, "step": 4 * e + 3, "val/acc": 0.5 + e / 10, "note": "x"} for e in range(4)]
+    # a paced run killed in epoch 5: its last.ckpt is from the end of epoch 2, rows reach epoch 4
+    rows = [{"epoch": e + 1, "step": 4 * e + 3, "val/acc": 0.5 + e / 10, "note": "x"} for e in range(4)]
     with (folder / "metrics.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["epoch", "note", "step", "val/acc"])
         writer.writeheader()
         writer.writerows(rows)
-    [logger] = build_loggers({"csv": True}, tmp_path, {}, keep_csv_through_epoch=1)
+    [logger] = build_loggers({"csv": True}, tmp_path, {}, keep_csv_through_epoch=2)
     kept = csv_rows(tmp_path)  # on disk before the resumed run logs anything
-    assert [(r["epoch"], r["step"], float(r["val/acc"]), r["note"]) for r in kept] == [("0", "3", 0.5, "x"), ("1", "7", 0.6, "x")]
-    logger.log_metrics({"val/acc": 0.9, "epoch": 2}, step=11)
+    assert [(r["epoch"], r["step"], float(r["val/acc"]), r["note"]) for r in kept] == [("1", "3", 0.5, "x"), ("2", "7", 0.6, "x")]
+    logger.log_metrics({"val/acc": 0.9, "epoch": 3}, step=11)
+    logger.log_metrics({"train/loss": 0.2, "epoch": 3}, step=11)  # the epoch's second call: the same row
     logger.save()
-    assert [r["epoch"] for r in csv_rows(tmp_path)] == ["0", "1", "2"]
+    assert [(r["epoch"], r["val/acc"], r["train/loss"]) for r in csv_rows(tmp_path)] == \
+        [("1", "0.5", ""), ("2", "0.6", ""), ("3", "0.9", "0.2")]
 
     [fresh] = build_loggers({"csv": True}, tmp_path, {})  # a new run in the same folder starts afresh
-    fresh.log_metrics({"val/acc": 0.1, "epoch": 0}, step=3)
+    assert csv_rows(tmp_path) == []
+    fresh.log_metrics({"val/acc": 0.1, "epoch": 1}, step=3)
     fresh.save()
-    assert [(r["epoch"], r["val/acc"]) for r in csv_rows(tmp_path)] == [("0", "0.1")]
+    assert [(r["epoch"], r["val/acc"]) for r in csv_rows(tmp_path)] == [("1", "0.1")]
 
 
 @pytest.mark.slow  # the kill -9 fixture (4 runs); fast: test_freeze.py resumes across the unfreeze epoch
@@ -159,7 +162,7 @@ def test_resume_from_a_checkpoint_path_with_the_notebook_api(killed_and_resumed,
     # Continue the finished 3-epoch run for a 4th epoch, into a new folder.
     result = fit(overrides=RUN + [f"ckpt_path={resumed / 'checkpoints' / 'last.ckpt'}", "trainer.max_epochs=4",
                                   f"hydra.run.dir={tmp_path / 'more'}"])
-    assert [row["epoch"] for row in result.history] == [0, 1, 2, 3]
+    assert [row["epoch"] for row in result.history] == [1, 2, 3, 4]
     assert result.history[:3] == json.loads((uninterrupted / "summary.json").read_text())["history"]
 
 
@@ -240,7 +243,7 @@ def test_paced_checkpoints_are_written_once_and_equal_those_of_every_epoch(tmp_p
     every_epoch = fit(overrides=RUN + [f"hydra.run.dir={tmp_path}/every"])
     monkeypatch.setattr(checkpoints, "atomic_save", counted)
     paced = fit(overrides=RUN + ["callbacks.checkpoint.min_write_interval_s=3600", f"hydra.run.dir={tmp_path}/paced"])
-    best_epoch = int(paced.metrics["epoch"])
+    best_epoch = int(paced.metrics["epoch"]) - 1  # checkpoints keep Lightning's 0-based epoch
     assert sorted(writes) == [("best.ckpt", best_epoch), (LAST, 2)]
     assert paced.history == every_epoch.history
     for name in ("best.ckpt", LAST):

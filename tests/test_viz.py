@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from conftest import QUICK, QUICK_WITH_PICTURES, TINY
+from conftest import QUICK_WITH_PICTURES, TINY
 from finetune import fit
 from finetune.commands import viz_command
 from finetune.viz.pictures import top_patch_crops
@@ -121,7 +121,7 @@ def test_every_run_leaves_named_non_trivial_pictures_and_an_index(run_with_pictu
     result, _ = run_with_pictures
     viz = result.output_dir / "viz"
     names = {p.stem for p in viz.glob("*.png")}
-    assert {"filters", "curves", "confusion", "patches_layer1", "patches_layer4"} <= names
+    assert {"filters", "curves", "confusion", "patches_stage1", "patches_stage4"} <= names  # named as the tables name groups
     for png in viz.glob("*.png"):
         pixels = np.asarray(Image.open(png).convert("L"), np.float32)
         assert pixels.shape[0] > 100 and pixels.std() > 10, png.name  # not blank

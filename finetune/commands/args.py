@@ -1,12 +1,11 @@
-"""What every subcommand shares: its one argument parser, the run config behind a checkpoint,
-the output folder, and images decoded batch by batch."""
+"""What every subcommand shares: its one argument parser, the output folder, and images decoded
+batch by batch."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from finetune.config import compose_config
@@ -42,15 +41,6 @@ def parse(args: Sequence[str], options: dict, command: str, overrides: str | Non
     if missing:
         raise ConfigError(f"finetune {command} needs {' '.join(f'{k}=...' for k in missing)}.")
     return chosen, passed_on
-
-
-def training_config(model, overrides: Sequence[str] = ()) -> DictConfig:
-    """The config the data of a command come from: `overrides` composed afresh when given, else
-    the checkpoint's own training config, completed with today's defaults for keys it predates."""
-    if overrides:
-        return compose_config(list(overrides))
-    defaults = OmegaConf.to_container(compose_config([]), resolve=False)
-    return OmegaConf.merge(OmegaConf.create(defaults), OmegaConf.create(model.config))
 
 
 def output_dir(out: str | None) -> Path:

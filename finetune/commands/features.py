@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from finetune.commands.args import output_dir, parse, training_config
+from finetune.commands.args import output_dir, parse
 from finetune.config import compose_config
 from finetune.data.sources import SPLITS, load_data
 from finetune.data.transforms import with_input_size
@@ -71,7 +71,7 @@ def _embeddings(ckpt: str | None, overrides: list[str]):
 
     if ckpt:
         model = load(ckpt)
-        cfg = training_config(model, overrides)
+        cfg = model.run_config(overrides)
         module, data_config, name = model.model.backbone, model.data_config, ckpt
     else:
         cfg = compose_config(overrides)

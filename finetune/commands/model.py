@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from finetune.commands.args import REQUIRED, output_dir, parse, readable_batches, training_config
+from finetune.commands.args import REQUIRED, output_dir, parse, readable_batches
 from finetune.data.images import load_rgb
 from finetune.data.sources import load_data, relabel, scan_class_folders
 from finetune.errors import ConfigError
@@ -91,18 +91,13 @@ def export_command(args: Sequence[str]) -> int:
 def viz_command(args: Sequence[str]) -> int:
     """``finetune viz ckpt=PATH [input=DIR | data=...] [out=DIR]``: the pictures of a trained
     model, on the images :func:`_labelled_samples` picks."""
-    from finetune.viz.report import write_pictures
+    from finetune.viz.checkpoint import checkpoint_pictures
 
     opts, data = parse(args, {"ckpt": REQUIRED, "input": None, "out": None, "max_images": "500"}, "viz", "data")
     model = load(opts["ckpt"])
-    cfg = training_config(model)
     samples, _ = _labelled_samples(model, opts["input"], data)
-    summary = Path(opts["ckpt"]).resolve().parent.parent / "summary.json"
-    history = json.loads(summary.read_text()).get("history", []) if summary.is_file() else []
     out = output_dir(opts["out"])
-    pictures = write_pictures(model.model, model.classes, samples, model.transform, model.data_config, out, history,
-                              cfg.viz.layers, max_images=int(opts["max_images"]))
-    for picture in pictures:
+    for picture in checkpoint_pictures(model, opts["ckpt"], out, samples, int(opts["max_images"])):
         print(f"  {picture.name}: {picture.path}")
     print(f"  index: {out / 'index.md'}")
     return 0
@@ -117,10 +112,7 @@ def _labelled_samples(model: FinetunedModel, folder: str | None, data: list[str]
         skipped, sizes = [], {}
         found, samples = scan_class_folders(Path(folder).resolve(), skipped, sizes)
         return relabel(samples, found, model.classes, folder, "the model"), skipped
-    cfg = training_config(model, data)
-    splits = load_data(cfg.data, cfg.seed)
-    chosen = relabel(splits.test or splits.val, splits.classes, model.classes, "The data", "the model")
-    return chosen, list(splits.skipped)
+    return model.evaluation_samples(data)
 
 
 def _parity_images(model: FinetunedModel, spec: str | None) -> tuple[list, str]:
@@ -129,7 +121,7 @@ def _parity_images(model: FinetunedModel, spec: str | None) -> tuple[list, str]:
         if images:
             return images, f"images from {spec}"
     try:
-        cfg = training_config(model)
+        cfg = model.run_config()
         items = [item for item, _ in load_data(cfg.data, cfg.seed).val[:8]]
         return [load_rgb(i) if isinstance(i, str) else i for i in items], "validation images of the training data"
     except Exception:  # the training data is not on this machine: random pixels still test parity

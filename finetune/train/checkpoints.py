@@ -254,9 +254,9 @@ def _get(tree: Any, dotted: str) -> Any:
 
 
 class Resume:
-    """What train.run needs to make a run resumable: where it continues from (or None), the last
-    epoch whose logged rows the output folder keeps (-1: none), the W&B run id to (re)use, the
-    callbacks and the checkpoint-IO plugin."""
+    """What train.run needs to make a run resumable: where it continues from (or None), how many
+    epochs' logged rows the output folder keeps (``logged_through_epoch``, counted from 1; 0: none),
+    the W&B run id to (re)use, the callbacks and the checkpoint-IO plugin."""
 
     def __init__(self, path: Path | None, output_dir: Path, seed: int, config: Mapping, classes: list[str],
                  min_write_interval_s: float = 0.0):
@@ -265,7 +265,7 @@ class Resume:
         self.wandb_id = wandb_id or new_run_id()
         # resume=true continues in the checkpoint's own folder: what it logged through `epoch` stays
         in_place = path is not None and Path(path).resolve().parent == checkpoint_dir(output_dir).resolve()
-        self.logged_through_epoch = epoch if in_place else -1
+        self.logged_through_epoch = epoch + 1 if in_place else 0  # epochs finished, counted from 1
         self.callbacks = [EpochSeeding(seed), RunRecord(self.wandb_id), last_checkpoint(output_dir)]
         self.plugins = [AtomicCheckpointIO(min_write_interval_s, checkpoint_dir(output_dir))]
 

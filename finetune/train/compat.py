@@ -18,10 +18,6 @@ What we rely on (Lightning 2.x):
   (named ``child-process-observer``) that SIGKILLs the main process when a child exits non-zero;
   its list ``_child_processes``; it ends once every child in that list exited 0, so an empty
   list ends it. Used by :func:`take_children_from_observers`.
-- The CSV logger's writer (``CSVLogger.experiment``, a ``lightning.fabric.loggers.csv_logs.
-  _ExperimentWriter``): its ``metrics`` list (rows not yet written) and ``save()`` (writes them
-  under a header with all their columns). It deletes an existing ``metrics.csv`` when created.
-  Used by :func:`restart_csv_with`.
 - ``WandbLogger._wandb_init``: the keyword arguments it hands ``wandb.init``; it always includes
   ``anonymous``, which W&B 0.19+ answers with a deprecation warning on every run. Used by
   :func:`drop_wandb_anonymous`.
@@ -31,8 +27,6 @@ from __future__ import annotations
 
 import subprocess
 import threading
-import warnings
-from collections.abc import Mapping, Sequence
 
 
 def process_launch(trainer) -> str | None:
@@ -69,20 +63,6 @@ def take_children_from_observers() -> list[subprocess.Popen]:
             taken, thread._child_processes = thread._child_processes, []
             children += taken
     return children
-
-
-def restart_csv_with(logger, rows: Sequence[Mapping[str, object]]) -> None:
-    """Start `logger`'s (a ``CSVLogger``) ``metrics.csv`` afresh with `rows` first, written now.
-
-    Lightning's writer deletes an existing ``metrics.csv`` when it starts (with a warning, silenced
-    here: the rows worth keeping are in `rows`); handed rows (values as text are written as
-    given), it writes them under a header with their columns, before any row logged later.
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Experiment logs directory")
-        writer = logger.experiment
-    writer.metrics = [dict(row) for row in rows] + writer.metrics
-    writer.save()
 
 
 def drop_wandb_anonymous(logger) -> None:

@@ -9,7 +9,7 @@ environment variables and the process group are cleared, so the next trial of a 
 own processes. In a sweep a child leaves a failure to rank zero to record and exits 0: a child
 exiting non-zero makes Lightning kill its parent, the sweep with it.
 
-Only rank zero prints and writes outputs (:func:`is_rank_zero`); checkpoints, loggers and
+Only rank zero prints and writes outputs (:func:`finetune.console.is_rank_zero`); checkpoints, loggers and
 torchmetrics already act on rank zero or sync across ranks by themselves.
 """
 
@@ -20,7 +20,6 @@ import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-from finetune.console import is_rank_zero  # noqa: F401 - where callers look for it
 from finetune.config import hydra_value
 from finetune.errors import ConfigError
 from finetune.train.compat import process_launch, take_children_from_observers

@@ -7,7 +7,8 @@ import lightning as L
 
 class MetricsHistory(L.Callback):
     """Records ``trainer.callback_metrics`` (floats) at the end of every training epoch, when
-    both the epoch's training and validation metrics are known."""
+    both the epoch's training and validation metrics are known. ``epoch`` counts from 1, as
+    everywhere a person reads it (Lightning's ``current_epoch`` counts from 0)."""
 
     def __init__(self):
         self.epochs: list[dict[str, float]] = []
@@ -16,15 +17,16 @@ class MetricsHistory(L.Callback):
         if trainer.sanity_checking:
             return
         row = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-        row["epoch"] = trainer.current_epoch
+        row["epoch"] = trainer.current_epoch + 1
         self.epochs = [r for r in self.epochs if r["epoch"] != row["epoch"]] + [row]
 
     # Saved in checkpoints, so that a resumed run reports the epochs before the interruption too.
     def state_dict(self) -> dict:
-        return {"epochs": [dict(r) for r in self.epochs]}
+        return {"epochs": [dict(r) for r in self.epochs], "first_epoch": 1}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epochs = [dict(r) for r in state.get("epochs", [])]
+        shift = 1 - state.get("first_epoch", 0)  # checkpoints written before epochs counted from 1
+        self.epochs = [{**r, "epoch": r["epoch"] + shift} for r in state.get("epochs", [])]
 
     def best(self, monitor: str = "val/acc", mode: str = "max") -> dict[str, float]:
         """The recorded epoch with the best `monitor` (the first of ties); {} if none."""

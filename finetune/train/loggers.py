@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import netrc
 import os
@@ -11,10 +12,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlparse
 
-from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from finetune.train.compat import drop_wandb_anonymous, restart_csv_with
+from finetune.train.compat import drop_wandb_anonymous
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +54,12 @@ def _has_credentials(host: str) -> bool:
 
 
 def build_loggers(cfg: Mapping, output_dir: Path, config: Mapping, run_id: str | None = None,
-                  keep_csv_through_epoch: int = -1) -> list[Logger]:
+                  keep_csv_through_epoch: int = 0) -> list[Logger]:
     """CSV logger at ``output_dir/csv`` when ``cfg.csv``; a W&B logger when ``cfg.wandb`` is set.
     `run_id`: the W&B run id; a resumed run passes its first run's id to continue that W&B run.
-    `keep_csv_through_epoch`: a run resumed in its own folder passes the last epoch its checkpoint
-    finished, and the rows of epochs up to it stay in ``metrics.csv``; later rows (epochs the
-    resumed run redoes) are dropped. -1 starts the file afresh."""
+    `keep_csv_through_epoch`: a run resumed in its own folder passes the number of epochs its
+    checkpoint finished, and their rows stay in ``metrics.csv``; later rows (epochs the resumed
+    run redoes) are dropped. 0 starts the file afresh."""
     loggers: list[Logger] = []
     if cfg.get("csv"):
         loggers.append(_csv_logger(output_dir, keep_csv_through_epoch))
@@ -70,18 +71,70 @@ def build_loggers(cfg: Mapping, output_dir: Path, config: Mapping, run_id: str |
     return loggers
 
 
-def _csv_logger(output_dir: Path, keep_through_epoch: int) -> CSVLogger:
-    logger = CSVLogger(save_dir=str(output_dir), name="csv", version="")
-    path = Path(logger.log_dir) / "metrics.csv"
-    if keep_through_epoch < 0 or not path.is_file() or rank_zero_only.rank != 0:
-        return logger
-    with path.open(newline="") as f:
-        kept = [{k: v for k, v in row.items() if k and v} for row in csv.DictReader(f)
-                if (row.get("epoch") or "").isdigit() and int(row["epoch"]) <= keep_through_epoch]
-    # Lightning's CSV writer deletes an existing metrics.csv when it starts: the kept rows (as
-    # text) go back first, written at once, so a second interruption before any new row keeps them.
-    restart_csv_with(logger, kept)
-    return logger
+def _csv_logger(output_dir: Path, keep_through_epoch: int) -> Logger:
+    return EpochCSVLogger(Path(output_dir) / "csv", keep_through_epoch)
+
+
+class EpochCSVLogger(Logger):
+    """``csv/metrics.csv`` with one row per epoch (numbered from 1, as the console and
+    ``summary.json`` number them) holding everything logged in it: training and validation
+    metrics, learning rates, the test scores in the last row.
+
+    Lightning's CSVLogger writes a row per logging call, so each epoch took two rows (training's
+    and validation's) under its 0-based epoch; no library writes one row per epoch. The whole
+    file is small and is rewritten atomically after every call, so a kill leaves a whole file.
+    `keep_through_epoch`: a run resumed in its own folder keeps the rows of epochs 1..that from
+    the file (0: start afresh); the epochs it redoes are written again.
+    """
+
+    def __init__(self, log_dir: Path, keep_through_epoch: int = 0):
+        super().__init__()
+        self._log_dir = Path(log_dir)
+        self.path = self._log_dir / "metrics.csv"
+        self.rows: dict[int, dict] = {}
+        if keep_through_epoch > 0 and self.path.is_file() and rank_zero_only.rank == 0:
+            with self.path.open(newline="") as f:
+                for row in csv.DictReader(f):
+                    epoch = row.get("epoch") or ""
+                    if epoch.isdigit() and 1 <= int(epoch) <= keep_through_epoch:
+                        self.rows[int(epoch)] = {k: v for k, v in row.items() if k and v}
+        # Written now: the kept rows survive a second interruption, a stale file is replaced at once.
+        self.save()
+
+    @property
+    def name(self) -> str:
+        return "csv"
+
+    @property
+    def version(self) -> str:
+        return ""
+
+    @property
+    def log_dir(self) -> str:
+        return str(self._log_dir)
+
+    @rank_zero_only
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass  # the whole config is in .hydra/config.yaml, the checkpoints and summary.json
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        # finetune's module logs a 1-based "epoch" with every call; Lightning adds its 0-based one otherwise.
+        epoch = int(metrics.get("epoch", 0))
+        row = self.rows.setdefault(epoch, {"epoch": epoch})
+        row.update({k: v for k, v in metrics.items() if k != "epoch"}, step=step)
+
+    @rank_zero_only
+    def save(self) -> None:
+        columns = ["epoch", "step"] + sorted({k for row in self.rows.values() for k in row} - {"epoch", "step"})
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(self.rows[e] for e in sorted(self.rows))
+        self._log_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".csv.tmp")
+        tmp.write_text(text.getvalue())
+        os.replace(tmp, self.path)
 
 
 def _wandb_logger(cfg: Mapping, mode: str, output_dir: Path, config: Mapping, run_id: str | None = None) -> Logger:

@@ -133,11 +133,18 @@ class ClassifierModule(L.LightningModule):
             else:
                 metric.update(logits.detach(), labels)
 
+    def _log_epoch_number(self) -> None:
+        """``epoch`` counted from 1, with every logging call: CSV, W&B and the console agree
+        (Lightning would add its own 0-based one)."""
+        self.log("epoch", float(self.current_epoch + 1), on_step=False, on_epoch=True, batch_size=1)
+
     def _log_epoch(self, split: str) -> None:
         """Log `split`'s epoch values (all ranks take part: compute() syncs) and start afresh."""
         metrics = getattr(self, f"{split}_metrics")
         if not metrics["acc"].update_called:
             return  # nothing seen this epoch, or already logged
+        if split != "train":  # the training loop logs it at the start of the epoch
+            self._log_epoch_number()
         for name, metric in metrics.items():
             shown = split == "val" and name in ("loss", "acc") or split == "train" and name == "loss"
             # compute() already synced the ranks: sync_dist only tells Lightning so, batch_size=1: one value
@@ -155,6 +162,7 @@ class ClassifierModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     def on_train_epoch_start(self) -> None:
+        self._log_epoch_number()
         for group in self.optimizers().optimizer.param_groups:
             self.log(f"lr/{group['name']}", group["lr"], on_step=False, on_epoch=True, sync_dist=True)
 

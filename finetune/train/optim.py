@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-from torch import nn
 
 from finetune.config import with_defaults
 from finetune.errors import ConfigError

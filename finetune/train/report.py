@@ -80,7 +80,7 @@ def outputs(output_dir: Path, best_path: Path | None, loggers, pictures: list) -
     if best_path is not None:
         found["checkpoint"] = best_path
     for logger in loggers:
-        if type(logger).__name__ == "CSVLogger":
+        if type(logger).__name__ == "EpochCSVLogger":
             found["metrics_csv"] = Path(logger.log_dir) / "metrics.csv"
         elif type(logger).__name__ == "WandbLogger":
             found["wandb"] = output_dir / "wandb"
@@ -109,7 +109,7 @@ def write_summary(result: FitResult, seconds: float) -> None:
 def log_end(result: FitResult) -> None:
     """The closing block: the best epoch, skipped files, where every output went, val/acc last."""
     m = result.metrics
-    best_epoch = int(m["epoch"]) + 1 if "epoch" in m else "?"
+    best_epoch = int(m["epoch"]) if "epoch" in m else "?"
     lines = [f"best epoch {best_epoch} of {len(result.history)}: " + ", ".join(
         f"{k}={m[k]:.4f}" for k in ("val/acc", "val/loss", "val/acc_top5", "train/loss", "train/acc", "test/acc")
         if k in m)]

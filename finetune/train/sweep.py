@@ -87,6 +87,8 @@ class SweepSummary(Callback):
             f"\nsweep of {len(rows)} trials, ranked by {self.objective} ({self.mode}):",
             format_table(["rank", "job", "status", self.objective, "overrides"], table, "rrlrl"),
             f"  summary: {Path(config.hydra.sweep.dir) / 'summary.csv'}"]))
+        if config.get("viz", {}).get("enabled") and not config.viz.get("sweep_trials", False):
+            _draw_best(rows)
 
     def _write(self, config: DictConfig) -> list[dict]:
         """Rebuild summary.csv from every job's row; returns the ranked rows."""
@@ -108,6 +110,25 @@ class SweepSummary(Callback):
 
 def _trials_dir(config: DictConfig) -> Path:
     return Path(config.hydra.sweep.dir) / ".trials"
+
+
+def _draw_best(rows: list[dict]) -> None:
+    """The best trial's pictures (``finetune viz`` on its best checkpoint, into its ``viz/``),
+    drawn once at the end of the sweep instead of in every trial (``viz.sweep_trials``)."""
+    best = next((r for r in rows if r["rank"] == 1), None)
+    checkpoint = Path(best["output_dir"]) / "checkpoints" / "best.ckpt" if best else None
+    if checkpoint is None or not checkpoint.is_file():
+        return
+    from finetune.use.load import load
+    from finetune.viz.checkpoint import checkpoint_pictures
+
+    log = setup()
+    try:
+        pictures = checkpoint_pictures(load(checkpoint), checkpoint, checkpoint.parent.parent / "viz")
+        log.info("pictures of the best trial (job %s): %s", best["job"], checkpoint.parent.parent / "viz" / "index.md"
+                 if pictures else "none")
+    except Exception as err:  # noqa: BLE001 - the sweep's results are written; pictures are extra
+        log.info("no pictures of the best trial: %s: %s", type(err).__name__, str(err).splitlines()[0] if str(err) else "")
 
 
 def _write_atomic(path: Path, text: str) -> None:

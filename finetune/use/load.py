@@ -14,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from finetune.data.images import IMAGE_EXTENSIONS, load_rgb
+from finetune.data.sources import load_data, relabel
 from finetune.data.transforms import build_transforms, with_input_size
 from finetune.errors import ConfigError, WeightsError
 from finetune.model.build import CHECKPOINT_KEY, backbone_from_config, build_model
@@ -53,6 +54,26 @@ class FinetunedModel:
         self.data_config = dict(data_config)
         self.config = config
         _, self.transform = build_transforms(self.data_config, {"random_resized_crop": False})
+
+    def run_config(self, overrides: Sequence[str] = ()) -> DictConfig:
+        """The config a command's data come from: `overrides` composed afresh when given, else
+        the training config stored in the checkpoint, completed with today's defaults for keys
+        it predates."""
+        from finetune.config import compose_config
+
+        if overrides:
+            return compose_config(list(overrides))
+        defaults = OmegaConf.to_container(compose_config([]), resolve=False)
+        return OmegaConf.merge(OmegaConf.create(defaults), OmegaConf.create(self.config))
+
+    def evaluation_samples(self, overrides: Sequence[str] = ()) -> tuple[list, list]:
+        """(samples labelled with this model's classes, matched by name; files skipped): the test
+        split, else the validation split, of the data `overrides` describe, or of the training
+        data when there are none."""
+        cfg = self.run_config(overrides)
+        splits = load_data(cfg.data, cfg.seed)
+        chosen = relabel(splits.test or splits.val, splits.classes, self.classes, "The data", "the model")
+        return chosen, list(splits.skipped)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> FinetunedModel:

@@ -32,19 +32,22 @@ def first_conv(model: nn.Module) -> nn.Conv2d | None:
     return next((m for m in model.modules() if isinstance(m, nn.Conv2d) and m.in_channels == 3), None)
 
 
-def mosaic(tiles: Sequence[np.ndarray], cols: int, cell: int = 48, pad: int = 2) -> np.ndarray:
-    """Tiles (HxWx3 float in [0, 1] or uint8) resized to `cell` px (nearest), on a white grid."""
+def mosaic(tiles: Sequence[np.ndarray], cols: int, cell: int = 48, pad: int = 2, above: int = 0) -> np.ndarray:
+    """Tiles (HxWx3 float in [0, 1] or uint8) resized to `cell` px (nearest), on a white grid;
+    `above` px more of white above each row (room for captions)."""
     from PIL import Image
 
     rows = int(np.ceil(len(tiles) / cols))
-    grid = np.ones((rows * (cell + pad) + pad, cols * (cell + pad) + pad, 3), np.float32)
+    row_height = cell + pad + above
+    grid = np.ones((rows * row_height + pad, cols * (cell + pad) + pad, 3), np.float32)
     for i, tile in enumerate(tiles):
         tile = np.asarray(tile)
         if tile.dtype != np.uint8:
             tile = (np.clip(tile, 0, 1) * 255).astype(np.uint8)
         resized = np.asarray(Image.fromarray(tile).resize((cell, cell), Image.Resampling.NEAREST), np.float32) / 255
         r, c = divmod(i, cols)
-        grid[pad + r * (cell + pad): pad + r * (cell + pad) + cell, pad + c * (cell + pad): pad + c * (cell + pad) + cell] = resized
+        top = pad + above + r * row_height
+        grid[top: top + cell, pad + c * (cell + pad): pad + c * (cell + pad) + cell] = resized
     return grid
 
 
@@ -68,7 +71,7 @@ def curves(history: Sequence[dict], path: Path) -> Path | None:
     """Train/val loss and accuracy per epoch, and each optimizer group's learning rate."""
     if not history:
         return None
-    epochs = [int(h["epoch"]) + 1 for h in history]
+    epochs = [int(h["epoch"]) for h in history]  # counted from 1 (MetricsHistory)
     lr_keys = sorted({k for h in history for k in h if k.startswith("lr/") and not k.endswith("no_decay")})
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, metric in zip(axes, ("loss", "acc")):
@@ -105,8 +108,9 @@ def confusion(report: dict, path: Path) -> Path:
         if len(classes) <= 20:
             top = matrix.max() or 1
             for (i, j), v in np.ndenumerate(matrix):
-                ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=7,
-                        color="white" if v > top / 2 else "black")
+                if v:  # empty cells stay blank: easier to read, and far fewer artists to draw
+                    ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=7,
+                            color="white" if v > top / 2 else "black")
     fig.suptitle(f"accuracy {report['accuracy']:.3f} on {report['images']} images", fontsize=10)
     return _save(fig, path)
 
@@ -118,15 +122,18 @@ def mistakes(images: np.ndarray, labels: torch.Tensor, probabilities: torch.Tens
     wrong = torch.nonzero(predicted != labels).flatten()
     if not len(wrong):
         return None
-    order = wrong[confidence[wrong].argsort(descending=True)][:count]
-    cols = min(4, len(order))
+    order = wrong[confidence[wrong].argsort(descending=True)][:count].tolist()
+    cols, cell, pad, above = min(4, len(order)), 160, 4, 44
     rows = int(np.ceil(len(order) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.4, rows * 2.7), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, i in zip(axes.flat, order.tolist()):
-        ax.imshow(images[i])
-        ax.set_title(f"true: {classes[labels[i]]}\npred: {classes[predicted[i]]} ({confidence[i]:.2f})", fontsize=8)
+    # One mosaic on one axes: 16 small axes cost more to draw than the whole rest of the picture.
+    fig, ax = plt.subplots(figsize=(cols * 2.4, rows * 2.7))
+    ax.imshow(mosaic([images[i] for i in order], cols, cell=cell, pad=pad, above=above))
+    ax.axis("off")
+    for n, i in enumerate(order):
+        r, c = divmod(n, cols)
+        ax.text(pad + c * (cell + pad) + cell / 2, pad + above + r * (cell + pad + above) - 4,
+                f"true: {classes[labels[i]]}\npred: {classes[predicted[i]]} ({confidence[i]:.2f})",
+                ha="center", va="bottom", fontsize=8)
     fig.suptitle(f"most confident mistakes ({len(wrong)} wrong of {len(labels)})", fontsize=10)
     return _save(fig, path)
 

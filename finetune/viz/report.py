@@ -83,12 +83,22 @@ def write_pictures(
         "The most confident mistakes: wrong labels, ambiguous images or a real weakness.")
     fields = patch_fields(model.backbone, spatial, data_config["input_size"][1]) if spatial else {}
     for name, field in fields.items():
-        safe = name.replace(".", "_")
-        add(f"patches_{safe}", pictures.top_patches(images, peaks[name], positions[name], field, name,
+        group = _group_of(model, name)  # files and captions say stage3, as every table does
+        safe = group or name.replace(".", "_")
+        title = f"{group} ({name})" if group else name
+        add(f"patches_{safe}", pictures.top_patches(images, peaks[name], positions[name], field, title,
                                                     out_dir / f"patches_{safe}.png", channels, top_k),
-            f"Layer {name}: the image patches (its receptive field, {field.size}{'+' if field.clipped else ''} px) "
+            f"{title}: the image patches (its receptive field, {field.size}{'+' if field.clipped else ''} px) "
             f"that excite its strongest channels most.")
     return _finish(results, out_dir)
+
+
+def _group_of(model: nn.Module, layer: str) -> str | None:
+    """The layer group (stem, stage1, ...) that backbone module `layer` belongs to, if one
+    group holds all its parameters."""
+    prefix = f"backbone.{layer}."
+    owners = {g.name for g in getattr(model, "groups", []) for n in g.param_names if n.startswith(prefix)}
+    return owners.pop() if len(owners) == 1 else None
 
 
 def _finish(results: list[Picture], out_dir: Path) -> list[Picture]:

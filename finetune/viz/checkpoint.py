@@ -1,0 +1,23 @@
+"""The pictures of a saved model: ``finetune viz`` and the best trial of a sweep."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from finetune.use.load import FinetunedModel
+from finetune.viz.report import Picture, write_pictures
+
+
+def checkpoint_pictures(model: FinetunedModel, checkpoint: str | Path, out_dir: Path, samples: Sequence | None = None,
+                        max_images: int = 500) -> list[Picture]:
+    """Every picture of `model` (loaded from `checkpoint`) into `out_dir`, on `samples`
+    ((image, label) pairs; default: :meth:`FinetunedModel.evaluation_samples`), with the curves
+    of the run's ``summary.json`` when it lies beside the checkpoint folder."""
+    if samples is None:
+        samples, _ = model.evaluation_samples()
+    summary = Path(checkpoint).resolve().parent.parent / "summary.json"
+    history = json.loads(summary.read_text()).get("history", []) if summary.is_file() else []
+    return write_pictures(model.model, model.classes, samples, model.transform, model.data_config, Path(out_dir),
+                          history, model.run_config().viz.layers, max_images=max_images)
