@@ -38,19 +38,53 @@ def _fail(err: Exception) -> None:
 def _train(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
+    from finetune.train.run_folder import RunStopped
+
     hydra_cfg = HydraConfig.get()
     sweep = _in_sweep()
-    with relaunchable_job(hydra_cfg.overrides.task, hydra_cfg.runtime.output_dir, sweep):
-        if sweep:
-            return _sweep_trial(cfg)
-        from finetune.train.run import run
+    try:
+        with relaunchable_job(hydra_cfg.overrides.task, hydra_cfg.runtime.output_dir, sweep):
+            if sweep:
+                return _sweep_trial(cfg)
+            from finetune.train.run import run
 
-        try:
-            result = run(cfg)
-        except FinetuneError as err:
-            _fail(err)
+            try:
+                result = run(cfg)
+            except FinetuneError as err:
+                _fail(err)
+    except RunStopped as stop:
+        _stopped(stop, hydra_cfg, sweep)
+    except KeyboardInterrupt:  # Ctrl-C before the run took its folder
+        _stopped(None, hydra_cfg, sweep)
     # Sweepers (Optuna) maximize what the task returns.
     return result.metrics.get("val/acc")
+
+
+def _stopped(stop, hydra_cfg, sweep: bool) -> None:
+    """A run stopped by SIGTERM (preemption: SLURM, ``scancel``, ``docker stop``, Kubernetes) or
+    SIGINT (Ctrl-C): one line saying how to continue, then exit 128 + the signal's number (143,
+    130), never 0, so that ``finetune ... && deploy`` stops there. The checkpoints are on disk by
+    then (:mod:`finetune.train.run_folder`). Lightning's SLURM auto-requeue is left as it is: its
+    SIGUSR1 handler saves ``hpc_ckpt_N.ckpt`` and requeues the job before SLURM's SIGTERM, the
+    requeued job re-runs this command line unchanged, and the run folder lets it in."""
+    import shlex
+
+    from finetune.config import hydra_value
+
+    if stop is None:
+        print("\nstopped by SIGINT before training started", file=sys.stderr, flush=True)
+        sys.exit(130)
+    if is_rank_zero():
+        if sweep:
+            print(f"{stop} (sweep trial in {stop.output_dir})", file=sys.stderr, flush=True)
+        else:
+            dropped = ("resume", "overwrite") + (("ckpt_path",) if stop.last is not None else ())
+            kept = [o for o in hydra_cfg.overrides.task if o.split("=", 1)[0].lstrip("+~") not in dropped]
+            again = ["finetune", *kept, f"hydra.run.dir={hydra_value(str(stop.output_dir))}"]
+            hint = (f"continue with: {shlex.join([*again, 'resume=true'])}" if stop.last is not None else
+                    f"no checkpoint was written yet; start again with: {shlex.join(again)}")
+            print(f"{stop}; {hint}", file=sys.stderr, flush=True)
+    sys.exit(stop.code)
 
 
 def _in_sweep() -> bool:
@@ -128,14 +162,30 @@ def _command(name: str, args: list[str]) -> int:
 
 
 def _check_overrides(args: list[str]) -> None:
-    """Check the command line before Hydra runs it, so that an unknown key or a missing extra
-    exits with code 2 and a sentence that names the fix (Hydra itself exits 1), under -m too."""
+    """Check the command line before Hydra runs it, so that an unknown key, a missing extra or a
+    run folder that holds a finished run exits with code 2 and a sentence that names the fix
+    (Hydra itself exits 1, and would already have rewritten that folder's ``.hydra/``), under -m too."""
     if not args:
         return
     from finetune.config import check_overrides
 
     try:
-        check_overrides(args)
+        cfg = check_overrides(args)
+        run_dir = next((a.partition("=")[2] for a in args if a.startswith("hydra.run.dir=")), None)
+        if cfg is not None and not {"-m", "--multirun"} & set(args):
+            from pathlib import Path
+
+            from finetune.train.run_folder import busy_refusal, leads_the_run, make_folder, reuse_refusal
+
+            if not leads_the_run():  # DDP's extra processes re-run this command into rank zero's folder
+                return
+
+            # Hydra writes .hydra/ and its log into the run folder before the run starts: check it first.
+            folder = Path(run_dir).resolve() if run_dir else None
+            refusal = (busy_refusal(folder) or reuse_refusal(cfg, folder)) if folder else None
+            if refusal:
+                raise ConfigError(refusal)
+            make_folder(Path(run_dir or "outputs").resolve())
     except (FinetuneError, HydraException, OmegaConfBaseException) as err:
         _fail(err)
 

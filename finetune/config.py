@@ -78,8 +78,9 @@ def compose_config(overrides: list[str]) -> DictConfig:
     with open_dict(cfg):
         if str(OmegaConf.to_container(cfg.paths, resolve=False)["output_dir"]).startswith("${hydra:"):
             run_dir = Path(cfg.hydra.run.dir).resolve()
-            # resume=true continues the run in that very folder.
-            cfg.paths.output_dir = str(run_dir if cfg.get("resume") is True else _unique_dir(run_dir))
+            # resume=true continues the run in that very folder; overwrite=true replaces it.
+            reuse = cfg.get("resume") is True or cfg.get("overwrite") is True
+            cfg.paths.output_dir = str(run_dir if reuse else _unique_dir(run_dir))
         del cfg["hydra"]
     return cfg
 
@@ -93,20 +94,27 @@ def _unique_dir(path: Path) -> Path:
 
 
 # Values whose type the code relies on, checked before a run starts: a wrong one is a one-line
-# ConfigError instead of a traceback from deep inside a library. key -> (types, minimum, wording)
+# ConfigError instead of a traceback from deep inside a library (or a run that means nothing).
+# key -> (types, minimum, wording); see also _VALUE_RULES in check_values.
 TYPED_KEYS = {
-    "seed": ((int,), None, "an integer"),
+    "seed": ((int,), 0, "an integer from 0 to 2**32 - 1"),
     "data.batch_size": ((int,), 1, "a positive integer"),
     "data.num_workers": ((int,), 0, "auto or an integer >= 0"),
-    "trainer.max_epochs": ((int,), -1, "an integer (-1: no limit)"),
+    "data.image_size": ((int,), 16, "null (the backbone's size) or an integer of at least 16 (pixels)"),
+    "trainer.max_epochs": ((int,), -1, "a positive integer (-1: no limit, with callbacks.early_stopping_patience)"),
     "optimizer.lr": ((int, float), 0, "a number >= 0"),
+    "head.dropout": ((int, float), 0, "a probability from 0 up to (not including) 1"),
     "resume": ((bool,), None, "true or false"),
     "callbacks.checkpoint.min_write_interval_s": ((int, float), 0, "a number of seconds >= 0 (0: every epoch)"),
 }
+# Lightning's precision names (plus auto, resolved per machine by finetune.compute.speed).
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true",
+              "transformer-engine", "transformer-engine-float16", "64", "32", "16", "bf16", 64, 32, 16)
 
 
 def check_types(cfg: DictConfig) -> None:
-    """Raise a ConfigError naming the first key of :data:`TYPED_KEYS` whose value is wrong."""
+    """Raise a ConfigError naming the first key of :data:`TYPED_KEYS` whose value is wrong, then
+    apply :func:`check_values`."""
     for key, (types, minimum, expected) in TYPED_KEYS.items():
         value = OmegaConf.select(cfg, key, default=None)
         if value is None or (key == "data.num_workers" and value == "auto"):
@@ -114,6 +122,30 @@ def check_types(cfg: DictConfig) -> None:
         wrong = not isinstance(value, types) or (isinstance(value, bool) and bool not in types)
         if wrong or (minimum is not None and value < minimum):
             raise ConfigError(f"{key}={value!r}: it must be {expected}.")
+    check_values(cfg)
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Values of the right type that make no sense, refused with the fix (one rule per line):
+    seed beyond 2**32 - 1; head.dropout >= 1 (every feature dropped); trainer.max_epochs=0 (no
+    model) or -1 without callbacks.early_stopping_patience, trainer.max_steps or max_time (never
+    stops); a trainer.precision Lightning does not know."""
+    get = lambda key: OmegaConf.select(cfg, key, default=None)  # noqa: E731
+    rules = [
+        ("seed", lambda v: v is not None and v > 2**32 - 1, "it must be an integer from 0 to 2**32 - 1"),
+        ("head.dropout", lambda v: v is not None and v >= 1,
+         "a dropout of 1 or more drops every feature; use a probability below 1 (0.0: none)"),
+        ("trainer.max_epochs", lambda v: v == 0, "0 epochs trains nothing and writes no model; use 1 or more"),
+        ("trainer.max_epochs", lambda v: v == -1 and not get("callbacks.early_stopping_patience")
+         and get("trainer.max_steps") in (None, -1) and get("trainer.max_time") is None,
+         "-1 (no limit) never stops by itself; set callbacks.early_stopping_patience=N "
+         "(or +trainer.max_time=...), or give a number of epochs"),
+        ("trainer.precision", lambda v: v is not None and v not in PRECISIONS,
+         f"choose one of {', '.join(str(p) for p in PRECISIONS[:6])} (Lightning's precision names)"),
+    ]
+    for key, broken, fix in rules:
+        if broken(get(key)):
+            raise ConfigError(f"{key}={get(key)!r}: {fix}.")
 
 
 def hydra_value(value) -> str:
@@ -144,11 +176,12 @@ _EXTRAS = {"hparams_search=optuna": ("hydra_plugins.hydra_optuna_sweeper", "swee
            "hydra/launcher=slurm": ("hydra_plugins.hydra_submitit_launcher", "slurm")}
 
 
-def check_overrides(args: list[str]) -> None:
+def check_overrides(args: list[str]) -> DictConfig | None:
     """Raise a ConfigError for a command line Hydra would refuse, with the fix: an unknown key
     gets "did you mean" from the composed config, a sweeper or launcher whose extra is missing
     gets its ``pip install``. Sweep values (``a=1,2``, ``range(...)``) are checked by key, so a
-    typo under ``-m`` is caught before the sweep starts. Help flags are left to Hydra."""
+    typo under ``-m`` is caught before the sweep starts. Help flags are left to Hydra (None);
+    otherwise the composed config (sweep values left out) is returned."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
@@ -177,6 +210,8 @@ def check_overrides(args: list[str]) -> None:
             raise ConfigError(" ".join(str(err).split()) or type(err).__name__) from None
         others = [a for a in plain if a.lstrip("+~").partition("=")[0] != key.group(1)]
         raise ConfigError(_unknown_key(key.group(1), compose_config(others))) from None
+    for arg in overrides:
+        _check_added_key(arg)
     groups = {p.name for p in config_dir().iterdir() if p.is_dir()}
     for key in swept:
         bare = key.lstrip("+~")
@@ -184,9 +219,52 @@ def check_overrides(args: list[str]) -> None:
             continue
         if OmegaConf.select(cfg, bare, default=_MISSING) is _MISSING:
             raise ConfigError(_unknown_key(bare, cfg))
+    return cfg
 
 
 _MISSING = object()
+
+
+def _check_added_key(arg: str) -> None:
+    """``+GROUP.KEY=V`` under one of finetune's own nodes (optimizer, data, trainer...) adds a key
+    that nothing reads unless some config or recipe file has it, or it is a Lightning Trainer
+    argument (``+trainer.gradient_clip_val=1.0``): anything else is a typo, refused with the
+    closest key that is read."""
+    import difflib
+
+    key = arg.lstrip("+").partition("=")[0]
+    top = key.partition(".")[0]
+    ours = {k.partition(".")[0] for k in _read_keys()}
+    if not arg.startswith("+") or "." not in key or top in ("hydra", "paths") or top not in ours:
+        return
+    if key in _read_keys() or (top == "trainer" and key.split(".")[1] in _trainer_arguments()):
+        return
+    close = difflib.get_close_matches(key, [k for k in _read_keys() if k.startswith(top + ".")], n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]}?" if close else f" (finetune --cfg job lists the {top}.* keys)."
+    raise ConfigError(f"{key} is not a setting finetune reads{hint}")
+
+
+@cache
+def _read_keys() -> frozenset[str]:
+    """Every dotted key that a file of conf/ (hydra/ aside) or recipes/ sets."""
+    keys = set()
+    files = [(p, p.parent.name) for p in config_dir().glob("*/*.yaml") if p.parent.name != "hydra"]
+    files += [(p, "") for p in [config_dir() / "config.yaml", *recipes_dir().glob("*.yaml")]]
+    for path, group in files:
+        node = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        node.pop("defaults", None)
+        glob_ = not group or path.read_text().lstrip().startswith("# @package _global_")
+        keys.update(_dotted_keys(node if glob_ else {group: node}))
+    return frozenset(keys)
+
+
+@cache
+def _trainer_arguments() -> frozenset[str]:
+    import inspect
+
+    from lightning import Trainer
+
+    return frozenset(inspect.signature(Trainer.__init__).parameters)
 
 
 def _installed(module: str) -> bool:

@@ -23,7 +23,7 @@ def check_data_command(overrides: Sequence[str]) -> int:
     near_blank = []
     for images, names, _ in readable_batches([s for split in SPLITS for s in getattr(splits, split)], 64, failures):
         near_blank += [n for image, n in zip(images, names) if near_blank_share(image) >= NEAR_BLANK_SHARE]
-    report = check_data(splits)
+    report = check_data(splits, cfg.data.batch_size)
     report.add_unreadable(failures)
     report.add_near_blank(near_blank)
     print(report.table())

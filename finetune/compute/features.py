@@ -8,8 +8,13 @@ pooled features. Epoch ``e`` uses view ``e % views``.
 
 Cache files live in ``data.cache.dir`` (shared by every run and sweep trial) and are named by a
 key over everything that determines the features: the backbone's architecture and weights
-(hashed tensor by tensor), the data files (path, size, mtime) or arrays (hashed), the pipelines,
-the seed, the number of views, precision and memory layout. Changing any of them makes a new file.
+(hashed tensor by tensor), the data files (path, size, mtime and a hash of their bytes, so a file
+swapped for another with its mtime restored is noticed) or arrays (hashed), the pipelines, the
+seed, the number of views, precision and memory layout. Changing any of them makes a new file.
+
+An entry is trusted only after checks on load: a SHA-256 of every stored tensor (kept in the
+file's metadata), the shapes, and the labels, which must be exactly those of the run's samples.
+An entry failing any check is recomputed, with a one-line warning: never a wrong number.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from finetune.data.datamodule import ImageDataModule, ImageDataset, collate_skipping_unreadable, worker_init
+from finetune.data.file_memo import file_digest
 from finetune.data.sources import DataSplits, Sample
 from finetune.data.transforms import augmentation_is_random
 from finetune.errors import ConfigError
@@ -44,7 +50,7 @@ from finetune.compute.speed import Speed, to_channels_last
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: content hashes in the key, checksums in the file
 SPLITS = ("train", "val", "test")
 
 
@@ -105,7 +111,7 @@ def cache_key(backbone: nn.Module, architecture: str, splits: dict[str, Sequence
                 digest.update(np.ascontiguousarray(item).tobytes())
             else:
                 stat = os.stat(item)
-                add([str(item), stat.st_size, stat.st_mtime_ns, label])
+                add([str(item), stat.st_size, stat.st_mtime_ns, file_digest(item), label])
     for name, pipeline in pipelines.items():
         add([name, A.to_dict(pipeline)])
     return digest.hexdigest()[:40]
@@ -190,8 +196,11 @@ def cached_features(backbone: nn.Module, architecture: str, splits: dict[str, Se
     path = Path(cache_dir).expanduser().resolve() / "features" / f"{key}.safetensors"
     started = time.perf_counter()
     if path.exists():
-        loaded = _load(path)
-        if loaded is not None:
+        try:
+            loaded = _load(path, splits, views)
+        except ValueError as problem:
+            log.warning("feature cache: %s failed its check (%s); computing it again", path.name, problem)
+        else:
             loaded.seconds = time.perf_counter() - started
             return loaded
 
@@ -219,20 +228,27 @@ def cached_features(backbone: nn.Module, architecture: str, splits: dict[str, Se
         if speed.channels_last:
             backbone.to(memory_format=torch.contiguous_format)
     result = CachedFeatures(features, labels, skipped, path, hit=False)
-    _save(result, path)
+    try:
+        _save(result, path)
+    except OSError as err:  # a read-only or full cache folder: the cache is only a speed-up
+        log.warning("feature cache: could not write %s (%s); going on with the features in memory",
+                    path, err.strerror or err)
     result.seconds = time.perf_counter() - started
     return result
 
 
 def _save(cached: CachedFeatures, path: Path) -> None:
-    """Write atomically: a concurrent sweep trial sees the whole file or none of it."""
+    """Write atomically: a concurrent sweep trial sees the whole file or none of it. The metadata
+    holds a SHA-256 of every tensor and of the skipped list, checked by :func:`_load`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"features.{k}": v.contiguous() for k, v in cached.features.items()}
     tensors |= {f"labels.{k}": v.contiguous() for k, v in cached.labels.items()}
+    skipped = json.dumps(cached.skipped)
+    metadata = {"skipped": skipped, "format": str(FORMAT_VERSION), "sha256": json.dumps(_checksums(tensors, skipped))}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={"skipped": json.dumps(cached.skipped), "format": str(FORMAT_VERSION)})
+        save_file(tensors, tmp, metadata=metadata)
         follow_umask(tmp)  # a cache shared by a team's runs
         os.replace(tmp, path)
     finally:
@@ -240,19 +256,47 @@ def _save(cached: CachedFeatures, path: Path) -> None:
             os.unlink(tmp)
 
 
-def _load(path: Path) -> CachedFeatures | None:
-    """The cached features, or None when the file is unreadable (it is then recomputed)."""
+def _checksums(tensors: dict[str, torch.Tensor], skipped: str) -> dict[str, str]:
+    sums = {name: hashlib.sha256(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()).hexdigest()
+            for name, t in tensors.items()}
+    return sums | {"metadata.skipped": hashlib.sha256(skipped.encode()).hexdigest()}
+
+
+def _load(path: Path, splits: dict[str, Sequence[Sample]], views: int) -> CachedFeatures:
+    """The cached features of `splits`, or ValueError saying why the file cannot be trusted:
+    unreadable, a checksum that does not match its tensor, or shapes and labels that are not
+    those of `splits` (its samples' labels in order, less the files it records as unreadable)."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
         tensors = load_file(str(path))
-    except Exception:  # a damaged file is a cache miss, never a failed run
-        return None
+        skipped_json = metadata["skipped"]
+        expected_sums = json.loads(metadata["sha256"])
+        skipped = json.loads(skipped_json)
+    except Exception as err:  # a damaged file is a cache miss, never a failed run
+        raise ValueError(f"unreadable: {type(err).__name__}") from None
+    actual = _checksums(tensors, skipped_json)
+    wrong = sorted(name for name in actual.keys() | expected_sums.keys() if actual.get(name) != expected_sums.get(name))
+    if wrong:
+        raise ValueError(f"checksum mismatch in {', '.join(wrong)}")
+    if not isinstance(skipped, dict):
+        raise ValueError("malformed list of unreadable files")
     features = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("features.")}
     labels = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("labels.")}
-    return CachedFeatures(features, labels, json.loads(metadata.get("skipped", "{}")), path, hit=True)
+    stored = {split for split in SPLITS if split == "train" or splits.get(split)}
+    if set(features) != stored or set(labels) != stored:
+        raise ValueError(f"holds splits {sorted(features)}, the run has {sorted(stored)}")
+    for split in stored:
+        want = [label for item, label in splits[split]
+                if isinstance(item, np.ndarray) or str(item) not in skipped]
+        if labels[split].dtype != torch.long or labels[split].tolist() != want:
+            raise ValueError(f"the {split} labels are not the data's")
+        rows = features[split].shape[:2] if split == "train" else features[split].shape[:1]
+        if tuple(rows) != ((views, len(want)) if split == "train" else (len(want),)):
+            raise ValueError(f"the {split} features have shape {tuple(features[split].shape)}")
+    return CachedFeatures(features, labels, skipped, path, hit=True)
 
 
 class FeatureViews(Dataset):

@@ -4,7 +4,10 @@ It reports images per class and split, skipped files with their reasons, the ran
 sizes, exact duplicates across splits (content hash), identical training files filed under
 different classes, and classes missing from a split. ``finetune check-data`` also decodes every
 file and lists near-blank images (placeholders). Problems that make training meaningless raise
-:class:`DataError`; the rest become warnings.
+:class:`DataError` (an empty train or val split, fewer than 2 classes); the rest become warnings,
+among them the source's notes (manifest rows listing a file twice, paths leaving ``data.root``)
+and a batch larger than the training set (each epoch is then one step of the whole set: the
+batch is capped at the training set by the loader).
 """
 
 from __future__ import annotations
@@ -12,11 +15,10 @@ from __future__ import annotations
 import hashlib
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from finetune.data.file_memo import remembered_per_file
+from finetune.data.file_memo import file_digest
 from finetune.data.sources import SPLITS, DataSplits
 from finetune.errors import DataError
 from finetune.tables import format_table
@@ -88,11 +90,15 @@ class DataReport:
         return asdict(self)
 
 
-def check_data(splits: DataSplits) -> DataReport:
-    """Check `splits`; raise DataError for an empty train or val split."""
+def check_data(splits: DataSplits, batch_size: int | None = None) -> DataReport:
+    """Check `splits`; raise DataError for an empty train or val split or fewer than 2 classes.
+    `batch_size` (``data.batch_size``): warn when it exceeds the training set."""
     for split in ("train", "val"):
         if not getattr(splits, split):
             raise DataError(f"The {split} split is empty ({splits.description}). Add images or change data.*.")
+    if len(splits.classes) < 2:
+        raise DataError(f"Classification needs at least 2 classes; {splits.description} has "
+                        f"{len(splits.classes)}: {splits.classes}. Add a folder (or labels) for each other class.")
     counts = {s: splits.counts(s) for s in SPLITS}
     report = DataReport(
         splits.description,
@@ -116,6 +122,11 @@ def check_data(splits: DataSplits) -> DataReport:
             f"{len(report.conflicts)} training images are identical files filed under different classes "
             f"(the same picture with two labels). First: {report.conflicts[0]}"
         )
+    report.warnings += list(splits.notes)
+    if batch_size is not None and batch_size > len(splits.train):
+        report.warnings.append(
+            f"data.batch_size={batch_size} is larger than the training set ({len(splits.train)} images): "
+            f"the batch is capped at {len(splits.train)}, one optimizer step per epoch")
     if splits.skipped:
         report.warnings.append(f"{len(splits.skipped)} files skipped (listed above and in summary.json)")
     return report
@@ -161,12 +172,7 @@ def _duplicates(splits: DataSplits) -> tuple[list[tuple[str, str]], list[tuple[s
 def _digest(item) -> str:
     if isinstance(item, np.ndarray):
         return hashlib.blake2b(item.tobytes(), digest_size=16).hexdigest()
-    return _file_digest(item)
-
-
-@remembered_per_file  # a sweep's trials check the same files
-def _file_digest(path) -> str:
-    return hashlib.blake2b(Path(path).read_bytes(), digest_size=16).hexdigest()
+    return file_digest(item)  # the same remembered digest the feature cache's key uses
 
 
 def _name(item) -> str:

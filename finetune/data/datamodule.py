@@ -115,6 +115,9 @@ class ImageDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.balance = balance
         self.seed = seed
+        # The trainer's count of epochs begun, read when the training iterator is made (the run
+        # sets it: it knows where a resumed run restarts); None: epoch 0.
+        self.starting_epoch: Callable[[], int] | None = None
 
     @property
     def classes(self) -> list[str]:
@@ -136,6 +139,9 @@ class ImageDataModule(L.LightningDataModule):
             weights = class_weights(self.splits)[self.train_labels()]
         # Order and augmentation are functions of (seed, epoch): a resumed run redoes an epoch exactly.
         sampler = EpochSampler(len(self.train_labels()), self.seed, weights)
+        # Worker processes fetch their first indices as soon as the epoch's iterator exists, which a
+        # resumed run creates before Lightning's set_epoch: start at the epoch the run is in.
+        sampler.set_epoch(self.starting_epoch() if self.starting_epoch is not None else 0)
         return self._loader(self.dataset("train"), shuffle=False, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:

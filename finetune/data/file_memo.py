@@ -2,12 +2,15 @@
 
 A sweep calls ``fit`` dozens of times on the same folder; probing 400 headers and hashing 30 MB
 of images again for every trial costs more than training a head on cached features. A file whose
-path, size or modification time changed is read again; nothing is kept across processes.
+path, size, inode, modification or status-change time changed is read again (the change time
+cannot be set back, so a file rewritten with its old mtime restored is still noticed); nothing is
+kept across processes.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 from collections.abc import Callable
 from typing import TypeVar
@@ -18,9 +21,9 @@ MAX_ENTRIES = 1_000_000  # about 200 MB of keys at most; beyond it the memory st
 
 
 def remembered_per_file(fn: Callable[[str | os.PathLike], T]) -> Callable[[str | os.PathLike], T]:
-    """`fn(path)`, computed once per (path, size, mtime) in this process. Exceptions are not
-    remembered (a failing file is tried again), and a path that cannot be stat'ed is passed through."""
-    memory: dict[tuple[str, int, int], T] = {}
+    """`fn(path)`, computed once per (path, size, inode, mtime, ctime) in this process. Exceptions
+    are not remembered (a failing file is tried again); a path that cannot be stat'ed is passed through."""
+    memory: dict[tuple, T] = {}
 
     @functools.wraps(fn)
     def wrapper(path):
@@ -28,7 +31,7 @@ def remembered_per_file(fn: Callable[[str | os.PathLike], T]) -> Callable[[str |
             stat = os.stat(path)
         except OSError:
             return fn(path)
-        key = (os.fspath(path), stat.st_size, stat.st_mtime_ns)
+        key = (os.fspath(path), stat.st_size, stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns)
         if key not in memory:
             if len(memory) >= MAX_ENTRIES:
                 memory.clear()
@@ -36,3 +39,13 @@ def remembered_per_file(fn: Callable[[str | os.PathLike], T]) -> Callable[[str |
         return memory[key]
 
     return wrapper
+
+
+@remembered_per_file
+def file_digest(path: str | os.PathLike) -> str:
+    """A hex digest of the file's bytes (BLAKE2b, 128 bits): equal contents, equal digests."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -4,11 +4,17 @@ Every source returns :class:`DataSplits`: the class names (label order, taken fr
 split), train / validation (/ test) samples as ``(path_or_array, label)``, the image sizes read
 from file headers, and the files that were skipped with the reason. Labels are mapped by class
 name, never by position, so a validation folder listing classes in another order is safe.
+A class folder without one readable training image is a DataError (never a class with nothing
+to learn from). Manifests are UTF-8 (else a DataError naming the byte offset), delimited by
+``,``, ``;``, tab or ``|`` (whichever the header line uses); rows listing a file twice and paths
+leaving ``data.root`` become ``notes`` that the data check reports as warnings.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import random
 from collections import defaultdict
 from collections.abc import Iterable
@@ -33,6 +39,7 @@ class DataSplits:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     test: list[Sample] = field(default_factory=list)
     sizes: dict[str, tuple[int, int]] = field(default_factory=dict)  # path -> (width, height)
+    notes: list[str] = field(default_factory=list)  # the source's warnings (for the data check)
 
     def counts(self, split: str) -> dict[str, int]:
         per_class = defaultdict(int)
@@ -133,6 +140,12 @@ def scan_class_folders(directory: Path, skipped: list, sizes: dict, allow_empty:
     samples = _probe_all(files, skipped, sizes)
     if not samples and not allow_empty:
         raise DataError(f"No readable images under {directory} ({len(files)} files, all skipped).")
+    empty = sorted(set(range(len(classes))) - {label for _, label in samples})
+    if empty and not allow_empty:
+        names = [str(class_dirs[i]) for i in empty]
+        raise DataError(f"Class folder {names[0]} has no readable training images"
+                        + (f" (nor {len(names) - 1} more: {names[1:4]})" if len(names) > 1 else "")
+                        + ": add images, or move the folder out of the training folder.")
     return classes, samples
 
 
@@ -185,9 +198,15 @@ def load_manifest(
         if column not in rows[0]:
             raise DataError(f"{path} has no column {column!r}; its columns: {list(rows[0])}. Set data.*_column.")
     by_split: dict[str, list[tuple[Path, str]]] = defaultdict(list)
+    listed: dict[Path, int] = defaultdict(int)
+    outside = []
     for row in rows:
         split = _split_name(row[split_column], path) if split_column else "train"
         file = base / path_template.format(str(row[path_column]).strip())
+        resolved = file.resolve()
+        listed[resolved] += 1
+        if not resolved.is_relative_to(base):
+            outside.append(str(row[path_column]))
         by_split[split].append((file, str(row[label_column]).strip()))
     if not by_split["train"]:
         raise DataError(f"{path}: no rows in the train split.")
@@ -204,12 +223,25 @@ def load_manifest(
         for split in SPLITS
     }
     description = f"{path} ({len(rows)} rows), images under {base}"
+    notes = _manifest_notes(path, base, listed, outside)
     if not split_column:
         splits["train"], splits["val"] = _split(splits["train"], val_fraction, seed)
         description += f", stratified {1 - val_fraction:.0%}/{val_fraction:.0%} split, seed {seed}"
     if not splits["val"]:
         raise DataError(f"{path}: no readable images in the val split.")
-    return DataSplits(classes, splits["train"], splits["val"], description, skipped, splits["test"], sizes)
+    return DataSplits(classes, splits["train"], splits["val"], description, skipped, splits["test"], sizes, notes)
+
+
+def _manifest_notes(path: Path, base: Path, listed: dict[Path, int], outside: list[str]) -> list[str]:
+    notes = []
+    twice = {f: n for f, n in listed.items() if n > 1}
+    if twice:
+        first, n = next(iter(twice.items()))
+        notes.append(f"{path.name}: {len(twice)} files are listed on more than one row ({sum(twice.values()) - len(twice)} "
+                     f"extra rows; they count as often as they are listed). First: {first} ({n} rows)")
+    if outside:
+        notes.append(f"{path.name}: {len(outside)} paths lead outside data.root={base} (e.g. {outside[0]!r})")
+    return notes
 
 
 def _read_table(path: Path) -> list[dict]:
@@ -220,8 +252,17 @@ def _read_table(path: Path) -> list[dict]:
             return pd.read_parquet(path).to_dict("records")
         except ImportError as err:
             raise DataError(f"Reading {path.name} needs pandas and pyarrow: pip install 'finetune[parquet]' ({err}).") from None
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        return list(csv.DictReader(f))
+    data = path.read_bytes()
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        text = data[bom:].decode("utf-8")
+    except UnicodeDecodeError as err:
+        offset = bom + err.start
+        raise DataError(f"{path} is not UTF-8 text (byte 0x{data[offset]:02x} at offset {offset}; Latin-1 or "
+                        f"Windows-1252?): re-save it as UTF-8.") from None
+    header = text.partition("\n")[0]
+    delimiter = max(",;\t|", key=header.count) if any(d in header for d in ",;\t|") else ","
+    return list(csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter))
 
 
 def _split_name(value, path: Path) -> str:

@@ -168,8 +168,7 @@ def _load_embedded(model: nn.Module, name: str) -> WeightsReport:
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a .safetensors file, or of a torch file (a bare state dict or a checkpoint
-    holding one under a usual key). Torch files load with ``weights_only=True``: a file that
-    needs arbitrary code to unpickle is refused."""
+    holding one under a usual key), loaded as :func:`read_torch_file` says."""
     path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -178,17 +177,57 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path), device="cpu")
         except Exception as err:
             raise WeightsError(f"{path} is not a readable safetensors file: {err}") from err
+    return _find_state_dict(read_torch_file(path), path)
+
+
+_EXPECTED = "a torch file (.ckpt / .pth: a finetune checkpoint or a state dict)"
+
+
+def read_torch_file(path: Path):
+    """The object in a torch file, loaded with ``weights_only=True``: a file that needs arbitrary
+    code to unpickle is refused, and so is anything that is not a torch file (empty, text, JSON,
+    ONNX, safetensors, random bytes), with a WeightsError saying what the file looks like and
+    what was expected. Never suggests ``weights_only=False``."""
+    path = Path(path)
+    with path.open("rb") as f:
+        head = f.read(64)
+    # torch.save writes a zip archive (PK\3\4); torch < 1.6 a pickle (protocol 2+: 0x80).
+    if not head.startswith((b"PK\x03\x04", b"\x80")):
+        raise WeightsError(f"{path} is not a readable torch file: it is {describe_file(path, head)}; "
+                           f"expected {_EXPECTED}.")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise WeightsError(
-            f"Refusing to load {path}: it is not a plain tensor file and unpickling it could run code "
-            f"(torch.load weights_only=True said: {str(err).splitlines()[0]}). Re-save it as a state dict "
-            f"(torch.save(model.state_dict(), PATH)) or as .safetensors."
-        ) from err
+        if "Weights only load failed" in str(err):  # a real pickle that names non-tensor globals
+            found = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line),
+                         "it holds Python objects besides tensors").split(" Please use")[0]
+            raise WeightsError(
+                f"Refusing to load {path}: it is not a plain tensor file and unpickling it could run code "
+                f"({found}). Re-save it as a state dict (torch.save(model.state_dict(), PATH)) or as "
+                f".safetensors, from code you trust."
+            ) from None
+        raise WeightsError(f"{path} is not a readable torch file (a damaged pickle: {err}); expected {_EXPECTED}.") from None
     except Exception as err:
-        raise WeightsError(f"{path} is not a readable torch file: {type(err).__name__}: {err}") from err
-    return _find_state_dict(obj, path)
+        first = next((line for line in str(err).splitlines() if "weights_only" not in line), "")
+        raise WeightsError(f"{path} is not a readable torch file ({type(err).__name__}: {first or 'truncated?'}); "
+                           f"expected {_EXPECTED}.") from None
+
+
+def describe_file(path: Path, head: bytes) -> str:
+    """What a file that is not a torch file looks like, in a few words."""
+    if not head:
+        return "empty (0 bytes)"
+    if path.suffix.lower() == ".onnx" or (head[:1] == b"\x08" and (b"pytorch" in head or b"onnx" in head)):
+        return "an ONNX model (run it with onnxruntime; finetune.load needs the run's .ckpt)"
+    if len(head) > 9 and head[8:10] == b'{"':
+        return "a safetensors file (weights only, without finetune's classes and config)"
+    text = head.lstrip()
+    if text[:1] in (b"{", b"[") or path.suffix.lower() == ".json":
+        return "JSON text"
+    try:
+        return f"text starting {head.decode('utf-8').splitlines()[0][:40]!r}"
+    except (UnicodeDecodeError, IndexError):
+        return f"{path.stat().st_size} bytes of unknown format (starting {head[:8].hex(' ')})"
 
 
 def _find_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:

@@ -11,6 +11,9 @@ Contract (see README, "Runs that survive"):
   files on disk are always those of one epoch end, at most the interval plus one epoch behind: a
   kill loses at most that much work, and runs of sub-second epochs (a head on cached features)
   do not spend most of their time writing 14 MB files. 0 writes at every epoch end.
+- At a write point ``last.ckpt`` goes first and ``best.ckpt`` (held until then) after it, so a
+  kill between the two never leaves a best without a last beside it: the folder can always be
+  resumed. Both hold the same callback states (the best checkpoint's decision for that epoch).
 - ``resume=true`` continues the run in the output folder (``hydra.run.dir=DIR``) from its
   ``last.ckpt``; ``ckpt_path=PATH`` continues from any checkpoint, writing to a new folder. Asking
   for either when there is nothing to continue from is a :class:`ConfigError`, and so is a
@@ -83,7 +86,7 @@ def atomic_save(obj: Any, path: Path) -> None:
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint IO with :func:`atomic_save` for local paths, and paced writes for the
-    run's own files (those in `paced_dir`): see the module docstring. Other paths (the batch-size
+    run's own files (those in `paced_dir`, ``last.ckpt`` before the others): see the module docstring. Other paths (the batch-size
     finder's scratch checkpoint, which it reads back at once) are always written immediately.
     """
 
@@ -91,22 +94,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         self.min_write_interval_s = float(min_write_interval_s)
         self.paced_dir = Path(paced_dir).resolve() if paced_dir is not None else None
         self._last_write = time.monotonic()  # the run's start: its first epochs are paced too
-        self._writing_step: int | None = None  # an epoch end being written: all its checkpoints go out
         self._pending: dict[str, tuple[dict, Any]] = {}  # path -> (checkpoint copy, storage options)
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options: Any | None = None) -> None:
-        if not self._paced(path):
+        if not self._ours(path):
             self._write(checkpoint, path, storage_options)
             return
-        step = checkpoint.get("global_step")
         due = time.monotonic() - self._last_write >= self.min_write_interval_s
-        if not due and step != self._writing_step:
-            # Held until the next write point: the live tensors change with the next step.
-            self._pending[str(path)] = (apply_to_collection(checkpoint, torch.Tensor, _cpu_copy), storage_options)
+        if Path(path).name != LAST or not due:
+            # best.ckpt waits for its epoch's last.ckpt; a paced epoch end waits for the next write
+            # point (a copy: the live tensors change with the next step).
+            held = apply_to_collection(checkpoint, torch.Tensor, _cpu_copy) if not due else checkpoint
+            self._pending[str(path)] = (held, storage_options)
             return
-        self._writing_step = step
+        self._pending.pop(str(path), None)  # an older last.ckpt held in memory: superseded
+        self._write(checkpoint, path, storage_options)  # last.ckpt first: a best never lacks a last
         self.flush()
-        self._write(checkpoint, path, storage_options)
         self._last_write = time.monotonic()
 
     def remove_checkpoint(self, path) -> None:
@@ -115,8 +118,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def flush(self) -> None:
         """Write the checkpoints held in memory."""
-        while self._pending:
-            path, (checkpoint, storage_options) = next(iter(self._pending.items()))
+        while self._pending:  # last.ckpt first
+            path = min(self._pending, key=lambda p: Path(p).name != LAST)
+            checkpoint, storage_options = self._pending[path]
             self._write(checkpoint, path, storage_options)
             del self._pending[path]
 
@@ -125,8 +129,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         self.flush()
         super().teardown()
 
-    def _paced(self, path) -> bool:
-        return (self.min_write_interval_s > 0 and self.paced_dir is not None and "://" not in str(path)
+    def _ours(self, path) -> bool:
+        return (self.paced_dir is not None and "://" not in str(path)
                 and Path(path).resolve().parent == self.paced_dir)
 
     def _write(self, checkpoint: dict, path, storage_options: Any | None) -> None:
@@ -188,6 +192,13 @@ def resume_source(cfg: Mapping, output_dir: Path) -> Path | None:
     path = checkpoint_dir(output_dir) / LAST
     if path.is_file():
         return path
+    if checkpoint_dir(output_dir).exists():
+        # A run was here and stopped before it wrote last.ckpt (in its first write, which made the
+        # folder): another run's folder is not what was meant. (finetune.log is Hydra's too: no sign.)
+        raise ConfigError(
+            f"resume=true but the run in {output_dir} stopped before it wrote checkpoints/{LAST} (its first epoch "
+            f"did not end): nothing to resume in that folder. Start it again without resume=true (add "
+            f"overwrite=true if it refuses the folder).")
     hint = _latest_unfinished(output_dir)
     raise ConfigError(
         f"resume=true but {output_dir} has no checkpoints/{LAST}: nothing to resume from (a run writes it at "
@@ -262,6 +273,11 @@ class Resume:
                  min_write_interval_s: float = 0.0):
         self.path = path
         wandb_id, epoch = read_resume_checkpoint(path, config, classes) if path else (None, -1)
+        max_epochs = (config.get("trainer") or {}).get("max_epochs")
+        if isinstance(max_epochs, int) and 0 < max_epochs < epoch + 1:
+            raise ConfigError(f"{path} already finished epoch {epoch + 1}, beyond trainer.max_epochs={max_epochs}: "
+                              f"resume with trainer.max_epochs={epoch + 1} or more (the run's own value), or "
+                              f"start a new run.")
         self.wandb_id = wandb_id or new_run_id()
         # resume=true continues in the checkpoint's own folder: what it logged through `epoch` stays
         in_place = path is not None and Path(path).resolve().parent == checkpoint_dir(output_dir).resolve()

@@ -18,6 +18,9 @@ What we rely on (Lightning 2.x):
   (named ``child-process-observer``) that SIGKILLs the main process when a child exits non-zero;
   its list ``_child_processes``; it ends once every child in that list exited 0, so an empty
   list ends it. Used by :func:`take_children_from_observers`.
+- ``trainer.fit_loop.epoch_progress.current.processed``: the epochs a run has begun, restored
+  from a checkpoint before the training iterator is made (``current_epoch`` is updated only
+  later). Used by :func:`epochs_begun`.
 - ``WandbLogger._wandb_init``: the keyword arguments it hands ``wandb.init``; it always includes
   ``anonymous``, which W&B 0.19+ answers with a deprecation warning on every run. Used by
   :func:`drop_wandb_anonymous`.
@@ -69,3 +72,10 @@ def drop_wandb_anonymous(logger) -> None:
     """Take ``anonymous`` out of what `logger` (a ``WandbLogger``) passes to ``wandb.init``: W&B
     deprecated it and warns about it on every run, also when it is None, as Lightning passes it."""
     logger._wandb_init.pop("anonymous", None)
+
+
+def epochs_begun(trainer) -> int:
+    """How many training epochs `trainer` has begun, restored checkpoints included: the epoch a
+    DataLoader iterator made now belongs to (a resumed run makes it before Lightning calls
+    ``set_epoch``, and worker processes prefetch indices at once)."""
+    return int(trainer.fit_loop.epoch_progress.current.processed)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import shutil
 from pathlib import Path
 
 import torch
@@ -9,7 +11,7 @@ from lightning.pytorch.utilities.memory import is_oom_error
 
 from finetune.train.checkpoints import last_good_checkpoint
 from finetune.data.datamodule import explain_worker_failure
-from finetune.errors import NonFiniteLossError, OutOfMemoryError
+from finetune.errors import FinetuneError, NonFiniteLossError, OutOfMemoryError
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -34,9 +36,36 @@ def explain_failure(err: BaseException, batch_size, output_dir: Path) -> BaseExc
         return NonFiniteLossError(f"{err} {last_good_checkpoint(output_dir)}")
     if is_out_of_memory(err):
         return out_of_memory(err, batch_size)
+    if is_disk_full(err):
+        return disk_full(err, output_dir)
     if isinstance(err, RuntimeError):
         return explain_worker_failure(err)
     return err
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """No space (or quota) left: an ``OSError`` saying so, here or in the chain of exceptions that
+    led to `err` (torch's zip writer turns it into ``RuntimeError: [enforce fail at
+    inline_container.cc] unexpected pos``, or ``PytorchStreamWriter failed writing file``)."""
+    seen = 0
+    while err is not None and seen < 16:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(err, RuntimeError) and "PytorchStreamWriter failed writing" in str(err):
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
+
+
+def disk_full(err: BaseException, output_dir: Path) -> FinetuneError:
+    try:
+        free = f"{shutil.disk_usage(output_dir).free / 2**20:.0f} MB free"
+    except OSError:
+        free = "free space unknown"
+    return FinetuneError(
+        f"Writing to {output_dir} failed: the disk is full ({free}). The checkpoints written before are intact "
+        f"(writes are atomic). Free some space, then continue with resume=true (same overrides), or run "
+        f"elsewhere with hydra.run.dir=DIR.")
 
 
 def out_of_memory(err: BaseException, batch_size) -> OutOfMemoryError:

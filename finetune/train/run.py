@@ -28,12 +28,14 @@ from finetune.model.backbone import Backbone
 from finetune.model.build import backbone_from_config, build_model
 from finetune.model.classifier import Classifier
 from finetune.train import report
-from finetune.train.checkpoints import Resume, resume_source
+from finetune.train.checkpoints import Resume
+from finetune.train.compat import epochs_begun
 from finetune.train.faults import explain_failure, find_batch_size
 from finetune.train.history import MetricsHistory
 from finetune.train.loggers import finish_wandb, log_best
 from finetune.train.module import ClassifierModule
 from finetune.train.report import FitResult
+from finetune.train.run_folder import RunFolder, make_folder
 from finetune.train.trainer import build_trainer
 
 log = logging.getLogger(__name__)
@@ -45,15 +47,14 @@ def run(cfg: DictConfig) -> FitResult:
     """Train as `cfg` says; outputs go to ``cfg.paths.output_dir``."""
     started = time.perf_counter()
     check_types(cfg)
-    output_dir = Path(cfg.paths.output_dir).resolve()
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = make_folder(Path(cfg.paths.output_dir).resolve())
     config = OmegaConf.to_container(cfg, resolve=True)
     config.pop("hydra", None)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    resume_from = resume_source(cfg, output_dir)  # resume=true / ckpt_path=...: fail before any work
-    with run_log(output_dir):
+    # One run per folder, no silent overwrite, resume=true / ckpt_path=... checked: before any work.
+    with RunFolder(cfg, output_dir) as folder, run_log(output_dir):
         splits = load_data(cfg.data, cfg.seed)
-        data_report = check_data(splits)
+        data_report = check_data(splits, cfg.data.batch_size)
         log.info(data_report.table())
         backbone = backbone_from_config(cfg)
         model = build_model(backbone, len(splits.classes), cfg.head, cfg.freeze)
@@ -66,10 +67,11 @@ def run(cfg: DictConfig) -> FitResult:
                                   inputs="features" if isinstance(data, FeatureDataModule) else "images",
                                   channels_last=speed.channels_last,
                                   pixel_stats=(backbone.data_config["mean"], backbone.data_config["std"]))
-        resume = Resume(resume_from, output_dir, cfg.seed, config, splits.classes,
+        resume = Resume(folder.resume_from, output_dir, cfg.seed, config, splits.classes,
                         cfg.callbacks.checkpoint.min_write_interval_s)
         history = MetricsHistory()
         trainer, checkpoint, loggers = build_trainer(cfg, trainer_kwargs, model, history, resume, output_dir, config)
+        data.starting_epoch = lambda: epochs_begun(trainer)  # exact resume with DataLoader workers
         try:
             if cfg.data.find_batch_size:
                 found = find_batch_size(trainer, module, data, speed.device, resume.path is not None)

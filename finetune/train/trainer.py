@@ -16,6 +16,7 @@ from finetune.train.distributed import check_launcher
 from finetune.train.history import MetricsHistory
 from finetune.train.loggers import build_loggers
 from finetune.train.progress import EpochBar, EpochTable, live_bar_wanted
+from finetune.train.run_folder import StopNotice
 from finetune.train.unfreeze import gradual_unfreezing
 
 
@@ -34,7 +35,9 @@ def build_trainer(cfg: DictConfig, trainer_kwargs: dict, model: Classifier, hist
         save_on_train_epoch_end=True,  # after the epoch's history row, so a resume keeps it
     )
     unfreezing = gradual_unfreezing(model)
-    callbacks = [history, checkpoint] + ([unfreezing] if unfreezing else []) + resume.callbacks
+    # best.ckpt's callback before last.ckpt's, so that last.ckpt holds this epoch's best decision;
+    # AtomicCheckpointIO writes last.ckpt to disk first all the same (a best never lacks a last).
+    callbacks = [history, checkpoint] + ([unfreezing] if unfreezing else []) + resume.callbacks + [StopNotice()]
     if cfg.callbacks.early_stopping_patience:
         callbacks.append(EarlyStopping(monitor, mode=mode, patience=cfg.callbacks.early_stopping_patience))
     callbacks.append(EpochTable())

@@ -17,12 +17,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from finetune.data.images import IMAGE_EXTENSIONS, load_rgb
+from finetune.data.images import IMAGE_EXTENSIONS, as_rgb_array
 from finetune.data.sources import load_data, relabel
 from finetune.data.transforms import build_transforms, with_input_size
 from finetune.errors import ConfigError, WeightsError
 from finetune.model.build import CHECKPOINT_KEY, backbone_from_config, build_model
-from finetune.model.weights import read_state_dict
+from finetune.model.weights import read_state_dict, read_torch_file
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ class FinetunedModel:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"ckpt={str(path)!r} does not exist.")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = read_torch_file(path)  # says what a wrong file is (empty, JSON, ONNX, ...)
         meta = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
         if not meta:
             raise WeightsError(f"{path} is not a finetune checkpoint (no {CHECKPOINT_KEY!r} entry with classes and config).")
@@ -93,8 +93,11 @@ class FinetunedModel:
         return cls(model, meta["classes"], data_config, meta["config"])
 
     def preprocess(self, images: Iterable) -> torch.Tensor:
-        """The exact input batch (N, 3, H, W) for paths, PIL images or HxWx3 uint8 arrays."""
-        return torch.stack([self.transform(image=_as_array(image))["image"] for image in images])
+        """The exact input batch (N, 3, H, W) for paths, PIL images or arrays, each converted by
+        :func:`finetune.data.images.as_rgb_array` (the training loader: a PIL image gives the
+        tensor of its file; float arrays in [0, 1] and uint16 are scaled; ambiguous arrays are a
+        ValueError)."""
+        return torch.stack([self.transform(image=as_rgb_array(image))["image"] for image in images])
 
     @torch.no_grad()
     def logits(self, images: Sequence, batch_size: int = 32) -> torch.Tensor:
@@ -142,18 +145,6 @@ def expand_inputs(spec: str) -> list[str]:
     if not files:
         raise ConfigError(f"input={spec!r} matches no image files.")
     return [str(p) for p in files]
-
-
-def _as_array(image) -> np.ndarray:
-    if isinstance(image, np.ndarray):
-        if image.ndim == 2:
-            image = np.repeat(image[..., None], 3, axis=2)
-        return image
-    if isinstance(image, (str, Path)):
-        return load_rgb(image)
-    if hasattr(image, "convert"):  # a PIL image
-        return np.asarray(image.convert("RGB"))
-    raise TypeError(f"Expected a path, a PIL image or an HxWx3 uint8 array, got {type(image).__name__}.")
 
 
 def _describe(image) -> str:
