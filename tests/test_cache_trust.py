@@ -58,6 +58,7 @@ def _tensor_bytes(path: Path, name: str) -> tuple[int, int]:
     return 8 + header_size + start, 8 + header_size + end
 
 
+@pytest.mark.slow  # three runs; the fast subset keeps the corrupted-entry tests
 def test_images_swapped_with_their_mtimes_restored_are_not_served_from_the_cache(tmp_path, bmp_folder, capsys):
     _fit(tmp_path, bmp_folder, "before")
     assert "computed in" in capsys.readouterr().out

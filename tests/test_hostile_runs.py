@@ -46,6 +46,7 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.slow  # trains until a checkpoint exists, is stopped, then resumes: about 30 s each on 2 cores
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
 def test_a_stopped_run_exits_nonzero_and_says_how_to_continue(image_folder, tmp_path, signum, code):
     args = [f"data.root={image_folder}", *LONG, "hydra.run.dir=run"]
@@ -70,6 +71,7 @@ def test_a_stopped_run_exits_nonzero_and_says_how_to_continue(image_folder, tmp_
         assert (tmp_path / "run" / "summary.json").is_file()
 
 
+@pytest.mark.slow  # two CLI runs at once on 2 cores
 def test_a_second_run_into_a_busy_folder_names_the_first(image_folder, tmp_path):
     first = start(f"data.root={image_folder}", *LONG, "hydra.run.dir=run", cwd=tmp_path)
     wait_for(tmp_path / "run" / "finetune.log", first)
