@@ -16,6 +16,10 @@ import pytest
 
 from conftest import QUICK, TINY
 
+# The fault injectors (an immutable folder, a 1 MB tmpfs) are the fault matrix's own.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import fault_matrix  # noqa: E402
+
 RUN = ["data=folder", *TINY, *QUICK]
 
 
@@ -26,25 +30,22 @@ def finetune(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 @contextlib.contextmanager
 def immutable(folder: Path):
-    folder.mkdir(parents=True, exist_ok=True)
-    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
-        pytest.skip("chattr +i is not available here: no read-only folder to test with")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["chattr", "-i", str(folder)], capture_output=True)
+    with _skipped_unless_permitted(), fault_matrix.immutable(folder) as locked:
+        yield locked
 
 
 @contextlib.contextmanager
-def small_disk(folder: Path, size: str = "1m"):
-    folder.mkdir(parents=True, exist_ok=True)
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("mounting a small tmpfs is not permitted here: no full disk to test with")
+def small_disk(folder: Path):
+    with _skipped_unless_permitted(), fault_matrix.small_disk(folder) as disk:
+        yield disk
+
+
+@contextlib.contextmanager
+def _skipped_unless_permitted():
     try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+        yield
+    except fault_matrix.Skip as why:
+        pytest.skip(f"{why}: no such disk to test with here")
 
 
 def test_a_read_only_run_folder_is_one_sentence(image_folder, tmp_path):
