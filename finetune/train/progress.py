@@ -43,9 +43,8 @@ class EpochTable(L.Callback):
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         total = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else "?"
-        lrs = [g["lr"] for g in trainer.optimizers[0].param_groups] if trainer.optimizers else []
-        head_lr = next((g["lr"] for g in trainer.optimizers[0].param_groups if g.get("name") == "head"),
-                       lrs[0] if lrs else None) if trainer.optimizers else None
+        groups = trainer.optimizers[0].param_groups if trainer.optimizers else []
+        head_lr = next((g["lr"] for g in groups if g.get("name") == "head"), groups[0]["lr"] if groups else None)
         cells = [f"{trainer.current_epoch + 1}/{total}"]
         cells += [f"{metrics[k]:.4f}" if k in metrics else "-" for k in COLUMNS[1:5]]
         seconds = time.perf_counter() - self._started
