@@ -102,7 +102,7 @@ TYPED_KEYS = {
     "data.num_workers": ((int,), 0, "auto or an integer >= 0"),
     "data.image_size": ((int,), 16, "null (the backbone's size) or an integer of at least 16 (pixels)"),
     "trainer.max_epochs": ((int,), -1, "a positive integer (-1: no limit, with callbacks.early_stopping_patience)"),
-    "optimizer.lr": ((int, float), 0, "a number >= 0"),
+    "optimizer.lr": ((int, float), 0, "a number >= 0, or auto (the lr finder chooses)"),
     "head.dropout": ((int, float), 0, "a probability from 0 up to (not including) 1"),
     "resume": ((bool,), None, "true or false"),
     "callbacks.checkpoint.min_write_interval_s": ((int, float), 0, "a number of seconds >= 0 (0: every epoch)"),
@@ -117,7 +117,7 @@ def check_types(cfg: DictConfig) -> None:
     apply :func:`check_values`."""
     for key, (types, minimum, expected) in TYPED_KEYS.items():
         value = OmegaConf.select(cfg, key, default=None)
-        if value is None or (key == "data.num_workers" and value == "auto"):
+        if value is None or (key in ("data.num_workers", "optimizer.lr") and value == "auto"):
             continue
         wrong = not isinstance(value, types) or (isinstance(value, bool) and bool not in types)
         if wrong or (minimum is not None and value < minimum):

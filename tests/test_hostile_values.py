@@ -55,7 +55,7 @@ def test_an_added_key_nothing_reads_is_refused_with_the_key_that_is_read():
         check_overrides(["+trainer.gradient_clip_vall=1.0"])
     # Lightning Trainer arguments and keys that some config file sets are read.
     check_overrides(["+trainer.gradient_clip_val=1.0", "+trainer.limit_train_batches=2"])
-    check_overrides(["scheduler=step", "+scheduler.warmup_epochs=2"])
+    check_overrides(["scheduler=step", "+scheduler.min_lr=0.0"])  # cosine.yaml sets it
 
 
 @pytest.mark.parametrize("args, message", [

@@ -4,7 +4,9 @@ The parity run is the real CLI in a subprocess, killed with SIGKILL after a chos
 test-only patch (the driver below), then resumed with ``resume=true``; an uninterrupted run of the
 same config runs in this process meanwhile. Digits, the tiny ``test_resnet``, 4 steps per epoch,
 3 epochs: the kill lands mid-epoch 2, which is also the epoch gradual unfreezing opens stage4, with
-head dropout (torch's generator) and a step LR schedule in play.
+head dropout (torch's generator), a step LR schedule after a per-step warm-up, RandAugment and
+random erasing (albumentations' generator), mixup/cutmix (numpy's), stochastic depth and an EMA of
+the weights (state in last.ckpt) in play.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ from finetune.train.module import ClassifierModule
 RUN = ["+recipe=gradual_unfreeze", *TINY, *[o for o in QUICK if o != "logger=none"], "logger=csv", "trainer.max_epochs=3", "data.batch_size=16",
        "+trainer.limit_train_batches=4", "+trainer.limit_val_batches=2", "head.dropout=0.3",
        "optimizer.lr=0.1", "scheduler.step_size=1", "scheduler.gamma=0.5",
-       "callbacks.checkpoint.min_write_interval_s=0"]  # last.ckpt at every epoch end, however short
+       "callbacks.checkpoint.min_write_interval_s=0",  # last.ckpt at every epoch end, however short
+       "augment=randaugment", "mixup.alpha=0.4", "cutmix.alpha=1.0", "loss.label_smoothing=0.1", "ema.decay=0.9",
+       "backbone.drop_path_rate=0.1", "scheduler.warmup_epochs=0.5", "scheduler.interval=step"]
 KILL_AFTER_STEP = 6  # global step 6 of 12: epoch 2 of 3 (0-based 1), its second batch
 
 # The real CLI, with a test-only hook: SIGKILL its own process after optimizer step K.
@@ -98,6 +102,13 @@ def test_killed_run_resumes_to_the_same_weights_and_metrics(killed_and_resumed):
     a, b = weights(uninterrupted / "checkpoints" / LAST), weights(resumed / "checkpoints" / LAST)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+    # With EMA, state_dict holds the averaged weights; the training weights and the count go beside them.
+    full_a, full_b = (torch.load(d / "checkpoints" / LAST, map_location="cpu", weights_only=True)
+                      for d in (uninterrupted, resumed))
+    current_a, current_b = full_a["current_model_state"], full_b["current_model_state"]
+    assert all(torch.equal(current_a[k], current_b[k]) for k in current_a)
+    assert not all(torch.equal(current_a[k], a[k]) for k in a)  # the average is not the training weights
+    assert int(full_b["averaging_state"]["n_averaged"]) == int(full_a["averaging_state"]["n_averaged"]) == 12
     # Some weights moved since the kill: the comparison is not between two copies of one file.
     assert not all(torch.equal(b[k], at_kill["state_dict"][k]) for k in b)
 
@@ -152,7 +163,7 @@ def test_resumed_run_keeps_its_wandb_id_and_optimizer_state(killed_and_resumed):
     final = torch.load(resumed / "checkpoints" / LAST, map_location="cpu", weights_only=True)
     assert final[RUN_KEY]["wandb_id"] == at_kill[RUN_KEY]["wandb_id"]
     assert final["epoch"] == 2 and final["global_step"] == 12
-    assert final["lr_schedulers"][0]["last_epoch"] == 3
+    assert final["lr_schedulers"][0]["last_epoch"] == 12  # stepped after every optimizer step (interval=step)
     assert final["optimizer_states"][0]["state"]  # momentum buffers came along
 
 

@@ -78,7 +78,7 @@ def _compose_hydra(overrides):
         return compose("config", overrides=overrides, return_hydra_config=True)
 
 
-@pytest.mark.parametrize("space", ["optuna", "optuna_depth", "optuna_unfreeze"])
+@pytest.mark.parametrize("space", ["optuna", "optuna_depth", "optuna_unfreeze", "optuna_techniques"])
 def test_optuna_search_spaces_compose_and_name_real_keys(space, tmp_path, monkeypatch):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides

@@ -1,5 +1,6 @@
 """The CLI's subcommands besides training: each takes ``key=value`` arguments and returns an
-exit code. Before training: ``check-data``, ``show-groups`` (:mod:`.inspect_run`); with a trained
+exit code. Before training: ``check-data``, ``show-groups`` (:mod:`.inspect_run`), ``lr-find``
+(:mod:`.lr_find`); with a trained
 model: ``predict``, ``evaluate``, ``export``, ``viz`` (:mod:`.model`); features out: ``embed``,
 ``probe`` (:mod:`.features`). A command's module is imported when it runs, so that the CLI
 answers ``--help`` and mistakes without loading torch."""
@@ -13,6 +14,7 @@ from collections.abc import Callable
 COMMANDS = {
     "check-data": ("finetune.commands.inspect_run", "check_data_command"),
     "show-groups": ("finetune.commands.inspect_run", "show_groups_command"),
+    "lr-find": ("finetune.commands.lr_find", "lr_find_command"),
     "predict": ("finetune.commands.model", "predict_command"),
     "evaluate": ("finetune.commands.model", "evaluate_command"),
     "export": ("finetune.commands.model", "export_command"),

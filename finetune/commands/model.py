@@ -18,18 +18,21 @@ from finetune.tables import format_table
 from finetune.use.export import export
 from finetune.use.load import FinetunedModel, expand_inputs, load
 from finetune.use.metrics import classification_report, format_report
+from finetune.use.tta import check_tta, tta_log_probabilities
 
 
 def predict_command(args: Sequence[str]) -> int:
-    """``finetune predict ckpt=PATH input=FILE|DIR|GLOB [top_k=5] [batch_size=32] [out=DIR]``."""
-    opts, _ = parse(args, {"ckpt": REQUIRED, "input": REQUIRED, "top_k": "5", "batch_size": "32", "out": None},
-                    "predict")
+    """``finetune predict ckpt=PATH input=FILE|DIR|GLOB [top_k=5] [batch_size=32] [tta=none] [out=DIR]``
+    tta: none, flip, crops or crops_flip (probabilities averaged over 1, 2, 5 or 10 views per image)."""
+    opts, _ = parse(args, {"ckpt": REQUIRED, "input": REQUIRED, "top_k": "5", "batch_size": "32", "tta": "none",
+                           "out": None}, "predict")
+    tta = _tta_summary(opts["tta"])
     model = load(opts["ckpt"])
     failures: dict[str, str] = {}
     predictions = []
     batch = int(opts["batch_size"])
     for images, names, _ in readable_batches([(p, -1) for p in expand_inputs(opts["input"])], batch, failures):
-        predictions += model.predict(images, int(opts["top_k"]), batch, names)
+        predictions += model.predict(images, int(opts["top_k"]), batch, names, tta=tta["mode"])
     out = output_dir(opts["out"])
     rows = [[p.source, p.label, f"{p.probability:.4f}",
              ", ".join(f"{label} {prob:.3f}" for label, prob in p.top_k[1:])] for p in predictions]
@@ -42,10 +45,11 @@ def predict_command(args: Sequence[str]) -> int:
             writer.writerow([p.source] + [v for label, prob in p.top_k for v in (label, f"{prob:.6f}")])
     (out / "predictions.json").write_text(json.dumps(
         {"checkpoint": str(Path(opts["ckpt"]).resolve()), "classes": model.classes,
-         "predictions": [{"image": p.source, "top_k": p.top_k} for p in predictions],
+         "tta": tta, "predictions": [{"image": p.source, "top_k": p.top_k} for p in predictions],
          "skipped": failures}, indent=2))
     for path, reason in failures.items():
         print(f"skipped {path}: {reason}")
+    print(_tta_line(tta))
     print(f"{len(predictions)} images predicted, {len(failures)} skipped\n  predictions: {out / 'predictions.csv'}\n"
           f"  json: {out / 'predictions.json'}")
     return 0
@@ -54,23 +58,28 @@ def predict_command(args: Sequence[str]) -> int:
 def evaluate_command(args: Sequence[str]) -> int:
     """``finetune evaluate ckpt=PATH input=DIR`` (one folder per class, names as in training; a
     subset is fine) or ``finetune evaluate ckpt=PATH data=folder data.root=DIR`` (its test split,
-    else its validation split). Accuracy, loss, per-class metrics and the confusion matrix."""
-    opts, data = parse(args, {"ckpt": REQUIRED, "input": None, "batch_size": "32", "out": None}, "evaluate", "data")
+    else its validation split). Accuracy, loss, per-class metrics and the confusion matrix.
+    tta=flip|crops|crops_flip: scores the probabilities averaged over 2, 5 or 10 views per image."""
+    opts, data = parse(args, {"ckpt": REQUIRED, "input": None, "batch_size": "32", "tta": "none", "out": None},
+                       "evaluate", "data")
     if not opts["input"] and not data:
         raise ConfigError("finetune evaluate needs input=DIR (one folder per class) or data=... overrides.")
+    tta = _tta_summary(opts["tta"])
     model = load(opts["ckpt"])
     samples, skipped = _labelled_samples(model, opts["input"], data)
     failures: dict[str, str] = {}
     batch = int(opts["batch_size"])
     logits, labels = [torch.empty(0, len(model.classes))], [torch.empty(0, dtype=torch.long)]
     for images, _, batch_labels in readable_batches(samples, batch, failures):
-        logits.append(model.logits(images, batch))
+        logits.append(_evaluation_logits(model, images, batch, tta["mode"]))
         labels.append(torch.tensor(batch_labels, dtype=torch.long))
     report = classification_report(torch.cat(logits), torch.cat(labels), model.classes)
     report["skipped"] = dict(skipped) | failures
+    report["tta"] = tta
     out = output_dir(opts["out"])
     (out / "evaluation.json").write_text(json.dumps(report, indent=2))
     print(format_report(report))
+    print(_tta_line(tta))
     print(f"  evaluation: {out / 'evaluation.json'}")
     return 0
 
@@ -101,6 +110,25 @@ def viz_command(args: Sequence[str]) -> int:
         print(f"  {picture.name}: {picture.path}")
     print(f"  index: {out / 'index.md'}")
     return 0
+
+
+def _tta_summary(mode: str) -> dict:
+    """``{"mode", "views"}`` for the json files; a ConfigError for an unknown mode, before any work."""
+    return {"mode": mode, "views": check_tta(mode)}
+
+
+def _tta_line(tta: dict) -> str:
+    views = tta["views"]
+    return f"test-time augmentation: {tta['mode']} ({views} view{'s' if views > 1 else ''} per image)"
+
+
+def _evaluation_logits(model: FinetunedModel, images: list, batch_size: int, tta: str) -> torch.Tensor:
+    """What classification_report takes as logits (it applies argmax and F.cross_entropy, a
+    log-softmax inside): the model's logits, or with TTA the log of the averaged probabilities,
+    whose log-softmax is itself, so accuracy and loss are those of the averaged prediction."""
+    if tta == "none":
+        return model.logits(images, batch_size)
+    return tta_log_probabilities(model.model, images, model.data_config, tta, batch_size)
 
 
 def _labelled_samples(model: FinetunedModel, folder: str | None, data: list[str]) -> tuple[list, list]:

@@ -10,6 +10,7 @@ import cv2
 from albumentations.pytorch import ToTensorV2
 
 from finetune.config import with_defaults
+from finetune.data.policies import AutoAugmentPolicy
 
 INTERPOLATIONS = {
     "nearest": cv2.INTER_NEAREST,
@@ -37,7 +38,26 @@ def with_input_size(data_config: Mapping, image_size: int | None = None) -> dict
 def augmentation_is_random(augment: Mapping) -> bool:
     """Whether the training pipeline build_transforms makes from `augment` draws random numbers."""
     augment = with_defaults("augment", "standard", augment)
-    return bool(augment["random_resized_crop"]) or float(augment["hflip"]) > 0
+    return (bool(augment["random_resized_crop"]) or float(augment["hflip"]) > 0 or augment["policy"] != "none"
+            or float(augment["color_jitter"]) > 0 or float(augment["random_erasing"]) > 0)
+
+
+def appearance_steps(augment: Mapping) -> list:
+    """The training pipeline's steps after the geometry: the automatic policy (``augment.policy``
+    with ``magnitude`` and ``num_ops``), color jitter (``color_jitter``: brightness, contrast and
+    saturation factors drawn from [1 - s, 1 + s], as timm's ``--color-jitter``) and random erasing
+    (``random_erasing``: the probability of erasing one rectangle of 2-33% of the image with random
+    pixels, as timm's ``--reprob`` with ``--remode pixel``). All on uint8 images, before normalization."""
+    steps = []
+    if augment["policy"] != "none":
+        steps.append(AutoAugmentPolicy(augment["policy"], augment["magnitude"], augment["num_ops"]))
+    strength = float(augment["color_jitter"])
+    if strength > 0:
+        steps.append(A.ColorJitter(brightness=strength, contrast=strength, saturation=strength, hue=0.0, p=1.0))
+    erasing = float(augment["random_erasing"])
+    if erasing > 0:
+        steps.append(A.Erasing(scale=(0.02, 0.33), ratio=(0.3, 3.3), fill="random", p=erasing))
+    return steps
 
 
 def build_transforms(
@@ -52,7 +72,7 @@ def build_transforms(
     Shrinking uses pixel-area averaging (like PIL's antialiased resize): bicubic alone aliases
     when a 2,000 px photo becomes 224 px.
     train: random resized crop (scale, ratio) and horizontal flip with probability hflip, or
-    the eval geometry when augment.random_resized_crop is false. albumentations draws from its
+    the eval geometry when augment.random_resized_crop is false; then :func:`appearance_steps`. albumentations draws from its
     own generator, which global seeds do not touch: `seed` makes the training pipeline
     reproducible (DataLoader workers re-seed their copy, see the datamodule).
     """
@@ -87,7 +107,7 @@ def build_transforms(
     hflip = float(augment["hflip"])
     if hflip > 0:
         train_geometry.append(A.HorizontalFlip(p=hflip))
-    return A.Compose(train_geometry + finish, seed=seed), A.Compose(eval_geometry + finish, seed=seed)
+    return A.Compose(train_geometry + appearance_steps(augment) + finish, seed=seed), A.Compose(eval_geometry + finish, seed=seed)
 
 
 def normalize_on_device(images, mean, std):

@@ -39,7 +39,8 @@ class Backbone:
 
 
 def build_backbone(name: str, weights: str = "pretrained", drop_rate: float | None = None,
-                   global_pool: str | None = None, image_size: int | None = None) -> Backbone:
+                   global_pool: str | None = None, image_size: int | None = None,
+                   drop_path_rate: float | None = None) -> Backbone:
     """Create `name` with verified `weights` (see :func:`create_pretrained_model`), drop its head.
 
     global_pool: None keeps the model's pooling; else one timm knows for it, e.g. ``avg``,
@@ -48,12 +49,19 @@ def build_backbone(name: str, weights: str = "pretrained", drop_rate: float | No
     backbone's own size). Only a fixed-size timm model is affected: it is created at that size,
     and ``data_config["input_size"]`` says so; a size it cannot take raises :class:`ConfigError`.
     Every other model is created exactly as without it.
+    drop_path_rate: timm's stochastic depth (None: the model's default); the torchvision classics
+    and LeNet have no residual branches to drop, and refuse a rate above 0.
     """
+    if drop_path_rate and (name.startswith(torchvision_backbones.PREFIX) or name == "lenet5"):
+        raise ConfigError(f"backbone.drop_path_rate={drop_path_rate}: {name} has no residual branches to drop "
+                          f"(stochastic depth is for timm's residual networks); use backbone.drop_path_rate=null.")
     if name.startswith(torchvision_backbones.PREFIX):
         return _torchvision_backbone(name, weights, drop_rate, global_pool)
     if name == "lenet5":
         return _lenet_backbone(weights, global_pool)
     kwargs = {} if drop_rate is None else {"drop_rate": drop_rate}
+    if drop_path_rate is not None:
+        kwargs["drop_path_rate"] = float(drop_path_rate)
     kwargs.update(fixed_size_kwargs(name, image_size))
     model, report = create_pretrained_model(name, weights, **kwargs)
     if global_pool is None:

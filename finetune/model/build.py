@@ -25,7 +25,8 @@ def backbone_from_config(cfg: Mapping, weights: str | None = None) -> Backbone:
     """
     return build_backbone(cfg["backbone"]["name"], weights or cfg["backbone"]["weights"],
                           cfg["backbone"]["drop_rate"], cfg["head"].get("pool"),
-                          image_size=(cfg.get("data") or {}).get("image_size"))
+                          image_size=(cfg.get("data") or {}).get("image_size"),
+                          drop_path_rate=cfg["backbone"].get("drop_path_rate"))  # absent in older checkpoints
 
 
 def build_model(backbone: Backbone, num_classes: int, head_cfg: Mapping, freeze_cfg: Mapping) -> Classifier:

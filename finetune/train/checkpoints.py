@@ -240,6 +240,15 @@ def read_resume_checkpoint(path: Path, config: Mapping, classes: list[str]) -> t
     return (checkpoint.get(RUN_KEY) or {}).get("wandb_id"), int(checkpoint.get("epoch", -1))
 
 
+def stored_lr(path: Path | None) -> float | None:
+    """The ``optimizer.lr`` the run in checkpoint `path` trained with (None: no checkpoint, or no number)."""
+    if path is None:
+        return None
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    lr = _get((checkpoint.get("finetune") or {}).get("config", {}), "optimizer.lr")
+    return float(lr) if isinstance(lr, (int, float)) and not isinstance(lr, bool) else None
+
+
 def new_run_id() -> str:
     return uuid.uuid4().hex[:8]
 

@@ -14,9 +14,9 @@ from finetune.data.transforms import normalize_on_device
 from finetune.errors import NonFiniteLossError
 from finetune.model.build import CHECKPOINT_KEY
 from finetune.model.classifier import Classifier
+from finetune.train.mixing import BatchMixer, soft_target_cross_entropy
 from finetune.train.optim import build_optimizer, build_scheduler, optimizer_settings, param_groups
 from finetune.compute.speed import to_channels_last
-
 
 
 
@@ -28,6 +28,9 @@ class ClassifierModule(L.LightningModule):
     of each evaluation: ``self.log`` costs about 0.4 ms a call, more than a head's whole step. `class_weights` weight the training loss (``data.balance=weighted_loss``).
     ``inputs="features"``: batches carry the frozen backbone's cached outputs (see
     :mod:`finetune.compute.features`) and only the head runs; the model stays whole for checkpoints.
+    `mixer` (:mod:`finetune.train.mixing`): training batches are mixed (mixup / cutmix, or the
+    cached features) and the loss is cross-entropy on its soft targets, which carry the label
+    smoothing; ``train/acc`` still compares predictions with each sample's own label.
 
     Checkpoints carry ``checkpoint["finetune"] = {"classes": [...], "config": {...}}``: plain
     lists, dicts and strings, so they load with ``torch.load(weights_only=True)``.
@@ -36,7 +39,7 @@ class ClassifierModule(L.LightningModule):
     def __init__(self, model: Classifier, classes: list[str], optimizer: Mapping, scheduler: Mapping,
                  config: Mapping | None = None, label_smoothing: float = 0.0,
                  class_weights: torch.Tensor | None = None, inputs: str = "images", channels_last: bool = False,
-                 pixel_stats: tuple[Sequence[float], Sequence[float]] | None = None):
+                 pixel_stats: tuple[Sequence[float], Sequence[float]] | None = None, mixer: BatchMixer | None = None):
         super().__init__()
         if inputs not in ("images", "features"):
             raise ValueError(f"inputs={inputs!r}; expected 'images' or 'features'")
@@ -54,6 +57,7 @@ class ClassifierModule(L.LightningModule):
         self.scheduler_cfg = dict(scheduler)
         self.config = dict(config or {})
         self.label_smoothing = label_smoothing
+        self.mixer = mixer
         self.class_weights = class_weights  # training loss only: evaluation stays comparable
         self.unreadable: dict[str, str] = {}  # files that failed to decode mid-run: path -> reason
         n = len(self.classes)
@@ -87,9 +91,14 @@ class ClassifierModule(L.LightningModule):
         images, labels = self._unpack(batch)
         if not len(labels):
             return None  # every file of this batch was unreadable: skip the step
-        logits = self(images)
-        weight = self.class_weights.to(logits.device) if self.class_weights is not None else None
-        loss = F.cross_entropy(logits, labels, weight=weight, label_smoothing=self.label_smoothing)
+        weight = self.class_weights.to(labels.device) if self.class_weights is not None else None
+        if self.mixer is not None and self.mixer.active(self.current_epoch):
+            images, targets = self.mixer(images, labels)
+            logits = self(images)
+            loss = soft_target_cross_entropy(logits, targets, weight)
+        else:
+            logits = self(images)
+            loss = F.cross_entropy(logits, labels, weight=weight, label_smoothing=self.label_smoothing)
         if not torch.isfinite(loss):
             lr = max(g["lr"] for g in self.optimizers().optimizer.param_groups)
             raise NonFiniteLossError(
@@ -156,10 +165,13 @@ class ClassifierModule(L.LightningModule):
         cfg = optimizer_settings(self.optimizer_cfg)
         groups = param_groups(self.model, cfg["lr"], cfg["weight_decay"], cfg["layer_decay"])
         optimizer = build_optimizer(groups, cfg)
-        scheduler = build_scheduler(optimizer, self.scheduler_cfg, self.trainer.max_epochs or 1)
+        max_epochs = self.trainer.max_epochs or 1
+        steps = self.trainer.estimated_stepping_batches
+        steps_per_epoch = max(1, round(steps / max_epochs)) if max_epochs > 0 and steps != float("inf") else 1
+        scheduler, interval = build_scheduler(optimizer, self.scheduler_cfg, max_epochs, steps_per_epoch)
         if scheduler is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
 
     def on_train_epoch_start(self) -> None:
         self._log_epoch_number()

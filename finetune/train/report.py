@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import DictConfig
+import torch
 from torch import nn
 
 from finetune.compute.speed import Speed
@@ -44,16 +45,70 @@ class FitResult:
 
 
 def log_start(cfg: DictConfig, backbone: Backbone, model: Classifier, speed: Speed) -> None:
-    """The backbone and its preprocessing, the layer-group table, the speed settings."""
+    """The backbone and its preprocessing, the layer-group table, the speed settings. With
+    ``optimizer.lr=auto`` the table's lrs are multiples of the lr the finder will choose."""
     height, width = input_size(backbone.data_config, cfg.data.image_size)
     data_config = backbone.data_config
+    auto = cfg.optimizer.lr == "auto"
+    optimizer = {**cfg.optimizer, "lr": 1.0} if auto else cfg.optimizer
     log.info("\n".join([
         f"backbone: {backbone.name}, weights: {backbone.weights}",
         f"  input {height}x{width}, {data_config['interpolation']}, mean {tuple(round(m, 3) for m in data_config['mean'])},"
         f" std {tuple(round(s, 3) for s in data_config['std'])}, crop_pct {data_config['crop_pct']}",
-        groups_table(model, group_lrs(model, cfg.optimizer)),
+        groups_table(model, group_lrs(model, optimizer)),
+        *(["  optimizer.lr=auto: the lr finder runs first; lrs above are multiples of what it finds"] if auto else []),
         speed.describe(),
     ]))
+
+
+def log_techniques(cfg: DictConfig, mixer) -> None:
+    """One line per training technique that is on (nothing when none is): the augmentation policy,
+    color jitter and erasing, mixing (on images or on cached features), label smoothing, EMA,
+    stochastic depth, lr warm-up and test-time augmentation."""
+    from finetune.train.ema import describe, ema_callback
+
+    augment, lines = cfg.augment, []
+    if augment.get("policy", "none") != "none":
+        ops = f" ({augment.num_ops} ops, magnitude {augment.magnitude})" if augment.policy == "randaugment" else ""
+        lines.append(f"augmentation policy: {augment.policy}{ops}")
+    if augment.get("color_jitter"):
+        lines.append(f"color jitter: {augment.color_jitter:g}")
+    if augment.get("random_erasing"):
+        lines.append(f"random erasing: p {augment.random_erasing:g}")
+    if mixer is not None:
+        lines.append(f"mixing: {mixer.description}")
+    if cfg.loss.label_smoothing:
+        lines.append(f"label smoothing: {cfg.loss.label_smoothing:g}")
+    ema = ema_callback(cfg.get("ema"))
+    if ema is not None:
+        lines.append(describe(ema))
+    if cfg.backbone.get("drop_path_rate"):
+        lines.append(f"stochastic depth: drop_path_rate {cfg.backbone.drop_path_rate:g}")
+    if cfg.scheduler.get("warmup_epochs"):
+        n = cfg.scheduler.warmup_epochs
+        lines.append(f"lr warm-up: {n:g} epoch{'' if n == 1 else 's'}, then {cfg.scheduler.name} "
+                     f"(stepped every {cfg.scheduler.get('interval', 'epoch')})")
+    if cfg.get("tta", "none") != "none":
+        from finetune.use.tta import TTA_MODES
+
+        lines.append(f"test-time augmentation at the end: {cfg.tta} ({TTA_MODES[cfg.tta]} views per image)")
+    if lines:
+        log.info("techniques:\n" + "\n".join(f"  {line}" for line in lines))
+
+
+def score_with_tta(cfg: DictConfig, model: Classifier, splits: DataSplits, backbone: Backbone) -> dict[str, float]:
+    """The test split (else the validation split) scored with ``cfg.tta``'s views, logged with
+    the number of views: ``{split}/acc_tta``, ``{split}/loss_tta``, ``tta_views``."""
+    from finetune.use.tta import evaluate_with_tta
+
+    split = "test" if splits.test else "val"
+    data_config = with_input_size(backbone.data_config, cfg.data.image_size)
+    model = model.cpu().eval().to(memory_format=torch.contiguous_format)
+    scores = evaluate_with_tta(model, data_config, getattr(splits, split), splits.classes, cfg.tta,
+                               cfg.data.batch_size)
+    log.info("test-time augmentation (%s, %d views per image) on the %s split: %s/acc %.4f",
+             cfg.tta, scores["views"], split, split, scores["acc"])
+    return {f"{split}/acc_tta": scores["acc"], f"{split}/loss_tta": scores["loss"], "tta_views": float(scores["views"])}
 
 
 def draw_pictures(cfg: DictConfig, model: Classifier, splits: DataSplits, eval_tf, backbone: Backbone,

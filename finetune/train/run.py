@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -28,11 +29,13 @@ from finetune.model.backbone import Backbone
 from finetune.model.build import backbone_from_config, build_model
 from finetune.model.classifier import Classifier
 from finetune.train import report
-from finetune.train.checkpoints import Resume
+from finetune.train.checkpoints import Resume, stored_lr
 from finetune.train.compat import epochs_begun
 from finetune.train.faults import explain_failure, find_batch_size
 from finetune.train.history import MetricsHistory
 from finetune.train.loggers import finish_wandb, log_best
+from finetune.train.lr_find import lr_for_run
+from finetune.train.mixing import batch_mixer
 from finetune.train.module import ClassifierModule
 from finetune.train.report import FitResult
 from finetune.train.run_folder import RunFolder, make_folder
@@ -40,7 +43,21 @@ from finetune.train.trainer import build_trainer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FitResult", "run"]
+__all__ = ["FitResult", "Prepared", "prepare", "run"]
+
+
+@dataclass
+class Prepared:
+    """Everything a run sets up before its Trainer: data, model and the LightningModule."""
+
+    splits: DataSplits
+    data_report: DataReport
+    backbone: Backbone
+    module: ClassifierModule
+    data: L.LightningDataModule
+    eval_tf: object
+    speed: object
+    trainer_kwargs: dict
 
 
 def run(cfg: DictConfig) -> FitResult:
@@ -53,36 +70,25 @@ def run(cfg: DictConfig) -> FitResult:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     # One run per folder, no silent overwrite, resume=true / ckpt_path=... checked: before any work.
     with RunFolder(cfg, output_dir) as folder, run_log(output_dir):
-        splits = load_data(cfg.data, cfg.seed)
-        data_report = check_data(splits, cfg.data.batch_size)
-        log.info(data_report.table())
-        backbone = backbone_from_config(cfg)
-        model = build_model(backbone, len(splits.classes), cfg.head, cfg.freeze)
-        trainer_kwargs, speed = resolve_speed(OmegaConf.to_container(cfg.trainer, resolve=True), model)
-        report.log_start(cfg, backbone, model, speed)
-        data, eval_tf = _datamodule(cfg, model, backbone, splits, data_report, speed)
-        module = ClassifierModule(model, splits.classes, cfg.optimizer, cfg.scheduler, config,
-                                  label_smoothing=cfg.loss.label_smoothing,
-                                  class_weights=class_weights(splits) if cfg.data.balance == "weighted_loss" else None,
-                                  inputs="features" if isinstance(data, FeatureDataModule) else "images",
-                                  channels_last=speed.channels_last,
-                                  pixel_stats=(backbone.data_config["mean"], backbone.data_config["std"]))
+        p = prepare(cfg, config, output_dir, resume_from=folder.resume_from)
+        splits, module, data = p.splits, p.module, p.data
         resume = Resume(folder.resume_from, output_dir, cfg.seed, config, splits.classes,
                         cfg.callbacks.checkpoint.min_write_interval_s)
         history = MetricsHistory()
-        trainer, checkpoint, loggers = build_trainer(cfg, trainer_kwargs, model, history, resume, output_dir, config)
+        trainer, checkpoint, loggers = build_trainer(cfg, p.trainer_kwargs, module.model, history, resume,
+                                                     output_dir, config)
         data.starting_epoch = lambda: epochs_begun(trainer)  # exact resume with DataLoader workers
         try:
             if cfg.data.find_batch_size:
-                found = find_batch_size(trainer, module, data, speed.device, resume.path is not None)
-                log.info("batch-size finder: data.batch_size=%d fits on %s", found, speed.device)
+                found = find_batch_size(trainer, module, data, p.speed.device, resume.path is not None)
+                log.info("batch-size finder: data.batch_size=%d fits on %s", found, p.speed.device)
             trainer.fit(module, datamodule=data, ckpt_path=resume.path, weights_only=True)
             best_path = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
-            best = _best_metrics(cfg, trainer, module, data, history, best_path, splits)
+            best = _best_metrics(cfg, trainer, module, data, history, best_path, splits, p.backbone)
             if trainer.is_global_zero:
                 log_best(loggers, best)
             model = module.model.cpu().eval().to(memory_format=torch.contiguous_format)
-            pictures = report.draw_pictures(cfg, model, splits, eval_tf, backbone, history.epochs, output_dir,
+            pictures = report.draw_pictures(cfg, model, splits, p.eval_tf, p.backbone, history.epochs, output_dir,
                                             loggers) if trainer.is_global_zero else []
         except Exception as err:
             explained = explain_failure(err, cfg.data.batch_size, output_dir)
@@ -92,13 +98,41 @@ def run(cfg: DictConfig) -> FitResult:
         finally:
             finish_wandb()
 
-        data_report.add_unreadable(module.unreadable)
+        p.data_report.add_unreadable(module.unreadable)
         result = FitResult(best, best_path, list(splits.classes), model, output_dir, config, history.epochs,
-                           report.outputs(output_dir, best_path, loggers, pictures), data_report)
+                           report.outputs(output_dir, best_path, loggers, pictures), p.data_report)
         if trainer.is_global_zero:
             report.write_summary(result, time.perf_counter() - started)
             report.log_end(result)
     return result
+
+
+def prepare(cfg: DictConfig, config: dict, output_dir: Path, resume_from: Path | None = None,
+            find_lr: bool = True) -> Prepared:
+    """Data (checked), model, speed settings, data module and LightningModule, with the start table
+    logged. ``optimizer.lr=auto`` runs the lr finder here (unless `find_lr` is false) and writes
+    the lr it found into `config`, which the checkpoints carry."""
+    splits = load_data(cfg.data, cfg.seed)
+    data_report = check_data(splits, cfg.data.batch_size)
+    log.info(data_report.table())
+    backbone = backbone_from_config(cfg)
+    model = build_model(backbone, len(splits.classes), cfg.head, cfg.freeze)
+    trainer_kwargs, speed = resolve_speed(OmegaConf.to_container(cfg.trainer, resolve=True), model)
+    report.log_start(cfg, backbone, model, speed)
+    data, eval_tf = _datamodule(cfg, model, backbone, splits, data_report, speed)
+    on_features = isinstance(data, FeatureDataModule)
+    mixer = batch_mixer(cfg.mixup, cfg.cutmix, len(splits.classes), cfg.loss.label_smoothing, on_features)
+    report.log_techniques(cfg, mixer)
+    module = ClassifierModule(model, splits.classes, cfg.optimizer, cfg.scheduler, config,
+                              label_smoothing=cfg.loss.label_smoothing,
+                              class_weights=class_weights(splits) if cfg.data.balance == "weighted_loss" else None,
+                              inputs="features" if on_features else "images", channels_last=speed.channels_last,
+                              pixel_stats=(backbone.data_config["mean"], backbone.data_config["std"]), mixer=mixer)
+    if find_lr and cfg.optimizer.lr == "auto":
+        module.optimizer_cfg["lr"] = 1.0  # the finder sets every lr itself; the groups keep their ratios
+        lr = lr_for_run(module, data, trainer_kwargs, output_dir / "viz", stored_lr(resume_from))
+        module.optimizer_cfg["lr"] = config["optimizer"]["lr"] = lr
+    return Prepared(splits, data_report, backbone, module, data, eval_tf, speed, trainer_kwargs)
 
 
 def _datamodule(cfg: DictConfig, model: Classifier, backbone: Backbone, splits: DataSplits, data_report: DataReport,
@@ -128,13 +162,17 @@ def _datamodule(cfg: DictConfig, model: Classifier, backbone: Backbone, splits: 
 
 
 def _best_metrics(cfg: DictConfig, trainer: L.Trainer, module: ClassifierModule, data, history: MetricsHistory,
-                  best_path: Path | None, splits: DataSplits) -> dict[str, float]:
+                  best_path: Path | None, splits: DataSplits, backbone: Backbone) -> dict[str, float]:
     """The best epoch's metrics, with the best weights loaded into `module` and, when the data
-    have a held-out test split, its ``test/*`` scores (computed once, here)."""
+    have a held-out test split, its ``test/*`` scores (computed once, here). With ``tta`` set,
+    the test split (else the validation split) is scored once more with test-time augmentation:
+    ``test/acc_tta`` (or ``val/acc_tta``), ``.../loss_tta`` and ``tta_views``."""
     trainer.strategy.barrier("best.ckpt written")  # DDP: rank zero writes held checkpoints as fit ends
     if best_path is not None:
         module.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"])
     best = dict(history.best(cfg.callbacks.checkpoint.monitor, cfg.callbacks.checkpoint.mode))
     if splits.test:
         best.update({k: float(v) for k, v in trainer.test(module, datamodule=data, verbose=False)[0].items()})
+    if cfg.tta != "none" and trainer.is_global_zero:
+        best.update(report.score_with_tta(cfg, module.model, splits, backbone))
     return best

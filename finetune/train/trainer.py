@@ -13,6 +13,7 @@ from finetune.errors import ConfigError
 from finetune.model.classifier import Classifier
 from finetune.train.checkpoints import Resume
 from finetune.train.distributed import check_launcher
+from finetune.train.ema import ema_callback
 from finetune.train.history import MetricsHistory
 from finetune.train.loggers import build_loggers
 from finetune.train.progress import EpochBar, EpochTable, live_bar_wanted
@@ -38,6 +39,9 @@ def build_trainer(cfg: DictConfig, trainer_kwargs: dict, model: Classifier, hist
     # best.ckpt's callback before last.ckpt's, so that last.ckpt holds this epoch's best decision;
     # AtomicCheckpointIO writes last.ckpt to disk first all the same (a best never lacks a last).
     callbacks = [history, checkpoint] + ([unfreezing] if unfreezing else []) + resume.callbacks + [StopNotice()]
+    ema = ema_callback(cfg.get("ema"))
+    if ema is not None:  # validation and checkpoints see the averaged weights (finetune.train.ema)
+        callbacks.append(ema)
     if cfg.callbacks.early_stopping_patience:
         callbacks.append(EarlyStopping(monitor, mode=mode, patience=cfg.callbacks.early_stopping_patience))
     callbacks.append(EpochTable())

@@ -23,6 +23,7 @@ from finetune.data.transforms import build_transforms, with_input_size
 from finetune.errors import ConfigError, WeightsError
 from finetune.model.build import CHECKPOINT_KEY, backbone_from_config, build_model
 from finetune.model.weights import read_state_dict, read_torch_file
+from finetune.use.tta import check_tta, tta_probabilities
 
 
 @dataclass(frozen=True)
@@ -106,15 +107,26 @@ class FinetunedModel:
                   for i in range(0, len(images), batch_size)]
         return torch.cat(chunks) if chunks else torch.empty(0, len(self.classes))
 
+    def probabilities(self, images: Sequence, batch_size: int = 32, tta: str = "none") -> torch.Tensor:
+        """(N, C) class probabilities in input order. ``tta`` (see :mod:`finetune.use.tta`):
+        ``none`` is the softmax of :meth:`logits`; ``flip``, ``crops``, ``crops_flip`` average the
+        probabilities of 2, 5 or 10 views per image (as many forward passes); `batch_size` caps
+        the views per forward pass."""
+        check_tta(tta)
+        if not len(images):
+            return torch.empty(0, len(self.classes))
+        return tta_probabilities(self.model, images, self.data_config, tta, batch_size)
+
     def predict(self, images: Sequence, top_k: int = 1, batch_size: int = 32,
-                names: Sequence[str] | None = None) -> list[Prediction]:
+                names: Sequence[str] | None = None, tta: str = "none") -> list[Prediction]:
         """Top-k (label, probability) per image, in input order. `names` label the results
-        (default: the paths, or the type of in-memory images)."""
+        (default: the paths, or the type of in-memory images); `tta` as :meth:`probabilities`."""
+        check_tta(tta)  # before any image is decoded
         if isinstance(images, (str, Path, np.ndarray)) or hasattr(images, "convert"):  # one path, array or PIL image
             images = [images]
         images = list(images)
         names = list(names) if names is not None else [_describe(image) for image in images]
-        probabilities = self.logits(images, batch_size).softmax(dim=1)
+        probabilities = self.probabilities(images, batch_size, tta)
         k = min(top_k, len(self.classes))
         values, indices = probabilities.topk(k, dim=1)
         return [
