@@ -125,11 +125,26 @@ def check_types(cfg: DictConfig) -> None:
     check_values(cfg)
 
 
+# The choices of tta and augment.policy (finetune.use.tta.TTA_MODES, finetune.data.policies.POLICIES:
+# this module imports no room; tests/test_techniques.py checks that the lists agree).
+TTA_CHOICES = ("none", "flip", "crops", "crops_flip")
+POLICY_CHOICES = ("none", "randaugment", "trivialaugment", "autoaugment")
+
+
+def _not_fraction(value) -> bool:
+    return value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1)
+
+
+def _negative(value) -> bool:
+    return value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0)
+
+
 def check_values(cfg: DictConfig) -> None:
     """Values of the right type that make no sense, refused with the fix (one rule per line):
     seed beyond 2**32 - 1; head.dropout >= 1 (every feature dropped); trainer.max_epochs=0 (no
     model) or -1 without callbacks.early_stopping_patience, trainer.max_steps or max_time (never
-    stops); a trainer.precision Lightning does not know."""
+    stops); a trainer.precision Lightning does not know; the training techniques' values (tta,
+    augment.policy, label smoothing, EMA decay, drop-path rate, mixup/cutmix alphas, warm-up)."""
     get = lambda key: OmegaConf.select(cfg, key, default=None)  # noqa: E731
     rules = [
         ("seed", lambda v: v is not None and v > 2**32 - 1, "it must be an integer from 0 to 2**32 - 1"),
@@ -142,6 +157,14 @@ def check_values(cfg: DictConfig) -> None:
          "(or +trainer.max_time=...), or give a number of epochs"),
         ("trainer.precision", lambda v: v is not None and v not in PRECISIONS,
          f"choose one of {', '.join(str(p) for p in PRECISIONS[:6])} (Lightning's precision names)"),
+        ("tta", lambda v: v is not None and v not in TTA_CHOICES, f"choose {', '.join(TTA_CHOICES)}"),
+        ("augment.policy", lambda v: v is not None and v not in POLICY_CHOICES, f"choose {', '.join(POLICY_CHOICES)}"),
+        ("loss.label_smoothing", _not_fraction, "a number from 0 up to (not including) 1 (0.1 is usual)"),
+        ("ema.decay", _not_fraction, "a number from 0 (off) up to (not including) 1; 0.99 averages about 100 steps"),
+        ("backbone.drop_path_rate", _not_fraction, "a rate from 0 up to (not including) 1 (0.1 is usual), or null"),
+        ("mixup.alpha", _negative, "a Beta-distribution alpha >= 0 (0: off; 0.2 to 0.8 are usual)"),
+        ("cutmix.alpha", _negative, "a Beta-distribution alpha >= 0 (0: off; 1.0 is usual)"),
+        ("scheduler.warmup_epochs", _negative, "a number of epochs >= 0"),
     ]
     for key, broken, fix in rules:
         if broken(get(key)):

@@ -143,6 +143,29 @@ def test_end_of_run_tta_scores_the_validation_split_and_reports_its_views(image_
         (result.output_dir / "finetune.log").read_text()
 
 
+@pytest.mark.parametrize("override, message", [
+    ("tta=flp", "tta='flp': choose none, flip, crops, crops_flip"),
+    ("augment.policy=randaug", "augment.policy='randaug': choose none, randaugment"),
+    ("ema.decay=1.5", "ema.decay=1.5: a number from 0"),
+    ("mixup.alpha=-1", "mixup.alpha=-1: a Beta-distribution alpha"),
+    ("loss.label_smoothing=1", "loss.label_smoothing=1: a number from 0"),
+    ("backbone.drop_path_rate=2", "backbone.drop_path_rate=2: a rate"),
+])
+def test_bad_technique_values_stop_the_cli_before_any_work(override, message):
+    from finetune.config import check_values
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_values(compose_config([override]))
+
+
+def test_the_config_checks_know_every_tta_mode_and_policy():
+    from finetune.config import POLICY_CHOICES, TTA_CHOICES
+    from finetune.data.policies import POLICIES
+    from finetune.use.tta import TTA_MODES
+
+    assert TTA_CHOICES == tuple(TTA_MODES) and POLICY_CHOICES == POLICIES
+
+
 def test_the_lr_finder_keeps_layer_group_ratios():
     parameter = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([{"params": [parameter], "lr": 0.01, "lr_scale": 1.0},
