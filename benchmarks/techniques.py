@@ -1,6 +1,6 @@
 """What each training technique is worth: today's recipes vs each technique alone vs +recipe=strong.
 
-    python benchmarks/techniques.py                          # 3 datasets x 3 seeds, every arm
+    python benchmarks/techniques.py                          # 3 datasets x 3 seeds, every arm (6 epochs, batch 16)
     python benchmarks/techniques.py --datasets hymenoptera --seeds 0 --arms full_finetune strong
     python benchmarks/techniques.py --lr-grid                # lr-find's suggestion vs a 5-point grid
 
@@ -78,10 +78,12 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="*", default=["hymenoptera", "flowers5", "dtd10"])
     parser.add_argument("--arms", nargs="*", default=list(ARMS))
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16, help="16: twice the optimizer steps of the default 32")
     parser.add_argument("--lr-grid", action="store_true", help="lr-find vs a 5-point lr grid (hymenoptera, full)")
+    parser.add_argument("--lrs", nargs="*", default=["auto", "1e-4", "3e-4", "1e-3", "3e-3", "1e-2"],
+                        help="with --lr-grid: the lrs to run (results already in lr_grid.json are kept)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -164,15 +166,16 @@ def table(runs: list[dict], args) -> str:
 def lr_grid(fit, args, common: list[str]) -> None:
     """Full fine-tuning on hymenoptera, seed 0: optimizer.lr=auto against five fixed lrs."""
     data = data_overrides("hymenoptera", args.out, 0)
-    results = {}
-    for lr in ["auto", 1e-4, 3e-4, 1e-3, 3e-3, 1e-2]:
+    path = args.out / "lr_grid.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    for lr in args.lrs:
         started = time.perf_counter()
         result = fit("full_finetune", [*data, *common, "seed=0", f"optimizer.lr={lr}", "overwrite=true",
                                        f"hydra.run.dir={args.out / 'runs' / 'lr_grid' / str(lr)}"])
         results[str(lr)] = {"lr": result.config["optimizer"]["lr"], "val_acc": result.metrics["val/acc"],
                             "seconds": time.perf_counter() - started}
         print(f"lr {lr}: {results[str(lr)]}", flush=True)
-    (args.out / "lr_grid.json").write_text(json.dumps(results, indent=2))
+        path.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

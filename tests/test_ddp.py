@@ -68,6 +68,22 @@ def test_ddp_run_writes_once_from_rank_zero_and_gates_gradual_unfreezing(tmp_pat
     assert all(never[g] for g in ("stem", "stage1", "stage2", "stage3"))
 
 
+@pytest.mark.slow  # 2 DDP processes
+def test_ddp_trains_with_ema_mixup_and_augmentation_and_scores_tta_once(tmp_path):
+    args = [*DDP, "+recipe=strong", *TINY, "trainer.max_epochs=2", "data.num_workers=0", "viz=none", "logger=none",
+            "callbacks.progress_bar=false", "cutmix.alpha=1.0", "tta=flip", "hydra.run.dir=run"]
+    proc = _finetune(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("techniques:") == 1 and proc.stdout.count("test-time augmentation (flip") == 1
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    # one EMA update per optimizer step, the ranks' steps being one synchronized step
+    assert int(checkpoint["averaging_state"]["n_averaged"]) == checkpoint["global_step"] > 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["metrics"]["tta_views"] == 2 and 0 <= summary["metrics"]["val/acc_tta"] <= 1
+    finder = _finetune([*args[:-1], "optimizer.lr=auto", "hydra.run.dir=auto"], tmp_path)
+    assert finder.returncode == 2 and "The lr finder runs in one process" in finder.stderr
+
+
 @pytest.mark.slow  # 2 trials x 2 DDP processes: 30 s on 2 busy cores
 def test_multirun_trials_each_run_ddp_and_a_failed_trial_does_not_end_the_sweep(image_folder, tmp_path):
     # An unknown scheduler fails inside fit (configure_optimizers), after the second rank has started;
