@@ -34,6 +34,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.tuner import Tuner
+from torchmetrics import Metric
 
 from finetune.errors import ConfigError
 from finetune.train.unfreeze import gradual_unfreezing
@@ -83,6 +84,11 @@ def find_lr(module: L.LightningModule, data: L.LightningDataModule, trainer_kwar
                             default_root_dir=scratch, num_sanity_val_steps=0, limit_val_batches=0)
         finder = Tuner(trainer).lr_find(module, datamodule=data, min_lr=min_lr, max_lr=max_lr,
                                         num_training=steps, update_attr=False)
+    # The finder restores the weights, not torchmetrics' accumulators: the run's first epoch
+    # must not count the finder's batches.
+    for metric in module.modules():
+        if isinstance(metric, Metric):
+            metric.reset()
     lrs = [float(lr) for lr in finder.results["lr"]]
     losses = [loss * (1 - BETA ** (step + 2)) / (1 - BETA ** (step + 1))  # step + 1 samples were averaged
               for step, loss in enumerate(finder.results["loss"])]
