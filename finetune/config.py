@@ -125,8 +125,7 @@ def check_types(cfg: DictConfig) -> None:
     check_values(cfg)
 
 
-# The choices of tta and augment.policy (finetune.use.tta.TTA_MODES, finetune.data.policies.POLICIES:
-# this module imports no room; tests/test_techniques.py checks that the lists agree).
+# tta's and augment.policy's choices (this module imports no room; tests/test_techniques.py checks them).
 TTA_CHOICES = ("none", "flip", "crops", "crops_flip")
 POLICY_CHOICES = ("none", "randaugment", "trivialaugment", "autoaugment")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import lightning as L
@@ -166,12 +167,26 @@ class ClassifierModule(L.LightningModule):
         groups = param_groups(self.model, cfg["lr"], cfg["weight_decay"], cfg["layer_decay"])
         optimizer = build_optimizer(groups, cfg)
         max_epochs = self.trainer.max_epochs or 1
-        steps = self.trainer.estimated_stepping_batches
-        steps_per_epoch = max(1, round(steps / max_epochs)) if max_epochs > 0 and steps != float("inf") else 1
-        scheduler, interval = build_scheduler(optimizer, self.scheduler_cfg, max_epochs, steps_per_epoch)
+        scheduler, interval = build_scheduler(optimizer, self.scheduler_cfg, max_epochs, self._steps_per_epoch())
         if scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+
+    def _steps_per_epoch(self) -> int:
+        """Optimizer steps per training epoch, from the data module's size, this rank's share,
+        ``limit_train_batches`` and ``accumulate_grad_batches``. Not Lightning's
+        ``estimated_stepping_batches``: it builds the training DataLoader here, before a resumed
+        run has restored its epoch, and the loader's sampler would then start at epoch 0."""
+        trainer, data = self.trainer, self.trainer.datamodule
+        if data is None or not hasattr(data, "train_labels"):
+            return 1
+        batches = math.ceil(math.ceil(len(data.train_labels()) / trainer.world_size) / data.batch_size)
+        limit = trainer.limit_train_batches
+        if isinstance(limit, int):
+            batches = min(batches, limit)
+        elif limit is not None:
+            batches = int(batches * limit)
+        return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
 
     def on_train_epoch_start(self) -> None:
         self._log_epoch_number()
