@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="16: twice the optimizer steps of the default 32")
     parser.add_argument("--lr-grid", action="store_true", help="lr-find vs a 5-point lr grid (hymenoptera, full)")
     parser.add_argument("--lrs", nargs="*", default=["auto", "1e-4", "3e-4", "1e-3", "3e-3", "1e-2"],
-                        help="with --lr-grid: the lrs to run (results already in lr_grid.json are kept)")
+                        help="with --lr-grid: the lrs to run (results already in lr_grid.json are kept, not rerun)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -164,18 +164,23 @@ def table(runs: list[dict], args) -> str:
 
 
 def lr_grid(fit, args, common: list[str]) -> None:
-    """Full fine-tuning on hymenoptera, seed 0: optimizer.lr=auto against five fixed lrs."""
+    """Full fine-tuning on hymenoptera: optimizer.lr=auto against fixed lrs, for each of --seeds
+    (results keyed "LR" for seed 0, "LR@seedN" otherwise)."""
     data = data_overrides("hymenoptera", args.out, 0)
     path = args.out / "lr_grid.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    for lr in args.lrs:
-        started = time.perf_counter()
-        result = fit("full_finetune", [*data, *common, "seed=0", f"optimizer.lr={lr}", "overwrite=true",
-                                       f"hydra.run.dir={args.out / 'runs' / 'lr_grid' / str(lr)}"])
-        results[str(lr)] = {"lr": result.config["optimizer"]["lr"], "val_acc": result.metrics["val/acc"],
+    for seed in args.seeds:
+        for lr in args.lrs:
+            key = str(lr) if seed == 0 else f"{lr}@seed{seed}"
+            if key in results:
+                continue
+            started = time.perf_counter()
+            result = fit("full_finetune", [*data, *common, f"seed={seed}", f"optimizer.lr={lr}", "overwrite=true",
+                                           f"hydra.run.dir={args.out / 'runs' / 'lr_grid' / key}"])
+            results[key] = {"lr": result.config["optimizer"]["lr"], "val_acc": result.metrics["val/acc"],
                             "seconds": time.perf_counter() - started}
-        print(f"lr {lr}: {results[str(lr)]}", flush=True)
-        path.write_text(json.dumps(results, indent=2))
+            print(f"lr {key}: {results[key]}", flush=True)
+            path.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -179,18 +179,20 @@ def test_the_lr_finder_keeps_layer_group_ratios():
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.01, 0.0025])
 
 
-def test_the_suggestion_is_the_steepest_fall_per_decade_not_a_wiggle_among_tiny_lrs():
-    from finetune.train.lr_find import steepest_fall
+def test_the_suggestion_is_a_tenth_of_the_lowest_loss_whatever_the_wiggles():
+    from finetune.train.lr_find import suggest_lr
 
     lrs = [1e-6 * 10 ** (6 * i / 99) for i in range(100)]  # 1e-6 .. 1, exponential like the finder's
-    losses = [0.7 - 0.01 * (1e-5 < lr < 2e-5) - 0.5 * min(1.0, max(0.0, math.log10(lr / 1e-3))) + 3 * (lr > 0.2)
-              for lr in lrs]  # flat, a tiny dip near 1e-5, a real fall from 1e-3 to 1e-2, divergence
-    suggestion = steepest_fall(lrs, losses)
-    assert 1e-3 <= suggestion <= 1e-2
+    losses = [0.7 - 0.01 * (1e-5 < lr < 2e-5) - 0.5 * min(1.0, max(0.0, math.log10(lr / 1e-3) / math.log10(20)))
+              + 3 * (lr > 0.02) for lr in lrs]  # flat, a tiny dip near 1e-5, a fall from 1e-3 to 0.02, divergence
+    lowest = max(lr for lr in lrs if lr <= 0.02)
+    assert suggest_lr(lrs, losses) == pytest.approx(lowest / 10)
     # per unit of lr (Lightning's rule) the tiny dip near 1e-5 would win:
     per_lr = torch.gradient(torch.tensor(losses[10:-1]), spacing=[torch.tensor(lrs[10:-1])])[0]
     assert lrs[10 + int(torch.argmin(per_lr))] < 3e-5
-    assert steepest_fall(lrs, [0.7 + 0.01 * i for i in range(100)]) is None  # never falls: no suggestion
+    diverging = [loss - 0.3 * (0.5 < lr < 0.6) for lr, loss in zip(lrs, losses)]  # a dip in the exploding tail
+    assert suggest_lr(lrs, diverging) == pytest.approx(lowest / 10)
+    assert suggest_lr(lrs, [0.7 + 0.01 * i for i in range(100)]) is None  # never falls: no suggestion
 
 
 def test_lr_find_command_prints_a_suggestion_and_draws_the_curve(image_folder, tmp_path, capsys, monkeypatch):

@@ -16,7 +16,7 @@ def lr_find_command(args: Sequence[str]) -> int:
     """``finetune lr-find [+recipe=NAME] [OVERRIDES] [steps=100] [min_lr=1e-6] [max_lr=1.0] [out=DIR]``:
     set the run up as training would (data, model, freezing, layer groups, feature cache), raise
     the lr exponentially from min_lr to max_lr over `steps` optimizer steps, and print the
-    suggested optimizer.lr (steepest fall of the training loss); the curve goes to
+    suggested optimizer.lr (a tenth of the lr of the lowest training loss); the curve goes to
     DIR/lr_find.png and the numbers to DIR/lr_find.json. Layer groups keep their lr ratios and
     frozen layers stay frozen. optimizer.lr=auto in a training run does the same first."""
     import lightning as L
@@ -53,8 +53,8 @@ def lr_find_command(args: Sequence[str]) -> int:
         print(f"lr finder: no suggestion, the loss never fell over {len(finding.lrs)} steps; look at the curve")
     else:
         shown = [a for a in overrides if not a.startswith("optimizer.lr=")]
-        print(f"lr finder: suggested optimizer.lr={finding.suggestion:.3g} (steepest fall of the training loss, "
-              f"{len(finding.lrs)} steps from {min_lr:g} to {max_lr:g})")
+        print(f"lr finder: suggested optimizer.lr={finding.suggestion:.3g} (a tenth of the lr of the lowest training "
+              f"loss, {len(finding.lrs)} steps from {min_lr:g} to {max_lr:g})")
         print(f"  train with: finetune {shlex.join([*shown, f'optimizer.lr={finding.suggestion:.3g}'])}")
     print(f"  curve: {finding.picture}\n  numbers: {out / 'lr_find.json'}")
     return 0

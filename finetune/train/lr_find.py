@@ -16,8 +16,9 @@ own suggestion was 1.4e-05, which trained to 0.49 where the grid's best lr reach
 - its smoothed loss is de-biased one step too far (``1 - beta**(step + 1)`` after ``step``
   samples), so the curve starts at about half the real loss and climbs for ~50 steps: undone here;
 - it picks the steepest fall per unit of lr on an exponential grid, where a tiny wiggle among
-  small lrs outweighs a real fall a decade later: here the fall is measured per decade of lr
-  (fastai's "steep" suggestion).
+  small lrs outweighs a real fall a decade later. The steepest fall per decade (fastai's "steep")
+  was no steadier: over 3 seeds it chose 0.0052, 0.063 and 0.0091 (0.815 mean accuracy against
+  0.871 for the grid's best lr). Here the suggestion is a tenth of the lr of the lowest loss.
 
 The suggestion is the head's lr, i.e. ``optimizer.lr``. The finder restores the weights it started
 from when it ends, so a run can search and then train from the same start (``optimizer.lr=auto``).
@@ -93,22 +94,24 @@ def find_lr(module: L.LightningModule, data: L.LightningDataModule, trainer_kwar
     losses = [loss * (1 - BETA ** (step + 2)) / (1 - BETA ** (step + 1))  # step + 1 samples were averaged
               for step, loss in enumerate(finder.results["loss"])]
     finder.results["loss"] = losses  # what the picture shows
-    suggestion = steepest_fall(lrs, losses)
-    picture = _draw(finder, lrs.index(suggestion) if suggestion else None, suggestion, Path(out_dir) / "lr_find.png")
+    suggestion = suggest_lr(lrs, losses)
+    index = min(range(len(lrs)), key=lambda i: abs(math.log10(lrs[i] / suggestion))) if suggestion else None
+    picture = _draw(finder, index, suggestion, Path(out_dir) / "lr_find.png")
     return LRFinding(suggestion, lrs, losses, picture)
 
 
-def steepest_fall(lrs: list[float], losses: list[float]) -> float | None:
-    """The lr (one of `lrs`) where the loss falls fastest per decade of lr, skipping the first
-    SKIP_BEGIN and last SKIP_END points; None when fewer than 3 finite points remain or the loss
-    never falls."""
+def suggest_lr(lrs: list[float], losses: list[float]) -> float | None:
+    """A tenth of the lr where the smoothed loss is lowest (fastai v1's rule), among the points
+    from SKIP_BEGIN on (before the last SKIP_END): the lowest point is where steps start to
+    overshoot, and a decade below it the loss still falls steadily. None when fewer than 3 finite
+    points remain or the loss never falls below where it started."""
     kept = [i for i in range(SKIP_BEGIN, len(lrs) - SKIP_END) if lrs[i] > 0 and math.isfinite(losses[i])]
     if len(kept) < 3:
         return None
-    x = torch.tensor([math.log10(lrs[i]) for i in kept], dtype=torch.float64)
-    slopes = torch.gradient(torch.tensor([losses[i] for i in kept], dtype=torch.float64), spacing=[x])[0]
-    best = int(torch.argmin(slopes))
-    return lrs[kept[best]] if slopes[best] < 0 else None
+    lowest = min(kept, key=lambda i: losses[i])
+    if lowest == kept[0]:
+        return None
+    return lrs[lowest] / 10
 
 
 def _draw(finder, index: int | None, suggestion: float | None, path: Path) -> Path | None:
@@ -144,6 +147,6 @@ def lr_for_run(module: L.LightningModule, data: L.LightningDataModule, trainer_k
     if finding.suggestion is None:
         raise ConfigError("optimizer.lr=auto: the lr finder found no lr where the loss falls (see "
                           f"{finding.picture}); set optimizer.lr to a number.")
-    log.info("lr finder: optimizer.lr=%.3g (steepest fall of the loss over %d steps; curve: %s)",
+    log.info("lr finder: optimizer.lr=%.3g (a tenth of the lr of the lowest loss over %d steps; curve: %s)",
              finding.suggestion, len(finding.lrs), finding.picture)
     return finding.suggestion
