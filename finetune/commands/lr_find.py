@@ -40,11 +40,9 @@ def lr_find_command(args: Sequence[str]) -> int:
     out = output_dir(opts["out"])
     config = OmegaConf.to_container(cfg, resolve=True)
     config.pop("hydra", None)
-    if config["optimizer"]["lr"] == "auto":
-        config["optimizer"]["lr"] = 1.0  # the finder sets every lr itself; the groups keep their ratios
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     with run_log(out):
-        prepared = prepare(OmegaConf.create(config), config, out, find_lr=False)
+        prepared = prepare(cfg, config, out, find_lr=False)  # optimizer.lr=auto: the finder sets the lrs
         finding = find_lr(prepared.module, prepared.data, prepared.trainer_kwargs, out, steps, min_lr, max_lr)
     (out / "lr_find.json").write_text(json.dumps(
         {"suggestion": finding.suggestion, "steps": len(finding.lrs), "min_lr": min_lr, "max_lr": max_lr,

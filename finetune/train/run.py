@@ -128,8 +128,9 @@ def prepare(cfg: DictConfig, config: dict, output_dir: Path, resume_from: Path |
                               class_weights=class_weights(splits) if cfg.data.balance == "weighted_loss" else None,
                               inputs="features" if on_features else "images", channels_last=speed.channels_last,
                               pixel_stats=(backbone.data_config["mean"], backbone.data_config["std"]), mixer=mixer)
-    if find_lr and cfg.optimizer.lr == "auto":
+    if cfg.optimizer.lr == "auto":
         module.optimizer_cfg["lr"] = 1.0  # the finder sets every lr itself; the groups keep their ratios
+    if find_lr and cfg.optimizer.lr == "auto":
         lr = lr_for_run(module, data, trainer_kwargs, output_dir / "viz", stored_lr(resume_from))
         module.optimizer_cfg["lr"] = config["optimizer"]["lr"] = lr
     return Prepared(splits, data_report, backbone, module, data, eval_tf, speed, trainer_kwargs)
