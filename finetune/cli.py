@@ -57,7 +57,7 @@ def _train(cfg: DictConfig) -> float | None:
     except KeyboardInterrupt:  # Ctrl-C before the run took its folder
         _stopped(None, hydra_cfg, sweep)
     # Sweepers (Optuna) maximize what the task returns.
-    return result.metrics.get("val/acc")
+    return result.metrics.get(result.objective)
 
 
 def _stopped(stop, hydra_cfg, sweep: bool) -> None:
@@ -114,9 +114,10 @@ def _sweep_trial(cfg: DictConfig) -> float:
         with open_dict(cfg):
             cfg.viz.enabled = False
     try:
-        value = run(cfg).metrics.get("val/acc")
+        result = run(cfg)
+        value = result.metrics.get(result.objective)
         if value is None or math.isnan(value):
-            raise FinetuneError(f"The run recorded no usable val/acc ({value}); it is the sweep's objective.")
+            raise FinetuneError(f"The run recorded no usable {result.objective} ({value}); it is the sweep's objective.")
         return value
     except Exception as err:  # noqa: BLE001 - isolating any trial failure is the point
         if is_rank_zero():

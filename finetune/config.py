@@ -8,6 +8,7 @@ working directory.
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Mapping
 from functools import cache
@@ -125,9 +126,16 @@ def check_types(cfg: DictConfig) -> None:
     check_values(cfg)
 
 
-# tta's and augment.policy's choices (this module imports no room; tests/test_techniques.py checks them).
-TTA_CHOICES = ("none", "flip", "crops", "crops_flip")
+# The choices of tta, augment.policy, task (this module imports no room; tests check they match theirs).
+TTA_CHOICES, TASK_CHOICES = ("none", "flip", "crops", "crops_flip"), ("multiclass", "multilabel")
 POLICY_CHOICES = ("none", "randaugment", "trivialaugment", "autoaugment")
+
+
+def monitored(cfg) -> str:
+    """The metric that picks the best epoch: ``callbacks.checkpoint.monitor``, where ``auto`` is the
+    task's: ``val/acc`` (multiclass) or ``val/map`` (multilabel, mean average precision)."""
+    monitor = OmegaConf.select(cfg, "callbacks.checkpoint.monitor", default="auto")
+    return monitor if monitor != "auto" else {"multilabel": "val/map"}.get(cfg.get("task"), "val/acc")
 
 
 def _not_fraction(value) -> bool:
@@ -142,8 +150,8 @@ def check_values(cfg: DictConfig) -> None:
     """Values of the right type that make no sense, refused with the fix (one rule per line):
     seed beyond 2**32 - 1; head.dropout >= 1 (every feature dropped); trainer.max_epochs=0 (no
     model) or -1 without callbacks.early_stopping_patience, trainer.max_steps or max_time (never
-    stops); a trainer.precision Lightning does not know; the training techniques' values (tta,
-    augment.policy, label smoothing, EMA decay, drop-path rate, mixup/cutmix alphas, warm-up)."""
+    stops); a trainer.precision Lightning does not know; task; the training techniques' values
+    (tta, augment.policy, label smoothing, EMA decay, drop-path rate, mixup/cutmix alphas, warm-up)."""
     get = lambda key: OmegaConf.select(cfg, key, default=None)  # noqa: E731
     rules = [
         ("seed", lambda v: v is not None and v > 2**32 - 1, "it must be an integer from 0 to 2**32 - 1"),
@@ -157,6 +165,7 @@ def check_values(cfg: DictConfig) -> None:
         ("trainer.precision", lambda v: v is not None and v not in PRECISIONS,
          f"choose one of {', '.join(str(p) for p in PRECISIONS[:6])} (Lightning's precision names)"),
         ("tta", lambda v: v is not None and v not in TTA_CHOICES, f"choose {', '.join(TTA_CHOICES)}"),
+        ("task", lambda v: v is not None and v not in TASK_CHOICES, "choose multiclass or multilabel"),
         ("augment.policy", lambda v: v is not None and v not in POLICY_CHOICES, f"choose {', '.join(POLICY_CHOICES)}"),
         ("loss.label_smoothing", _not_fraction, "a number from 0 up to (not including) 1 (0.1 is usual)"),
         ("ema.decay", _not_fraction, "a number from 0 (off) up to (not including) 1; 0.99 averages about 100 steps"),
@@ -252,8 +261,6 @@ def _check_added_key(arg: str) -> None:
     that nothing reads unless some config or recipe file has it, or it is a Lightning Trainer
     argument (``+trainer.gradient_clip_val=1.0``): anything else is a typo, refused with the
     closest key that is read."""
-    import difflib
-
     key = arg.lstrip("+").partition("=")[0]
     top = key.partition(".")[0]
     ours = {k.partition(".")[0] for k in _read_keys()}
@@ -299,8 +306,6 @@ def _installed(module: str) -> bool:
 
 
 def _unknown_key(key: str, cfg: DictConfig) -> str:
-    import difflib
-
     keys = _dotted_keys(OmegaConf.to_container(cfg, resolve=False))
     close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
     hint = f" Did you mean {close[0]}?" if close else ""
@@ -309,8 +314,6 @@ def _unknown_key(key: str, cfg: DictConfig) -> str:
 
 
 def _unknown_option(group: str, option: str) -> str:
-    import difflib
-
     folder = config_dir() / group
     options = sorted(p.stem for p in folder.glob("*.yaml") if not p.stem.startswith("_")) if folder.is_dir() else []
     if group == "recipe":
@@ -325,9 +328,9 @@ def _unknown_option(group: str, option: str) -> str:
 
 
 def _dotted_keys(node, prefix: str = "") -> list[str]:
-    if not isinstance(node, dict):
-        return [prefix] if prefix else []
     keys = [prefix] if prefix else []
+    if not isinstance(node, dict):
+        return keys
     for k, v in node.items():
         keys += _dotted_keys(v, f"{prefix}.{k}" if prefix else str(k))
     return keys

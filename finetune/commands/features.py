@@ -78,6 +78,6 @@ def _embeddings(ckpt: str | None, overrides: list[str]):
         torch.manual_seed(cfg.seed)  # backbone.weights=random: the same network on every call
         backbone = backbone_from_config(cfg)
         module, data_config, name = backbone.model, with_input_size(backbone.data_config, cfg.data.image_size), backbone.name
-    splits = load_data(cfg.data, cfg.seed)
+    splits = load_data(cfg.data, cfg.seed, cfg.get("task", "multiclass"))
     embeddings, unreadable = embed(module, data_config, name, cfg, splits)
     return embeddings, {**dict(splits.skipped), **unreadable}

@@ -18,7 +18,7 @@ def check_data_command(overrides: Sequence[str]) -> int:
     """``finetune check-data data=...``: the pre-run data check, plus a full decode of every file
     (unreadable files are listed as skipped, near-blank placeholders as a warning)."""
     cfg = compose_config(overrides)
-    splits = load_data(cfg.data, cfg.seed)
+    splits = load_data(cfg.data, cfg.seed, cfg.get("task", "multiclass"))
     failures: dict[str, str] = {}
     near_blank = []
     for images, names, _ in readable_batches([s for split in SPLITS for s in getattr(splits, split)], 64, failures):
@@ -37,7 +37,7 @@ def show_groups_command(overrides: Sequence[str]) -> int:
     from finetune.viz.anatomy import anatomy, anatomy_table
 
     cfg = compose_config(overrides)
-    classes = load_data(cfg.data, cfg.seed).classes
+    classes = load_data(cfg.data, cfg.seed, cfg.get("task", "multiclass")).classes
     backbone = backbone_from_config(cfg, weights="random")
     model = build_model(backbone, len(classes), cfg.head, cfg.freeze)
     print(f"backbone: {cfg.backbone.name}, {len(classes)} classes, freeze: {dict(cfg.freeze)}")

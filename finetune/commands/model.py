@@ -150,7 +150,7 @@ def _parity_images(model: FinetunedModel, spec: str | None) -> tuple[list, str]:
             return images, f"images from {spec}"
     try:
         cfg = model.run_config()
-        items = [item for item, _ in load_data(cfg.data, cfg.seed).val[:8]]
+        items = [item for item, _ in load_data(cfg.data, cfg.seed, cfg.get("task", "multiclass")).val[:8]]
         return [load_rgb(i) if isinstance(i, str) else i for i in items], "validation images of the training data"
     except Exception:  # the training data is not on this machine: random pixels still test parity
         rng = np.random.default_rng(0)

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from finetune.data.datamodule import ImageDataModule, ImageDataset, collate_skipping_unreadable, worker_init
 from finetune.data.file_memo import file_digest
+from finetune.data.labels import multi_hot
 from finetune.data.sources import DataSplits, Sample
 from finetune.data.transforms import augmentation_is_random
 from finetune.errors import ConfigError
@@ -91,7 +92,8 @@ class CachedFeatures:
 
 
 def cache_key(backbone: nn.Module, architecture: str, splits: dict[str, Sequence[Sample]],
-              pipelines: dict[str, A.Compose], seed: int, views: int, speed: Speed) -> str:
+              pipelines: dict[str, A.Compose], seed: int, views: int, speed: Speed,
+              num_labels: int | None = None) -> str:
     """A hex digest over everything that determines the cached features."""
     digest = hashlib.sha256()
 
@@ -99,7 +101,8 @@ def cache_key(backbone: nn.Module, architecture: str, splits: dict[str, Sequence
         digest.update(json.dumps(value, sort_keys=True, default=str).encode())
 
     add({"format": FORMAT_VERSION, "architecture": architecture, "seed": seed, "views": views,
-         "autocast": str(speed.autocast_dtype), "channels_last": speed.channels_last})
+         "autocast": str(speed.autocast_dtype), "channels_last": speed.channels_last}
+        | ({"multi_hot": num_labels} if num_labels is not None else {}))
     for name, tensor in backbone.state_dict().items():
         add([name, list(tensor.shape), str(tensor.dtype)])
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
@@ -118,7 +121,8 @@ def cache_key(backbone: nn.Module, architecture: str, splits: dict[str, Sequence
 
 
 def extract(backbone: nn.Module, samples: Sequence[Sample], transform: Callable, batch_size: int,
-            num_workers: int, speed: Speed, seed: int, desc: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, str]]:
+            num_workers: int, speed: Speed, seed: int, desc: str,
+            num_labels: int | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, str]]:
     """(features (N, D) float32, labels (N,), unreadable path -> reason) of one pass over `samples`.
 
     The pass draws its randomness from `seed` only: the global RNG state is left untouched, so a
@@ -126,7 +130,7 @@ def extract(backbone: nn.Module, samples: Sequence[Sample], transform: Callable,
     """
     if hasattr(transform, "set_random_seed"):
         transform.set_random_seed(seed)
-    loader = DataLoader(ImageDataset(list(samples), transform), batch_size=batch_size, shuffle=False,
+    loader = DataLoader(ImageDataset(list(samples), transform, num_labels=num_labels), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, worker_init_fn=worker_init, collate_fn=collate_skipping_unreadable,
                         generator=torch.Generator().manual_seed(seed), pin_memory=speed.device.type == "cuda")
     features, labels, skipped = [], [], {}
@@ -174,7 +178,8 @@ def features_for_run(cfg, model: Classifier, backbone_name: str, splits: DataSpl
     architecture, cache_dir = cache_settings(cfg, backbone_name)
     cached = cached_features(model.backbone, architecture, {"train": splits.train, "val": splits.val, "test": splits.test},
                              train_transform, eval_transform, augmented, cache["views"], cache_dir,
-                             cfg.data.batch_size, num_workers, speed, cfg.seed)
+                             cfg.data.batch_size, num_workers, speed, cfg.seed,
+                             len(splits.classes) if splits.multilabel else None)
     how = "loaded" if cached.hit else "computed"
     views = f"{cached.views} augmented views per training image" if augmented else "no augmentation: one view"
     log.info("feature cache: on, backbone frozen; %s; %s in %.1f s: %s", views, how, cached.seconds, cached.path)
@@ -183,21 +188,23 @@ def features_for_run(cfg, model: Classifier, backbone_name: str, splits: DataSpl
 
 def cached_features(backbone: nn.Module, architecture: str, splits: dict[str, Sequence[Sample]],
                     train_transform: A.Compose, eval_transform: A.Compose, augmented: bool, views: int,
-                    cache_dir: Path, batch_size: int, num_workers: int, speed: Speed, seed: int) -> CachedFeatures:
+                    cache_dir: Path, batch_size: int, num_workers: int, speed: Speed, seed: int,
+                    num_labels: int | None = None) -> CachedFeatures:
     """`backbone`'s pooled outputs for every sample: loaded from `cache_dir` when this exact setup
     was computed before, else computed (progress bars) and stored.
 
     `augmented`: whether the training pipeline is random; when it is not, one view is all there
-    is and the training images go through the evaluation pipeline.
+    is and the training images go through the evaluation pipeline. `num_labels`: multi-label
+    samples, whose label sets are stored as multi-hot rows of that length.
     """
     views = max(1, int(views)) if augmented else 1
     pipelines = {"train": train_transform if augmented else eval_transform, "eval": eval_transform}
-    key = cache_key(backbone, architecture, splits, pipelines, seed, views, speed)
+    key = cache_key(backbone, architecture, splits, pipelines, seed, views, speed, num_labels)
     path = Path(cache_dir).expanduser().resolve() / "features" / f"{key}.safetensors"
     started = time.perf_counter()
     if path.exists():
         try:
-            loaded = _load(path, splits, views)
+            loaded = _load(path, splits, views, num_labels)
         except ValueError as problem:
             log.warning("feature cache: %s failed its check (%s); computing it again", path.name, problem)
         else:
@@ -214,14 +221,15 @@ def cached_features(backbone: nn.Module, architecture: str, splits: dict[str, Se
         for view in range(views):
             desc = f"caching features: train view {view + 1}/{views}" if views > 1 else "caching features: train"
             f, y, bad = extract(backbone, splits["train"], pipelines["train"], batch_size, num_workers, speed,
-                                seed * 1_000 + view, desc)
+                                seed * 1_000 + view, desc, num_labels)
             train_views.append(f)
             labels["train"], skipped = y, {**skipped, **bad}
         features["train"] = torch.stack(train_views)
         for split in ("val", "test"):
             if splits.get(split):
                 features[split], labels[split], bad = extract(backbone, splits[split], eval_transform, batch_size,
-                                                              num_workers, speed, seed, f"caching features: {split}")
+                                                              num_workers, speed, seed, f"caching features: {split}",
+                                                              num_labels)
                 skipped.update(bad)
     finally:
         backbone.train(was_training).to(device_before)
@@ -262,7 +270,7 @@ def _checksums(tensors: dict[str, torch.Tensor], skipped: str) -> dict[str, str]
     return sums | {"metadata.skipped": hashlib.sha256(skipped.encode()).hexdigest()}
 
 
-def _load(path: Path, splits: dict[str, Sequence[Sample]], views: int) -> CachedFeatures:
+def _load(path: Path, splits: dict[str, Sequence[Sample]], views: int, num_labels: int | None = None) -> CachedFeatures:
     """The cached features of `splits`, or ValueError saying why the file cannot be trusted:
     unreadable, a checksum that does not match its tensor, or shapes and labels that are not
     those of `splits` (its samples' labels in order, less the files it records as unreadable)."""
@@ -291,7 +299,9 @@ def _load(path: Path, splits: dict[str, Sequence[Sample]], views: int) -> Cached
     for split in stored:
         want = [label for item, label in splits[split]
                 if isinstance(item, np.ndarray) or str(item) not in skipped]
-        if labels[split].dtype != torch.long or labels[split].tolist() != want:
+        if num_labels is not None:
+            want = [multi_hot(label, num_labels).tolist() for label in want]
+        if labels[split].dtype != (torch.long if num_labels is None else torch.float32) or labels[split].tolist() != want:
             raise ValueError(f"the {split} labels are not the data's")
         rows = features[split].shape[:2] if split == "train" else features[split].shape[:1]
         if tuple(rows) != ((views, len(want)) if split == "train" else (len(want),)):

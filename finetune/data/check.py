@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from finetune.data.file_memo import file_digest
+from finetune.data.labels import cardinality, describe_cardinality
 from finetune.data.sources import SPLITS, DataSplits
 from finetune.errors import DataError
 from finetune.tables import format_table
@@ -39,6 +40,9 @@ class DataReport:
     conflicts: list[tuple[str, str]] = field(default_factory=list)  # identical train items, different classes
     near_blank: list[str] = field(default_factory=list)  # found by a full decode (check-data)
     warnings: list[str] = field(default_factory=list)
+    # multi-label data: per split, number of labels per image -> images (0: no label applies)
+    cardinality: dict[str, dict[int, int]] = field(default_factory=dict)
+    images: dict[str, int] = field(default_factory=dict)  # split -> images (a multi-label image counts once)
 
     def add_unreadable(self, failures: dict[str, str]) -> None:
         """Record files that passed the header check but failed to decode during the run."""
@@ -66,6 +70,7 @@ class DataReport:
             facts.append(f"image sizes: {w0}x{h0} (smallest) to {w1}x{h1} (largest)")
         facts.append(f"skipped files: {len(self.skipped)}; duplicates across splits: {len(self.duplicates)}")
         lines.append("; ".join(facts))
+        lines += [f"labels per image ({split}): {describe_cardinality(counts)}" for split, counts in self.cardinality.items()]
         lines += [f"  skipped {path}: {reason}" for path, reason in self.skipped[:20]]
         if len(self.skipped) > 20:
             lines.append(f"  ... and {len(self.skipped) - 20} more (all in summary.json)")
@@ -74,7 +79,7 @@ class DataReport:
 
     def _counts_table(self, width: int = 100) -> str:
         splits = [s for s in SPLITS if sum(self.counts.get(s, {}).values())]
-        totals = [sum(self.counts[s].values()) for s in splits]
+        totals = [self.images.get(s) or sum(self.counts[s].values()) for s in splits]
         across = [["class", *self.classes, "total"]] + [[s, *(self.counts[s][c] for c in self.classes), t]
                                                          for s, t in zip(splits, totals)]
         widths = [max(len(str(row[i])) for row in across) for i in range(len(across[0]))]
@@ -92,6 +97,7 @@ class DataReport:
 
 def check_data(splits: DataSplits, batch_size: int | None = None) -> DataReport:
     """Check `splits`; raise DataError for an empty train or val split or fewer than 2 classes.
+    Multi-label data also get the number of labels per image, split by split.
     `batch_size` (``data.batch_size``): warn when it exceeds the training set."""
     for split in ("train", "val"):
         if not getattr(splits, split):
@@ -110,8 +116,19 @@ def check_data(splits: DataSplits, batch_size: int | None = None) -> DataReport:
     )
     for c in splits.classes:
         missing = [s for s in ("train", "val") if counts[s][c] == 0]
-        if missing:
+        if missing and splits.multilabel:
+            report.warnings.append(f"label {c!r} is on no {' and no '.join(missing)} image"
+                                   + (": its AP and threshold cannot be measured (it gets the global threshold)"
+                                      if missing == ["val"] else ""))
+        elif missing:
             report.warnings.append(f"class {c!r} has no {' and no '.join(missing)} images")
+    report.images = {s: len(getattr(splits, s)) for s in SPLITS}
+    if splits.multilabel:
+        report.cardinality = {s: cardinality([label for _, label in getattr(splits, s)]) for s in SPLITS
+                              if getattr(splits, s)}
+        empty = sum(counts.get(0, 0) for counts in report.cardinality.values())
+        if empty:
+            report.warnings.append(f"{empty} images carry no label (kept: 'no label applies' is learned too)")
     if report.duplicates:
         report.warnings.append(
             f"{len(report.duplicates)} images of val/test also appear in train (identical files): "

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from finetune.data.epochs import EpochSampler, derived_seed
 from finetune.data.images import UnreadableImage, load_rgb
+from finetune.data.labels import multi_hot
 from finetune.data.sources import DataSplits, Sample
 from finetune.errors import ConfigError, DataError
 
@@ -34,15 +35,20 @@ class ImageDataset(Dataset):
     """``(path_or_array, label)`` samples through an albumentations pipeline -> (tensor, label),
     or :class:`Unreadable` for a file that cannot be decoded.
 
+    `num_labels` (multi-label data): labels are tuples of class indices, returned as multi-hot
+    float vectors of that length.
+
     With a `seed`, an index may be an ``(epoch, index)`` pair (from :class:`EpochSampler`): the
     pipeline is then re-seeded with (seed, epoch, index), so a sample's augmentation depends on
     nothing else (not the worker, not the samples drawn before it).
     """
 
-    def __init__(self, samples: list[Sample], transform: Callable, seed: int | None = None):
+    def __init__(self, samples: list[Sample], transform: Callable, seed: int | None = None,
+                 num_labels: int | None = None):
         self.samples = samples
         self.transform = transform
         self.seed = seed
+        self.num_labels = num_labels
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -53,6 +59,8 @@ class ImageDataset(Dataset):
             if self.seed is not None and hasattr(self.transform, "set_random_seed"):
                 self.transform.set_random_seed(derived_seed(self.seed, epoch, index))
         item, label = self.samples[index]
+        if self.num_labels is not None:
+            label = multi_hot(label, self.num_labels)
         if isinstance(item, np.ndarray):
             image = item
         else:
@@ -74,8 +82,11 @@ def collate_skipping_unreadable(batch: list):
 
 
 def class_weights(splits: DataSplits) -> torch.Tensor:
-    """Inverse-frequency weights over the training split, averaging 1 per sample."""
+    """Inverse-frequency weights over the training split, averaging 1 per sample. Multi-label
+    data: each label's positive-class weight for BCE, negatives / positives (rare labels weigh more)."""
     counts = torch.tensor(list(splits.counts("train").values()), dtype=torch.float)
+    if splits.multilabel:
+        return (len(splits.train) - counts) / counts.clamp(min=1)
     weights = counts.sum() / (len(counts) * counts.clamp(min=1))
     return weights
 
@@ -108,6 +119,9 @@ class ImageDataModule(L.LightningDataModule):
         super().__init__()
         if balance not in BALANCE_MODES:
             raise ConfigError(f"data.balance={balance!r}; choose one of {', '.join(BALANCE_MODES)}.")
+        if balance == "sampler" and splits.multilabel:
+            raise ConfigError("data.balance=sampler draws one class per image; multi-label images carry several. "
+                              "Use data.balance=weighted_loss (a positive-class weight per label).")
         self.splits = splits
         self.train_transform = train_transform
         self.eval_transform = eval_transform
@@ -123,11 +137,16 @@ class ImageDataModule(L.LightningDataModule):
     def classes(self) -> list[str]:
         return self.splits.classes
 
+    @property
+    def num_labels(self) -> int | None:
+        """The multi-hot length of multi-label data's targets; None for class indices."""
+        return len(self.splits.classes) if self.splits.multilabel else None
+
     def dataset(self, split: str) -> Dataset:
         """The split's dataset: decoded images through the split's pipeline."""
         if split == "train":  # re-seeded per (epoch, index) that EpochSampler yields
-            return ImageDataset(self.splits.train, self.train_transform, self.seed)
-        return ImageDataset(getattr(self.splits, split), self.eval_transform)
+            return ImageDataset(self.splits.train, self.train_transform, self.seed, self.num_labels)
+        return ImageDataset(getattr(self.splits, split), self.eval_transform, num_labels=self.num_labels)
 
     def train_labels(self) -> list[int]:
         return [label for _, label in self.splits.train]

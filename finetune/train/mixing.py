@@ -31,6 +31,7 @@ class BatchMixer:
     mixup: Mixup
     off_epoch: int | None
     description: str
+    multi_label: bool = False  # labels are multi-hot rows (N, C), mixed as they are
 
     def active(self, epoch: int) -> bool:
         """Whether 0-based `epoch` mixes its batches."""
@@ -39,6 +40,8 @@ class BatchMixer:
     def __call__(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mixed inputs, soft targets (N, C)); `inputs` is mixed in place."""
         even = len(labels) - len(labels) % 2
+        if self.multi_label:
+            return inputs, self._mix_multi_hot(inputs, labels, even)
         # timm refuses odd batches (pairs come from reversing the batch); an epoch's last batch
         # often is one: mix all but its last sample, which keeps its (smoothed) one-hot target.
         if even:
@@ -51,10 +54,25 @@ class BatchMixer:
         return inputs, targets
 
 
+    def _mix_multi_hot(self, inputs: torch.Tensor, labels: torch.Tensor, even: int) -> torch.Tensor:
+        """Multi-hot targets mixed with the images' ratio. timm's Mixup (before 1.0.31) only builds
+        one-hot targets, so it mixes the sample indices instead (num_classes = the pair count):
+        its soft targets are then the mixing matrix, and weights @ labels the mixed label sets."""
+        targets = labels.float().clone()
+        if even:
+            self.mixup.num_classes = even
+            _, weights = self.mixup(inputs[:even], torch.arange(even, device=labels.device))
+            targets[:even] = weights.to(targets) @ targets[:even]
+        return targets
+
+
 def batch_mixer(mixup: Mapping, cutmix: Mapping, num_classes: int, label_smoothing: float,
-                on_features: bool) -> BatchMixer | None:
+                on_features: bool, multi_label: bool = False) -> BatchMixer | None:
     """The run's mixer from the ``mixup`` and ``cutmix`` config blocks, or None when both alphas
-    are 0. `on_features`: the batches hold cached feature vectors, not images."""
+    are 0. `on_features`: the batches hold cached feature vectors, not images. `multi_label`: the
+    labels are multi-hot rows, mixed unsmoothed (the loss smooths them)."""
+    if multi_label:
+        label_smoothing = 0.0
     mix_alpha, cut_alpha = float(mixup.get("alpha") or 0), float((cutmix or {}).get("alpha") or 0)
     if mix_alpha < 0 or cut_alpha < 0:
         raise ConfigError(f"mixup.alpha={mix_alpha}, cutmix.alpha={cut_alpha}: Beta-distribution alphas are >= 0 (0: off).")
@@ -81,7 +99,7 @@ def batch_mixer(mixup: Mapping, cutmix: Mapping, num_classes: int, label_smoothi
         what = " + ".join(parts) + (f" (switch prob {switch:g})" if mix_alpha and cut_alpha else "")
     what += f", batches mixed with prob {prob:g}" if prob < 1 else ""
     what += f", off from epoch {off_epoch}" if off_epoch else ""
-    return BatchMixer(mixer, off_epoch, what)
+    return BatchMixer(mixer, off_epoch, what, multi_label)
 
 
 def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,

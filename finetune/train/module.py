@@ -1,4 +1,8 @@
-"""The LightningModule: cross-entropy, accuracy metrics, per-group optimizer, epoch-wise schedule."""
+"""The LightningModule: the task's loss and metrics, per-group optimizer, the lr schedule.
+
+``task="multiclass"``: cross-entropy, accuracy. ``task="multilabel"``: binary cross-entropy on
+multi-hot targets, mAP (macro average precision), F1 (micro, macro) and exact-set accuracy at 0.5.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +13,14 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MultilabelExactMatch, MultilabelF1Score
 
 from finetune.data.transforms import normalize_on_device
 from finetune.errors import NonFiniteLossError
 from finetune.model.build import CHECKPOINT_KEY
 from finetune.model.classifier import Classifier
 from finetune.train.mixing import BatchMixer, soft_target_cross_entropy
+from finetune.use.multilabel import PresentLabelsAveragePrecision
 from finetune.train.optim import build_optimizer, build_scheduler, optimizer_settings, param_groups
 from finetune.compute.speed import to_channels_last
 
@@ -40,7 +45,8 @@ class ClassifierModule(L.LightningModule):
     def __init__(self, model: Classifier, classes: list[str], optimizer: Mapping, scheduler: Mapping,
                  config: Mapping | None = None, label_smoothing: float = 0.0,
                  class_weights: torch.Tensor | None = None, inputs: str = "images", channels_last: bool = False,
-                 pixel_stats: tuple[Sequence[float], Sequence[float]] | None = None, mixer: BatchMixer | None = None):
+                 pixel_stats: tuple[Sequence[float], Sequence[float]] | None = None, mixer: BatchMixer | None = None,
+                 task: str = "multiclass"):
         super().__init__()
         if inputs not in ("images", "features"):
             raise ValueError(f"inputs={inputs!r}; expected 'images' or 'features'")
@@ -59,16 +65,38 @@ class ClassifierModule(L.LightningModule):
         self.config = dict(config or {})
         self.label_smoothing = label_smoothing
         self.mixer = mixer
-        self.class_weights = class_weights  # training loss only: evaluation stays comparable
+        # training loss only, evaluation stays comparable; multilabel: BCE's positive-class weights
+        self.class_weights = class_weights
+        self.task = task
+        self.multilabel = task == "multilabel"
+        self.epoch_columns = (("train/loss", "train/f1_micro", "val/loss", "val/map") if self.multilabel
+                              else ("train/loss", "train/acc", "val/loss", "val/acc"))
         self.unreadable: dict[str, str] = {}  # files that failed to decode mid-run: path -> reason
-        n = len(self.classes)
         for split in ("train", "val", "test"):  # self.train_metrics, ... (a ModuleDict key cannot be "train")
-            setattr(self, f"{split}_metrics", torch.nn.ModuleDict({
-                "loss": MeanMetric(),
-                "acc": MulticlassAccuracy(num_classes=n, top_k=1, average="micro"),
+            setattr(self, f"{split}_metrics", torch.nn.ModuleDict({"loss": MeanMetric(), **self._metrics(split)}))
+
+    def _metrics(self, split: str) -> dict:
+        n = len(self.classes)
+        if self.multilabel:  # thresholds 0.5 here; the run tunes per-label thresholds at the end
+            evaluation = {} if split == "train" else {
+                "map": PresentLabelsAveragePrecision(n),
+                "f1_macro": MultilabelF1Score(num_labels=n, average="macro"),
+                "exact": MultilabelExactMatch(num_labels=n)}
+            return {"f1_micro": MultilabelF1Score(num_labels=n, average="micro"), **evaluation}
+        return {"acc": MulticlassAccuracy(num_classes=n, top_k=1, average="micro"),
                 **({"acc_top5": MulticlassAccuracy(num_classes=n, top_k=5, average="micro")}
-                   if n >= 5 and split != "train" else {}),
-            }))
+                   if n >= 5 and split != "train" else {})}
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None,
+             smoothing: float = 0.0) -> torch.Tensor:
+        """The task's loss for class indices or soft targets (multiclass), multi-hot rows (multilabel:
+        smoothing pulls each target toward 0.5, as timm's BinaryCrossEntropy does)."""
+        if self.multilabel:
+            targets = targets.float() * (1 - smoothing) + 0.5 * smoothing
+            return F.binary_cross_entropy_with_logits(logits.float(), targets, pos_weight=weight)
+        if targets.ndim == 2:  # mixed: the smoothing is in the targets already
+            return soft_target_cross_entropy(logits, targets, weight)
+        return F.cross_entropy(logits, targets, weight=weight, label_smoothing=smoothing)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.inputs == "features":
@@ -96,10 +124,10 @@ class ClassifierModule(L.LightningModule):
         if self.mixer is not None and self.mixer.active(self.current_epoch):
             images, targets = self.mixer(images, labels)
             logits = self(images)
-            loss = soft_target_cross_entropy(logits, targets, weight)
+            loss = self.loss(logits, targets, weight, self.label_smoothing if self.multilabel else 0.0)
         else:
             logits = self(images)
-            loss = F.cross_entropy(logits, labels, weight=weight, label_smoothing=self.label_smoothing)
+            loss = self.loss(logits, labels, weight, self.label_smoothing)
         if not torch.isfinite(loss):
             lr = max(g["lr"] for g in self.optimizers().optimizer.param_groups)
             raise NonFiniteLossError(
@@ -134,14 +162,14 @@ class ClassifierModule(L.LightningModule):
         if not len(labels):
             return
         logits = self(images)
-        self._update(split, logits, labels, F.cross_entropy(logits, labels))
+        self._update(split, logits, labels, self.loss(logits, labels))
 
     def _update(self, split: str, logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor) -> None:
         for name, metric in getattr(self, f"{split}_metrics").items():
             if name == "loss":
                 metric.update(loss.detach(), len(labels))
-            else:
-                metric.update(logits.detach(), labels)
+            else:  # multi-label metrics take integer targets
+                metric.update(logits.detach(), labels.long() if self.multilabel else labels)
 
     def _log_epoch_number(self) -> None:
         """``epoch`` counted from 1, with every logging call: CSV, W&B and the console agree
@@ -151,12 +179,12 @@ class ClassifierModule(L.LightningModule):
     def _log_epoch(self, split: str) -> None:
         """Log `split`'s epoch values (all ranks take part: compute() syncs) and start afresh."""
         metrics = getattr(self, f"{split}_metrics")
-        if not metrics["acc"].update_called:
+        if not metrics["loss"].update_called:
             return  # nothing seen this epoch, or already logged
         if split != "train":  # the training loop logs it at the start of the epoch
             self._log_epoch_number()
         for name, metric in metrics.items():
-            shown = split == "val" and name in ("loss", "acc") or split == "train" and name == "loss"
+            shown = f"{split}/{name}" in self.epoch_columns[::2] + self.epoch_columns[3:]  # not the train metric
             # compute() already synced the ranks: sync_dist only tells Lightning so, batch_size=1: one value
             self.log(f"{split}/{name}", metric.compute(), on_step=False, on_epoch=True, prog_bar=shown,
                      sync_dist=True, batch_size=1)
@@ -194,4 +222,4 @@ class ClassifierModule(L.LightningModule):
             self.log(f"lr/{group['name']}", group["lr"], on_step=False, on_epoch=True, sync_dist=True)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint[CHECKPOINT_KEY] = {"classes": self.classes, "config": self.config}
+        checkpoint[CHECKPOINT_KEY] = {"classes": self.classes, "config": self.config, "task": self.task}

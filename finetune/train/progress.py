@@ -20,8 +20,8 @@ COLUMNS = ("epoch", "train/loss", "train/acc", "val/loss", "val/acc", "lr", "s")
 WIDTHS = (7, 10, 9, 8, 7, 8, 5)
 
 
-def _row(cells) -> str:
-    return "  ".join(str(c).rjust(w) for c, w in zip(cells, WIDTHS))
+def _row(cells, columns=COLUMNS) -> str:
+    return "  ".join(str(c).rjust(max(w, len(name))) for c, w, name in zip(cells, WIDTHS, columns))
 
 
 class EpochTable(L.Callback):
@@ -31,9 +31,13 @@ class EpochTable(L.Callback):
 
     def __init__(self):
         self._started = time.perf_counter()
+        self.columns = COLUMNS
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        log.info("%s\n%s", _row(COLUMNS), _row("-" * w for w in WIDTHS))
+        # The module names its four metrics (multi-label runs show train/f1_micro and val/map).
+        self.columns = ("epoch", *getattr(pl_module, "epoch_columns", COLUMNS[1:5]), *COLUMNS[5:])
+        log.info("%s\n%s", _row(self.columns, self.columns),
+                 _row(("-" * max(w, len(c)) for w, c in zip(WIDTHS, self.columns)), self.columns))
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._started = time.perf_counter()
@@ -46,10 +50,10 @@ class EpochTable(L.Callback):
         groups = trainer.optimizers[0].param_groups if trainer.optimizers else []
         head_lr = next((g["lr"] for g in groups if g.get("name") == "head"), groups[0]["lr"] if groups else None)
         cells = [f"{trainer.current_epoch + 1}/{total}"]
-        cells += [f"{metrics[k]:.4f}" if k in metrics else "-" for k in COLUMNS[1:5]]
+        cells += [f"{metrics[k]:.4f}" if k in metrics else "-" for k in self.columns[1:5]]
         seconds = time.perf_counter() - self._started
         cells += [f"{head_lr:.2g}" if head_lr is not None else "-", f"{seconds:.1f}" if seconds >= 1 else f"{seconds:.2f}"]
-        log.info(_row(cells))
+        log.info(_row(cells, self.columns))
 
 
 class EpochBar(TQDMProgressBar):

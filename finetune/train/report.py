@@ -26,7 +26,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class FitResult:
-    """What a run leaves behind. ``metrics`` are the best epoch's (by ``val/acc``)."""
+    """What a run leaves behind. ``metrics`` are the best epoch's (by :attr:`objective`: ``val/acc``,
+    or ``val/map`` for multi-label runs, whose ``evaluation`` holds the tuned thresholds and the
+    per-label validation (and test) reports)."""
 
     metrics: dict[str, float]
     best_checkpoint: Path | None
@@ -37,11 +39,22 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
     outputs: dict[str, Path] = field(default_factory=dict)
     data_report: DataReport | None = None  # counts per split, skipped files and why, duplicates
+    evaluation: dict | None = None  # multi-label: thresholds, per-label reports (summary.json "multilabel")
+
+    @property
+    def objective(self) -> str:
+        """The metric that chose the best epoch (``callbacks.checkpoint.monitor``, resolved)."""
+        return (self.config.get("callbacks") or {}).get("checkpoint", {}).get("monitor", "val/acc")
+
+    @property
+    def headline(self) -> str:
+        """The task's score a person reads first: ``val/acc``, or ``val/map`` for multi-label."""
+        return "val/map" if self.config.get("task") == "multilabel" else "val/acc"
 
     def __repr__(self) -> str:
-        acc = self.metrics.get("val/acc")
-        shown = f"{acc:.4f}" if acc is not None else "n/a"
-        return f"FitResult(val/acc={shown}, classes={len(self.classes)}, output_dir={str(self.output_dir)!r})"
+        value = self.metrics.get(self.headline)
+        shown = f"{value:.4f}" if value is not None else "n/a"
+        return f"FitResult({self.headline}={shown}, classes={len(self.classes)}, output_dir={str(self.output_dir)!r})"
 
 
 def log_start(cfg: DictConfig, backbone: Backbone, model: Classifier, speed: Speed) -> None:
@@ -96,14 +109,25 @@ def log_techniques(cfg: DictConfig, mixer) -> None:
         log.info("techniques:\n" + "\n".join(f"  {line}" for line in lines))
 
 
-def score_with_tta(cfg: DictConfig, model: Classifier, splits: DataSplits, backbone: Backbone) -> dict[str, float]:
+def score_with_tta(cfg: DictConfig, model: Classifier, splits: DataSplits, backbone: Backbone,
+                   thresholds: list[float] | None = None) -> dict[str, float]:
     """The test split (else the validation split) scored with ``cfg.tta``'s views, logged with
-    the number of views: ``{split}/acc_tta``, ``{split}/loss_tta``, ``tta_views``."""
+    the number of views: ``{split}/acc_tta``, ``{split}/loss_tta``, ``tta_views`` (multi-label:
+    ``{split}/map_tta`` and ``{split}/f1_micro_tta`` at `thresholds`)."""
     from finetune.use.tta import evaluate_with_tta
 
     split = "test" if splits.test else "val"
     data_config = with_input_size(backbone.data_config, cfg.data.image_size)
     model = model.cpu().eval().to(memory_format=torch.contiguous_format)
+    if splits.multilabel:
+        from finetune.use.multilabel import evaluate_multilabel
+
+        scored = evaluate_multilabel(model, data_config, getattr(splits, split), splits.classes, thresholds,
+                                     cfg.tta, cfg.data.batch_size)
+        log.info("test-time augmentation (%s, %d views per image) on the %s split: %s/map %.4f",
+                 cfg.tta, scored["views"], split, split, scored["map"])
+        return {f"{split}/map_tta": scored["map"], f"{split}/f1_micro_tta": scored["f1_micro"],
+                f"{split}/loss_tta": scored["loss"], "tta_views": float(scored["views"])}
     scores = evaluate_with_tta(model, data_config, getattr(splits, split), splits.classes, cfg.tta,
                                cfg.data.batch_size)
     log.info("test-time augmentation (%s, %d views per image) on the %s split: %s/acc %.4f",
@@ -112,16 +136,18 @@ def score_with_tta(cfg: DictConfig, model: Classifier, splits: DataSplits, backb
 
 
 def draw_pictures(cfg: DictConfig, model: Classifier, splits: DataSplits, eval_tf, backbone: Backbone,
-                  history: list[dict], output_dir: Path, loggers) -> list:
-    """The run's pictures (config group viz), also sent to W&B when it is on."""
+                  history: list[dict], output_dir: Path, loggers, evaluation: dict | None = None) -> list:
+    """The run's pictures (config group viz), also sent to W&B when it is on. Multi-label runs
+    draw theirs at the tuned thresholds of `evaluation`."""
     if not cfg.viz.enabled:
         return []
     from finetune.viz.report import write_pictures
 
     data_config = with_input_size(backbone.data_config, cfg.data.image_size)
+    thresholds = list(evaluation["thresholds"].values()) if evaluation else None
     pictures = write_pictures(model, splits.classes, splits.val, eval_tf, data_config, output_dir / "viz", history,
                               cfg.viz.layers, cfg.viz.channels, cfg.viz.top_k, cfg.viz.max_images,
-                              cfg.data.batch_size, cfg.seed)
+                              cfg.data.batch_size, cfg.seed, thresholds, splits.train if splits.multilabel else None)
     for logger in loggers:
         if hasattr(logger, "log_image"):  # WandbLogger
             for picture in pictures:
@@ -156,22 +182,27 @@ def write_summary(result: FitResult, seconds: float) -> None:
         "classes": result.classes,
         "history": result.history,
         "data": result.data_report.to_dict() if result.data_report else None,
+        **({"multilabel": result.evaluation} if result.evaluation else {}),
         "seconds": round(seconds, 1),
     }
     result.outputs["summary"].write_text(json.dumps(summary, indent=2))
 
 
 def log_end(result: FitResult) -> None:
-    """The closing block: the best epoch, skipped files, where every output went, val/acc last."""
+    """The closing block: the best epoch, skipped files, where every output went, the headline
+    (val/acc; val/map for multi-label) last."""
     m = result.metrics
     best_epoch = int(m["epoch"]) if "epoch" in m else "?"
+    shown = ("val/acc", "val/loss", "val/acc_top5", "train/loss", "train/acc", "test/acc")
+    if result.headline == "val/map":
+        shown = ("val/map", "val/loss", "val/f1_micro", "val/f1_micro_tuned", "val/exact", "val/exact_tuned",
+                 "train/loss", "test/map", "test/f1_micro_tuned")
     lines = [f"best epoch {best_epoch} of {len(result.history)}: " + ", ".join(
-        f"{k}={m[k]:.4f}" for k in ("val/acc", "val/loss", "val/acc_top5", "train/loss", "train/acc", "test/acc")
-        if k in m)]
+        f"{k}={m[k]:.4f}" for k in shown if k in m)]
     if result.data_report and result.data_report.skipped:
         lines.append(f"skipped {len(result.data_report.skipped)} unreadable or non-image files (listed in summary.json)")
     lines += [f"  {name}: {path}" + (f" (offline runs upload with: wandb sync {path}/offline-run-*)"
                                      if name == "wandb" else "") for name, path in result.outputs.items()]
-    if "val/acc" in m:
-        lines.append(f"val/acc={m['val/acc']:.4f}")
+    if result.headline in m:
+        lines.append(f"{result.headline}={m[result.headline]:.4f}")
     log.info("\n".join(lines))

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from finetune.compute.features import FeatureDataModule, features_for_run
 from finetune.compute.speed import resolve_num_workers, resolve_speed, usable_cores
-from finetune.config import check_types
+from finetune.config import check_types, monitored
 from finetune.console import run_log
 from finetune.data.check import DataReport, check_data
 from finetune.data.datamodule import ImageDataModule, class_weights
@@ -38,6 +38,7 @@ from finetune.train.lr_find import lr_for_run
 from finetune.train.mixing import batch_mixer
 from finetune.train.module import ClassifierModule
 from finetune.train.report import FitResult
+from finetune.train.thresholds import tune_and_store
 from finetune.train.run_folder import RunFolder, make_folder
 from finetune.train.trainer import build_trainer
 
@@ -64,6 +65,8 @@ def run(cfg: DictConfig) -> FitResult:
     """Train as `cfg` says; outputs go to ``cfg.paths.output_dir``."""
     started = time.perf_counter()
     check_types(cfg)
+    with open_dict(cfg):  # auto -> the task's metric, in the run's config and its checkpoints
+        cfg.callbacks.checkpoint.monitor = monitored(cfg)
     output_dir = make_folder(Path(cfg.paths.output_dir).resolve())
     config = OmegaConf.to_container(cfg, resolve=True)
     config.pop("hydra", None)
@@ -84,12 +87,12 @@ def run(cfg: DictConfig) -> FitResult:
                 log.info("batch-size finder: data.batch_size=%d fits on %s", found, p.speed.device)
             trainer.fit(module, datamodule=data, ckpt_path=resume.path, weights_only=True)
             best_path = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
-            best = _best_metrics(cfg, trainer, module, data, history, best_path, splits, p.backbone)
+            best, evaluation = _best_metrics(cfg, trainer, module, data, history, best_path, splits, p.backbone)
             if trainer.is_global_zero:
                 log_best(loggers, best)
             model = module.model.cpu().eval().to(memory_format=torch.contiguous_format)
             pictures = report.draw_pictures(cfg, model, splits, p.eval_tf, p.backbone, history.epochs, output_dir,
-                                            loggers) if trainer.is_global_zero else []
+                                            loggers, evaluation) if trainer.is_global_zero else []
         except Exception as err:
             explained = explain_failure(err, cfg.data.batch_size, output_dir)
             if explained is err:
@@ -100,7 +103,7 @@ def run(cfg: DictConfig) -> FitResult:
 
         p.data_report.add_unreadable(module.unreadable)
         result = FitResult(best, best_path, list(splits.classes), model, output_dir, config, history.epochs,
-                           report.outputs(output_dir, best_path, loggers, pictures), p.data_report)
+                           report.outputs(output_dir, best_path, loggers, pictures), p.data_report, evaluation)
         if trainer.is_global_zero:
             report.write_summary(result, time.perf_counter() - started)
             report.log_end(result)
@@ -112,7 +115,7 @@ def prepare(cfg: DictConfig, config: dict, output_dir: Path, resume_from: Path |
     """Data (checked), model, speed settings, data module and LightningModule, with the start table
     logged. ``optimizer.lr=auto`` runs the lr finder here (unless `find_lr` is false) and writes
     the lr it found into `config`, which the checkpoints carry."""
-    splits = load_data(cfg.data, cfg.seed)
+    splits = load_data(cfg.data, cfg.seed, cfg.get("task", "multiclass"))
     data_report = check_data(splits, cfg.data.batch_size)
     log.info(data_report.table())
     backbone = backbone_from_config(cfg)
@@ -121,13 +124,15 @@ def prepare(cfg: DictConfig, config: dict, output_dir: Path, resume_from: Path |
     report.log_start(cfg, backbone, model, speed)
     data, eval_tf = _datamodule(cfg, model, backbone, splits, data_report, speed)
     on_features = isinstance(data, FeatureDataModule)
-    mixer = batch_mixer(cfg.mixup, cfg.cutmix, len(splits.classes), cfg.loss.label_smoothing, on_features)
+    mixer = batch_mixer(cfg.mixup, cfg.cutmix, len(splits.classes), cfg.loss.label_smoothing, on_features,
+                        splits.multilabel)
     report.log_techniques(cfg, mixer)
     module = ClassifierModule(model, splits.classes, cfg.optimizer, cfg.scheduler, config,
                               label_smoothing=cfg.loss.label_smoothing,
                               class_weights=class_weights(splits) if cfg.data.balance == "weighted_loss" else None,
                               inputs="features" if on_features else "images", channels_last=speed.channels_last,
-                              pixel_stats=(backbone.data_config["mean"], backbone.data_config["std"]), mixer=mixer)
+                              pixel_stats=(backbone.data_config["mean"], backbone.data_config["std"]), mixer=mixer,
+                              task=splits.task)
     if cfg.optimizer.lr == "auto":
         module.optimizer_cfg["lr"] = 1.0  # the finder sets every lr itself; the groups keep their ratios
     if find_lr and cfg.optimizer.lr == "auto":
@@ -163,17 +168,24 @@ def _datamodule(cfg: DictConfig, model: Classifier, backbone: Backbone, splits: 
 
 
 def _best_metrics(cfg: DictConfig, trainer: L.Trainer, module: ClassifierModule, data, history: MetricsHistory,
-                  best_path: Path | None, splits: DataSplits, backbone: Backbone) -> dict[str, float]:
-    """The best epoch's metrics, with the best weights loaded into `module` and, when the data
-    have a held-out test split, its ``test/*`` scores (computed once, here). With ``tta`` set,
-    the test split (else the validation split) is scored once more with test-time augmentation:
-    ``test/acc_tta`` (or ``val/acc_tta``), ``.../loss_tta`` and ``tta_views``."""
+                  best_path: Path | None, splits: DataSplits, backbone: Backbone) -> tuple[dict[str, float], dict | None]:
+    """(the best epoch's metrics, the multi-label evaluation or None), with the best weights loaded
+    into `module` and, when the data have a held-out test split, its ``test/*`` scores (computed
+    once, here). Multi-label runs tune their thresholds here (:mod:`finetune.train.thresholds`).
+    With ``tta`` set, the test split (else the validation split) is scored once more with
+    test-time augmentation: ``test/acc_tta`` (or ``val/acc_tta``; ``map_tta`` for multi-label),
+    ``.../loss_tta`` and ``tta_views``."""
     trainer.strategy.barrier("best.ckpt written")  # DDP: rank zero writes held checkpoints as fit ends
     if best_path is not None:
         module.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"])
     best = dict(history.best(cfg.callbacks.checkpoint.monitor, cfg.callbacks.checkpoint.mode))
     if splits.test:
         best.update({k: float(v) for k, v in trainer.test(module, datamodule=data, verbose=False)[0].items()})
+    evaluation = None
+    if splits.multilabel and trainer.is_global_zero:
+        tuned, evaluation = tune_and_store(module, data, best_path, bool(splits.test))
+        best.update(tuned)
     if cfg.tta != "none" and trainer.is_global_zero:
-        best.update(report.score_with_tta(cfg, module.model, splits, backbone))
-    return best
+        thresholds = list(evaluation["thresholds"].values()) if evaluation else None
+        best.update(report.score_with_tta(cfg, module.model, splits, backbone, thresholds))
+    return best, evaluation

@@ -20,6 +20,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from finetune.config import monitored
 from finetune.console import is_rank_zero, setup
 from finetune.tables import format_table
 
@@ -42,11 +43,17 @@ class SweepSummary(Callback):
     run in this process (Hydra's basic launcher), in other processes or on SLURM nodes (submitit).
     """
 
-    def __init__(self, objective: str = "val/acc", mode: str = "max"):
+    def __init__(self, objective: str = "auto", mode: str = "max"):
+        self.setting = objective  # auto: the trials' monitored metric (val/acc, or val/map for multilabel)
         self.objective = objective
         self.mode = mode
 
+    def _resolve(self, config: DictConfig) -> None:
+        if self.setting == "auto":
+            self.objective = monitored(config)
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._resolve(config)
         # A sweep folder used again starts a fresh table.
         for stale in _trials_dir(config).glob("*.json"):
             stale.unlink()
@@ -55,6 +62,7 @@ class SweepSummary(Callback):
         hydra = config.hydra
         if str(hydra.mode) != "RunMode.MULTIRUN" or not is_rank_zero():  # SLURM runs a job once per rank
             return
+        self._resolve(config)
         output_dir = Path(hydra.runtime.output_dir)
         value = job_return._return_value if job_return.status.name == "COMPLETED" else None
         error = (output_dir / ERROR_FILE).read_text().strip() if (output_dir / ERROR_FILE).is_file() else ""
@@ -76,6 +84,7 @@ class SweepSummary(Callback):
         self._write(config)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._resolve(config)
         rows = self._write(config)
         if not rows:
             return

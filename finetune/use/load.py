@@ -72,7 +72,7 @@ class FinetunedModel:
         split, else the validation split, of the data `overrides` describe, or of the training
         data when there are none."""
         cfg = self.run_config(overrides)
-        splits = load_data(cfg.data, cfg.seed)
+        splits = load_data(cfg.data, cfg.seed, cfg.get("task", "multiclass"))
         chosen = relabel(splits.test or splits.val, splits.classes, self.classes, "The data", "the model")
         return chosen, list(splits.skipped)
 

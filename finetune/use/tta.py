@@ -100,15 +100,17 @@ def _view_logits(model: nn.Module, images: Sequence, tta: TestTimeAugmentation, 
 
 
 def tta_probabilities(model: nn.Module, images: Sequence, data_config: Mapping, mode: str = "none",
-                      batch_size: int = 32, device: torch.device | str | None = None) -> torch.Tensor:
+                      batch_size: int = 32, device: torch.device | str | None = None,
+                      multilabel: bool = False) -> torch.Tensor:
     """(N, C) class probabilities: softmax of each view's logits, averaged over the views of
     each image (probabilities are averaged, not logits). `model` returns logits and is in eval
     mode; `images` are HxWx3 uint8 arrays (or what ``as_rgb_array`` takes: paths, PIL images);
     `batch_size` caps the views per forward pass; `device`: the model's when None.
     With ``mode="none"`` the result is exactly the softmax of the plain evaluation logits (same
-    batches). No images: an empty (0, 0) tensor."""
+    batches). No images: an empty (0, 0) tensor. `multilabel`: each label's sigmoid, averaged."""
     tta = TestTimeAugmentation(data_config, mode)
-    chunks = [logits.softmax(dim=2).mean(dim=1) for logits in _view_logits(model, images, tta, batch_size, device)]
+    chunks = [(logits.sigmoid() if multilabel else logits.softmax(dim=2)).mean(dim=1)
+              for logits in _view_logits(model, images, tta, batch_size, device)]
     return torch.cat(chunks) if chunks else torch.empty(0, 0)
 
 
@@ -124,7 +126,7 @@ def tta_log_probabilities(model: nn.Module, images: Sequence, data_config: Mappi
     return torch.cat(chunks) if chunks else torch.empty(0, 0)
 
 
-def _readable(samples: Iterable, skipped: dict[str, str]) -> Iterator[tuple[np.ndarray, int]]:
+def readable(samples: Iterable, skipped: dict[str, str]) -> Iterator[tuple[np.ndarray, object]]:
     """(image, label) for each sample whose file decodes; the others go to `skipped` (path -> reason)."""
     for item, label in samples:
         if isinstance(item, (str, os.PathLike)):
@@ -133,7 +135,7 @@ def _readable(samples: Iterable, skipped: dict[str, str]) -> Iterator[tuple[np.n
             except UnreadableImage as err:
                 skipped[str(item)] = str(err)
                 continue
-        yield item, int(label)
+        yield item, label
 
 
 def evaluate_with_tta(model: nn.Module, data_config: Mapping, samples: Sequence, classes: list[str],
@@ -145,9 +147,9 @@ def evaluate_with_tta(model: nn.Module, data_config: Mapping, samples: Sequence,
     time, so memory holds one chunk of images."""
     views, skipped = check_tta(mode), {}
     per_chunk = max(1, batch_size // views)
-    readable = _readable(samples, skipped)
+    decoded = readable(samples, skipped)
     log_probs, labels = [torch.empty(0, len(classes))], [torch.empty(0, dtype=torch.long)]
-    while chunk := list(islice(readable, per_chunk)):
+    while chunk := list(islice(decoded, per_chunk)):
         log_probs.append(tta_log_probabilities(model, [image for image, _ in chunk], data_config, mode, batch_size))
         labels.append(torch.tensor([label for _, label in chunk], dtype=torch.long))
     # classification_report takes logits: argmax and F.cross_entropy (a log-softmax inside).

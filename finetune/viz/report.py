@@ -54,8 +54,13 @@ def write_pictures(
     max_images: int = 500,
     batch_size: int = 32,
     seed: int = 0,
+    thresholds: Sequence[float] | None = None,
+    train_samples: Sequence[Sample] | None = None,
 ) -> list[Picture]:
-    """Write every picture for `model` (a Classifier: ``.backbone``, ``.head``) under `out_dir`."""
+    """Write every picture for `model` (a Classifier: ``.backbone``, ``.head``) under `out_dir`.
+    With `thresholds` the samples are multi-label (labels: tuples of class indices): per-label AP,
+    the co-occurrence of labels in `train_samples` (else `samples`) and the missed labels and false
+    alarms replace the confusion matrix and the mistakes."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     results: list[Picture] = []
@@ -73,14 +78,21 @@ def write_pictures(
         samples = random.Random(seed).sample(list(samples), max_images)
     layers = list(layers) if layers is not None else default_layers(model.backbone)
     spatial = _spatial_layers(model.backbone, layers, data_config)
-    images, labels, logits, peaks, positions = _evaluate(model, samples, transform, data_config, spatial, batch_size)
+    num_labels = len(classes) if thresholds is not None else None
+    images, labels, logits, peaks, positions = _evaluate(model, samples, transform, data_config, spatial, batch_size,
+                                                         num_labels)
     if not len(labels):
         return _finish(results, out_dir)
-    report = classification_report(logits, labels, list(classes))
-    add("confusion", pictures.confusion(report, out_dir / "confusion.png"),
-        f"Confusion matrix on {report['images']} validation images (counts, and normalized by true class), with per-class precision/recall.")
-    add("mistakes", pictures.mistakes(images, labels, logits.softmax(1), classes, out_dir / "mistakes.png"),
-        "The most confident mistakes: wrong labels, ambiguous images or a real weakness.")
+    if thresholds is not None:
+        for name, path, caption in _multilabel_pictures(classes, images, labels, logits, thresholds,
+                                                        train_samples or samples, out_dir):
+            add(name, path, caption)
+    else:
+        report = classification_report(logits, labels, list(classes))
+        add("confusion", pictures.confusion(report, out_dir / "confusion.png"),
+            f"Confusion matrix on {report['images']} validation images (counts, and normalized by true class), with per-class precision/recall.")
+        add("mistakes", pictures.mistakes(images, labels, logits.softmax(1), classes, out_dir / "mistakes.png"),
+            "The most confident mistakes: wrong labels, ambiguous images or a real weakness.")
     fields = patch_fields(model.backbone, spatial, data_config["input_size"][1]) if spatial else {}
     for name, field in fields.items():
         group = _group_of(model, name)  # files and captions say stage3, as every table does
@@ -91,6 +103,29 @@ def write_pictures(
             f"{title}: the image patches (its receptive field, {field.size}{'+' if field.clipped else ''} px) "
             f"that excite its strongest channels most.")
     return _finish(results, out_dir)
+
+
+def _multilabel_pictures(classes, images, targets, logits, thresholds, label_samples, out_dir: Path) -> list[tuple]:
+    """(name, path, caption) of the multi-label pictures."""
+    from finetune.data.labels import multi_hot
+    from finetune.use.multilabel import multilabel_report
+    from finetune.viz import multilabel
+
+    probabilities = logits.sigmoid()
+    report = multilabel_report(probabilities, targets, classes, thresholds)
+    label_sets = np.stack([multi_hot(label, len(classes)) for _, label in label_samples])
+    threshold_tensor = torch.tensor(list(thresholds), dtype=torch.float32)
+    return [
+        ("average_precision", multilabel.ap_bars(report, out_dir / "average_precision.png"),
+         f"Average precision per label on {report['images']} validation images (mAP {report['map']:.3f}): "
+         f"the labels the network ranks well, and those it does not."),
+        ("cooccurrence", multilabel.cooccurrence(label_sets, classes, out_dir / "cooccurrence.png"),
+         f"Which labels come together in the {len(label_sets)} images the model learned from (counts, and "
+         f"normalized by the row label), with the number of labels per image."),
+        ("label_mistakes", multilabel.label_mistakes(images, targets, probabilities, threshold_tensor, classes,
+                                                     out_dir / "label_mistakes.png"),
+         "The most confident mistakes at the tuned thresholds: labels missed, and labels given that do not apply."),
+    ]
 
 
 def _group_of(model: nn.Module, layer: str) -> str | None:
@@ -129,14 +164,14 @@ def _store(captured: dict, name: str):
 
 
 @torch.no_grad()
-def _evaluate(model, samples, transform, data_config, layers, batch_size):
-    """Display images (uint8), labels, logits, and per layer each image's per-channel peak
-    activation with its position."""
+def _evaluate(model, samples, transform, data_config, layers, batch_size, num_labels=None):
+    """Display images (uint8), labels (multi-hot rows with `num_labels`), logits, and per layer
+    each image's per-channel peak activation with its position."""
     mean = torch.tensor(data_config["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(data_config["std"]).view(1, 3, 1, 1)
     captured = {}
     handles = [model.backbone.get_submodule(n).register_forward_hook(_store(captured, n)) for n in layers]
-    loader = DataLoader(ImageDataset(list(samples), transform), batch_size=batch_size,
+    loader = DataLoader(ImageDataset(list(samples), transform, num_labels=num_labels), batch_size=batch_size,
                         collate_fn=collate_skipping_unreadable)
     images, labels, logits = [], [], []
     peaks = {n: [] for n in layers}
