@@ -6,21 +6,22 @@ features, the floor, against finetune runs with ``task=multilabel``.
                                            'full=+recipe=full_finetune trainer.max_epochs=10'
     python benchmarks/multilabel.py --no-probe --arms ...            # keep the probe rows already in the json
 
-Per seed, one 80/20 split of the 1,016 rows (``finetune.data.labels.multilabel_split`` when it
-exists, else a seeded shuffle; the script says which), written as a manifest
-``--out/split_seed{N}.csv`` (``file,labels,split``, paths relative to ``images/``) that every arm
-of that seed trains and scores on.
+Per seed, one 80/20 split of the 1,016 rows (finetune's own: stratified by each image's rarest
+label), written as a manifest ``--out/split_seed{N}.csv`` (``file,labels,split``, paths relative to
+``images/``) that every arm of that seed trains and scores on.
 
 probe: lite0 with its embedded ImageNet weights (``backbone_from_config``), finetune's evaluation
 pipeline at 224 px on ``load_rgb`` images (transparency on white), pooled features computed once;
 then standardized features -> one-vs-rest logistic regression, C chosen by 3-fold CV on the
 training split (macro AP) over --cs. ``finetune:NAME`` arms: ``finetune.fit`` with the arm's
-Hydra overrides plus the manifest, ``task=multilabel``, the seed; their metrics are read back from
-``FitResult.metrics`` and ``summary.json`` (an arm whose fit raises is reported and skipped).
+Hydra overrides plus the manifest, ``task=multilabel``, the seed; the best checkpoint is then
+scored on the val images through ``finetune.load`` exactly as the probe's probabilities are.
 
-Metrics on the val split: macro AP (mAP, over labels with a positive in val), micro-F1, macro-F1
-and exact-set accuracy at threshold 0.5, per-label AP. Writes --out/multilabel.{json,md}; a
-finetune run already in the json with the same overrides is not rerun (--rerun to force).
+Metrics on the val split, all from ``finetune.use.multilabel`` (what ``finetune evaluate``
+prints): mAP over the labels with a positive in val; micro-F1, macro-F1 and exact-set accuracy at
+0.5 and at tuned thresholds (tuned on one half of val, scored on the other, both ways); per-label
+AP. Writes --out/multilabel.{json,md}; a finetune run already in the json with the same overrides
+is not rerun (--rerun to force).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import argparse
 import csv
 import json
 import os
-import random
 import shlex
 import statistics
 import time
@@ -60,22 +60,13 @@ def read_labels(root: Path) -> tuple[list[str], list[tuple[str, ...]], list[str]
 
 
 def split(label_sets: list[tuple[int, ...]], val_fraction: float, seed: int) -> tuple[list[int], list[int], str]:
-    """(train, val, method): finetune's label-aware split when it exists, else a seeded shuffle."""
-    try:
-        from finetune.data.labels import multilabel_split
-    except ImportError:
-        multilabel_split = None
-    if multilabel_split is not None:
-        train, val = multilabel_split(label_sets, val_fraction, seed)
-        train, val, method = sorted(int(i) for i in train), sorted(int(i) for i in val), "finetune.data.labels.multilabel_split"
-    else:
-        order = list(range(len(label_sets)))
-        random.Random(seed).shuffle(order)
-        n_val = round(val_fraction * len(order))
-        train, val, method = sorted(order[n_val:]), sorted(order[:n_val]), "seeded shuffle (no multilabel_split yet)"
-    if set(train) & set(val) or sorted(train + val) != list(range(len(label_sets))):
-        raise SystemExit(f"{method} returned overlapping or incomplete index lists ({len(train)} + {len(val)})")
-    return train, val, method
+    """(train, val, method): finetune's own split of label sets (stratified by each image's rarest
+    label, as ``task=multilabel`` splits a manifest without a split column)."""
+    from finetune.data.labels import rarest_label_keys
+    from finetune.data.samples import stratified_split
+
+    train, val = stratified_split(rarest_label_keys(label_sets), val_fraction, seed)
+    return train, val, "finetune's split (stratified by each image's rarest label)"
 
 
 def write_manifest(path: Path, files: list[str], sets: list[tuple[str, ...]], val: list[int]) -> None:
@@ -89,33 +80,44 @@ def write_manifest(path: Path, files: list[str], sets: list[tuple[str, ...]], va
 
 # ---------------------------------------------------------------- metrics
 
-def scores(y: np.ndarray, p: np.ndarray, labels: list[str]) -> dict:
-    """Val metrics of probabilities `p` (N, L) against multi-hot `y` (N, L)."""
-    from sklearn.metrics import average_precision_score, f1_score
+def scores(y: np.ndarray, p: np.ndarray, labels: list[str], seed: int) -> dict:
+    """Val metrics of probabilities `p` (N, L) against multi-hot `y` (N, L), computed by finetune's
+    own report (``finetune evaluate``): mAP over the labels present, F1 and exact-set accuracy at
+    0.5, per-label AP; and the same decisions at thresholds tuned on held-out images
+    (:func:`heldout_thresholds`)."""
+    from finetune.use.multilabel import multilabel_report
 
-    present = y.sum(0) > 0
-    pred = (p >= 0.5).astype(int)
-    ap = {labels[j]: float(average_precision_score(y[:, j], p[:, j])) for j in np.flatnonzero(present)}
-    out = {
-        "map": float(average_precision_score(y[:, present], p[:, present], average="macro")),
-        "f1_micro": float(f1_score(y, pred, average="micro", zero_division=0)),
-        # Over the labels with a positive in val, like mAP (all 18 whenever the split keeps every label in val).
-        "f1_macro": float(f1_score(y[:, present], pred[:, present], average="macro", zero_division=0)),
-        "exact": float((pred == y).all(1).mean()),
-        "labels_in_val": int(present.sum()),
-        "predicted_per_image": float(pred.sum(1).mean()),
-        "no_label_predicted": float((pred.sum(1) == 0).mean()),
-        "per_label_ap": ap,
-        "val_positives": {labels[j]: int(y[:, j].sum()) for j in range(len(labels))},
-    }
-    return out
+    report = multilabel_report(p, y, labels, [0.5] * len(labels))
+    pred = p >= 0.5
+    return {"map": report["map"], **report["at_0.5"],
+            "predicted_per_image": float(pred.sum(1).mean()), "no_label_predicted": float((pred.sum(1) == 0).mean()),
+            "per_label_ap": {k: v["ap"] for k, v in report["per_label"].items() if v["ap"] is not None},
+            "per_label_f1": {k: v["f1"] for k, v in report["per_label"].items()},
+            **heldout_thresholds(y, p, seed)}
+
+
+def heldout_thresholds(y: np.ndarray, p: np.ndarray, seed: int) -> dict:
+    """Thresholds judged on images they were not tuned on: the val split in two seeded halves,
+    finetune's tune_thresholds on each half applied to the other, decisions pooled. Returns
+    micro/macro F1, exact-set accuracy and per-label F1 of those decisions (``*_tuned``)."""
+    from finetune.use.multilabel import decision_scores, tune_thresholds
+
+    order = np.random.default_rng(seed).permutation(len(y))
+    halves = order[: len(y) // 2], order[len(y) // 2:]
+    pred = np.zeros_like(p, dtype=bool)
+    for tune_on, apply_to in (halves, halves[::-1]):
+        thresholds, _ = tune_thresholds(p[tune_on], y[tune_on])
+        pred[apply_to] = p[apply_to] >= thresholds
+    tuned = decision_scores(pred, y)
+    yb = y > 0.5
+    per_label = [2 * (pred[:, j] & yb[:, j]).sum() / max(pred[:, j].sum() + yb[:, j].sum(), 1) for j in range(y.shape[1])]
+    return {f"{k}_tuned": v for k, v in tuned.items()} | {"per_label_f1_tuned": [float(v) for v in per_label]}
 
 
 def macro_ap(y: np.ndarray, p: np.ndarray) -> float:
-    from sklearn.metrics import average_precision_score
+    from finetune.use.multilabel import multilabel_report
 
-    present = y.sum(0) > 0
-    return float(average_precision_score(y[:, present], p[:, present], average="macro"))
+    return multilabel_report(p, y, [str(j) for j in range(y.shape[1])], [0.5] * y.shape[1])["map"]
 
 
 # ---------------------------------------------------------------- probe
@@ -181,28 +183,10 @@ def run_probe(x: np.ndarray, y: np.ndarray, train: list[int], val: list[int], cs
         best_c = max(cs, key=lambda c: cv[c])
         model = probe_model(best_c).fit(x_tr, y_tr)
     p = model.predict_proba(x_val)
-    result = scores(y_val, p, labels)
-    result.update({"C": best_c, "cv_map": {str(c): v for c, v in cv.items()}, **tuned(y_val, p)})
+    result = scores(y_val, p, labels, seed)
+    result.update({"C": best_c, "cv_map": {str(c): v for c, v in cv.items()}})
     result["seconds"] = time.perf_counter() - started
     return result
-
-
-def tuned(y: np.ndarray, p: np.ndarray) -> dict:
-    """Optimistic reference: per-label thresholds chosen on val itself to maximize each label's F1
-    (the probe's counterpart of thresholds tuned on val; finetune's own tuning may differ)."""
-    from sklearn.metrics import f1_score
-
-    thresholds = []
-    for j in range(y.shape[1]):
-        candidates = np.unique(np.concatenate([p[:, j], [0.5]]))
-        f1s = [f1_score(y[:, j], p[:, j] >= t, zero_division=0) for t in candidates]
-        thresholds.append(float(candidates[int(np.argmax(f1s))]))
-    pred = (p >= np.array(thresholds)).astype(int)
-    present = y.sum(0) > 0
-    return {"f1_micro_tuned": float(f1_score(y, pred, average="micro", zero_division=0)),
-            "f1_macro_tuned": float(f1_score(y[:, present], pred[:, present], average="macro", zero_division=0)),
-            "exact_tuned": float((pred == y).all(1).mean()),
-            "tuned_how": "per-label F1-maximizing thresholds chosen on val (optimistic)"}
 
 
 # ---------------------------------------------------------------- finetune arms
@@ -214,27 +198,12 @@ def parse_arm(text: str) -> tuple[str, list[str]]:
     return name.strip(), shlex.split(overrides)
 
 
-def per_label_from(found, labels: list[str]) -> dict[str, float] | None:
-    """The first {label: number} mapping covering the labels anywhere inside `found`."""
-    if isinstance(found, dict):
-        if found and set(found) <= set(labels) and all(isinstance(v, (int, float)) for v in found.values()):
-            return {k: float(v) for k, v in found.items()}
-        preferred = sorted(found, key=lambda k: (not ("ap" in str(k).lower()), str(k)))  # AP keys first
-        for key in preferred:
-            hit = per_label_from(found[key], labels)
-            if hit:
-                return hit
-    if isinstance(found, list):
-        if found and all(isinstance(r, dict) for r in found):
-            for name_key in ("label", "class", "name"):
-                for value_key in ("ap", "AP", "average_precision"):
-                    if all(name_key in r and value_key in r for r in found):
-                        return {str(r[name_key]): float(r[value_key]) for r in found}
-    return None
-
-
 def run_arm(fit, name: str, overrides: list[str], seed: int, manifest: Path, root: Path, out: Path,
-            labels: list[str]) -> dict:
+            labels: list[str], files: list[str], y: np.ndarray, val: list[int]) -> dict:
+    """One finetune run; its best checkpoint is then scored on the val images exactly as the probe
+    is (``finetune.load`` probabilities, full precision), beside the run's own ``val/*`` metrics."""
+    from finetune import load
+
     run_dir = out / "runs" / name / f"seed{seed}"
     args = ["data=csv", f"data.csv={manifest}", f"data.root={root / 'images'}", "data.path_column=file",
             "data.label_column=labels", "data.split_column=split", 'data.label_sep=" "',
@@ -243,24 +212,13 @@ def run_arm(fit, name: str, overrides: list[str], seed: int, manifest: Path, roo
     started = time.perf_counter()
     result = fit(None, args)
     seconds = time.perf_counter() - started
-    metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
-    row = {k: metrics.get(f"val/{k}") for k in FIT_KEYS}
-    summary_path = Path(result.output_dir) / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    multilabel = summary.get("multilabel")
-    per_label = per_label_from(multilabel, labels) if multilabel is not None else None
-    if per_label is None:  # metrics such as val/ap/fire or val/ap_fire
-        keyed = {k.rsplit("/", 1)[-1].removeprefix("ap_"): v for k, v in metrics.items()
-                 if k.startswith("val/ap") and k.rsplit("/", 1)[-1].removeprefix("ap_") in labels}
-        per_label = keyed or None
-    missing = [f"val/{k}" for k in FIT_KEYS[:4] if row[k] is None]
-    print(f"  {name} seed {seed}: metrics keys {sorted(k for k in metrics if k.startswith('val/'))}; "
-          f"summary.json 'multilabel': {'absent' if multilabel is None else type(multilabel).__name__}"
-          f"{'' if multilabel is None else ' with keys ' + str(sorted(multilabel)) if isinstance(multilabel, dict) else ''}; "
-          f"per-label AP {'found' if per_label else 'not found'}"
-          + (f"; MISSING {missing}" if missing else ""), flush=True)
-    return {**row, "per_label_ap": per_label, "all_val_metrics": {k: v for k, v in metrics.items() if k.startswith("val/")},
-            "epoch": metrics.get("epoch"), "output_dir": str(result.output_dir), "seconds": seconds}
+    model = load(result.best_checkpoint)
+    if model.classes != labels:
+        raise SystemExit(f"the run's labels {model.classes} are not the data's {labels}")
+    p = model.probabilities([str(root / "images" / files[i]) for i in val]).numpy()
+    own = {k: float(v) for k, v in result.metrics.items() if k.startswith("val/")}
+    return {**scores(y[val], p, labels, seed), "run_metrics": own, "epoch": result.metrics.get("epoch"),
+            "output_dir": str(result.output_dir), "seconds": seconds}
 
 
 # ---------------------------------------------------------------- tables
@@ -269,11 +227,12 @@ def stats(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def tables(runs: list[dict], arms: list[str], labels: list[str], n_train: int, n_val: int, method: str) -> str:
-    show_tuned = [(k, t) for k, t in TUNED if any(r.get(k) is not None for r in runs if r["arm"] != "probe")]
-    columns = HEADLINE + show_tuned
+def tables(runs: list[dict], arms: list[str], labels: list[str], n_train: int, n_val: int, method: str,
+           val_pos: dict[str, float]) -> str:
+    columns = HEADLINE + TUNED
     lines = [f"pokemon_types: {n_train} train / {n_val} val images per seed ({method}), 18 types. "
-             "Val metrics, mean ± std over seeds (n: seeds); thresholds 0.5 unless 'tuned' (chosen on val, optimistic).",
+             "Val metrics, mean ± std over seeds (n: seeds); thresholds 0.5, or 'tuned': per-label thresholds "
+             "tuned by finetune on one half of val and applied to the other (both ways), so never on the images scored.",
              "", "| arm | " + " | ".join(t for _, t in columns) + " | n | s / seed |", "|---|" + "---|" * (len(columns) + 2)]
     for arm in arms:
         rows = [r for r in runs if r["arm"] == arm]
@@ -294,7 +253,6 @@ def tables(runs: list[dict], arms: list[str], labels: list[str], n_train: int, n
                       if r["arm"] == arm and r.get("per_label_ap") and label in r["per_label_ap"]]
             return statistics.mean(values) if values else None
 
-        val_pos = {lab: statistics.mean(r["val_positives"][lab] for r in probe) if probe else None for lab in labels}
         order = sorted(labels, key=lambda lab: -(mean_ap("probe", lab) or 0.0))
         shown = (["probe"] if probe else []) + others
         lines += ["", "Per-label AP on val, mean over seeds (sorted by the probe's AP)", "",
@@ -302,8 +260,7 @@ def tables(runs: list[dict], arms: list[str], labels: list[str], n_train: int, n
                   "|---|---|" + "---|" * len(shown)]
         for lab in order:
             cells = ["-" if mean_ap(a, lab) is None else f"{mean_ap(a, lab):.3f}" for a in shown]
-            pos = "-" if val_pos[lab] is None else f"{val_pos[lab]:.1f}"
-            lines.append(f"| {lab} | {pos} | " + " | ".join(cells) + " |")
+            lines.append(f"| {lab} | {val_pos[lab]:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -379,7 +336,7 @@ def main() -> None:
             runs = [r for r in runs if not (r["arm"] == arm and r["seed"] == seed)]
             print(f"{arm} seed {seed}: fit {' '.join(overrides)}", flush=True)
             try:
-                r = run_arm(fit, name, overrides, seed, manifest, args.data, args.out, labels)
+                r = run_arm(fit, name, overrides, seed, manifest, args.data, args.out, labels, files, y, val)
             except BaseException as err:  # noqa: BLE001 - a Hydra error may exit; report and go on
                 if isinstance(err, KeyboardInterrupt):
                     raise
@@ -395,8 +352,9 @@ def main() -> None:
     path.write_text(json.dumps({"labels": labels, "runs": runs}, indent=2))
     order = ["probe"] + list(dict.fromkeys([r["arm"] for r in runs if r["arm"] != "probe"]))
     seeds = set(args.seeds)
+    val_pos = {lab: statistics.mean(int(y[splits[s][1], j].sum()) for s in args.seeds) for j, lab in enumerate(labels)}
     text = tables([r for r in runs if r["seed"] in seeds], order, labels,
-                  len(splits[args.seeds[0]][0]), len(splits[args.seeds[0]][1]), " / ".join(sorted(methods)))
+                  len(splits[args.seeds[0]][0]), len(splits[args.seeds[0]][1]), " / ".join(sorted(methods)), val_pos)
     (args.out / "multilabel.md").write_text(text)
     print()
     print(text)

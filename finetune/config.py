@@ -131,13 +131,6 @@ TTA_CHOICES, TASK_CHOICES = ("none", "flip", "crops", "crops_flip"), ("multiclas
 POLICY_CHOICES = ("none", "randaugment", "trivialaugment", "autoaugment")
 
 
-def monitored(cfg) -> str:
-    """The metric that picks the best epoch: ``callbacks.checkpoint.monitor``, where ``auto`` is the
-    task's: ``val/acc`` (multiclass) or ``val/map`` (multilabel, mean average precision)."""
-    monitor = OmegaConf.select(cfg, "callbacks.checkpoint.monitor", default="auto")
-    return monitor if monitor != "auto" else {"multilabel": "val/map"}.get(cfg.get("task"), "val/acc")
-
-
 def _not_fraction(value) -> bool:
     return value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1)
 

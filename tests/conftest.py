@@ -17,6 +17,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 HYMENOPTERA = Path(os.environ.get("FINETUNE_HYMENOPTERA", REPO.parent / "shared" / "datasets" / "hymenoptera_data"))
+POKEMON = Path(os.environ.get("FINETUNE_POKEMON", REPO.parent / "shared" / "datasets" / "pokemon_types"))
 
 # A tiny real timm model (0.4M params, BatchNorm, 4 stages) with random weights: fast and offline.
 TINY = ["backbone.name=test_resnet", "backbone.weights=random", "data.image_size=32"]
@@ -34,6 +35,36 @@ def hymenoptera() -> Path:
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def pokemon() -> Path:
+    """The real multi-label pokemon_types data (labels.csv + images/). Missing under CI is a failure."""
+    if (POKEMON / "labels.csv").is_file() and (POKEMON / "images").is_dir():
+        return POKEMON
+    message = f"pokemon_types data not found at {POKEMON} (set FINETUNE_POKEMON=DIR)"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def write_multilabel_manifest(root: Path, per_set: int = 6, seed: int = 0) -> Path:
+    """ROOT/images/*.png and ROOT/labels.csv (file,labels): each image's labels are the color
+    channels it boosts ("red green", "blue", "" for none): a learnable multi-label task."""
+    rng = np.random.default_rng(seed)
+    names = ("red", "green", "blue")
+    sets = [(), (0,), (1,), (2,), (0, 1), (1, 2), (0, 2)]
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rows = ["file,labels"]
+    for s, labels in enumerate(sets):
+        for i in range(per_set):
+            array = rng.integers(0, 90, size=(40, 40, 3), dtype=np.uint8)
+            for channel in labels:
+                array[..., channel] += 150
+            Image.fromarray(array).save(root / "images" / f"img_{s}_{i}.png")
+            rows.append(f"images/img_{s}_{i}.png,{' '.join(names[c] for c in labels)}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root / "labels.csv"
 
 
 def class_image(label: int, rng: np.random.Generator, size: int = 48) -> Image.Image:

@@ -78,6 +78,9 @@ def _embeddings(ckpt: str | None, overrides: list[str]):
         torch.manual_seed(cfg.seed)  # backbone.weights=random: the same network on every call
         backbone = backbone_from_config(cfg)
         module, data_config, name = backbone.model, with_input_size(backbone.data_config, cfg.data.image_size), backbone.name
-    splits = load_data(cfg.data, cfg.seed, cfg.get("task", "multiclass"))
+    if cfg.get("task") == "multilabel" or (ckpt and model.task == "multilabel"):
+        raise ConfigError("finetune embed and probe label points with one class each; multi-label data have no "
+                          "such label. Train with task=multilabel +recipe=freeze_all_but_head: that is the linear probe.")
+    splits = load_data(cfg.data, cfg.seed)
     embeddings, unreadable = embed(module, data_config, name, cfg, splits)
     return embeddings, {**dict(splits.skipped), **unreadable}

@@ -34,6 +34,9 @@ def predict_command(args: Sequence[str]) -> int:
     for images, names, _ in readable_batches([(p, -1) for p in expand_inputs(opts["input"])], batch, failures):
         predictions += model.predict(images, int(opts["top_k"]), batch, names, tta=tta["mode"])
     out = output_dir(opts["out"])
+    if model.task == "multilabel":
+        _write_label_sets(model, predictions, out, opts["ckpt"], tta, failures)
+        return 0
     rows = [[p.source, p.label, f"{p.probability:.4f}",
              ", ".join(f"{label} {prob:.3f}" for label, prob in p.top_k[1:])] for p in predictions]
     print(format_table(["image", "label", "probability", "next"], rows, "llrl"))
@@ -55,6 +58,29 @@ def predict_command(args: Sequence[str]) -> int:
     return 0
 
 
+def _write_label_sets(model: FinetunedModel, predictions: list, out: Path, ckpt: str, tta: dict,
+                      failures: dict[str, str]) -> None:
+    """A multi-label model's predictions: the table, ``predictions.csv`` (the label set, then every
+    label's probability) and ``predictions.json`` (with the thresholds)."""
+    rows = [[p.source, " ".join(p.names) or "(none)", ", ".join(f"{c} {v:.3f}" for c, v in p.labels)] for p in predictions]
+    print(format_table(["image", "labels", "probabilities"], rows, "lll"))
+    with (out / "predictions.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "labels"] + model.classes)
+        for p in predictions:
+            writer.writerow([p.source, " ".join(p.names)] + [f"{p.probabilities[c]:.6f}" for c in model.classes])
+    (out / "predictions.json").write_text(json.dumps(
+        {"checkpoint": str(Path(ckpt).resolve()), "task": "multilabel", "classes": model.classes,
+         "thresholds": dict(zip(model.classes, model.thresholds)), "tta": tta,
+         "predictions": [{"image": p.source, "labels": p.labels, "probabilities": p.probabilities} for p in predictions],
+         "skipped": failures}, indent=2))
+    for path, reason in failures.items():
+        print(f"skipped {path}: {reason}")
+    print(_tta_line(tta))
+    print(f"{len(predictions)} images predicted (labels at the thresholds tuned on validation), {len(failures)} "
+          f"skipped\n  predictions: {out / 'predictions.csv'}\n  json: {out / 'predictions.json'}")
+
+
 def evaluate_command(args: Sequence[str]) -> int:
     """``finetune evaluate ckpt=PATH input=DIR`` (one folder per class, names as in training; a
     subset is fine) or ``finetune evaluate ckpt=PATH data=folder data.root=DIR`` (its test split,
@@ -67,6 +93,19 @@ def evaluate_command(args: Sequence[str]) -> int:
     tta = _tta_summary(opts["tta"])
     model = load(opts["ckpt"])
     samples, skipped = _labelled_samples(model, opts["input"], data)
+    if model.task == "multilabel":
+        from finetune.use.multilabel import evaluate_multilabel, format_multilabel_report
+
+        report = evaluate_multilabel(model.model, model.data_config, samples, model.classes, model.thresholds,
+                                     tta["mode"], int(opts["batch_size"]))
+        report["skipped"] = dict(skipped) | report.pop("skipped")
+        report["tta"] = tta
+        out = output_dir(opts["out"])
+        (out / "evaluation.json").write_text(json.dumps(report, indent=2))
+        print(format_multilabel_report(report))
+        print(_tta_line(tta))
+        print(f"  evaluation: {out / 'evaluation.json'}")
+        return 0
     failures: dict[str, str] = {}
     batch = int(opts["batch_size"])
     logits, labels = [torch.empty(0, len(model.classes))], [torch.empty(0, dtype=torch.long)]
@@ -93,7 +132,8 @@ def export_command(args: Sequence[str]) -> int:
     images, where = _parity_images(model, opts["input"])
     result = export(model, opts["format"], output_dir(opts["out"]), model.preprocess(images), float(opts["tolerance"]))
     print(f"exported {opts['format']}: {result.path}\n  preprocessing: {result.preprocessing}\n"
-          f"  parity on {len(images)} {where}: max |logit difference| = {result.max_abs_diff:.2e}")
+          f"  parity on {len(images)} {where}: max |logit difference| = {result.max_abs_diff:.2e}, "
+          f"{result.same_decisions}/{len(images)} images get the same {'label set' if model.thresholds else 'class'}")
     return 0
 
 
@@ -136,6 +176,9 @@ def _labelled_samples(model: FinetunedModel, folder: str | None, data: list[str]
     class folders of `folder`; or the test split (else the validation split) of the data that
     the `data` overrides describe; or, with neither, the validation split the model was trained
     with."""
+    if folder and model.task == "multilabel":
+        raise ConfigError("A multi-label model is evaluated on a manifest (class folders hold one class per "
+                          "image): data=csv data.csv=FILE data.label_sep=' ' (its test split, else its val split).")
     if folder:
         skipped, sizes = [], {}
         found, samples = scan_class_folders(Path(folder).resolve(), skipped, sizes)

@@ -3,6 +3,14 @@
 from __future__ import annotations
 
 import lightning as L
+from omegaconf import OmegaConf
+
+
+def monitored(cfg) -> str:
+    """The metric that picks the best epoch: ``callbacks.checkpoint.monitor``, where ``auto`` is the
+    task's: ``val/acc`` (multiclass) or ``val/map`` (multilabel, mean average precision)."""
+    monitor = OmegaConf.select(cfg, "callbacks.checkpoint.monitor", default="auto")
+    return monitor if monitor != "auto" else {"multilabel": "val/map"}.get(cfg.get("task"), "val/acc")
 
 
 class MetricsHistory(L.Callback):

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from finetune.compute.features import FeatureDataModule, features_for_run
 from finetune.compute.speed import resolve_num_workers, resolve_speed, usable_cores
-from finetune.config import check_types, monitored
+from finetune.config import check_types
 from finetune.console import run_log
 from finetune.data.check import DataReport, check_data
 from finetune.data.datamodule import ImageDataModule, class_weights
@@ -32,7 +32,7 @@ from finetune.train import report
 from finetune.train.checkpoints import Resume, stored_lr
 from finetune.train.compat import epochs_begun
 from finetune.train.faults import explain_failure, find_batch_size
-from finetune.train.history import MetricsHistory
+from finetune.train.history import MetricsHistory, monitored
 from finetune.train.loggers import finish_wandb, log_best
 from finetune.train.lr_find import lr_for_run
 from finetune.train.mixing import batch_mixer

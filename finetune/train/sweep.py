@@ -20,7 +20,6 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.config import monitored
 from finetune.console import is_rank_zero, setup
 from finetune.tables import format_table
 
@@ -50,6 +49,8 @@ class SweepSummary(Callback):
 
     def _resolve(self, config: DictConfig) -> None:
         if self.setting == "auto":
+            from finetune.train.history import monitored  # lightning: only when a sweep runs
+
             self.objective = monitored(config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:

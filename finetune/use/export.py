@@ -1,7 +1,9 @@
 """Export a trained model for serving: ONNX (dynamic batch), TorchScript, or safetensors with a
 timm-compatible config. Every export writes ``preprocessing.json`` (input size, mean, std,
 interpolation, crop, class names) beside the model and is checked for parity: the exported
-model's logits must match PyTorch's within ``tolerance`` (max abs) on a real batch.
+model's logits must match PyTorch's within ``tolerance`` (max abs) on a real batch, and its
+decisions PyTorch's on every image of it: the same class, or for a multi-label model the same
+label set at the thresholds ``preprocessing.json`` carries.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class ExportResult:
     path: Path
     preprocessing: Path
     max_abs_diff: float
+    same_decisions: int = 0  # images whose class (multi-label: label set) matches PyTorch's
 
 
 class ParityError(FinetuneError):
@@ -44,9 +47,21 @@ def export(model: FinetunedModel, fmt: str, out_dir: Path, sample: torch.Tensor,
     diff = float((exported - reference).abs().max())
     if diff > tolerance:
         raise ParityError(f"{path}: exported logits differ from PyTorch's by {diff:.2e} (> {tolerance:.0e}).")
+    same = int((_decisions(model, exported) == _decisions(model, reference)).all(dim=1).sum())
+    if same < len(sample):
+        raise ParityError(f"{path}: {len(sample) - same} of {len(sample)} images get another "
+                          f"{'label set' if model.thresholds else 'class'} from the exported model.")
     preprocessing = out_dir / "preprocessing.json"
     preprocessing.write_text(json.dumps(_preprocessing(model), indent=2))
-    return ExportResult(path, preprocessing, diff)
+    return ExportResult(path, preprocessing, diff, same)
+
+
+def _decisions(model: FinetunedModel, logits: torch.Tensor) -> torch.Tensor:
+    """(N, 1) predicted class, or (N, C) multi-label decisions at the model's thresholds."""
+    logits = logits.float()
+    if model.thresholds is not None:
+        return torch.sigmoid(logits) >= torch.tensor(model.thresholds)
+    return logits.argmax(dim=1, keepdim=True)
 
 
 def _preprocessing(model: FinetunedModel) -> dict:
@@ -61,6 +76,9 @@ def _preprocessing(model: FinetunedModel) -> dict:
         "resize": "shorter side to floor(min(input_size) / crop_pct), then center crop",
         "pixel_range": "RGB uint8 / 255, then (x - mean) / std",
         "classes": model.classes,
+        **({"task": "multilabel", "output": "sigmoid(logits) per label; a label applies when its probability "
+            ">= its threshold", "thresholds": dict(zip(model.classes, model.thresholds))}
+           if model.thresholds is not None else {"task": "multiclass", "output": "softmax(logits)"}),
     }
 
 

@@ -20,10 +20,25 @@ from torch import nn
 from finetune.data.images import IMAGE_EXTENSIONS, as_rgb_array
 from finetune.data.sources import load_data, relabel
 from finetune.data.transforms import build_transforms, with_input_size
-from finetune.errors import ConfigError, WeightsError
+from finetune.errors import ConfigError, DataError, WeightsError
 from finetune.model.build import CHECKPOINT_KEY, backbone_from_config, build_model
 from finetune.model.weights import read_state_dict, read_torch_file
 from finetune.use.tta import check_tta, tta_probabilities
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    """A multi-label prediction for one image: ``labels``, the (label, probability) pairs at or
+    above their thresholds (most probable first; empty: no label applies), and ``probabilities``
+    of every label."""
+
+    source: str
+    labels: list[tuple[str, float]]
+    probabilities: dict[str, float]
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.labels]
 
 
 @dataclass(frozen=True)
@@ -46,14 +61,20 @@ class FinetunedModel:
     """A trained classifier with its classes and preprocessing.
 
     ``model`` is the ``nn.Module`` (eval mode, logits out); ``classes`` the names in label order;
-    ``data_config`` input size, mean, std, interpolation and crop as used in training.
+    ``data_config`` input size, mean, std, interpolation and crop as used in training. Multi-label
+    models (``task == "multilabel"``) have per-label ``thresholds`` (tuned on the validation split;
+    0.5 for a checkpoint written before tuning) and :meth:`predict` returns :class:`LabelSet`\ s.
     """
 
-    def __init__(self, model: nn.Module, classes: list[str], data_config: dict, config: dict):
+    def __init__(self, model: nn.Module, classes: list[str], data_config: dict, config: dict,
+                 thresholds: dict[str, float] | None = None):
         self.model = model.eval()
         self.classes = list(classes)
         self.data_config = dict(data_config)
         self.config = config
+        self.task = config.get("task", "multiclass")
+        self.thresholds = [float((thresholds or {}).get(c, 0.5)) for c in self.classes] \
+            if self.task == "multilabel" else None
         _, self.transform = build_transforms(self.data_config, {"random_resized_crop": False})
 
     def run_config(self, overrides: Sequence[str] = ()) -> DictConfig:
@@ -72,7 +93,9 @@ class FinetunedModel:
         split, else the validation split, of the data `overrides` describe, or of the training
         data when there are none."""
         cfg = self.run_config(overrides)
-        splits = load_data(cfg.data, cfg.seed, cfg.get("task", "multiclass"))
+        splits = load_data(cfg.data, cfg.seed, self.task)
+        if self.task == "multilabel":
+            return relabel_sets(splits.test or splits.val, splits.classes, self.classes), list(splits.skipped)
         chosen = relabel(splits.test or splits.val, splits.classes, self.classes, "The data", "the model")
         return chosen, list(splits.skipped)
 
@@ -91,7 +114,7 @@ class FinetunedModel:
         state = {k.removeprefix("model."): v for k, v in read_state_dict(path).items() if k.startswith("model.")}
         model.load_state_dict(state, strict=True)
         data_config = with_input_size(backbone.data_config, cfg.data.get("image_size"))
-        return cls(model, meta["classes"], data_config, meta["config"])
+        return cls(model, meta["classes"], data_config, meta["config"], meta.get("thresholds"))
 
     def preprocess(self, images: Iterable) -> torch.Tensor:
         """The exact input batch (N, 3, H, W) for paths, PIL images or arrays, each converted by
@@ -108,25 +131,29 @@ class FinetunedModel:
         return torch.cat(chunks) if chunks else torch.empty(0, len(self.classes))
 
     def probabilities(self, images: Sequence, batch_size: int = 32, tta: str = "none") -> torch.Tensor:
-        """(N, C) class probabilities in input order. ``tta`` (see :mod:`finetune.use.tta`):
-        ``none`` is the softmax of :meth:`logits`; ``flip``, ``crops``, ``crops_flip`` average the
-        probabilities of 2, 5 or 10 views per image (as many forward passes); `batch_size` caps
-        the views per forward pass."""
+        """(N, C) class probabilities in input order (multi-label: each label's sigmoid). ``tta``
+        (see :mod:`finetune.use.tta`): ``none`` is the softmax of :meth:`logits`; ``flip``,
+        ``crops``, ``crops_flip`` average the probabilities of 2, 5 or 10 views per image (as many
+        forward passes); `batch_size` caps the views per forward pass."""
         check_tta(tta)
         if not len(images):
             return torch.empty(0, len(self.classes))
-        return tta_probabilities(self.model, images, self.data_config, tta, batch_size)
+        return tta_probabilities(self.model, images, self.data_config, tta, batch_size,
+                                 multilabel=self.task == "multilabel")
 
     def predict(self, images: Sequence, top_k: int = 1, batch_size: int = 32,
-                names: Sequence[str] | None = None, tta: str = "none") -> list[Prediction]:
-        """Top-k (label, probability) per image, in input order. `names` label the results
-        (default: the paths, or the type of in-memory images); `tta` as :meth:`probabilities`."""
+                names: Sequence[str] | None = None, tta: str = "none") -> list[Prediction] | list[LabelSet]:
+        """Top-k (label, probability) per image, in input order; multi-label models: the label set
+        at the thresholds (`top_k` unused). `names` label the results (default: the paths, or the
+        type of in-memory images); `tta` as :meth:`probabilities`."""
         check_tta(tta)  # before any image is decoded
         if isinstance(images, (str, Path, np.ndarray)) or hasattr(images, "convert"):  # one path, array or PIL image
             images = [images]
         images = list(images)
         names = list(names) if names is not None else [_describe(image) for image in images]
         probabilities = self.probabilities(images, batch_size, tta)
+        if self.task == "multilabel":
+            return [self._label_set(name, row.tolist()) for name, row in zip(names, probabilities)]
         k = min(top_k, len(self.classes))
         values, indices = probabilities.topk(k, dim=1)
         return [
@@ -134,8 +161,23 @@ class FinetunedModel:
             for name, v, ix in zip(names, values, indices)
         ]
 
+    def _label_set(self, name: str, row: list[float]) -> LabelSet:
+        chosen = sorted(((c, p) for c, p, t in zip(self.classes, row, self.thresholds) if p >= t), key=lambda cp: -cp[1])
+        return LabelSet(name, chosen, dict(zip(self.classes, row)))
+
     def __repr__(self) -> str:
-        return f"FinetunedModel({self.config['backbone']['name']}, classes={self.classes})"
+        task = ", multilabel" if self.task == "multilabel" else ""
+        return f"FinetunedModel({self.config['backbone']['name']}{task}, classes={self.classes})"
+
+
+def relabel_sets(samples: list, found: list[str], classes: list[str]) -> list:
+    """Multi-label samples labelled by position in `found` -> by the model's `classes`, by name.
+    A label the model lacks is a DataError."""
+    unknown = sorted({found[i] for _, labels in samples for i in labels} - set(classes))
+    if unknown:
+        raise DataError(f"The data have labels the model lacks: {unknown}. Model labels: {classes}.")
+    index = {c: i for i, c in enumerate(classes)}
+    return [(item, tuple(sorted(index[found[i]] for i in labels))) for item, labels in samples]
 
 
 def load(path: str | Path) -> FinetunedModel:
@@ -163,4 +205,4 @@ def _describe(image) -> str:
     return str(image) if isinstance(image, (str, Path)) else type(image).__name__
 
 
-__all__ = ["FinetunedModel", "Prediction", "expand_inputs", "load"]
+__all__ = ["FinetunedModel", "LabelSet", "Prediction", "expand_inputs", "load", "relabel_sets"]

@@ -72,6 +72,13 @@ def decisions(probabilities: torch.Tensor | np.ndarray, thresholds: Sequence[flo
     return np.asarray(probabilities, np.float64) >= np.asarray(thresholds, np.float64)[None, :]
 
 
+def decision_scores(predicted: np.ndarray, targets: np.ndarray) -> dict:
+    """Micro F1, macro F1 (mean over labels) and exact-set accuracy of (N, C) bool decisions."""
+    y = np.asarray(targets) > 0.5
+    return {"f1_micro": float(_f1(predicted, y)), "f1_macro": float(_f1(predicted, y, axis=0).mean()),
+            "exact": float((predicted == y).all(axis=1).mean()) if len(y) else 0.0}
+
+
 def multilabel_report(probabilities, targets, classes: Sequence[str], thresholds: Sequence[float]) -> dict:
     """mAP, micro/macro F1 and exact-set accuracy at `thresholds` and at 0.5, the mean binary
     cross-entropy, and per label: threshold, precision, recall, F1, AP (None without positives),
@@ -81,10 +88,7 @@ def multilabel_report(probabilities, targets, classes: Sequence[str], thresholds
     p = np.asarray(probabilities, np.float64).reshape(-1, len(classes))
     y = np.asarray(targets).reshape(-1, len(classes)) > 0.5
     thresholds = [float(t) for t in thresholds]
-
-    def scores(predicted: np.ndarray) -> dict:
-        return {"f1_micro": float(_f1(predicted, y)), "f1_macro": float(_f1(predicted, y, axis=0).mean()),
-                "exact": float((predicted == y).all(axis=1).mean()) if len(y) else 0.0}
+    scores = lambda predicted: decision_scores(predicted, y)  # noqa: E731
 
     predicted = decisions(p, thresholds)
     ap = [float(average_precision_score(y[:, j], p[:, j])) if y[:, j].any() else None for j in range(len(classes))]

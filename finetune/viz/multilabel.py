@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from finetune.data.labels import cardinality, describe_cardinality
 from finetune.viz.pictures import _save, mosaic  # pictures selects the Agg backend
 
 
@@ -60,12 +61,6 @@ def cooccurrence_counts(targets: np.ndarray) -> np.ndarray:
     return present.T @ present
 
 
-def cardinality(targets: np.ndarray) -> np.ndarray:
-    """How many images carry 0, 1, 2 and 3 or more labels: int array of length 4."""
-    per_image = _present(targets).sum(axis=1)
-    return np.bincount(np.minimum(per_image, 3), minlength=4)
-
-
 def cooccurrence(targets: np.ndarray, classes: Sequence[str], path: Path,
                  title: str = "label co-occurrence") -> Path | None:
     """Counts of images carrying both labels (diagonal: each label's count), and the same rows
@@ -94,8 +89,7 @@ def cooccurrence(targets: np.ndarray, classes: Sequence[str], path: Path,
                 if v:
                     ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=7,
                             color="white" if v > top / 2 else "black")
-    k = cardinality(targets)
-    spread = f"0 labels {k[0]}, 1 label {k[1]}, 2 labels {k[2]}" + (f", 3+ labels {k[3]}" if n >= 3 else "")
+    spread = describe_cardinality(cardinality([tuple(np.flatnonzero(row)) for row in _present(targets)]))
     fig.suptitle(f"{title}\n{len(targets)} images: {spread}", fontsize=10)
     return _save(fig, path)
 
