@@ -41,7 +41,9 @@ REPO = Path(__file__).resolve().parents[1]
 DATASETS = Path(os.environ.get("FINETUNE_DATASETS", REPO.parent / "shared" / "datasets"))
 RESULTS = REPO / "benchmarks" / "results" / "multilabel"
 HEADLINE = [("map", "mAP"), ("f1_micro", "micro-F1@0.5"), ("f1_macro", "macro-F1@0.5"), ("exact", "exact@0.5")]
-TUNED = [("f1_micro_tuned", "micro-F1 tuned"), ("f1_macro_tuned", "macro-F1 tuned"), ("exact_tuned", "exact tuned")]
+TUNED = [("f1_micro_tuned", "micro-F1 tuned f1"), ("f1_macro_tuned", "macro-F1 tuned f1"), ("exact_tuned", "exact tuned f1"),
+         ("f1_micro_tuned_acc", "micro-F1 tuned acc"), ("f1_macro_tuned_acc", "macro-F1 tuned acc"),
+         ("exact_tuned_acc", "exact tuned acc")]
 FIT_KEYS = ["map", "f1_micro", "f1_macro", "exact", "f1_micro_tuned", "exact_tuned", "f1_macro_tuned"]
 
 
@@ -80,7 +82,7 @@ def write_manifest(path: Path, files: list[str], sets: list[tuple[str, ...]], va
 
 # ---------------------------------------------------------------- metrics
 
-def scores(y: np.ndarray, p: np.ndarray, labels: list[str], seed: int) -> dict:
+def scores(y: np.ndarray, p: np.ndarray, labels: list[str], seed: int, bounds: tuple[int, int | None]) -> dict:
     """Val metrics of probabilities `p` (N, L) against multi-hot `y` (N, L), computed by finetune's
     own report (``finetune evaluate``): mAP over the labels present, F1 and exact-set accuracy at
     0.5, per-label AP; and the same decisions at thresholds tuned on held-out images
@@ -93,21 +95,24 @@ def scores(y: np.ndarray, p: np.ndarray, labels: list[str], seed: int) -> dict:
             "predicted_per_image": float(pred.sum(1).mean()), "no_label_predicted": float((pred.sum(1) == 0).mean()),
             "per_label_ap": {k: v["ap"] for k, v in report["per_label"].items() if v["ap"] is not None},
             "per_label_f1": {k: v["f1"] for k, v in report["per_label"].items()},
-            **heldout_thresholds(y, p, seed)}
+            **heldout_thresholds(y, p, seed, "f1", bounds),
+            **{f"{k}_acc": v for k, v in heldout_thresholds(y, p, seed, "accuracy", bounds).items()},
+            **{f"{k}_any_count": v for k, v in heldout_thresholds(y, p, seed, "f1", (0, None)).items()}}
 
 
-def heldout_thresholds(y: np.ndarray, p: np.ndarray, seed: int) -> dict:
+def heldout_thresholds(y: np.ndarray, p: np.ndarray, seed: int, objective: str, bounds: tuple[int, int | None]) -> dict:
     """Thresholds judged on images they were not tuned on: the val split in two seeded halves,
-    finetune's tune_thresholds on each half applied to the other, decisions pooled. Returns
+    finetune's tune_thresholds(objective) on each half applied to the other with finetune's
+    decision rule (label-count `bounds` from the training images), decisions pooled. Returns
     micro/macro F1, exact-set accuracy and per-label F1 of those decisions (``*_tuned``)."""
-    from finetune.use.multilabel import decision_scores, tune_thresholds
+    from finetune.use.multilabel import decision_scores, decisions, tune_thresholds
 
     order = np.random.default_rng(seed).permutation(len(y))
     halves = order[: len(y) // 2], order[len(y) // 2:]
     pred = np.zeros_like(p, dtype=bool)
     for tune_on, apply_to in (halves, halves[::-1]):
-        thresholds, _ = tune_thresholds(p[tune_on], y[tune_on])
-        pred[apply_to] = p[apply_to] >= thresholds
+        thresholds, _ = tune_thresholds(p[tune_on], y[tune_on], objective)
+        pred[apply_to] = decisions(p[apply_to], thresholds, *bounds)
     tuned = decision_scores(pred, y)
     yb = y > 0.5
     per_label = [2 * (pred[:, j] & yb[:, j]).sum() / max(pred[:, j].sum() + yb[:, j].sum(), 1) for j in range(y.shape[1])]
@@ -183,7 +188,7 @@ def run_probe(x: np.ndarray, y: np.ndarray, train: list[int], val: list[int], cs
         best_c = max(cs, key=lambda c: cv[c])
         model = probe_model(best_c).fit(x_tr, y_tr)
     p = model.predict_proba(x_val)
-    result = scores(y_val, p, labels, seed)
+    result = scores(y_val, p, labels, seed, (int(y_tr.sum(1).min()), int(y_tr.sum(1).max())))
     result.update({"C": best_c, "cv_map": {str(c): v for c, v in cv.items()}})
     result["seconds"] = time.perf_counter() - started
     return result
@@ -217,7 +222,7 @@ def run_arm(fit, name: str, overrides: list[str], seed: int, manifest: Path, roo
         raise SystemExit(f"the run's labels {model.classes} are not the data's {labels}")
     p = model.probabilities([str(root / "images" / files[i]) for i in val]).numpy()
     own = {k: float(v) for k, v in result.metrics.items() if k.startswith("val/")}
-    return {**scores(y[val], p, labels, seed), "run_metrics": own, "epoch": result.metrics.get("epoch"),
+    return {**scores(y[val], p, labels, seed, (model.min_labels, model.max_labels)), "run_metrics": own, "epoch": result.metrics.get("epoch"),
             "output_dir": str(result.output_dir), "seconds": seconds}
 
 

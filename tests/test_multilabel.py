@@ -120,6 +120,16 @@ def test_the_split_keeps_rare_labels_on_both_sides(tmp_path):
         assert {i for _, label in split for i in label} == {0, 1, 2}
 
 
+def test_the_decision_rule_keeps_answers_within_the_label_counts_of_training():
+    from finetune.use.multilabel import decisions
+
+    p = np.array([[0.9, 0.8, 0.7], [0.1, 0.2, 0.05], [0.6, 0.1, 0.1]])
+    assert decisions(p, [0.5] * 3).tolist() == [[1, 1, 1], [0, 0, 0], [1, 0, 0]]
+    assert decisions(p, [0.5] * 3, 1, 2).tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 0]]
+    thresholds, _ = tune_thresholds(p, p > 0.5, "none")
+    assert thresholds.tolist() == [0.5] * 3
+
+
 def test_multi_hot_and_split_cells():
     assert multi_hot((0, 2), 4).tolist() == [1, 0, 1, 0]
     assert split_cells(["a | b", "c", ""], None, "x") == [("a", "b"), ("c",), ()]
@@ -161,6 +171,9 @@ def test_tuned_thresholds_fit_each_label_and_beat_one_half_on_their_data():
     assert thresholds[0] < 0.3 and thresholds[2] > 0.6 and thresholds[3] == global_threshold
     tuned = multilabel_report(scores, targets, list("abcd"), thresholds)
     assert tuned["f1_micro"] > tuned["at_0.5"]["f1_micro"] and tuned["exact"] > tuned["at_0.5"]["exact"]
+    accurate, _ = tune_thresholds(scores, targets, "accuracy")  # fewer false alarms than F1's
+    assert all(a >= f for a, f in zip(accurate, thresholds))
+    assert multilabel_report(scores, targets, list("abcd"), accurate)["exact"] >= tuned["exact"]
 
 
 def test_multi_hot_targets_are_mixed_with_the_images_ratio():
@@ -207,9 +220,12 @@ def test_a_head_only_run_tunes_thresholds_that_load_predict_evaluate_and_export_
     images = sorted((tmp_path / "data" / "images").glob("*.png"))[:4]
     predictions = model.predict([str(p) for p in images])
     probabilities = model.probabilities([str(p) for p in images])
+    # The generated sets hold 0 to 2 of the 3 labels: answers hold at most the 2 most probable.
+    assert (model.min_labels, model.max_labels) == (0, 2)
     for prediction, row in zip(predictions, probabilities):
-        assert prediction.names == [c for c, p, t in sorted(zip(model.classes, row.tolist(), model.thresholds),
-                                                             key=lambda x: -x[1]) if p >= t]
+        passing = [c for c, p, t in sorted(zip(model.classes, row.tolist(), model.thresholds), key=lambda x: -x[1])
+                   if p >= t]
+        assert prediction.names == passing[:2]
         assert set(prediction.probabilities) == set(model.classes)
 
     out = tmp_path / "predicted"

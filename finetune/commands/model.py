@@ -71,7 +71,7 @@ def _write_label_sets(model: FinetunedModel, predictions: list, out: Path, ckpt:
             writer.writerow([p.source, " ".join(p.names)] + [f"{p.probabilities[c]:.6f}" for c in model.classes])
     (out / "predictions.json").write_text(json.dumps(
         {"checkpoint": str(Path(ckpt).resolve()), "task": "multilabel", "classes": model.classes,
-         "thresholds": dict(zip(model.classes, model.thresholds)), "tta": tta,
+         "thresholds": dict(zip(model.classes, model.thresholds)), "min_labels": model.min_labels, "max_labels": model.max_labels, "tta": tta,
          "predictions": [{"image": p.source, "labels": p.labels, "probabilities": p.probabilities} for p in predictions],
          "skipped": failures}, indent=2))
     for path, reason in failures.items():
@@ -97,7 +97,7 @@ def evaluate_command(args: Sequence[str]) -> int:
         from finetune.use.multilabel import evaluate_multilabel, format_multilabel_report
 
         report = evaluate_multilabel(model.model, model.data_config, samples, model.classes, model.thresholds,
-                                     tta["mode"], int(opts["batch_size"]))
+                                     tta["mode"], int(opts["batch_size"]), model.min_labels, model.max_labels)
         report["skipped"] = dict(skipped) | report.pop("skipped")
         report["tta"] = tta
         out = output_dir(opts["out"])

@@ -24,3 +24,15 @@ def build_head(in_features: int, num_classes: int, hidden: int | None = None, dr
         layers += [nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(hidden, num_classes)]
         return nn.Sequential(*layers)
     return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, num_classes))
+
+
+def set_prior_bias(head: nn.Sequential, frequencies) -> None:
+    """Start a multi-label head at each label's training frequency: the last Linear's bias becomes
+    logit(frequency) (Lin et al. 2017's prior initialization). With bias 0 every label starts at
+    probability 0.5 while most are rare, and the first epochs only learn to say no."""
+    import torch
+
+    last = [m for m in head.modules() if isinstance(m, nn.Linear)][-1]
+    p = torch.as_tensor(frequencies, dtype=torch.float32).clamp(1e-3, 1 - 1e-3)
+    with torch.no_grad():
+        last.bias.copy_(torch.log(p / (1 - p)))

@@ -90,10 +90,14 @@ class ClassifierModule(L.LightningModule):
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None,
              smoothing: float = 0.0) -> torch.Tensor:
         """The task's loss for class indices or soft targets (multiclass), multi-hot rows (multilabel:
-        smoothing pulls each target toward 0.5, as timm's BinaryCrossEntropy does)."""
+        smoothing pulls each target toward 0.5, as timm's BinaryCrossEntropy does). Multi-label
+        BCE is summed over the labels and averaged over the images: a mean over the labels too
+        would shrink every gradient by the number of labels, and the recipes' learning rates,
+        set for cross-entropy, would no longer fit."""
         if self.multilabel:
             targets = targets.float() * (1 - smoothing) + 0.5 * smoothing
-            return F.binary_cross_entropy_with_logits(logits.float(), targets, pos_weight=weight)
+            per_label = F.binary_cross_entropy_with_logits(logits.float(), targets, pos_weight=weight, reduction="none")
+            return per_label.sum(dim=1).mean()
         if targets.ndim == 2:  # mixed: the smoothing is in the targets already
             return soft_target_cross_entropy(logits, targets, weight)
         return F.cross_entropy(logits, targets, weight=weight, label_smoothing=smoothing)

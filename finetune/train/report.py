@@ -110,10 +110,10 @@ def log_techniques(cfg: DictConfig, mixer) -> None:
 
 
 def score_with_tta(cfg: DictConfig, model: Classifier, splits: DataSplits, backbone: Backbone,
-                   thresholds: list[float] | None = None) -> dict[str, float]:
+                   evaluation: dict | None = None) -> dict[str, float]:
     """The test split (else the validation split) scored with ``cfg.tta``'s views, logged with
     the number of views: ``{split}/acc_tta``, ``{split}/loss_tta``, ``tta_views`` (multi-label:
-    ``{split}/map_tta`` and ``{split}/f1_micro_tta`` at `thresholds`)."""
+    ``{split}/map_tta`` and ``{split}/f1_micro_tta`` by the decision rule of `evaluation`)."""
     from finetune.use.tta import evaluate_with_tta
 
     split = "test" if splits.test else "val"
@@ -122,8 +122,9 @@ def score_with_tta(cfg: DictConfig, model: Classifier, splits: DataSplits, backb
     if splits.multilabel:
         from finetune.use.multilabel import evaluate_multilabel
 
-        scored = evaluate_multilabel(model, data_config, getattr(splits, split), splits.classes, thresholds,
-                                     cfg.tta, cfg.data.batch_size)
+        scored = evaluate_multilabel(model, data_config, getattr(splits, split), splits.classes,
+                                     list(evaluation["thresholds"].values()), cfg.tta, cfg.data.batch_size,
+                                     evaluation["min_labels"], evaluation["max_labels"])
         log.info("test-time augmentation (%s, %d views per image) on the %s split: %s/map %.4f",
                  cfg.tta, scored["views"], split, split, scored["map"])
         return {f"{split}/map_tta": scored["map"], f"{split}/f1_micro_tta": scored["f1_micro"],

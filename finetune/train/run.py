@@ -28,6 +28,7 @@ from finetune.data.transforms import build_transforms
 from finetune.model.backbone import Backbone
 from finetune.model.build import backbone_from_config, build_model
 from finetune.model.classifier import Classifier
+from finetune.model.head import set_prior_bias
 from finetune.train import report
 from finetune.train.checkpoints import Resume, stored_lr
 from finetune.train.compat import epochs_begun
@@ -38,7 +39,7 @@ from finetune.train.lr_find import lr_for_run
 from finetune.train.mixing import batch_mixer
 from finetune.train.module import ClassifierModule
 from finetune.train.report import FitResult
-from finetune.train.thresholds import tune_and_store
+from finetune.train.thresholds import label_count_bounds, tune_and_store
 from finetune.train.run_folder import RunFolder, make_folder
 from finetune.train.trainer import build_trainer
 
@@ -120,6 +121,9 @@ def prepare(cfg: DictConfig, config: dict, output_dir: Path, resume_from: Path |
     log.info(data_report.table())
     backbone = backbone_from_config(cfg)
     model = build_model(backbone, len(splits.classes), cfg.head, cfg.freeze)
+    if splits.multilabel:
+        counts = torch.tensor(list(splits.counts("train").values()), dtype=torch.float32)
+        set_prior_bias(model.head, counts / len(splits.train))
     trainer_kwargs, speed = resolve_speed(OmegaConf.to_container(cfg.trainer, resolve=True), model)
     report.log_start(cfg, backbone, model, speed)
     data, eval_tf = _datamodule(cfg, model, backbone, splits, data_report, speed)
@@ -183,9 +187,9 @@ def _best_metrics(cfg: DictConfig, trainer: L.Trainer, module: ClassifierModule,
         best.update({k: float(v) for k, v in trainer.test(module, datamodule=data, verbose=False)[0].items()})
     evaluation = None
     if splits.multilabel and trainer.is_global_zero:
-        tuned, evaluation = tune_and_store(module, data, best_path, bool(splits.test))
+        tuned, evaluation = tune_and_store(module, data, best_path, bool(splits.test), cfg.multilabel.thresholds,
+                                           *label_count_bounds(cfg.multilabel.label_count, splits))
         best.update(tuned)
     if cfg.tta != "none" and trainer.is_global_zero:
-        thresholds = list(evaluation["thresholds"].values()) if evaluation else None
-        best.update(report.score_with_tta(cfg, module.model, splits, backbone, thresholds))
+        best.update(report.score_with_tta(cfg, module.model, splits, backbone, evaluation))
     return best, evaluation

@@ -17,6 +17,15 @@ from finetune.use.multilabel import multilabel_report, tune_thresholds
 log = logging.getLogger(__name__)
 
 
+def label_count_bounds(setting: str, splits) -> tuple[int, int | None]:
+    """(fewest, most) labels an answer may hold: ``auto``, those of the training images (an
+    answer then never has fewer or more labels than every training image had); ``any``: (0, None)."""
+    if setting == "any":
+        return 0, None
+    sizes = [len(label) for _, label in splits.train]
+    return min(sizes), max(sizes)
+
+
 @torch.no_grad()
 def split_probabilities(module, loader) -> tuple[np.ndarray, np.ndarray]:
     """(sigmoid probabilities (N, C), multi-hot targets (N, C)) of `module` over `loader`'s
@@ -39,26 +48,36 @@ def split_probabilities(module, loader) -> tuple[np.ndarray, np.ndarray]:
             torch.cat(targets).numpy() if targets else np.zeros((0, n)))
 
 
-def tune_and_store(module, data, best_path: Path | None, has_test: bool) -> tuple[dict[str, float], dict]:
-    """Tune thresholds on the validation split, write them into `best_path`'s finetune entry, and
+def tune_and_store(module, data, best_path: Path | None, has_test: bool, objective: str = "f1", min_labels: int = 0,
+                   max_labels: int | None = None) -> tuple[dict[str, float], dict]:
+    """Tune thresholds for `objective` on the validation split, write them (and the fewest and most
+    labels an answer has, see :func:`finetune.use.multilabel.decisions`) into `best_path`'s
+    finetune entry, and
     return (metrics at the tuned thresholds: ``val/f1_micro_tuned``, ``val/f1_macro_tuned``,
     ``val/exact_tuned``, and ``test/...`` likewise; the summary entry: thresholds and the
     per-label reports)."""
     classes = list(module.classes)
     probabilities, targets = split_probabilities(module, data.val_dataloader())
-    thresholds, global_threshold = tune_thresholds(probabilities, targets)
-    reports = {"val": multilabel_report(probabilities, targets, classes, thresholds)}
+    thresholds, global_threshold = tune_thresholds(probabilities, targets, objective)
+    rule = (min_labels, max_labels)
+    reports = {"val": multilabel_report(probabilities, targets, classes, thresholds, *rule)}
     if has_test:
-        reports["test"] = multilabel_report(*split_probabilities(module, data.test_dataloader()), classes, thresholds)
+        reports["test"] = multilabel_report(*split_probabilities(module, data.test_dataloader()), classes, thresholds,
+                                            *rule)
     metrics = {f"{split}/{name}_tuned": report[name] for split, report in reports.items()
                for name in ("f1_micro", "f1_macro", "exact")}
     stored = {c: float(t) for c, t in zip(classes, thresholds)}
     if best_path is not None:
         checkpoint = torch.load(best_path, map_location="cpu", weights_only=True)
         checkpoint[CHECKPOINT_KEY]["thresholds"] = stored
+        checkpoint[CHECKPOINT_KEY]["min_labels"] = min_labels
+        checkpoint[CHECKPOINT_KEY]["max_labels"] = max_labels
         atomic_save(checkpoint, best_path)
     val = reports["val"]
-    log.info("thresholds tuned on the validation split (global %.2f, per label %.2f to %.2f): f1_micro %.4f "
-             "(at 0.5: %.4f), exact-set accuracy %.4f (at 0.5: %.4f)", global_threshold, thresholds.min(),
-             thresholds.max(), val["f1_micro"], val["at_0.5"]["f1_micro"], val["exact"], val["at_0.5"]["exact"])
-    return metrics, {"thresholds": stored, "global_threshold": global_threshold, **reports}
+    count = f"{min_labels} to {max_labels}" if max_labels is not None else f"at least {min_labels}"
+    log.info("thresholds tuned for %s on the validation split (global %.2f, per label %.2f to %.2f), %s labels "
+             "per image: f1_micro %.4f (at 0.5: %.4f), exact-set accuracy %.4f (at 0.5: %.4f)", objective,
+             global_threshold, thresholds.min(), thresholds.max(), count, val["f1_micro"], val["at_0.5"]["f1_micro"],
+             val["exact"], val["at_0.5"]["exact"])
+    return metrics, {"objective": objective, "thresholds": stored, "global_threshold": global_threshold,
+                     "min_labels": min_labels, "max_labels": max_labels, **reports}

@@ -60,7 +60,10 @@ def _decisions(model: FinetunedModel, logits: torch.Tensor) -> torch.Tensor:
     """(N, 1) predicted class, or (N, C) multi-label decisions at the model's thresholds."""
     logits = logits.float()
     if model.thresholds is not None:
-        return torch.sigmoid(logits) >= torch.tensor(model.thresholds)
+        from finetune.use.multilabel import decisions
+
+        return torch.from_numpy(decisions(torch.sigmoid(logits).numpy(), model.thresholds, model.min_labels,
+                                          model.max_labels))
     return logits.argmax(dim=1, keepdim=True)
 
 
@@ -77,7 +80,9 @@ def _preprocessing(model: FinetunedModel) -> dict:
         "pixel_range": "RGB uint8 / 255, then (x - mean) / std",
         "classes": model.classes,
         **({"task": "multilabel", "output": "sigmoid(logits) per label; a label applies when its probability "
-            ">= its threshold", "thresholds": dict(zip(model.classes, model.thresholds))}
+            ">= its threshold, but at least min_labels and at most max_labels (null: any) of the most probable",
+            "min_labels": model.min_labels, "max_labels": model.max_labels,
+            "thresholds": dict(zip(model.classes, model.thresholds))}
            if model.thresholds is not None else {"task": "multiclass", "output": "softmax(logits)"}),
     }
 

@@ -67,7 +67,7 @@ class FinetunedModel:
     """
 
     def __init__(self, model: nn.Module, classes: list[str], data_config: dict, config: dict,
-                 thresholds: dict[str, float] | None = None):
+                 thresholds: dict[str, float] | None = None, min_labels: int = 0, max_labels: int | None = None):
         self.model = model.eval()
         self.classes = list(classes)
         self.data_config = dict(data_config)
@@ -75,6 +75,8 @@ class FinetunedModel:
         self.task = config.get("task", "multiclass")
         self.thresholds = [float((thresholds or {}).get(c, 0.5)) for c in self.classes] \
             if self.task == "multilabel" else None
+        # multi-label: the fewest and most labels an answer has (see finetune.use.multilabel.decisions)
+        self.min_labels, self.max_labels = int(min_labels), max_labels
         _, self.transform = build_transforms(self.data_config, {"random_resized_crop": False})
 
     def run_config(self, overrides: Sequence[str] = ()) -> DictConfig:
@@ -114,7 +116,8 @@ class FinetunedModel:
         state = {k.removeprefix("model."): v for k, v in read_state_dict(path).items() if k.startswith("model.")}
         model.load_state_dict(state, strict=True)
         data_config = with_input_size(backbone.data_config, cfg.data.get("image_size"))
-        return cls(model, meta["classes"], data_config, meta["config"], meta.get("thresholds"))
+        return cls(model, meta["classes"], data_config, meta["config"], meta.get("thresholds"), meta.get("min_labels", 0),
+                   meta.get("max_labels"))
 
     def preprocess(self, images: Iterable) -> torch.Tensor:
         """The exact input batch (N, 3, H, W) for paths, PIL images or arrays, each converted by
@@ -162,7 +165,10 @@ class FinetunedModel:
         ]
 
     def _label_set(self, name: str, row: list[float]) -> LabelSet:
-        chosen = sorted(((c, p) for c, p, t in zip(self.classes, row, self.thresholds) if p >= t), key=lambda cp: -cp[1])
+        from finetune.use.multilabel import decisions
+
+        chosen = decisions(np.array([row]), self.thresholds, self.min_labels, self.max_labels)[0]
+        chosen = sorted(((c, p) for c, p, yes in zip(self.classes, row, chosen) if yes), key=lambda cp: -cp[1])
         return LabelSet(name, chosen, dict(zip(self.classes, row)))
 
     def __repr__(self) -> str:

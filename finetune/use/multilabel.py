@@ -48,18 +48,30 @@ def _f1(predicted: np.ndarray, targets: np.ndarray, axis=None) -> np.ndarray:
     return np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), 0.0)
 
 
-def tune_thresholds(probabilities: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, float]:
-    """(a threshold per label, the global threshold). The global one maximizes micro-F1 over all
-    labels; each label with a positive image gets the threshold maximizing its own F1 (the middle
-    of the best plateau: ties are common on small splits), the others the global one."""
+OBJECTIVES = ("f1", "accuracy", "none")
+
+
+def _accuracy(predicted: np.ndarray, targets: np.ndarray, axis=None) -> np.ndarray:
+    return (predicted == targets).mean(axis)
+
+
+def tune_thresholds(probabilities: np.ndarray, targets: np.ndarray, objective: str = "f1") -> tuple[np.ndarray, float]:
+    """(a threshold per label, the global threshold) maximizing `objective`: ``f1`` (each label's
+    F1; the global one micro-F1), ``accuracy`` (each label's accuracy, i.e. Hamming loss: fewer
+    false alarms, better exact-set accuracy), or ``none`` (0.5 everywhere). Each label with a
+    positive image gets its own threshold (the middle of the best plateau: ties are common on
+    small splits), the others the global one."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"threshold objective {objective!r}; choose {', '.join(OBJECTIVES)}")
     probabilities, targets = np.asarray(probabilities, np.float64), np.asarray(targets) > 0.5
-    if not len(probabilities):
+    if not len(probabilities) or objective == "none":
         return np.full(targets.shape[1], 0.5), 0.5
-    micro = [_f1(probabilities >= t, targets) for t in GRID]
+    score = _f1 if objective == "f1" else _accuracy
+    micro = [score(probabilities >= t, targets) for t in GRID]
     best = np.flatnonzero(np.isclose(micro, max(micro)))
     global_threshold = float(GRID[best[len(best) // 2]])
     thresholds = np.full(targets.shape[1], global_threshold)
-    per_label = np.stack([_f1(probabilities >= t, targets, axis=0) for t in GRID])  # (grid, labels)
+    per_label = np.stack([score(probabilities >= t, targets, axis=0) for t in GRID])  # (grid, labels)
     for label in np.flatnonzero(targets.any(axis=0)):
         scores = per_label[:, label]
         best = np.flatnonzero(np.isclose(scores, scores.max()))
@@ -67,9 +79,21 @@ def tune_thresholds(probabilities: np.ndarray, targets: np.ndarray) -> tuple[np.
     return thresholds, global_threshold
 
 
-def decisions(probabilities: torch.Tensor | np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
-    """(N, C) bool: which labels each image gets."""
-    return np.asarray(probabilities, np.float64) >= np.asarray(thresholds, np.float64)[None, :]
+def decisions(probabilities: torch.Tensor | np.ndarray, thresholds: Sequence[float], min_labels: int = 0,
+              max_labels: int | None = None) -> np.ndarray:
+    """(N, C) bool: which labels each image gets: those at or above their thresholds, but at least
+    the `min_labels` and at most the `max_labels` most probable (a run sets them to the fewest and
+    most labels a training image has: an empty answer is always wrong when every image has a
+    label, three labels when none has more than two)."""
+    p = np.asarray(probabilities, np.float64)
+    chosen = p >= np.asarray(thresholds, np.float64)[None, :]
+    if not p.size:
+        return chosen
+    rank = np.argsort(np.argsort(-p, axis=1, kind="stable"), axis=1, kind="stable")  # 0: the most probable
+    chosen |= rank < min_labels
+    if max_labels is not None:
+        chosen &= rank < max_labels
+    return chosen
 
 
 def decision_scores(predicted: np.ndarray, targets: np.ndarray) -> dict:
@@ -79,10 +103,12 @@ def decision_scores(predicted: np.ndarray, targets: np.ndarray) -> dict:
             "exact": float((predicted == y).all(axis=1).mean()) if len(y) else 0.0}
 
 
-def multilabel_report(probabilities, targets, classes: Sequence[str], thresholds: Sequence[float]) -> dict:
-    """mAP, micro/macro F1 and exact-set accuracy at `thresholds` and at 0.5, the mean binary
-    cross-entropy, and per label: threshold, precision, recall, F1, AP (None without positives),
-    support. Plain Python numbers (JSON-ready)."""
+def multilabel_report(probabilities, targets, classes: Sequence[str], thresholds: Sequence[float],
+                      min_labels: int = 0, max_labels: int | None = None) -> dict:
+    """mAP, micro/macro F1 and exact-set accuracy at `thresholds` (with `min_labels` and
+    `max_labels`, see :func:`decisions`) and at a plain 0.5, the mean binary cross-entropy, and per label:
+    threshold, precision, recall, F1, AP (None without positives), support. Plain Python numbers
+    (JSON-ready)."""
     from sklearn.metrics import average_precision_score
 
     p = np.asarray(probabilities, np.float64).reshape(-1, len(classes))
@@ -90,7 +116,7 @@ def multilabel_report(probabilities, targets, classes: Sequence[str], thresholds
     thresholds = [float(t) for t in thresholds]
     scores = lambda predicted: decision_scores(predicted, y)  # noqa: E731
 
-    predicted = decisions(p, thresholds)
+    predicted = decisions(p, thresholds, min_labels, max_labels)
     ap = [float(average_precision_score(y[:, j], p[:, j])) if y[:, j].any() else None for j in range(len(classes))]
     present = [a for a in ap if a is not None]
     tp, npred, npos = (predicted & y).sum(0), predicted.sum(0), y.sum(0)
@@ -103,6 +129,8 @@ def multilabel_report(probabilities, targets, classes: Sequence[str], thresholds
         "at_0.5": scores(p >= 0.5),
         "loss": float(-(y * np.log(clipped) + ~y * np.log(1 - clipped)).mean()) if len(y) else 0.0,
         "classes": list(classes),
+        "min_labels": min_labels,
+        "max_labels": max_labels,
         "per_label": {c: {"threshold": thresholds[j], "precision": float(tp[j] / npred[j]) if npred[j] else 0.0,
                           "recall": float(tp[j] / npos[j]) if npos[j] else 0.0,
                           "f1": float(2 * tp[j] / (npred[j] + npos[j])) if npred[j] + npos[j] else 0.0,
@@ -126,7 +154,8 @@ def format_multilabel_report(report: dict) -> str:
 
 
 def evaluate_multilabel(model, data_config, samples, classes: Sequence[str], thresholds: Sequence[float] | None,
-                        mode: str = "none", batch_size: int = 32) -> dict:
+                        mode: str = "none", batch_size: int = 32, min_labels: int = 0,
+                        max_labels: int | None = None) -> dict:
     """:func:`multilabel_report` of `model` on labelled `samples` ((path or array, tuple of label
     indices) pairs) with test-time augmentation `mode`, plus ``views`` and ``skipped``; files
     that do not decode are skipped. Thresholds default to 0.5."""
@@ -143,5 +172,6 @@ def evaluate_multilabel(model, data_config, samples, classes: Sequence[str], thr
                                                multilabel=True).numpy())
         targets.append(np.stack([multi_hot(label, len(classes)) for _, label in chunk]))
     thresholds = thresholds if thresholds is not None else [0.5] * len(classes)
-    report = multilabel_report(np.concatenate(probabilities), np.concatenate(targets), classes, thresholds)
+    report = multilabel_report(np.concatenate(probabilities), np.concatenate(targets), classes, thresholds,
+                               min_labels, max_labels)
     return {**report, "views": views, "skipped": skipped}

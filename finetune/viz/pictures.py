@@ -68,18 +68,23 @@ def filters(model: nn.Module, path: Path, max_filters: int = 64) -> Path | None:
 
 
 def curves(history: Sequence[dict], path: Path) -> Path | None:
-    """Train/val loss and accuracy per epoch, and each optimizer group's learning rate."""
+    """Train/val loss and accuracy (multi-label: val mAP and F1, train F1) per epoch, and each
+    optimizer group's learning rate."""
     if not history:
         return None
     epochs = [int(h["epoch"]) for h in history]  # counted from 1 (MetricsHistory)
     lr_keys = sorted({k for h in history for k in h if k.startswith("lr/") and not k.endswith("no_decay")})
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, metric in zip(axes, ("loss", "acc")):
-        for split, style in (("train", "-o"), ("val", "-s")):
-            values = [h.get(f"{split}/{metric}") for h in history]
+    multilabel = any("val/map" in h for h in history)
+    scores = ("train/f1_micro", "val/f1_micro", "val/map") if multilabel else ("train/acc", "val/acc")
+    for ax, keys, title in ((axes[0], ("train/loss", "val/loss"), "loss"),
+                            (axes[1], scores, "mAP and F1 at 0.5" if multilabel else "acc")):
+        for key, style in zip(keys, ("-o", "-s", "-^")):
+            values = [h.get(key) for h in history]
             if any(v is not None for v in values):
-                ax.plot(epochs, [np.nan if v is None else v for v in values], style, label=split, markersize=4)
-        ax.set(title=metric, xlabel="epoch")
+                label = key if multilabel else key.split("/")[0]
+                ax.plot(epochs, [np.nan if v is None else v for v in values], style, label=label, markersize=4)
+        ax.set(title=title, xlabel="epoch")
         ax.grid(alpha=0.3)
         ax.legend()
     for key in lr_keys:
