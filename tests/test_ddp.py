@@ -113,3 +113,21 @@ def test_fit_refuses_multi_process_strategies_with_what_to_do(image_folder, stra
     with pytest.raises(ConfigError, match="finetune trainer=ddp"):
         fit("freeze_all_but_head", ["data=folder", f"data.root={image_folder}", *TINY, *QUICK, *DDP,
                                     f"trainer.strategy={strategy}"])
+
+
+@pytest.mark.slow  # 2 DDP processes
+def test_ddp_multilabel_run_syncs_map_and_tunes_thresholds_once(tmp_path):
+    from conftest import write_multilabel_manifest
+
+    csv_path = write_multilabel_manifest(tmp_path / "data")
+    args = [*DDP, *TINY, *QUICK, "task=multilabel", "data=csv", f"data.csv={csv_path}", "data.path_column=file",
+            "data.label_column=labels", "data.label_sep=' '", "data.val_fraction=0.4", "hydra.run.dir=run"]
+    proc = _finetune(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("\nval/map=") == 1 and proc.stdout.count("thresholds tuned for f1") == 1
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    # The epoch's val/map (synced over both ranks' halves) is the mAP of the whole split, scored again
+    # on rank zero with the same weights when the thresholds were tuned.
+    assert summary["metrics"]["val/map"] == pytest.approx(summary["multilabel"]["val"]["map"], abs=1e-4)
+    meta = torch.load(tmp_path / "run" / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)["finetune"]
+    assert meta["task"] == "multilabel" and list(meta["thresholds"]) == ["blue", "green", "red"]

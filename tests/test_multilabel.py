@@ -263,3 +263,20 @@ def test_a_full_finetune_with_mixing_smoothing_and_positive_weights(tmp_path):
     with pytest.raises(ConfigError, match="data.balance=sampler draws one class per image"):
         fit(None, [*TINY, *QUICK, *multilabel_overrides(csv_path), "data.balance=sampler",
                    f"hydra.run.dir={tmp_path / 'run2'}"])
+
+
+def test_the_monitored_metric_follows_the_task_unless_set():
+    from finetune.config import compose_config
+    from finetune.train.history import monitored
+    from finetune.train.sweep import SweepSummary
+
+    assert monitored(compose_config([])) == "val/acc"
+    assert monitored(compose_config(["task=multilabel"])) == "val/map"
+    assert monitored(compose_config(["task=multilabel", "callbacks.checkpoint.monitor=val/f1_micro"])) == "val/f1_micro"
+    summary = SweepSummary()  # conf/hydra/default.yaml: objective auto
+    summary._resolve(compose_config(["task=multilabel"]))
+    assert summary.objective == "val/map"
+    with pytest.raises(ConfigError, match=r"multilabel.thresholds='f2': choose f1, accuracy or none"):
+        from finetune.config import check_types
+
+        check_types(compose_config(["multilabel.thresholds=f2"]))
