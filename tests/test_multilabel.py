@@ -280,3 +280,18 @@ def test_the_monitored_metric_follows_the_task_unless_set():
         from finetune.config import check_types
 
         check_types(compose_config(["multilabel.thresholds=f2"]))
+
+
+def test_a_multilabel_run_resumes_and_ends_where_an_uninterrupted_one_does(tmp_path):
+    from finetune import fit
+
+    csv_path = write_multilabel_manifest(tmp_path / "data")
+    common = [*TINY, *QUICK, *multilabel_overrides(csv_path), "mixup.alpha=0.4"]
+    straight = fit(None, [*common, "trainer.max_epochs=2", f"hydra.run.dir={tmp_path / 'straight'}"])
+    fit(None, [*common, "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'resumed'}"])
+    resumed = fit(None, [*common, "trainer.max_epochs=2", "resume=true", f"hydra.run.dir={tmp_path / 'resumed'}"])
+    assert [h["epoch"] for h in resumed.history] == [1, 2]
+    for key in ("val/map", "val/loss", "train/loss"):
+        assert resumed.history[-1][key] == pytest.approx(straight.history[-1][key], abs=1e-6), key
+    assert json.loads((resumed.output_dir / "summary.json").read_text())["multilabel"]["thresholds"] == \
+        json.loads((straight.output_dir / "summary.json").read_text())["multilabel"]["thresholds"]
