@@ -1,4 +1,5 @@
-"""Multi-label on pokemon_types (1,016 artworks, 18 types, 1 or 2 per image): a linear probe on frozen
+"""Multi-label on pokemon_types (1,016 artworks, 18 types, 1 or 2 per image; or any folder with
+``images/`` and ``labels.csv``, e.g. benchmarks/flower_mosaics.py's): a linear probe on frozen
 features, the floor, against finetune runs with ``task=multilabel``.
 
     python benchmarks/multilabel.py                                  # the probe only, seeds 0 1 2
@@ -233,9 +234,9 @@ def stats(values: list[float]) -> tuple[float, float]:
 
 
 def tables(runs: list[dict], arms: list[str], labels: list[str], n_train: int, n_val: int, method: str,
-           val_pos: dict[str, float]) -> str:
+           val_pos: dict[str, float], dataset: str = "pokemon_types") -> str:
     columns = HEADLINE + TUNED
-    lines = [f"pokemon_types: {n_train} train / {n_val} val images per seed ({method}), 18 types. "
+    lines = [f"{dataset}: {n_train} train / {n_val} val images per seed ({method}), {len(labels)} labels. "
              "Val metrics, mean ± std over seeds (n: seeds); thresholds 0.5, or 'tuned': per-label thresholds "
              "tuned by finetune on one half of val and applied to the other (both ways), so never on the images scored.",
              "", "| arm | " + " | ".join(t for _, t in columns) + " | n | s / seed |", "|---|" + "---|" * (len(columns) + 2)]
@@ -359,7 +360,8 @@ def main() -> None:
     seeds = set(args.seeds)
     val_pos = {lab: statistics.mean(int(y[splits[s][1], j].sum()) for s in args.seeds) for j, lab in enumerate(labels)}
     text = tables([r for r in runs if r["seed"] in seeds], order, labels,
-                  len(splits[args.seeds[0]][0]), len(splits[args.seeds[0]][1]), " / ".join(sorted(methods)), val_pos)
+                  len(splits[args.seeds[0]][0]), len(splits[args.seeds[0]][1]), " / ".join(sorted(methods)), val_pos,
+                  args.data.name)
     (args.out / "multilabel.md").write_text(text)
     print()
     print(text)
