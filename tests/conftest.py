@@ -26,26 +26,28 @@ QUICK_WITH_PICTURES = ["trainer.max_epochs=1", "trainer.accelerator=cpu", "data.
 QUICK = QUICK_WITH_PICTURES + ["viz=none"]  # pictures have their own tests (test_viz.py)
 
 
-@pytest.fixture(scope="session")
-def hymenoptera() -> Path:
-    """The real ants-vs-bees data. Missing under CI is a failure, not a skip."""
-    if (HYMENOPTERA / "train").is_dir() and (HYMENOPTERA / "val").is_dir():
-        return HYMENOPTERA
-    message = f"hymenoptera data not found at {HYMENOPTERA} (set FINETUNE_HYMENOPTERA=DIR)"
+def shared_dataset(root: Path, present: bool, name: str, variable: str) -> Path:
+    """`root` when the caller found its data `present`; otherwise a skip, or under CI a failure."""
+    if present:
+        return root
+    message = f"{name} data not found at {root} (set {variable}=DIR)"
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def hymenoptera() -> Path:
+    """The real ants-vs-bees data. Missing under CI is a failure, not a skip."""
+    present = (HYMENOPTERA / "train").is_dir() and (HYMENOPTERA / "val").is_dir()
+    return shared_dataset(HYMENOPTERA, present, "hymenoptera", "FINETUNE_HYMENOPTERA")
 
 
 @pytest.fixture(scope="session")
 def pokemon() -> Path:
     """The real multi-label pokemon_types data (labels.csv + images/). Missing under CI is a failure."""
-    if (POKEMON / "labels.csv").is_file() and (POKEMON / "images").is_dir():
-        return POKEMON
-    message = f"pokemon_types data not found at {POKEMON} (set FINETUNE_POKEMON=DIR)"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
+    present = (POKEMON / "labels.csv").is_file() and (POKEMON / "images").is_dir()
+    return shared_dataset(POKEMON, present, "pokemon_types", "FINETUNE_POKEMON")
 
 
 def write_multilabel_manifest(root: Path, per_set: int = 6, seed: int = 0) -> Path:

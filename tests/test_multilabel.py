@@ -276,9 +276,14 @@ def test_the_monitored_metric_follows_the_task_unless_set():
     summary = SweepSummary()  # conf/hydra/default.yaml: objective auto
     summary._resolve(compose_config(["task=multilabel"]))
     assert summary.objective == "val/map"
-    with pytest.raises(ConfigError, match=r"multilabel.thresholds='f2': choose f1, accuracy or none"):
-        from finetune.config import check_types
+    from finetune.config import TASK_CHOICES, check_types
+    from finetune.data.labels import TASKS
+    from finetune.use.multilabel import OBJECTIVES
 
+    assert TASK_CHOICES == TASKS  # config.py imports no room: its lists must agree with the rooms'
+    for objective in OBJECTIVES:
+        check_types(compose_config([f"multilabel.thresholds={objective}"]))
+    with pytest.raises(ConfigError, match=r"multilabel.thresholds='f2': choose f1, accuracy or none"):
         check_types(compose_config(["multilabel.thresholds=f2"]))
 
 

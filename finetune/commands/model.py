@@ -93,31 +93,25 @@ def evaluate_command(args: Sequence[str]) -> int:
     tta = _tta_summary(opts["tta"])
     model = load(opts["ckpt"])
     samples, skipped = _labelled_samples(model, opts["input"], data)
+    batch = int(opts["batch_size"])
     if model.task == "multilabel":
         from finetune.use.multilabel import evaluate_multilabel, format_multilabel_report
 
         report = evaluate_multilabel(model.model, model.data_config, samples, model.classes, model.thresholds,
-                                     tta["mode"], int(opts["batch_size"]), model.min_labels, model.max_labels)
-        report["skipped"] = dict(skipped) | report.pop("skipped")
-        report["tta"] = tta
-        out = output_dir(opts["out"])
-        (out / "evaluation.json").write_text(json.dumps(report, indent=2))
-        print(format_multilabel_report(report))
-        print(_tta_line(tta))
-        print(f"  evaluation: {out / 'evaluation.json'}")
-        return 0
-    failures: dict[str, str] = {}
-    batch = int(opts["batch_size"])
-    logits, labels = [torch.empty(0, len(model.classes))], [torch.empty(0, dtype=torch.long)]
-    for images, _, batch_labels in readable_batches(samples, batch, failures):
-        logits.append(_evaluation_logits(model, images, batch, tta["mode"]))
-        labels.append(torch.tensor(batch_labels, dtype=torch.long))
-    report = classification_report(torch.cat(logits), torch.cat(labels), model.classes)
+                                     tta["mode"], batch, model.min_labels, model.max_labels)
+        failures, text = report.pop("skipped"), format_multilabel_report
+    else:
+        failures, text = {}, format_report
+        logits, labels = [torch.empty(0, len(model.classes))], [torch.empty(0, dtype=torch.long)]
+        for images, _, batch_labels in readable_batches(samples, batch, failures):
+            logits.append(_evaluation_logits(model, images, batch, tta["mode"]))
+            labels.append(torch.tensor(batch_labels, dtype=torch.long))
+        report = classification_report(torch.cat(logits), torch.cat(labels), model.classes)
     report["skipped"] = dict(skipped) | failures
     report["tta"] = tta
     out = output_dir(opts["out"])
     (out / "evaluation.json").write_text(json.dumps(report, indent=2))
-    print(format_report(report))
+    print(text(report))
     print(_tta_line(tta))
     print(f"  evaluation: {out / 'evaluation.json'}")
     return 0

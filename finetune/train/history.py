@@ -6,11 +6,16 @@ import lightning as L
 from omegaconf import OmegaConf
 
 
+def task_metric(task: str | None) -> str:
+    """A task's score: ``val/acc`` (multiclass) or ``val/map`` (multilabel, mean average precision)."""
+    return "val/map" if task == "multilabel" else "val/acc"
+
+
 def monitored(cfg) -> str:
-    """The metric that picks the best epoch: ``callbacks.checkpoint.monitor``, where ``auto`` is the
-    task's: ``val/acc`` (multiclass) or ``val/map`` (multilabel, mean average precision)."""
+    """The metric that picks the best epoch: ``callbacks.checkpoint.monitor``, where ``auto`` is
+    the task's (:func:`task_metric`)."""
     monitor = OmegaConf.select(cfg, "callbacks.checkpoint.monitor", default="auto")
-    return monitor if monitor != "auto" else {"multilabel": "val/map"}.get(cfg.get("task"), "val/acc")
+    return monitor if monitor != "auto" else task_metric(cfg.get("task"))
 
 
 class MetricsHistory(L.Callback):

@@ -19,6 +19,7 @@ from finetune.data.transforms import input_size, with_input_size
 from finetune.model.backbone import Backbone
 from finetune.model.classifier import Classifier
 from finetune.model.summary import groups_table
+from finetune.train.history import task_metric
 from finetune.train.optim import group_lrs
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ class FitResult:
     @property
     def headline(self) -> str:
         """The task's score a person reads first: ``val/acc``, or ``val/map`` for multi-label."""
-        return "val/map" if self.config.get("task") == "multilabel" else "val/acc"
+        return task_metric(self.config.get("task"))
 
     def __repr__(self) -> str:
         value = self.metrics.get(self.headline)
