@@ -161,6 +161,8 @@ def check_values(cfg: DictConfig) -> None:
         ("task", lambda v: v is not None and v not in TASK_CHOICES, "choose multiclass or multilabel"),
         ("multilabel.thresholds", lambda v: v not in (None, "f1", "accuracy", "none"), "choose f1, accuracy or none"),
         ("multilabel.label_count", lambda v: v not in (None, "auto", "any"), "choose auto or any"),
+        ("trust.calibration_fraction", _not_fraction, "a share of the training images from 0 up to (not including) 1"),
+        ("trust.conformal", lambda v: v not in (None, "lac", "aps"), "choose lac or aps"),
         ("augment.policy", lambda v: v is not None and v not in POLICY_CHOICES, f"choose {', '.join(POLICY_CHOICES)}"),
         ("loss.label_smoothing", _not_fraction, "a number from 0 up to (not including) 1 (0.1 is usual)"),
         ("ema.decay", _not_fraction, "a number from 0 (off) up to (not including) 1; 0.99 averages about 100 steps"),

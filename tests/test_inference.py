@@ -96,7 +96,7 @@ def run_exported(fmt: str, directory, batch: torch.Tensor, n_classes: int = 3) -
         return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: batch.numpy()})[0])
     if fmt == "torchscript":
         with torch.no_grad():
-            return torch.jit.load(str(directory / "model.torchscript.pt"))(batch)
+            return torch.jit.load(str(directory / "model.torchscript.pt"))(batch)[0]  # (logits, probabilities)
     reloaded = timm.create_model("test_resnet", num_classes=n_classes, pretrained=True,
                                  pretrained_cfg_overlay=dict(file=str(directory / "model.safetensors"),
                                                              num_classes=n_classes)).eval()

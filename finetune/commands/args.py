@@ -13,6 +13,8 @@ from finetune.data.images import UnreadableImage, load_rgb
 from finetune.errors import ConfigError
 
 REQUIRED = object()  # an option without a default: the command needs it
+# abstain and prediction sets (finetune.use.confidence), for predict, evaluate and export
+TRUST_OPTIONS = {"min_confidence": None, "target_precision": None, "coverage": None, "conformal": None}
 
 
 def parse(args: Sequence[str], options: dict, command: str, overrides: str | None = None) -> tuple[dict, list[str]]:
@@ -41,6 +43,18 @@ def parse(args: Sequence[str], options: dict, command: str, overrides: str | Non
     if missing:
         raise ConfigError(f"finetune {command} needs {' '.join(f'{k}=...' for k in missing)}.")
     return chosen, passed_on
+
+
+def decision_rule_from(opts: dict, model):
+    """`model`'s decision rule for the :data:`TRUST_OPTIONS` among `opts` (strings as parsed)."""
+    numbers = {}
+    for key in ("min_confidence", "target_precision", "coverage"):
+        value = opts.get(key)
+        try:
+            numbers[key] = None if value in (None, "", "null") else float(value)
+        except ValueError:
+            raise ConfigError(f"{key}={value!r}: a number between 0 and 1.") from None
+    return model.decision_rule(**numbers, score=opts.get("conformal"))
 
 
 def output_dir(out: str | None) -> Path:

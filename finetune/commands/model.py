@@ -10,52 +10,82 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from finetune.commands.args import REQUIRED, output_dir, parse, readable_batches
+from finetune.commands.args import REQUIRED, TRUST_OPTIONS, decision_rule_from, output_dir, parse, readable_batches
 from finetune.data.images import load_rgb
 from finetune.data.sources import load_data, relabel, scan_class_folders
 from finetune.errors import ConfigError
 from finetune.tables import format_table
 from finetune.use.export import export
 from finetune.use.load import FinetunedModel, expand_inputs, load
+from finetune.use.confidence import format_trust_report, trust_report
 from finetune.use.metrics import classification_report, format_report
 from finetune.use.tta import check_tta, tta_log_probabilities
 
 
 def predict_command(args: Sequence[str]) -> int:
-    """``finetune predict ckpt=PATH input=FILE|DIR|GLOB [top_k=5] [batch_size=32] [tta=none] [out=DIR]``
-    tta: none, flip, crops or crops_flip (probabilities averaged over 1, 2, 5 or 10 views per image)."""
+    """``finetune predict ckpt=PATH input=FILE|DIR|GLOB [top_k=5] [batch_size=32] [tta=none] [out=DIR]
+    [min_confidence=P | target_precision=P] [coverage=P [conformal=lac|aps]]``
+    tta: none, flip, crops or crops_flip (probabilities averaged over 1, 2, 5 or 10 views per image).
+    Probabilities are calibrated (the checkpoint's temperature); below min_confidence (or the one
+    target_precision picks on the validation split) the label is ``unknown``; coverage adds the
+    conformal prediction set holding the true class with that probability."""
     opts, _ = parse(args, {"ckpt": REQUIRED, "input": REQUIRED, "top_k": "5", "batch_size": "32", "tta": "none",
-                           "out": None}, "predict")
+                           "out": None, **TRUST_OPTIONS}, "predict")
     tta = _tta_summary(opts["tta"])
     model = load(opts["ckpt"])
+    rule = decision_rule_from(opts, model)  # before any image is decoded
     failures: dict[str, str] = {}
     predictions = []
     batch = int(opts["batch_size"])
     for images, names, _ in readable_batches([(p, -1) for p in expand_inputs(opts["input"])], batch, failures):
-        predictions += model.predict(images, int(opts["top_k"]), batch, names, tta=tta["mode"])
+        predictions += model.predict(images, int(opts["top_k"]), batch, names, tta=tta["mode"], rule=rule)
     out = output_dir(opts["out"])
     if model.task == "multilabel":
         _write_label_sets(model, predictions, out, opts["ckpt"], tta, failures)
         return 0
-    rows = [[p.source, p.label, f"{p.probability:.4f}",
-             ", ".join(f"{label} {prob:.3f}" for label, prob in p.top_k[1:])] for p in predictions]
-    print(format_table(["image", "label", "probability", "next"], rows, "llrl"))
+    sets = rule.score is not None
+    rows = [[p.source, p.label, f"{p.probability:.4f}"] + ([_set_text(p.prediction_set)] if sets else [])
+            + [", ".join(f"{label} {prob:.3f}" for label, prob in p.top_k[1:])] for p in predictions]
+    print(format_table(["image", "label", "probability"] + (["set"] if sets else []) + ["next"], rows,
+                       "llr" + ("l" if sets else "") + "l"))
     with (out / "predictions.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         k = max((len(p.top_k) for p in predictions), default=0)
-        writer.writerow(["image"] + [c for i in range(1, k + 1) for c in (f"label_{i}", f"probability_{i}")])
+        abstains = rule.min_confidence is not None  # the answer column: the label or unknown
+        writer.writerow(["image"] + (["answer"] if abstains else []) + (["prediction_set"] if sets else [])
+                        + [c for i in range(1, k + 1) for c in (f"label_{i}", f"probability_{i}")])
         for p in predictions:
-            writer.writerow([p.source] + [v for label, prob in p.top_k for v in (label, f"{prob:.6f}")])
+            writer.writerow([p.source] + ([p.label] if abstains else [])
+                            + (["|".join(c for c, _ in p.prediction_set)] if sets else [])
+                            + [v for label, prob in p.top_k for v in (label, f"{prob:.6f}")])
     (out / "predictions.json").write_text(json.dumps(
-        {"checkpoint": str(Path(opts["ckpt"]).resolve()), "classes": model.classes,
-         "tta": tta, "predictions": [{"image": p.source, "top_k": p.top_k} for p in predictions],
+        {"checkpoint": str(Path(opts["ckpt"]).resolve()), "classes": model.classes, "temperature": model.temperature,
+         **rule.describe(), "tta": tta,
+         "predictions": [{"image": p.source, "answer": p.label, "top_k": p.top_k,
+                          **({"prediction_set": p.prediction_set} if sets else {})} for p in predictions],
          "skipped": failures}, indent=2))
     for path, reason in failures.items():
         print(f"skipped {path}: {reason}")
     print(_tta_line(tta))
-    print(f"{len(predictions)} images predicted, {len(failures)} skipped\n  predictions: {out / 'predictions.csv'}\n"
-          f"  json: {out / 'predictions.json'}")
+    print(f"{len(predictions)} images predicted{_trust_counts(predictions, rule)}, {len(failures)} skipped\n"
+          f"  predictions: {out / 'predictions.csv'}\n  json: {out / 'predictions.json'}")
     return 0
+
+
+def _set_text(prediction_set: list) -> str:
+    return " ".join(c for c, _ in prediction_set) or "(empty)"
+
+
+def _trust_counts(predictions: list, rule) -> str:
+    """", 3 unknown (confidence < 0.93), mean set size 1.2 (coverage 0.9)" as the rule applies."""
+    parts = []
+    if rule.min_confidence is not None:
+        picked = f" picked for precision {rule.target_precision}" if rule.target_precision is not None else ""
+        parts.append(f"{sum(p.unknown for p in predictions)} unknown (confidence < {rule.min_confidence:.4f}{picked})")
+    if rule.score is not None and predictions:
+        size = sum(len(p.prediction_set) for p in predictions) / len(predictions)
+        parts.append(f"mean set size {size:.2f} ({rule.score} sets, coverage {rule.coverage})")
+    return "".join(f", {part}" for part in parts)
 
 
 def _write_label_sets(model: FinetunedModel, predictions: list, out: Path, ckpt: str, tta: dict,
@@ -86,12 +116,14 @@ def evaluate_command(args: Sequence[str]) -> int:
     subset is fine) or ``finetune evaluate ckpt=PATH data=folder data.root=DIR`` (its test split,
     else its validation split). Accuracy, loss, per-class metrics and the confusion matrix.
     tta=flip|crops|crops_flip: scores the probabilities averaged over 2, 5 or 10 views per image."""
-    opts, data = parse(args, {"ckpt": REQUIRED, "input": None, "batch_size": "32", "tta": "none", "out": None},
-                       "evaluate", "data")
+    opts, data = parse(args, {"ckpt": REQUIRED, "input": None, "batch_size": "32", "tta": "none", "out": None,
+                              **TRUST_OPTIONS}, "evaluate", "data")
     if not opts["input"] and not data:
         raise ConfigError("finetune evaluate needs input=DIR (one folder per class) or data=... overrides.")
     tta = _tta_summary(opts["tta"])
     model = load(opts["ckpt"])
+    rule = decision_rule_from(opts, model)
+    out = output_dir(opts["out"])
     samples, skipped = _labelled_samples(model, opts["input"], data)
     batch = int(opts["batch_size"])
     if model.task == "multilabel":
@@ -106,28 +138,39 @@ def evaluate_command(args: Sequence[str]) -> int:
         for images, _, batch_labels in readable_batches(samples, batch, failures):
             logits.append(_evaluation_logits(model, images, batch, tta["mode"]))
             labels.append(torch.tensor(batch_labels, dtype=torch.long))
-        report = classification_report(torch.cat(logits), torch.cat(labels), model.classes)
+        logits, labels = torch.cat(logits), torch.cat(labels)
+        report = classification_report(logits, labels, model.classes) | trust_report(logits, labels,
+                                                                                      model.temperature, rule)
+        report["pictures"] = _trust_pictures(logits, labels, model.temperature, rule, out / "viz")
     report["skipped"] = dict(skipped) | failures
     report["tta"] = tta
-    out = output_dir(opts["out"])
     (out / "evaluation.json").write_text(json.dumps(report, indent=2))
     print(text(report))
+    if "calibration" in report:
+        print("\n".join(format_trust_report(report)))
     print(_tta_line(tta))
+    for name, path in report.get("pictures", {}).items():
+        print(f"  {name}: {path}")
     print(f"  evaluation: {out / 'evaluation.json'}")
     return 0
 
 
 def export_command(args: Sequence[str]) -> int:
-    """``finetune export ckpt=PATH format=onnx|torchscript|safetensors [out=DIR] [input=IMAGES]``:
-    parity is checked on up to 8 images from `input`, else from the training config's data."""
-    opts, _ = parse(args, {"ckpt": REQUIRED, "format": REQUIRED, "out": None, "input": None, "tolerance": "1e-4"},
-                    "export")
+    """``finetune export ckpt=PATH format=onnx|torchscript|safetensors [out=DIR] [input=IMAGES]
+    [min_confidence=P | target_precision=P] [coverage=P [conformal=lac|aps]]``: parity is checked
+    on up to 8 images from `input`, else from the training config's data; the decision rule goes
+    into ``preprocessing.json`` beside the temperature."""
+    opts, _ = parse(args, {"ckpt": REQUIRED, "format": REQUIRED, "out": None, "input": None, "tolerance": "1e-4",
+                           **TRUST_OPTIONS}, "export")
     model = load(opts["ckpt"])
+    rule = decision_rule_from(opts, model)
     images, where = _parity_images(model, opts["input"])
-    result = export(model, opts["format"], output_dir(opts["out"]), model.preprocess(images), float(opts["tolerance"]))
+    result = export(model, opts["format"], output_dir(opts["out"]), model.preprocess(images), float(opts["tolerance"]),
+                    rule)
+    answer = "label set" if model.thresholds else ("answer (class, unknown, set)" if rule.describe() else "class")
     print(f"exported {opts['format']}: {result.path}\n  preprocessing: {result.preprocessing}\n"
           f"  parity on {len(images)} {where}: max |logit difference| = {result.max_abs_diff:.2e}, "
-          f"{result.same_decisions}/{len(images)} images get the same {'label set' if model.thresholds else 'class'}")
+          f"{result.same_decisions}/{len(images)} images get the same {answer}")
     return 0
 
 
@@ -144,6 +187,16 @@ def viz_command(args: Sequence[str]) -> int:
         print(f"  {picture.name}: {picture.path}")
     print(f"  index: {out / 'index.md'}")
     return 0
+
+
+def _trust_pictures(logits: torch.Tensor, labels: torch.Tensor, temperature: float, rule, out: Path) -> dict[str, str]:
+    """The reliability diagram and the risk-coverage curve of an evaluation, name -> path."""
+    from finetune.viz.report import trust_pictures
+
+    if not len(labels):
+        return {}
+    drawn = trust_pictures(logits, labels, temperature, out, rule.min_confidence, split="evaluated")
+    return {name: str(path) for name, path, _ in drawn}
 
 
 def _tta_summary(mode: str) -> dict:

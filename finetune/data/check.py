@@ -21,6 +21,8 @@ import numpy as np
 from finetune.data.file_memo import file_digest
 from finetune.data.labels import cardinality, describe_cardinality
 from finetune.data.sources import SPLITS, DataSplits
+
+COUNTED = ("train", "calibration", "val", "test")  # the calibration split is carved from train
 from finetune.errors import DataError
 from finetune.tables import format_table
 
@@ -78,7 +80,7 @@ class DataReport:
         return "\n".join(lines)
 
     def _counts_table(self, width: int = 100) -> str:
-        splits = [s for s in SPLITS if sum(self.counts.get(s, {}).values())]
+        splits = [s for s in COUNTED if sum(self.counts.get(s, {}).values())]
         totals = [self.images.get(s) or sum(self.counts[s].values()) for s in splits]
         across = [["class", *self.classes, "total"]] + [[s, *(self.counts[s][c] for c in self.classes), t]
                                                          for s, t in zip(splits, totals)]
@@ -105,7 +107,7 @@ def check_data(splits: DataSplits, batch_size: int | None = None) -> DataReport:
     if len(splits.classes) < 2:
         raise DataError(f"Classification needs at least 2 classes; {splits.description} has "
                         f"{len(splits.classes)}: {splits.classes}. Add a folder (or labels) for each other class.")
-    counts = {s: splits.counts(s) for s in SPLITS}
+    counts = {s: splits.counts(s) for s in COUNTED}
     report = DataReport(
         splits.description,
         list(splits.classes),
@@ -122,7 +124,7 @@ def check_data(splits: DataSplits, batch_size: int | None = None) -> DataReport:
                                       if missing == ["val"] else ""))
         elif missing:
             report.warnings.append(f"class {c!r} has no {' and no '.join(missing)} images")
-    report.images = {s: len(getattr(splits, s)) for s in SPLITS}
+    report.images = {s: len(getattr(splits, s)) for s in COUNTED}
     if splits.multilabel:
         report.cardinality = {s: cardinality([label for _, label in getattr(splits, s)]) for s in SPLITS
                               if getattr(splits, s)}

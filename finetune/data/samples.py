@@ -36,6 +36,9 @@ class DataSplits:
     sizes: dict[str, tuple[int, int]] = field(default_factory=dict)  # path -> (width, height)
     notes: list[str] = field(default_factory=list)  # the source's warnings (for the data check)
     task: str = "multiclass"  # or "multilabel": labels are tuples of class indices
+    # held out of train for conformal prediction sets (trust.calibration_fraction): neither trained
+    # nor used to pick the checkpoint
+    calibration: list[Sample] = field(default_factory=list)
 
     @property
     def multilabel(self) -> bool:
@@ -73,6 +76,18 @@ def split_samples(samples: list[Sample], val_fraction: float, seed: int) -> tupl
     keys = rarest_label_keys(labels) if labels and isinstance(labels[0], tuple) else labels
     train_idx, val_idx = stratified_split(keys, val_fraction, seed)
     return [samples[i] for i in train_idx], [samples[i] for i in val_idx]
+
+
+def hold_out_calibration(splits: DataSplits, fraction: float, seed: int) -> None:
+    """Move a seeded, class-stratified `fraction` of `splits.train` into `splits.calibration`
+    (nothing when `fraction` is 0). A different seed stream from the validation split's, so the
+    two never mirror each other."""
+    if not fraction:
+        return
+    if splits.multilabel:
+        raise DataError("trust.calibration_fraction holds out images for conformal prediction sets of multi-class "
+                        "models; a multi-label model decides each label at its own threshold: leave it at 0.")
+    splits.train, splits.calibration = split_samples(splits.train, fraction, seed + 7919)
 
 
 def stratified_split(labels: list[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:

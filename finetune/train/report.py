@@ -138,9 +138,11 @@ def score_with_tta(cfg: DictConfig, model: Classifier, splits: DataSplits, backb
 
 
 def draw_pictures(cfg: DictConfig, model: Classifier, splits: DataSplits, eval_tf, backbone: Backbone,
-                  history: list[dict], output_dir: Path, loggers, evaluation: dict | None = None) -> list:
+                  history: list[dict], output_dir: Path, loggers, evaluation: dict | None = None,
+                  temperature: float = 1.0) -> list:
     """The run's pictures (config group viz), also sent to W&B when it is on. Multi-label runs
-    draw theirs at the tuned thresholds of `evaluation`."""
+    draw theirs at the tuned thresholds of `evaluation`; multi-class runs' reliability diagram
+    compares the softmax with the calibrated one at `temperature`."""
     if not cfg.viz.enabled:
         return []
     from finetune.viz.report import write_pictures
@@ -149,7 +151,8 @@ def draw_pictures(cfg: DictConfig, model: Classifier, splits: DataSplits, eval_t
     thresholds = list(evaluation["thresholds"].values()) if evaluation else None
     pictures = write_pictures(model, splits.classes, splits.val, eval_tf, data_config, output_dir / "viz", history,
                               cfg.viz.layers, cfg.viz.channels, cfg.viz.top_k, cfg.viz.max_images,
-                              cfg.data.batch_size, cfg.seed, thresholds, splits.train if splits.multilabel else None)
+                              cfg.data.batch_size, cfg.seed, thresholds, splits.train if splits.multilabel else None,
+                              temperature)
     for logger in loggers:
         if hasattr(logger, "log_image"):  # WandbLogger
             for picture in pictures:

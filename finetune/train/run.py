@@ -23,6 +23,7 @@ from finetune.console import run_log
 from finetune.data.check import DataReport, check_data
 from finetune.data.datamodule import ImageDataModule, class_weights
 from finetune.data.decoded import decoded_images
+from finetune.data.samples import hold_out_calibration
 from finetune.data.sources import DataSplits, load_data
 from finetune.data.transforms import build_transforms
 from finetune.model.backbone import Backbone
@@ -40,6 +41,7 @@ from finetune.train.mixing import batch_mixer
 from finetune.train.module import ClassifierModule
 from finetune.train.report import FitResult
 from finetune.train.thresholds import label_count_bounds, tune_and_store
+from finetune.train.trust import calibrate_and_store
 from finetune.train.run_folder import RunFolder, make_folder
 from finetune.train.trainer import build_trainer
 
@@ -88,12 +90,14 @@ def run(cfg: DictConfig) -> FitResult:
                 log.info("batch-size finder: data.batch_size=%d fits on %s", found, p.speed.device)
             trainer.fit(module, datamodule=data, ckpt_path=resume.path, weights_only=True)
             best_path = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
-            best, evaluation = _best_metrics(cfg, trainer, module, data, history, best_path, splits, p.backbone)
+            best, evaluation = _best_metrics(cfg, trainer, module, data, history, best_path, splits, p.backbone,
+                                             p.eval_tf)
             if trainer.is_global_zero:
                 log_best(loggers, best)
             model = module.model.cpu().eval().to(memory_format=torch.contiguous_format)
             pictures = report.draw_pictures(cfg, model, splits, p.eval_tf, p.backbone, history.epochs, output_dir,
-                                            loggers, evaluation) if trainer.is_global_zero else []
+                                            loggers, evaluation, best.get("temperature", 1.0)) \
+                if trainer.is_global_zero else []
         except Exception as err:
             explained = explain_failure(err, cfg.data.batch_size, output_dir)
             if explained is err:
@@ -117,6 +121,7 @@ def prepare(cfg: DictConfig, config: dict, output_dir: Path, resume_from: Path |
     logged. ``optimizer.lr=auto`` runs the lr finder here (unless `find_lr` is false) and writes
     the lr it found into `config`, which the checkpoints carry."""
     splits = load_data(cfg.data, cfg.seed, cfg.get("task", "multiclass"))
+    hold_out_calibration(splits, cfg.trust.calibration_fraction, cfg.seed)
     data_report = check_data(splits, cfg.data.batch_size)
     log.info(data_report.table())
     backbone = backbone_from_config(cfg)
@@ -172,10 +177,12 @@ def _datamodule(cfg: DictConfig, model: Classifier, backbone: Backbone, splits: 
 
 
 def _best_metrics(cfg: DictConfig, trainer: L.Trainer, module: ClassifierModule, data, history: MetricsHistory,
-                  best_path: Path | None, splits: DataSplits, backbone: Backbone) -> tuple[dict[str, float], dict | None]:
+                  best_path: Path | None, splits: DataSplits, backbone: Backbone,
+                  eval_tf) -> tuple[dict[str, float], dict | None]:
     """(the best epoch's metrics, the multi-label evaluation or None), with the best weights loaded
     into `module` and, when the data have a held-out test split, its ``test/*`` scores (computed
-    once, here). Multi-label runs tune their thresholds here (:mod:`finetune.train.thresholds`).
+    once, here). Multi-label runs tune their thresholds here (:mod:`finetune.train.thresholds`),
+    multi-class runs fit their temperature (:mod:`finetune.train.trust`: ``temperature``, ECE and NLL).
     With ``tta`` set, the test split (else the validation split) is scored once more with
     test-time augmentation: ``test/acc_tta`` (or ``val/acc_tta``; ``map_tta`` for multi-label),
     ``.../loss_tta`` and ``tta_views``."""
@@ -190,6 +197,10 @@ def _best_metrics(cfg: DictConfig, trainer: L.Trainer, module: ClassifierModule,
         tuned, evaluation = tune_and_store(module, data, best_path, bool(splits.test), cfg.multilabel.thresholds,
                                            *label_count_bounds(cfg.multilabel.label_count, splits))
         best.update(tuned)
+    elif trainer.is_global_zero:
+        calibrated, _ = calibrate_and_store(module, splits, eval_tf, best_path, cfg.trust,
+                                                     cfg.data.batch_size)
+        best.update(calibrated)
     if cfg.tta != "none" and trainer.is_global_zero:
         best.update(report.score_with_tta(cfg, module.model, splits, backbone, evaluation))
     return best, evaluation

@@ -1,9 +1,14 @@
 """Export a trained model for serving: ONNX (dynamic batch), TorchScript, or safetensors with a
 timm-compatible config. Every export writes ``preprocessing.json`` (input size, mean, std,
-interpolation, crop, class names) beside the model and is checked for parity: the exported
-model's logits must match PyTorch's within ``tolerance`` (max abs) on a real batch, and its
-decisions PyTorch's on every image of it: the same class, or for a multi-label model the same
+interpolation, crop, class names, the temperature and the decision rule) beside the model and is
+checked for parity: the exported model's logits must match PyTorch's within ``tolerance`` (max
+abs) on a real batch, and its decisions PyTorch's on every image of it: the same class (or
+``unknown``) and the same prediction set under the rule, or for a multi-label model the same
 label set at the thresholds ``preprocessing.json`` carries.
+
+ONNX and TorchScript models have two outputs: ``logits`` and ``probabilities``, the calibrated
+softmax (``softmax(logits / temperature)``; multi-label: each label's sigmoid), so a runtime gets
+calibrated probabilities without knowing about temperatures.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch
 from finetune.errors import ConfigError, FinetuneError
 from finetune.files import follow_umask
 from finetune.model.backbone import fixed_size_kwargs
+from finetune.use.confidence import DecisionRule
 from finetune.use.load import FinetunedModel
 
 FORMATS = ("onnx", "torchscript", "safetensors")
@@ -28,17 +34,34 @@ class ExportResult:
     path: Path
     preprocessing: Path
     max_abs_diff: float
-    same_decisions: int = 0  # images whose class (multi-label: label set) matches PyTorch's
+    same_decisions: int = 0  # images whose class or unknown and set (multi-label: label set) match PyTorch's
 
 
 class ParityError(FinetuneError):
     """The exported model does not reproduce PyTorch's logits."""
 
 
-def export(model: FinetunedModel, fmt: str, out_dir: Path, sample: torch.Tensor, tolerance: float = 1e-4) -> ExportResult:
-    """Write `model` in format `fmt` to `out_dir`; verify parity on `sample` (N, 3, H, W)."""
+class WithProbabilities(torch.nn.Module):
+    """`model` with a second output: calibrated probabilities (softmax of logits / temperature,
+    or each label's sigmoid)."""
+
+    def __init__(self, model: torch.nn.Module, temperature: float, multilabel: bool):
+        super().__init__()
+        self.model, self.temperature, self.multilabel = model, float(temperature), multilabel
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(x)
+        return logits, (logits.sigmoid() if self.multilabel else (logits / self.temperature).softmax(dim=1))
+
+
+def export(model: FinetunedModel, fmt: str, out_dir: Path, sample: torch.Tensor, tolerance: float = 1e-4,
+           rule: DecisionRule | None = None) -> ExportResult:
+    """Write `model` in format `fmt` to `out_dir`; verify parity on `sample` (N, 3, H, W) under
+    `rule` (abstain and prediction sets, multi-class; default: none), which ``preprocessing.json``
+    carries."""
     if fmt not in FORMATS:
         raise ConfigError(f"format={fmt!r}; choose one of {', '.join(FORMATS)}.")
+    rule = rule or DecisionRule()
     out_dir.mkdir(parents=True, exist_ok=True)
     net = model.model.eval()
     with torch.no_grad():
@@ -47,24 +70,29 @@ def export(model: FinetunedModel, fmt: str, out_dir: Path, sample: torch.Tensor,
     diff = float((exported - reference).abs().max())
     if diff > tolerance:
         raise ParityError(f"{path}: exported logits differ from PyTorch's by {diff:.2e} (> {tolerance:.0e}).")
-    same = int((_decisions(model, exported) == _decisions(model, reference)).all(dim=1).sum())
+    same = int((decisions(model, exported, rule) == decisions(model, reference, rule)).all(dim=1).sum())
     if same < len(sample):
         raise ParityError(f"{path}: {len(sample) - same} of {len(sample)} images get another "
-                          f"{'label set' if model.thresholds else 'class'} from the exported model.")
+                          f"{'label set' if model.thresholds else 'answer'} from the exported model.")
     preprocessing = out_dir / "preprocessing.json"
-    preprocessing.write_text(json.dumps(_preprocessing(model), indent=2))
+    preprocessing.write_text(json.dumps(_preprocessing(model) | rule.describe(), indent=2))
     return ExportResult(path, preprocessing, diff, same)
 
 
-def _decisions(model: FinetunedModel, logits: torch.Tensor) -> torch.Tensor:
-    """(N, 1) predicted class, or (N, C) multi-label decisions at the model's thresholds."""
+def decisions(model: FinetunedModel, logits: torch.Tensor, rule: DecisionRule) -> torch.Tensor:
+    """What an image's answer is, as a row per image: the class (-1: unknown) followed by the
+    prediction set's membership when `rule` makes sets; multi-label: the label decisions at the
+    model's thresholds."""
     logits = logits.float()
     if model.thresholds is not None:
-        from finetune.use.multilabel import decisions
+        from finetune.use.multilabel import decisions as label_decisions
 
-        return torch.from_numpy(decisions(torch.sigmoid(logits).numpy(), model.thresholds, model.min_labels,
-                                          model.max_labels))
-    return logits.argmax(dim=1, keepdim=True)
+        return torch.from_numpy(label_decisions(torch.sigmoid(logits).numpy(), model.thresholds, model.min_labels,
+                                                model.max_labels))
+    probabilities = (logits / model.temperature).softmax(dim=1).numpy()
+    answers = torch.from_numpy(rule.answers(probabilities)).long()[:, None]
+    sets = rule.sets(probabilities)
+    return answers if sets is None else torch.cat([answers, torch.from_numpy(sets).long()], dim=1)
 
 
 def _preprocessing(model: FinetunedModel) -> dict:
@@ -83,7 +111,9 @@ def _preprocessing(model: FinetunedModel) -> dict:
             ">= its threshold, but at least min_labels and at most max_labels (null: any) of the most probable",
             "min_labels": model.min_labels, "max_labels": model.max_labels,
             "thresholds": dict(zip(model.classes, model.thresholds))}
-           if model.thresholds is not None else {"task": "multiclass", "output": "softmax(logits)"}),
+           if model.thresholds is not None else
+           {"task": "multiclass", "output": "softmax(logits / temperature): calibrated probabilities",
+            "temperature": model.temperature, "temperature_split": model.trust.get("temperature_split")}),
     }
 
 
@@ -96,8 +126,8 @@ def _onnx(model: FinetunedModel, out_dir: Path, sample: torch.Tensor):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model.model, (sample,), str(path), dynamo=True, external_data=False,
-            input_names=["images"], output_names=["logits"],
+            _with_probabilities(model), (sample,), str(path), dynamo=True, external_data=False,
+            input_names=["images"], output_names=["logits", "probabilities"],
             dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}},
         )
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -111,11 +141,15 @@ def _torchscript(model: FinetunedModel, out_dir: Path, sample: torch.Tensor):
     path = out_dir / "model.torchscript.pt"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export, still what servers load
-        traced = torch.jit.trace(model.model, sample)
+        traced = torch.jit.trace(_with_probabilities(model), sample)
         traced.save(str(path))
         loaded = torch.jit.load(str(path))
     with torch.no_grad():
-        return path, loaded(sample)
+        return path, loaded(sample)[0]
+
+
+def _with_probabilities(model: FinetunedModel) -> WithProbabilities:
+    return WithProbabilities(model.model, model.temperature, model.task == "multilabel").eval()
 
 
 def _safetensors(model: FinetunedModel, out_dir: Path, sample: torch.Tensor):

@@ -23,6 +23,7 @@ from finetune.data.transforms import build_transforms, with_input_size
 from finetune.errors import ConfigError, DataError, WeightsError
 from finetune.model.build import CHECKPOINT_KEY, backbone_from_config, build_model
 from finetune.model.weights import read_state_dict, read_torch_file
+from finetune.use.confidence import UNKNOWN, DecisionRule, decision_rule
 from finetune.use.tta import check_tta, tta_probabilities
 
 
@@ -43,14 +44,19 @@ class LabelSet:
 
 @dataclass(frozen=True)
 class Prediction:
-    """Top-k labels with probabilities for one image (``label``/``probability``: the top one)."""
+    """Top-k labels with (calibrated) probabilities for one image. ``label``: the top one, or
+    ``"unknown"`` when its probability is below the abstain threshold (``unknown`` is then True);
+    ``probability``: the top one's either way. ``prediction_set``: with ``coverage``, the
+    conformal set of (label, probability), most probable first (see :mod:`finetune.use.confidence`)."""
 
     source: str
     top_k: list[tuple[str, float]]
+    unknown: bool = False
+    prediction_set: list[tuple[str, float]] | None = None
 
     @property
     def label(self) -> str:
-        return self.top_k[0][0]
+        return UNKNOWN if self.unknown else self.top_k[0][0]
 
     @property
     def probability(self) -> float:
@@ -64,10 +70,14 @@ class FinetunedModel:
     ``data_config`` input size, mean, std, interpolation and crop as used in training. Multi-label
     models (``task == "multilabel"``) have per-label ``thresholds`` (tuned on the validation split;
     0.5 for a checkpoint written before tuning) and :meth:`predict` returns :class:`LabelSet`\ s.
+    Multi-class models have a ``temperature`` (fitted on the validation split after training; 1.0
+    for a checkpoint written before calibration) that every probability is computed with, and
+    ``trust``: what abstaining and prediction sets are chosen from (:meth:`decision_rule`).
     """
 
     def __init__(self, model: nn.Module, classes: list[str], data_config: dict, config: dict,
-                 thresholds: dict[str, float] | None = None, min_labels: int = 0, max_labels: int | None = None):
+                 thresholds: dict[str, float] | None = None, min_labels: int = 0, max_labels: int | None = None,
+                 trust: dict | None = None):
         self.model = model.eval()
         self.classes = list(classes)
         self.data_config = dict(data_config)
@@ -77,6 +87,8 @@ class FinetunedModel:
             if self.task == "multilabel" else None
         # multi-label: the fewest and most labels an answer has (see finetune.use.multilabel.decisions)
         self.min_labels, self.max_labels = int(min_labels), max_labels
+        self.trust = dict(trust or {})
+        self.temperature = float(self.trust.get("temperature", 1.0))
         _, self.transform = build_transforms(self.data_config, {"random_resized_crop": False})
 
     def run_config(self, overrides: Sequence[str] = ()) -> DictConfig:
@@ -117,7 +129,7 @@ class FinetunedModel:
         model.load_state_dict(state, strict=True)
         data_config = with_input_size(backbone.data_config, cfg.data.get("image_size"))
         return cls(model, meta["classes"], data_config, meta["config"], meta.get("thresholds"), meta.get("min_labels", 0),
-                   meta.get("max_labels"))
+                   meta.get("max_labels"), meta.get("trust"))
 
     def preprocess(self, images: Iterable) -> torch.Tensor:
         """The exact input batch (N, 3, H, W) for paths, PIL images or arrays, each converted by
@@ -135,21 +147,33 @@ class FinetunedModel:
 
     def probabilities(self, images: Sequence, batch_size: int = 32, tta: str = "none") -> torch.Tensor:
         """(N, C) class probabilities in input order (multi-label: each label's sigmoid). ``tta``
-        (see :mod:`finetune.use.tta`): ``none`` is the softmax of :meth:`logits`; ``flip``,
+        (see :mod:`finetune.use.tta`): ``none`` is the softmax of :meth:`logits` / ``temperature``; ``flip``,
         ``crops``, ``crops_flip`` average the probabilities of 2, 5 or 10 views per image (as many
         forward passes); `batch_size` caps the views per forward pass."""
         check_tta(tta)
         if not len(images):
             return torch.empty(0, len(self.classes))
         return tta_probabilities(self.model, images, self.data_config, tta, batch_size,
-                                 multilabel=self.task == "multilabel")
+                                 multilabel=self.task == "multilabel", temperature=self.temperature)
+
+    def decision_rule(self, min_confidence: float | None = None, target_precision: float | None = None,
+                      coverage: float | None = None, score: str | None = None) -> DecisionRule:
+        """The rule :meth:`predict` applies: :func:`finetune.use.confidence.decision_rule` over
+        what this model's checkpoint stored from its validation and calibration splits."""
+        return decision_rule(self.trust, self.task, min_confidence, target_precision, coverage, score)
 
     def predict(self, images: Sequence, top_k: int = 1, batch_size: int = 32,
-                names: Sequence[str] | None = None, tta: str = "none") -> list[Prediction] | list[LabelSet]:
+                names: Sequence[str] | None = None, tta: str = "none", min_confidence: float | None = None,
+                target_precision: float | None = None, coverage: float | None = None,
+                rule: DecisionRule | None = None) -> list[Prediction] | list[LabelSet]:
         """Top-k (label, probability) per image, in input order; multi-label models: the label set
         at the thresholds (`top_k` unused). `names` label the results (default: the paths, or the
-        type of in-memory images); `tta` as :meth:`probabilities`."""
+        type of in-memory images); `tta` as :meth:`probabilities`. Multi-class only:
+        ``min_confidence`` (or ``target_precision``, which picks it on the validation split) makes
+        the answer ``"unknown"`` below it; ``coverage`` adds the conformal prediction set; `rule`
+        (from :meth:`decision_rule`) instead of those three."""
         check_tta(tta)  # before any image is decoded
+        rule = rule or self.decision_rule(min_confidence, target_precision, coverage)
         if isinstance(images, (str, Path, np.ndarray)) or hasattr(images, "convert"):  # one path, array or PIL image
             images = [images]
         images = list(images)
@@ -159,10 +183,17 @@ class FinetunedModel:
             return [self._label_set(name, row.tolist()) for name, row in zip(names, probabilities)]
         k = min(top_k, len(self.classes))
         values, indices = probabilities.topk(k, dim=1)
+        answers, sets = rule.answers(probabilities.numpy()), rule.sets(probabilities.numpy())
         return [
-            Prediction(name, [(self.classes[i], float(p)) for p, i in zip(v.tolist(), ix.tolist())])
-            for name, v, ix in zip(names, values, indices)
+            Prediction(name, [(self.classes[i], float(p)) for p, i in zip(v.tolist(), ix.tolist())], bool(answer < 0),
+                       None if sets is None else self._ranked(row, chosen))
+            for name, v, ix, answer, row, chosen in zip(names, values, indices, answers, probabilities,
+                                                        sets if sets is not None else [None] * len(names))
         ]
+
+    def _ranked(self, probabilities: torch.Tensor, chosen) -> list[tuple[str, float]]:
+        return sorted(((c, float(p)) for c, p, yes in zip(self.classes, probabilities.tolist(), chosen) if yes),
+                      key=lambda cp: -cp[1])
 
     def _label_set(self, name: str, row: list[float]) -> LabelSet:
         from finetune.use.multilabel import decisions

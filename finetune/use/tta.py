@@ -101,27 +101,29 @@ def _view_logits(model: nn.Module, images: Sequence, tta: TestTimeAugmentation, 
 
 def tta_probabilities(model: nn.Module, images: Sequence, data_config: Mapping, mode: str = "none",
                       batch_size: int = 32, device: torch.device | str | None = None,
-                      multilabel: bool = False) -> torch.Tensor:
+                      multilabel: bool = False, temperature: float = 1.0) -> torch.Tensor:
     """(N, C) class probabilities: softmax of each view's logits, averaged over the views of
     each image (probabilities are averaged, not logits). `model` returns logits and is in eval
     mode; `images` are HxWx3 uint8 arrays (or what ``as_rgb_array`` takes: paths, PIL images);
     `batch_size` caps the views per forward pass; `device`: the model's when None.
     With ``mode="none"`` the result is exactly the softmax of the plain evaluation logits (same
-    batches). No images: an empty (0, 0) tensor. `multilabel`: each label's sigmoid, averaged."""
+    batches). No images: an empty (0, 0) tensor. `multilabel`: each label's sigmoid, averaged.
+    `temperature`: each view's softmax is of its logits / temperature (calibration)."""
     tta = TestTimeAugmentation(data_config, mode)
-    chunks = [(logits.sigmoid() if multilabel else logits.softmax(dim=2)).mean(dim=1)
+    chunks = [(logits.sigmoid() if multilabel else (logits / temperature).softmax(dim=2)).mean(dim=1)
               for logits in _view_logits(model, images, tta, batch_size, device)]
     return torch.cat(chunks) if chunks else torch.empty(0, 0)
 
 
 def tta_log_probabilities(model: nn.Module, images: Sequence, data_config: Mapping, mode: str = "none",
-                          batch_size: int = 32, device: torch.device | str | None = None) -> torch.Tensor:
+                          batch_size: int = 32, device: torch.device | str | None = None,
+                          temperature: float = 1.0) -> torch.Tensor:
     """(N, C) log of the averaged probabilities of :func:`tta_probabilities`, computed in log
     space (logsumexp of the views' log-softmax, minus log V), so a probability that underflows
     to 0 in float32 still has a finite log. Usable as logits: their softmax gives back the
     averaged probabilities, so argmax and cross-entropy are those of the averaged prediction."""
     tta = TestTimeAugmentation(data_config, mode)
-    chunks = [logits.log_softmax(dim=2).logsumexp(dim=1) - math.log(tta.views_per_image)
+    chunks = [(logits / temperature).log_softmax(dim=2).logsumexp(dim=1) - math.log(tta.views_per_image)
               for logits in _view_logits(model, images, tta, batch_size, device)]
     return torch.cat(chunks) if chunks else torch.empty(0, 0)
 

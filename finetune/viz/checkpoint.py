@@ -20,4 +20,5 @@ def checkpoint_pictures(model: FinetunedModel, checkpoint: str | Path, out_dir: 
     summary = Path(checkpoint).resolve().parent.parent / "summary.json"
     history = json.loads(summary.read_text()).get("history", []) if summary.is_file() else []
     return write_pictures(model.model, model.classes, samples, model.transform, model.data_config, Path(out_dir),
-                          history, model.run_config().viz.layers, max_images=max_images, thresholds=model.thresholds)
+                          history, model.run_config().viz.layers, max_images=max_images, thresholds=model.thresholds,
+                          temperature=model.temperature)

@@ -56,11 +56,13 @@ def write_pictures(
     seed: int = 0,
     thresholds: Sequence[float] | None = None,
     train_samples: Sequence[Sample] | None = None,
+    temperature: float = 1.0,
 ) -> list[Picture]:
     """Write every picture for `model` (a Classifier: ``.backbone``, ``.head``) under `out_dir`.
     With `thresholds` the samples are multi-label (labels: tuples of class indices): per-label AP,
     the co-occurrence of labels in `train_samples` (else `samples`) and the missed labels and false
-    alarms replace the confusion matrix and the mistakes."""
+    alarms replace the confusion matrix and the mistakes. Multi-class models also get the
+    reliability diagram (softmax and softmax at `temperature`) and the risk-coverage curve."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     results: list[Picture] = []
@@ -93,6 +95,8 @@ def write_pictures(
             f"Confusion matrix on {report['images']} validation images (counts, and normalized by true class), with per-class precision/recall.")
         add("mistakes", pictures.mistakes(images, labels, logits.softmax(1), classes, out_dir / "mistakes.png"),
             "The most confident mistakes: wrong labels, ambiguous images or a real weakness.")
+        for name, path, caption in trust_pictures(logits, labels, temperature, out_dir):
+            add(name, path, caption)
     fields = patch_fields(model.backbone, spatial, data_config["input_size"][1]) if spatial else {}
     for name, field in fields.items():
         group = _group_of(model, name)  # files and captions say stage3, as every table does
@@ -103,6 +107,23 @@ def write_pictures(
             f"{title}: the image patches (its receptive field, {field.size}{'+' if field.clipped else ''} px) "
             f"that excite its strongest channels most.")
     return _finish(results, out_dir)
+
+
+def trust_pictures(logits: torch.Tensor, labels: torch.Tensor, temperature: float, out_dir: Path,
+                   min_confidence: float | None = None, split: str = "validation") -> list[tuple]:
+    """(name, path, caption) of the reliability diagram and the risk-coverage curve."""
+    from finetune.viz import trust
+
+    return [
+        ("reliability", trust.reliability(logits, labels, temperature, out_dir / "reliability.png", split),
+         f"Reliability: how often the model is right against how sure it says it is, before and after temperature "
+         f"scaling (T = {temperature:.2f}, fitted on the validation split). On the diagonal: confidence you can "
+         f"take at its word."),
+        ("risk_coverage", trust.risk_coverage((logits / temperature).softmax(1), labels, out_dir / "risk_coverage.png",
+                                              min_confidence),
+         "Risk-coverage: answering only the most confident images, the error among the answered against the share "
+         "answered (predict min_confidence= or target_precision= picks a point on it; the rest are 'unknown')."),
+    ]
 
 
 def _multilabel_pictures(classes, images, targets, logits, thresholds, label_samples, out_dir: Path) -> list[tuple]:
