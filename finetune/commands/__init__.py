@@ -2,8 +2,9 @@
 exit code. Before training: ``check-data``, ``show-groups`` (:mod:`.inspect_run`), ``lr-find``
 (:mod:`.lr_find`); with a trained
 model: ``predict``, ``evaluate``, ``export``, ``viz`` (:mod:`.model`); features out: ``embed``,
-``probe`` (:mod:`.features`). A command's module is imported when it runs, so that the CLI
-answers ``--help`` and mistakes without loading torch."""
+``probe`` (:mod:`.features`); what to look at in the data: ``audit`` (:mod:`.audit`). A
+command's module is imported when it runs, so that the CLI answers ``--help`` and mistakes
+without loading torch."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ COMMANDS = {
     "viz": ("finetune.commands.model", "viz_command"),
     "embed": ("finetune.commands.features", "embed_command"),
     "probe": ("finetune.commands.features", "probe_command"),
+    "audit": ("finetune.commands.audit", "audit_command"),
 }
 
 
