@@ -77,12 +77,21 @@ def write_split(images: list[tuple[str, str]], seed: int, path: Path) -> dict[st
     return splits
 
 
+def plain_threshold(confidence: np.ndarray, correct: np.ndarray, target: float) -> float | None:
+    """The lowest confidence whose accepted images' plain precision reaches `target` (no margin)."""
+    order = np.argsort(-confidence, kind="stable")
+    precision = np.cumsum(correct[order]) / np.arange(1, len(order) + 1)
+    reached = np.flatnonzero(precision >= target)
+    return float(confidence[order][reached[-1]]) if len(reached) else None
+
+
 def score_model(checkpoint: Path, test: list[tuple[str, str]], seed: int) -> dict:
     """Everything the module docstring lists, for one trained model on its test images."""
     from finetune.data.images import load_rgb
     from finetune.use.calibration import calibration_scores
+    from finetune.errors import ConfigError
     from finetune.use.confidence import (DecisionRule, conformal_scores, conformal_threshold, decision_rule,
-                                         prediction_sets)
+                                         precision_lower_bounds, prediction_sets)
     from finetune.use.export import decisions, export
     from finetune.use.load import load
 
@@ -94,11 +103,25 @@ def score_model(checkpoint: Path, test: list[tuple[str, str]], seed: int) -> dic
     probabilities = (logits / model.temperature).softmax(1)
     after = calibration_scores(probabilities, labels)
 
-    rule = decision_rule(model.trust, model.task, target_precision=TARGET)
-    answers = rule.answers(probabilities.numpy())
-    accepted = answers >= 0
-    abstain = {"min_confidence": rule.min_confidence, "coverage": float(accepted.mean()),
-               "precision": float((answers[accepted] == labels.numpy()[accepted]).mean()) if accepted.any() else None}
+    correct = (probabilities.argmax(1) == labels).numpy()
+    confidence = probabilities.max(1).values.numpy()
+    try:
+        rule = decision_rule(model.trust, model.task, target_precision=TARGET)
+    except ConfigError as refused:  # the validation split cannot show TARGET
+        rule = DecisionRule()
+        abstain = {"refused": str(refused)}
+    else:
+        accepted = confidence >= rule.min_confidence
+        abstain = {"min_confidence": rule.min_confidence, "coverage": float(accepted.mean()),
+                   "precision": float(correct[accepted].mean()) if accepted.any() else None}
+    val = model.trust["val"]
+    abstain["supported"] = float(precision_lower_bounds(val["confidence"], val["correct"])[1].max())
+    # without the margin: the lowest threshold whose plain validation precision reaches TARGET
+    plain = plain_threshold(np.asarray(val["confidence"]), np.asarray(val["correct"]), TARGET)
+    if plain is not None:
+        accepted = confidence >= plain
+        abstain["plain"] = {"min_confidence": plain, "coverage": float(accepted.mean()),
+                            "precision": float(correct[accepted].mean()) if accepted.any() else None}
 
     rng = np.random.default_rng(seed)
     p, y = probabilities.numpy(), labels.numpy()
@@ -144,10 +167,16 @@ def run_one(dataset: str, recipe: str, seed: int, args, results: dict) -> None:
     from finetune import fit
 
     key = f"{dataset}/{recipe}/{seed}"
+    work = args.out / dataset / f"seed{seed}"
+    if key in results["runs"] and args.rescore:  # score the saved model again, without training
+        with (work / "split.csv").open() as f:
+            test = [(r["path"], r["label"]) for r in csv.DictReader(f) if r["split"] == "test"]
+        results["runs"][key].update(score_model(work / recipe / "checkpoints" / "best.ckpt", test, seed))
+        print(f"{key}: scored again")
+        return
     if key in results["runs"] and not args.rerun:
         print(f"{key}: done already")
         return
-    work = args.out / dataset / f"seed{seed}"
     work.mkdir(parents=True, exist_ok=True)
     splits = write_split(all_images(DATASETS / dataset), seed, work / "split.csv")
     overrides = RECIPES[recipe] + ["data=csv", f"data.csv={work / 'split.csv'}", "data.split_column=split",
@@ -166,15 +195,16 @@ def run_one(dataset: str, recipe: str, seed: int, args, results: dict) -> None:
     results["runs"][key] = scored
     print(f"{key}: T {scored['temperature']:.3f}, ECE {scored['before']['ece']:.4f} -> {scored['after']['ece']:.4f}, "
           f"NLL {scored['before']['nll']:.4f} -> {scored['after']['nll']:.4f}; precision@{TARGET} "
-          f"{scored['abstain']['precision']} at coverage {scored['abstain']['coverage']:.3f}; lac coverage "
+          f"{scored['abstain'].get('precision', 'refused')} at coverage {scored['abstain'].get('coverage')}; lac coverage "
           f"{scored['sets']['lac']['coverage_mean']:.3f} size {scored['sets']['lac']['size_mean']:.2f}; onnx same "
           f"{scored['onnx']['same_answer_and_set']:.3f}")
 
 
 def table(results: dict) -> str:
     rows = ["| data | recipe | seeds | test imgs | acc | T | ECE before → after (drop) | NLL before → after | "
-            f"precision @ target {TARGET} (coverage) | lac: coverage, set size | aps: coverage, set size | ONNX same |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            f"target_precision={TARGET}: precision (coverage) on test | without the margin | "
+            "lac: coverage, set size | aps: coverage, set size | ONNX same |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple, list] = {}
     for key, run in results["runs"].items():
         dataset, recipe, _ = key.split("/")
@@ -186,14 +216,24 @@ def table(results: dict) -> str:
             return "-"
         return f"{statistics.mean(values):{fmt}}" + (f" ± {statistics.stdev(values):{fmt}}" if len(values) > 1 else "")
 
+    def abstained(runs, variant=None):
+        chosen = [(r["abstain"].get(variant) if variant else r["abstain"]) or {} for r in runs]
+        given = [c for c in chosen if "precision" in c]
+        text = f"{ms([c['precision'] for c in given])} ({ms([c['coverage'] for c in given])})" if given else ""
+        refused = len(chosen) - len(given)
+        if refused:
+            most = max(r["abstain"]["supported"] for r in runs)
+            text += f"{'; ' if text else ''}{refused} of {len(runs)} refused (val supports ≤ {most:.3f})"
+        return text
+
     for (dataset, recipe), runs in sorted(groups.items()):
         drop = [1 - r["after"]["ece"] / r["before"]["ece"] for r in runs if r["before"]["ece"]]
         rows.append(
             f"| {dataset} | {recipe} | {len(runs)} | {runs[0]['test_images']} | {ms([r['accuracy'] for r in runs])} | "
             f"{ms([r['temperature'] for r in runs], '.2f')} | {ms([r['before']['ece'] for r in runs])} → "
             f"{ms([r['after']['ece'] for r in runs])} ({ms(drop, '.0%')}) | {ms([r['before']['nll'] for r in runs])} → "
-            f"{ms([r['after']['nll'] for r in runs])} | {ms([r['abstain']['precision'] for r in runs])} "
-            f"({ms([r['abstain']['coverage'] for r in runs])}) | {ms([r['sets']['lac']['coverage_mean'] for r in runs])}, "
+            f"{ms([r['after']['nll'] for r in runs])} | {abstained(runs)} | {abstained(runs, 'plain')} | "
+            f"{ms([r['sets']['lac']['coverage_mean'] for r in runs])}, "
             f"{ms([r['sets']['lac']['size_mean'] for r in runs], '.2f')} | "
             f"{ms([r['sets']['aps']['coverage_mean'] for r in runs])}, {ms([r['sets']['aps']['size_mean'] for r in runs], '.2f')} | "
             f"{ms([r['onnx']['same_answer_and_set'] for r in runs], '.0%')} |")
@@ -207,7 +247,8 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--full-epochs", type=int, default=5)
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--rerun", action="store_true")
+    parser.add_argument("--rerun", action="store_true", help="train again the runs already in the json")
+    parser.add_argument("--rescore", action="store_true", help="score the saved models of the runs in the json again")
     args = parser.parse_args()
     for dataset in args.datasets:
         if not (DATASETS / dataset).is_dir():

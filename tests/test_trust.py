@@ -18,7 +18,7 @@ from finetune.commands import evaluate_command, export_command, predict_command
 from finetune.errors import ConfigError, DataError
 from finetune.use.calibration import calibration_scores, fit_temperature, reliability_bins
 from finetune.use.confidence import (DecisionRule, conformal_scores, conformal_threshold, decision_rule,
-                                     precision_threshold, prediction_sets)
+                                     precision_lower_bounds, precision_threshold, prediction_sets)
 
 
 def synthetic(n: int, classes: int = 5, true_temperature: float = 2.0, seed: int = 0):
@@ -99,14 +99,23 @@ def test_conformal_coverage_holds_over_random_resplits():
     assert (prediction_sets(p, conformal_threshold(conformal_scores(p, y, "aps"), 0.9), "aps").sum(1) >= 1).all()
 
 
-def test_precision_threshold_picks_the_lowest_confidence_that_reaches_the_target():
-    confidence = np.array([0.99, 0.95, 0.9, 0.9, 0.8, 0.6])
-    correct = np.array([True, True, True, False, True, False])
-    assert precision_threshold(confidence, correct, 1.0) == 0.95  # 0.9 comes in pairs: one is wrong
-    assert precision_threshold(confidence, correct, 0.85) == 0.95  # at 0.9, 3 of 4; at 0.8, 4 of 5
-    assert precision_threshold(confidence, correct, 0.8) == 0.8
-    assert precision_threshold(confidence, correct, 0.6) == 0.6  # 4 of 6
-    assert precision_threshold(np.array([0.9]), np.array([False]), 0.5) is None
+def test_precision_threshold_keeps_one_standard_error_to_spare():
+    from scipy.stats import binomtest
+
+    rng = np.random.default_rng(4)
+    confidence = np.round(rng.uniform(0.5, 1.0, 400), 2)  # ties: 51 distinct values
+    correct = rng.uniform(size=400) < confidence
+    thresholds, bounds = precision_lower_bounds(confidence, correct)
+    assert len(thresholds) == len(np.unique(confidence)) and (np.diff(thresholds) < 0).all()
+    for t, bound in zip(thresholds[::10], bounds[::10]):
+        accepted = confidence >= t
+        wilson = binomtest(int(correct[accepted].sum()), int(accepted.sum())).proportion_ci(0.682689492, "wilson")
+        assert bound == pytest.approx(wilson.low, abs=1e-9)
+    chosen = precision_threshold(confidence, correct, 0.9)
+    assert bounds[thresholds == chosen][0] >= 0.9 and (bounds[thresholds < chosen] < 0.9).all()
+    # 0.99 with one standard error to spare: 99 right answers in a row, not 98
+    assert precision_threshold(np.linspace(1, 0.5, 99), np.ones(99, bool), 0.99) == 0.5
+    assert precision_threshold(np.linspace(1, 0.5, 98), np.ones(98, bool), 0.99) is None
 
 
 def test_decision_rule_refuses_what_it_cannot_honour():
@@ -115,7 +124,8 @@ def test_decision_rule_refuses_what_it_cannot_honour():
         decision_rule(trust, "multiclass", coverage=0.9)
     with pytest.raises(ConfigError, match="not both"):
         decision_rule(trust, "multiclass", min_confidence=0.5, target_precision=0.9)
-    with pytest.raises(ConfigError, match="reached at no confidence"):
+    with pytest.raises(ConfigError, match=r"cannot be shown on the 2 validation images .* needs 99 answered .* "
+                                          r"the most they support is 0.211"):
         decision_rule(trust, "multiclass", target_precision=0.99)
     with pytest.raises(ConfigError, match="between 0 and 1"):
         decision_rule(trust, "multiclass", coverage=1.5)
