@@ -37,6 +37,8 @@ def test_temperature_recovers_the_true_one_and_lowers_ece_and_nll():
     before, after = calibration_scores(logits.softmax(1), labels), calibration_scores((logits / temperature).softmax(1), labels)
     assert after["ece"] < 0.5 * before["ece"] and after["nll"] < before["nll"] and after["brier"] < before["brier"]
     assert fit_temperature(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)) == 1.0
+    right = logits.argmax(1)  # no mistake: the NLL has no minimum (T -> 0), so T stays 1
+    assert fit_temperature(logits, right) == 1.0 and fit_temperature(logits[:50] / 10, right[:50]) == 1.0
 
 
 def test_calibration_scores_are_the_textbook_ones():
@@ -160,6 +162,9 @@ def test_a_run_fits_a_temperature_and_holds_out_a_calibration_split(calibrated):
     images = sorted((root / "data" / "val").glob("*/*.jpg"))
     with torch.no_grad():
         logits = model.model(model.preprocess(images))
+    labels = torch.tensor([model.classes.index(p.parent.name) for p in images])
+    # the temperature is the one the validation images give through finetune.load's own pipeline
+    assert model.temperature == pytest.approx(fit_temperature(logits, labels), rel=1e-5)
     assert torch.allclose(model.probabilities(images), (logits / model.temperature).softmax(1), atol=1e-6)
     for name in ("val/ece", "val/ece_calibrated", "val/nll", "val/nll_calibrated"):
         assert name in result.metrics

@@ -36,6 +36,7 @@ def trained(tmp_path_factory):
     checkpoint = torch.load(result.best_checkpoint, weights_only=True)
     for key in ("model.head.1.weight", "model.head.1.bias"):
         checkpoint["state_dict"][key] *= 30
+    checkpoint["finetune"]["trust"]["temperature"] = 1.0  # fitted before the x30: uncalibrated, as these tests read it
     sharp = root / "run" / "checkpoints" / "sharp.ckpt"
     torch.save(checkpoint, sharp)
     model = load(sharp)
@@ -57,9 +58,10 @@ def normalized(model, pixels: np.ndarray) -> torch.Tensor:
 def test_mode_none_gives_exactly_the_plain_prediction_probabilities(trained):
     model, _, _ = trained
     images = random_images(7, 48, 61)
-    plain = model.logits(images, batch_size=4).softmax(dim=1)
+    plain = (model.logits(images, batch_size=4) / model.temperature).softmax(dim=1)  # calibrated
     assert torch.equal(model.probabilities(images, batch_size=4), plain)
-    assert torch.equal(tta_probabilities(model.model, images, model.data_config, "none", batch_size=4), plain)
+    assert torch.equal(tta_probabilities(model.model, images, model.data_config, "none", batch_size=4,
+                                         temperature=model.temperature), plain)
     default, none = model.predict(images, top_k=3), model.predict(images, top_k=3, tta="none")
     assert [p.top_k for p in default] == [p.top_k for p in none]
 
@@ -92,14 +94,16 @@ def test_probabilities_are_averaged_over_the_views_not_the_logits(trained):
     model, _, _ = trained
     image = random_images(1, 50, 70, seed=4)[0]
     views = TestTimeAugmentation(model.data_config, "crops_flip").views(image)
+    temperature = model.temperature  # each view's softmax is calibrated
     with torch.no_grad():
-        per_view = model.model(views).softmax(dim=1)
+        per_view = (model.model(views) / temperature).softmax(dim=1)
     averaged = model.probabilities([image], tta="crops_flip")[0]
     assert torch.allclose(averaged, per_view.mean(dim=0), atol=1e-6)
     with torch.no_grad():
-        logit_average = model.model(views).mean(dim=0).softmax(dim=0)
+        logit_average = (model.model(views) / temperature).mean(dim=0).softmax(dim=0)
     assert (averaged - logit_average).abs().max() > 1e-4  # the two averages differ on this model
-    log_averaged = tta_log_probabilities(model.model, [image], model.data_config, "crops_flip")[0]
+    log_averaged = tta_log_probabilities(model.model, [image], model.data_config, "crops_flip",
+                                         temperature=temperature)[0]
     assert torch.allclose(log_averaged.exp(), averaged, atol=1e-6)
     assert torch.allclose(log_averaged.softmax(dim=0), averaged, atol=1e-6)  # usable as logits
 

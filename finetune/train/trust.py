@@ -53,8 +53,10 @@ def calibrate_and_store(module, splits, eval_tf, best_path: Path | None, setting
         checkpoint = torch.load(best_path, map_location="cpu", weights_only=True)
         checkpoint[CHECKPOINT_KEY]["trust"] = trust
         atomic_save(checkpoint, best_path)
-    log.info("calibration: temperature %.3f fitted on the validation split (%d images): ECE %.4f -> %.4f, "
-             "NLL %.4f -> %.4f%s", temperature, len(labels), metrics["val/ece"], metrics["val/ece_calibrated"],
+    flawless = bool((logits.argmax(dim=1) == labels).all())
+    log.info("calibration: temperature %.3f %s (%d images): ECE %.4f -> %.4f, "
+             "NLL %.4f -> %.4f%s", temperature, "kept: no mistake on the validation split to fit it on" if flawless
+             else "fitted on the validation split", len(labels), metrics["val/ece"], metrics["val/ece_calibrated"],
              metrics["val/nll"], metrics["val/nll_calibrated"],
              f"; calibration split for prediction sets: {len(trust['calibration']['scores']['lac'])} images"
              if splits.calibration else "")

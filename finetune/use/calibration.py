@@ -28,10 +28,12 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """The T > 0 minimizing the mean NLL of ``softmax(logits / T)`` on (`logits` (N, C), `labels` (N,)).
 
     NLL in log T is smooth and convex for a fixed set of logits, so LBFGS from T = 1 finds it in
-    a few steps; the result is clamped to [0.05, 20]. No images: 1.0 (no evidence to move from)."""
-    if not len(labels):
-        return 1.0
+    a few steps; the result is clamped to [0.05, 20]. No images, or no image misclassified: 1.0
+    (with every image right the NLL only falls as T falls to 0, so there is no minimum, and a
+    model sharpened to 0/1 probabilities by a small, easy validation split is not calibrated)."""
     logits, labels = logits.detach().double(), labels.detach().long()
+    if not len(labels) or bool((logits.argmax(dim=1) == labels).all()):
+        return 1.0
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
 
