@@ -107,7 +107,8 @@ def check_data(splits: DataSplits, batch_size: int | None = None) -> DataReport:
     if len(splits.classes) < 2:
         raise DataError(f"Classification needs at least 2 classes; {splits.description} has "
                         f"{len(splits.classes)}: {splits.classes}. Add a folder (or labels) for each other class.")
-    counts = {s: splits.counts(s) for s in COUNTED}
+    counted = [s for s in COUNTED if s != "calibration" or splits.calibration]  # listed only when held out
+    counts = {s: splits.counts(s) for s in counted}
     report = DataReport(
         splits.description,
         list(splits.classes),
@@ -124,7 +125,7 @@ def check_data(splits: DataSplits, batch_size: int | None = None) -> DataReport:
                                       if missing == ["val"] else ""))
         elif missing:
             report.warnings.append(f"class {c!r} has no {' and no '.join(missing)} images")
-    report.images = {s: len(getattr(splits, s)) for s in COUNTED}
+    report.images = {s: len(getattr(splits, s)) for s in counted}
     if splits.multilabel:
         report.cardinality = {s: cardinality([label for _, label in getattr(splits, s)]) for s in SPLITS
                               if getattr(splits, s)}
