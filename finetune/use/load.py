@@ -184,23 +184,22 @@ class FinetunedModel:
         k = min(top_k, len(self.classes))
         values, indices = probabilities.topk(k, dim=1)
         answers, sets = rule.answers(probabilities.numpy()), rule.sets(probabilities.numpy())
-        return [
-            Prediction(name, [(self.classes[i], float(p)) for p, i in zip(v.tolist(), ix.tolist())], bool(answer < 0),
-                       None if sets is None else self._ranked(row, chosen))
-            for name, v, ix, answer, row, chosen in zip(names, values, indices, answers, probabilities,
-                                                        sets if sets is not None else [None] * len(names))
-        ]
+        predictions = []
+        for i, name in enumerate(names):
+            top = [(self.classes[c], float(p)) for p, c in zip(values[i].tolist(), indices[i].tolist())]
+            chosen = None if sets is None else self._ranked(probabilities[i].tolist(), sets[i])
+            predictions.append(Prediction(name, top, bool(answers[i] < 0), chosen))
+        return predictions
 
-    def _ranked(self, probabilities: torch.Tensor, chosen) -> list[tuple[str, float]]:
-        return sorted(((c, float(p)) for c, p, yes in zip(self.classes, probabilities.tolist(), chosen) if yes),
-                      key=lambda cp: -cp[1])
+    def _ranked(self, row: list[float], chosen) -> list[tuple[str, float]]:
+        """The (class, probability) pairs `chosen` (one bool per class) picks, most probable first."""
+        return sorted(((c, float(p)) for c, p, yes in zip(self.classes, row, chosen) if yes), key=lambda cp: -cp[1])
 
     def _label_set(self, name: str, row: list[float]) -> LabelSet:
         from finetune.use.multilabel import decisions
 
         chosen = decisions(np.array([row]), self.thresholds, self.min_labels, self.max_labels)[0]
-        chosen = sorted(((c, p) for c, p, yes in zip(self.classes, row, chosen) if yes), key=lambda cp: -cp[1])
-        return LabelSet(name, chosen, dict(zip(self.classes, row)))
+        return LabelSet(name, self._ranked(row, chosen), dict(zip(self.classes, row)))
 
     def __repr__(self) -> str:
         task = ", multilabel" if self.task == "multilabel" else ""
