@@ -85,6 +85,18 @@ def write_class_folders(root: Path, classes=("ants", "bees", "wasps"), per_class
     return root
 
 
+def fit_tiny_on_folders(root: Path, per_class: int, val_per_class: int, epochs: int = 3, extra: tuple = ()):
+    """A TINY full fine-tune on fresh class folders under ROOT/data, in fp32 (validation under
+    bf16 autocast would not be reproduced to 1e-4 by the fp32 commands), run in ROOT/run."""
+    from finetune import fit
+
+    write_class_folders(root / "data" / "train", per_class=per_class)
+    write_class_folders(root / "data" / "val", per_class=val_per_class, seed=1)
+    return fit("full_finetune", TINY + QUICK + ["data=folder", f"data.root={root / 'data'}",
+                                                f"trainer.max_epochs={epochs}", "optimizer.lr=0.05", "augment=none",
+                                                "trainer.precision=32-true", *extra, f"hydra.run.dir={root / 'run'}"])
+
+
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     """DIR/train/<3 classes>/*.jpg (8 each) and DIR/val/<3 classes>/*.jpg (4 each)."""

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import QUICK, TINY, write_class_folders
+from conftest import QUICK, TINY, fit_tiny_on_folders, write_class_folders
 from finetune import FinetunedModel, fit, load
 from finetune.commands import evaluate_command, export_command, predict_command, viz_command
 from finetune.data.images import load_rgb
@@ -24,14 +24,7 @@ from finetune.use.export import export
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("inference")
-    write_class_folders(root / "data" / "train", per_class=8)
-    write_class_folders(root / "data" / "val", per_class=4, seed=1)
-    # fp32: validation under bf16 autocast (precision=auto on a CPU with AVX512-BF16) would not be
-    # reproduced to 1e-4 by the fp32 evaluate command.
-    result = fit("full_finetune", TINY + QUICK + ["data=folder", f"data.root={root / 'data'}", "trainer.max_epochs=3",
-                                                  "optimizer.lr=0.05", "augment=none", "trainer.precision=32-true",
-                                                  f"hydra.run.dir={root / 'run'}"])
-    return result, root
+    return fit_tiny_on_folders(root, 8, 4), root
 
 
 def test_load_rebuilds_the_model_and_its_preprocessing(trained):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.base import BaseEstimator, ClassifierMixin
 
-from conftest import QUICK, TINY, write_class_folders
+from conftest import QUICK, TINY, fit_tiny_on_folders
 from finetune import fit, load
 from finetune.commands import evaluate_command, export_command, predict_command
 from finetune.errors import ConfigError, DataError
@@ -145,12 +145,7 @@ def test_decision_rule_refuses_what_it_cannot_honour():
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory):
     root = tmp_path_factory.mktemp("trust")
-    write_class_folders(root / "data" / "train", per_class=16)
-    write_class_folders(root / "data" / "val", per_class=6, seed=1)
-    result = fit("full_finetune", TINY + QUICK + ["data=folder", f"data.root={root / 'data'}", "trainer.max_epochs=3",
-                                                  "optimizer.lr=0.05", "augment=none", "trainer.precision=32-true",
-                                                  "trust.calibration_fraction=0.25", f"hydra.run.dir={root / 'run'}"])
-    return result, root
+    return fit_tiny_on_folders(root, 16, 6, extra=("trust.calibration_fraction=0.25",)), root
 
 
 def test_a_run_fits_a_temperature_and_holds_out_a_calibration_split(calibrated):

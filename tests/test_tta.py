@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import QUICK, TINY, write_class_folders
-from finetune import fit, load
+from conftest import fit_tiny_on_folders
+from finetune import load
 from finetune.commands import evaluate_command, predict_command
 from finetune.data.images import load_rgb
 from finetune.errors import ConfigError
@@ -28,11 +28,7 @@ def trained(tmp_path_factory):
     averaging probabilities and averaging logits to differ measurably: the checkpoint's head is
     scaled x30 (a real checkpoint file still, loaded by finetune.load)."""
     root = tmp_path_factory.mktemp("tta")
-    write_class_folders(root / "data" / "train", per_class=6)
-    write_class_folders(root / "data" / "val", per_class=3, seed=1)
-    result = fit("full_finetune", TINY + QUICK + ["data=folder", f"data.root={root / 'data'}", "trainer.max_epochs=2",
-                                                  "optimizer.lr=0.05", "augment=none", "trainer.precision=32-true",
-                                                  f"hydra.run.dir={root / 'run'}"])
+    result = fit_tiny_on_folders(root, 6, 3, epochs=2)
     checkpoint = torch.load(result.best_checkpoint, weights_only=True)
     for key in ("model.head.1.weight", "model.head.1.bias"):
         checkpoint["state_dict"][key] *= 30

@@ -25,7 +25,7 @@ from finetune.data.datamodule import ImageDataModule, class_weights
 from finetune.data.decoded import decoded_images
 from finetune.data.samples import hold_out_calibration
 from finetune.data.sources import DataSplits, load_data
-from finetune.data.transforms import build_transforms
+from finetune.data.transforms import build_transforms, with_input_size
 from finetune.model.backbone import Backbone
 from finetune.model.build import backbone_from_config, build_model
 from finetune.model.classifier import Classifier
@@ -90,8 +90,7 @@ def run(cfg: DictConfig) -> FitResult:
                 log.info("batch-size finder: data.batch_size=%d fits on %s", found, p.speed.device)
             trainer.fit(module, datamodule=data, ckpt_path=resume.path, weights_only=True)
             best_path = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
-            best, evaluation = _best_metrics(cfg, trainer, module, data, history, best_path, splits, p.backbone,
-                                             p.eval_tf)
+            best, evaluation = _best_metrics(cfg, trainer, module, data, history, best_path, splits, p.backbone)
             if trainer.is_global_zero:
                 log_best(loggers, best)
             model = module.model.cpu().eval().to(memory_format=torch.contiguous_format)
@@ -177,8 +176,7 @@ def _datamodule(cfg: DictConfig, model: Classifier, backbone: Backbone, splits: 
 
 
 def _best_metrics(cfg: DictConfig, trainer: L.Trainer, module: ClassifierModule, data, history: MetricsHistory,
-                  best_path: Path | None, splits: DataSplits, backbone: Backbone,
-                  eval_tf) -> tuple[dict[str, float], dict | None]:
+                  best_path: Path | None, splits: DataSplits, backbone: Backbone) -> tuple[dict[str, float], dict | None]:
     """(the best epoch's metrics, the multi-label evaluation or None), with the best weights loaded
     into `module` and, when the data have a held-out test split, its ``test/*`` scores (computed
     once, here). Multi-label runs tune their thresholds here (:mod:`finetune.train.thresholds`),
@@ -198,8 +196,8 @@ def _best_metrics(cfg: DictConfig, trainer: L.Trainer, module: ClassifierModule,
                                            *label_count_bounds(cfg.multilabel.label_count, splits))
         best.update(tuned)
     elif trainer.is_global_zero:
-        calibrated, _ = calibrate_and_store(module, splits, eval_tf, best_path, cfg.trust,
-                                                     cfg.data.batch_size)
+        data_config = with_input_size(backbone.data_config, cfg.data.image_size)
+        calibrated, _ = calibrate_and_store(module, splits, data_config, best_path, cfg.trust, cfg.data.batch_size)
         best.update(calibrated)
     if cfg.tta != "none" and trainer.is_global_zero:
         best.update(report.score_with_tta(cfg, module.model, splits, backbone, evaluation))

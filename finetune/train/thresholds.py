@@ -27,33 +27,25 @@ def label_count_bounds(setting: str, splits) -> tuple[int, int | None]:
 
 
 @torch.no_grad()
-def split_logits(module, loader) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float32 logits (N, C), targets: class indices (N,) or multi-hot (N, C)) of `module` over
-    `loader`'s batches, normalized as in training (images or cached features alike)."""
+def split_probabilities(module, loader) -> tuple[np.ndarray, np.ndarray]:
+    """(sigmoid probabilities (N, C), multi-hot targets (N, C)) of `module` over `loader`'s
+    batches, normalized as in training (images or cached features alike)."""
     was_training = module.training
     module.eval()
-    logits, targets = [], []
+    probabilities, targets = [], []
     try:
         for batch in loader:
             inputs, labels = batch[0], batch[1]
             if not len(labels):
                 continue
             inputs = module.on_after_batch_transfer((inputs.to(module.device), labels), 0)[0]
-            logits.append(module(inputs).float().cpu())
-            targets.append(labels)
+            probabilities.append(torch.sigmoid(module(inputs).float()).cpu())
+            targets.append(labels.float())
     finally:
         module.train(was_training)
     n = len(module.classes)
-    return (torch.cat(logits) if logits else torch.zeros(0, n)), (torch.cat(targets) if targets else torch.zeros(0))
-
-
-def split_probabilities(module, loader) -> tuple[np.ndarray, np.ndarray]:
-    """(sigmoid probabilities (N, C), multi-hot targets (N, C)) of a multi-label `module` over `loader`."""
-    logits, targets = split_logits(module, loader)
-    n = len(module.classes)
-    if not len(logits):
-        return np.zeros((0, n)), np.zeros((0, n))
-    return torch.sigmoid(logits).numpy(), targets.float().numpy()
+    return (torch.cat(probabilities).numpy() if probabilities else np.zeros((0, n)),
+            torch.cat(targets).numpy() if targets else np.zeros((0, n)))
 
 
 def tune_and_store(module, data, best_path: Path | None, has_test: bool, objective: str = "f1", min_labels: int = 0,

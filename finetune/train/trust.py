@@ -22,19 +22,20 @@ from finetune.model.build import CHECKPOINT_KEY
 from finetune.train.checkpoints import atomic_save
 from finetune.use.calibration import calibration_scores, fit_temperature
 from finetune.use.confidence import CONFORMAL_SCORES, conformal_scores
-from finetune.use.tta import readable
+from finetune.use.tta import labelled_log_probabilities
 
 log = logging.getLogger(__name__)
 
 
-def calibrate_and_store(module, splits, eval_tf, best_path: Path | None, settings,
+def calibrate_and_store(module, splits, data_config: dict, best_path: Path | None, settings,
                         batch_size: int) -> tuple[dict[str, float], dict]:
     """Fit, score and store as the module docstring says. Returns (metrics: ``temperature``,
     ``val/ece``, ``val/ece_calibrated``, ``val/nll``, ``val/nll_calibrated`` and ``test/...``
     likewise when there is a test split; the checkpoint's ``trust`` entry)."""
     # Through the image pipeline at full precision, as finetune.load predicts: not the cached
     # features (computed under the run's autocast), so target_precision= holds for predict's numbers.
-    logits, labels, _ = image_logits(module.model, splits.val, eval_tf, batch_size)
+    # (log-softmax of the logits: softmax, argmax and the temperature's fit are the same on them)
+    logits, labels, _ = _outputs(module, splits.val, data_config, batch_size)
     temperature = fit_temperature(logits, labels) if settings.temperature else 1.0
     probabilities = (logits / temperature).softmax(dim=1)
     confidence, predicted = probabilities.max(dim=1)
@@ -42,11 +43,11 @@ def calibrate_and_store(module, splits, eval_tf, best_path: Path | None, setting
              "val": {"confidence": confidence.tolist(), "correct": (predicted == labels).tolist()}}
     metrics = {"temperature": temperature, **_scores("val", logits, labels, temperature)}
     if splits.test:
-        metrics.update(_scores("test", *image_logits(module.model, splits.test, eval_tf, batch_size)[:2], temperature))
+        metrics.update(_scores("test", *_outputs(module, splits.test, data_config, batch_size)[:2], temperature))
     if splits.calibration:
-        cal_logits, cal_labels, skipped = image_logits(module.model, splits.calibration, eval_tf, batch_size)
+        cal_logits, cal_labels, skipped = _outputs(module, splits.calibration, data_config, batch_size)
         cal_probabilities = (cal_logits / temperature).softmax(dim=1).numpy()
-        trust["calibration"] = {"images": len(cal_labels), "skipped": skipped, "score": settings.conformal,
+        trust["calibration"] = {"images": len(cal_labels), "skipped": len(skipped), "score": settings.conformal,
                                 "scores": {s: conformal_scores(cal_probabilities, cal_labels.numpy(), s).tolist()
                                            for s in CONFORMAL_SCORES}}
     if best_path is not None:
@@ -70,26 +71,8 @@ def _scores(split: str, logits: torch.Tensor, labels: torch.Tensor, temperature:
             for name, value in scores.items()}
 
 
-@torch.no_grad()
-def image_logits(model: torch.nn.Module, samples: list, eval_tf, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(float32 logits (N, C), labels (N,), files skipped) of `model` (a whole Classifier) on
-    labelled image `samples` through the evaluation pipeline `eval_tf` (normalized tensors out)."""
-    model.eval()
-    device = next(model.parameters()).device
-    skipped: dict[str, str] = {}
-    logits, labels, batch = [], [], []
-
-    def flush():
-        inputs = torch.stack([eval_tf(image=image)["image"] for image, _ in batch]).to(device)
-        logits.append(model(inputs).float().cpu())
-        labels.extend(label for _, label in batch)
-        batch.clear()
-
-    for image, label in readable(samples, skipped):
-        batch.append((image, label))
-        if len(batch) == batch_size:
-            flush()
-    if batch:
-        flush()
-    n = model.head[-1].out_features if hasattr(model.head[-1], "out_features") else 0
-    return (torch.cat(logits) if logits else torch.zeros(0, n)), torch.tensor(labels, dtype=torch.long), len(skipped)
+def _outputs(module, samples: list, data_config: dict, batch_size: int):
+    """(log-softmax of the whole model's logits, labels, skipped) on `samples` through the
+    evaluation pipeline, at full precision, as finetune.load predicts."""
+    module.model.eval()
+    return labelled_log_probabilities(module.model, data_config, samples, len(module.classes), "none", batch_size)

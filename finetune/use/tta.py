@@ -147,19 +147,30 @@ def evaluate_with_tta(model: nn.Module, data_config: Mapping, samples: Sequence,
     split: ``{"acc", "loss", "views", "skipped": {path: reason}}``. Files that do not decode are
     skipped, not fatal; with no image left, acc and loss are 0. Files are decoded a chunk at a
     time, so memory holds one chunk of images."""
-    views, skipped = check_tta(mode), {}
-    per_chunk = max(1, batch_size // views)
-    decoded = readable(samples, skipped)
-    log_probs, labels = [torch.empty(0, len(classes))], [torch.empty(0, dtype=torch.long)]
-    while chunk := list(islice(decoded, per_chunk)):
-        log_probs.append(tta_log_probabilities(model, [image for image, _ in chunk], data_config, mode, batch_size))
-        labels.append(torch.tensor([label for _, label in chunk], dtype=torch.long))
+    log_probs, labels, skipped = labelled_log_probabilities(model, data_config, samples, len(classes), mode, batch_size)
     # classification_report takes logits: argmax and F.cross_entropy (a log-softmax inside).
     # The log of averaged probabilities is its own log-softmax, so accuracy and loss are exactly
     # those of the averaged prediction.
-    report = classification_report(torch.cat(log_probs), torch.cat(labels), list(classes))
-    return {"acc": report["accuracy"], "loss": report["loss"], "views": views, "skipped": skipped}
+    report = classification_report(log_probs, labels, list(classes))
+    return {"acc": report["accuracy"], "loss": report["loss"], "views": check_tta(mode), "skipped": skipped}
 
 
-__all__ = ["TTA_MODES", "TestTimeAugmentation", "check_tta", "evaluate_with_tta", "tta_log_probabilities",
+def labelled_log_probabilities(model: nn.Module, data_config: Mapping, samples: Sequence, num_classes: int,
+                               mode: str = "none", batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(:func:`tta_log_probabilities` (N, C), labels (N,), skipped: path -> reason) of labelled
+    `samples`, decoded a chunk at a time; files that do not decode are skipped. With mode
+    ``none`` the rows are the log-softmax of the plain logits: usable as logits (softmax,
+    argmax, temperature scaling give the same results)."""
+    skipped: dict[str, str] = {}
+    per_chunk = max(1, batch_size // check_tta(mode))
+    decoded = readable(samples, skipped)
+    log_probs, labels = [torch.empty(0, num_classes)], [torch.empty(0, dtype=torch.long)]
+    while chunk := list(islice(decoded, per_chunk)):
+        log_probs.append(tta_log_probabilities(model, [image for image, _ in chunk], data_config, mode, batch_size))
+        labels.append(torch.tensor([label for _, label in chunk], dtype=torch.long))
+    return torch.cat(log_probs), torch.cat(labels), skipped
+
+
+__all__ = ["TTA_MODES", "TestTimeAugmentation", "check_tta", "evaluate_with_tta", "labelled_log_probabilities",
+           "tta_log_probabilities",
            "tta_probabilities"]
