@@ -50,6 +50,33 @@ def pokemon() -> Path:
     return shared_dataset(POKEMON, present, "pokemon_types", "FINETUNE_POKEMON")
 
 
+CHROMIUM = Path(os.environ.get("FINETUNE_CHROMIUM", "/usr/bin/chromium"))
+CHROMEDRIVER = Path(os.environ.get("FINETUNE_CHROMEDRIVER", "/usr/bin/chromedriver"))
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """A headless Chromium driven by Selenium, as a user's browser would load a page (Debian's
+    chromium and chromium-driver; .ci/run installs them). Missing under CI is a failure, not a skip."""
+    if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
+        message = (f"chromium not found at {CHROMIUM} or chromedriver at {CHROMEDRIVER} "
+                   "(apt-get install chromium chromium-driver, or set FINETUNE_CHROMIUM / FINETUNE_CHROMEDRIVER)")
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,1024"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
 def write_multilabel_manifest(root: Path, per_set: int = 6, seed: int = 0) -> Path:
     """ROOT/images/*.png and ROOT/labels.csv (file,labels): each image's labels are the color
     channels it boosts ("red green", "blue", "" for none): a learnable multi-label task."""

@@ -24,6 +24,7 @@ MAY_IMPORT = {
     "use": {"model", "data", "compute"},
     "viz": {"model", "data", "use"},
     "train": {"model", "data", "compute", "use", "viz"},
+    "serve": {"model", "data", "use"},
 }
 
 

@@ -39,7 +39,7 @@ def _guarded(path):
         except FileNotFoundError:
             raise UnreadableImage("file not found") from None
         except Exception as err:
-            if Path(path).is_file() and Path(path).stat().st_size == 0:
+            if isinstance(path, (str, os.PathLike)) and Path(path).is_file() and Path(path).stat().st_size == 0:
                 raise UnreadableImage("empty file") from None
             raise UnreadableImage(f"not a readable image ({type(err).__name__}: {err})") from None
 
@@ -52,8 +52,8 @@ def probe(path: str | Path) -> tuple[int, int]:
         return img.size
 
 
-def load_rgb(path: str | Path, min_short_side: int | None = None) -> np.ndarray:
-    """Decode `path` to an upright (EXIF-rotated) HxWx3 uint8 RGB array, or UnreadableImage.
+def load_rgb(path, min_short_side: int | None = None) -> np.ndarray:
+    """Decode `path` (or a binary file object) to an upright (EXIF-rotated) HxWx3 uint8 RGB array, or UnreadableImage.
 
     Grayscale, palette, CMYK and 16-bit images are converted explicitly; transparent pixels
     are composited on white. A truncated file is an error, not a half-gray image.

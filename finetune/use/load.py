@@ -178,7 +178,13 @@ class FinetunedModel:
             images = [images]
         images = list(images)
         names = list(names) if names is not None else [_describe(image) for image in images]
-        probabilities = self.probabilities(images, batch_size, tta)
+        return self.predictions(self.probabilities(images, batch_size, tta), names, top_k, rule)
+
+    def predictions(self, probabilities: torch.Tensor, names: Sequence[str], top_k: int = 1,
+                    rule: DecisionRule | None = None) -> list[Prediction] | list[LabelSet]:
+        """:meth:`predict`'s answers for (N, C) `probabilities` already computed (calibrated, in
+        class order; a server computes them in batches of its own), one per name."""
+        rule = rule or DecisionRule()
         if self.task == "multilabel":
             return [self._label_set(name, row.tolist()) for name, row in zip(names, probabilities)]
         k = min(top_k, len(self.classes))
