@@ -1,5 +1,6 @@
-"""What a run reports: its start table, its pictures, ``summary.json``, the closing block and the
-:class:`FitResult` it returns. Rank zero only: the caller decides."""
+"""What a run reports: its start table, its pictures, ``summary.json``, the report page
+(``viz/index.html``), the closing block and the :class:`FitResult` it returns. Rank zero only: the
+caller decides."""
 
 from __future__ import annotations
 
@@ -152,7 +153,7 @@ def draw_pictures(cfg: DictConfig, model: Classifier, splits: DataSplits, eval_t
     pictures = write_pictures(model, splits.classes, splits.val, eval_tf, data_config, output_dir / "viz", history,
                               cfg.viz.layers, cfg.viz.channels, cfg.viz.top_k, cfg.viz.max_images,
                               cfg.data.batch_size, cfg.seed, thresholds, splits.train if splits.multilabel else None,
-                              temperature)
+                              temperature, page={"summary_path": output_dir / "summary.json"})
     for logger in loggers:
         if hasattr(logger, "log_image"):  # WandbLogger
             for picture in pictures:
@@ -176,6 +177,7 @@ def outputs(output_dir: Path, best_path: Path | None, loggers, pictures: list) -
         found["config"] = hydra_config
     if pictures:
         found["pictures"] = output_dir / "viz" / "index.md"
+        found["report"] = output_dir / "viz" / "index.html"
     return found
 
 
@@ -191,6 +193,24 @@ def write_summary(result: FitResult, seconds: float) -> None:
         "seconds": round(seconds, 1),
     }
     result.outputs["summary"].write_text(json.dumps(summary, indent=2))
+
+
+def write_page(result: FitResult, pictures: list) -> None:
+    """``viz/index.html`` once more, now that ``summary.json`` exists: the pictures with the
+    best epoch's metrics, the data report, the layer groups with their lrs and the resolved config
+    (:mod:`finetune.viz.html_report`). Nothing without pictures (``viz=none``)."""
+    if "report" not in result.outputs:
+        return
+    from finetune.viz.html_report import write_page as write_html
+
+    summary_path = result.outputs["summary"]
+    optimizer = result.config.get("optimizer") or {}
+    try:
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+        lrs = group_lrs(result.model, optimizer) if isinstance(optimizer.get("lr"), (int, float)) else None
+        write_html(result.outputs["report"].parent, pictures, result.model, summary, result.config, lrs, summary_path)
+    except Exception as err:  # a report page never fails a finished run
+        log.warning("could not write %s: %s: %s", result.outputs["report"], type(err).__name__, err)
 
 
 def log_end(result: FitResult) -> None:

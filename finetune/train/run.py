@@ -110,6 +110,7 @@ def run(cfg: DictConfig) -> FitResult:
                            report.outputs(output_dir, best_path, loggers, pictures), p.data_report, evaluation)
         if trainer.is_global_zero:
             report.write_summary(result, time.perf_counter() - started)
+            report.write_page(result, pictures)
             report.log_end(result)
     return result
 

@@ -14,11 +14,22 @@ def checkpoint_pictures(model: FinetunedModel, checkpoint: str | Path, out_dir: 
                         max_images: int = 500) -> list[Picture]:
     """Every picture of `model` (loaded from `checkpoint`) into `out_dir`, on `samples`
     ((image, label) pairs; default: :meth:`FinetunedModel.evaluation_samples`), with the curves
-    of the run's ``summary.json`` when it lies beside the checkpoint folder."""
+    of the run's ``summary.json`` when it lies beside the checkpoint folder (``index.html`` then
+    shows its metrics and data report too; the config is the checkpoint's)."""
     if samples is None:
         samples, _ = model.evaluation_samples()
-    summary = Path(checkpoint).resolve().parent.parent / "summary.json"
-    history = json.loads(summary.read_text()).get("history", []) if summary.is_file() else []
+    summary_path = Path(checkpoint).resolve().parent.parent / "summary.json"
+    summary = _read_summary(summary_path)
+    page = {"summary": summary, "summary_path": summary_path, "config": model.config}
     return write_pictures(model.model, model.classes, samples, model.transform, model.data_config, Path(out_dir),
-                          history, model.run_config().viz.layers, max_images=max_images, thresholds=model.thresholds,
-                          temperature=model.temperature)
+                          (summary or {}).get("history", []), model.run_config().viz.layers, max_images=max_images,
+                          thresholds=model.thresholds, temperature=model.temperature, page=page)
+
+
+def _read_summary(path: Path) -> dict | None:
+    """``summary.json`` as a dict; None when it is missing or unreadable (the pictures go on)."""
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None

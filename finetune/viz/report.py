@@ -1,4 +1,5 @@
-"""All the pictures of a trained model, and ``index.md`` linking them with one-line captions.
+"""All the pictures of a trained model, and ``index.md`` linking them with one-line captions
+(and ``index.html``, the run's report page around them: :mod:`finetune.viz.html_report`).
 
 One evaluation pass over (up to ``max_images`` of) the validation images feeds the confusion
 matrix, the mistakes and the top-activating patches of every chosen layer (forward hooks).
@@ -57,12 +58,15 @@ def write_pictures(
     thresholds: Sequence[float] | None = None,
     train_samples: Sequence[Sample] | None = None,
     temperature: float = 1.0,
+    page: Mapping | None = None,
 ) -> list[Picture]:
     """Write every picture for `model` (a Classifier: ``.backbone``, ``.head``) under `out_dir`.
     With `thresholds` the samples are multi-label (labels: tuples of class indices): per-label AP,
     the co-occurrence of labels in `train_samples` (else `samples`) and the missed labels and false
     alarms replace the confusion matrix and the mistakes. Multi-class models also get the
-    reliability diagram (softmax and softmax at `temperature`) and the risk-coverage curve."""
+    reliability diagram (softmax and softmax at `temperature`) and the risk-coverage curve.
+    `page`: what ``index.html`` shows besides the pictures and `model`'s layer groups (keywords of
+    :func:`finetune.viz.html_report.write_page`: summary, summary_path, config, group_lrs)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     results: list[Picture] = []
@@ -84,7 +88,7 @@ def write_pictures(
     images, labels, logits, peaks, positions = _evaluate(model, samples, transform, data_config, spatial, batch_size,
                                                          num_labels)
     if not len(labels):
-        return _finish(results, out_dir)
+        return _finish(results, out_dir, model, page)
     if thresholds is not None:
         for name, path, caption in _multilabel_pictures(classes, images, labels, logits, thresholds,
                                                         train_samples or samples, out_dir):
@@ -106,7 +110,7 @@ def write_pictures(
                                                     out_dir / f"patches_{safe}.png", channels, top_k),
             f"{title}: the image patches (its receptive field, {field.size}{'+' if field.clipped else ''} px) "
             f"that excite its strongest channels most.")
-    return _finish(results, out_dir)
+    return _finish(results, out_dir, model, page)
 
 
 def trust_pictures(logits: torch.Tensor, labels: torch.Tensor, temperature: float, out_dir: Path,
@@ -157,11 +161,15 @@ def _group_of(model: nn.Module, layer: str) -> str | None:
     return owners.pop() if len(owners) == 1 else None
 
 
-def _finish(results: list[Picture], out_dir: Path) -> list[Picture]:
+def _finish(results: list[Picture], out_dir: Path, model: nn.Module, page: Mapping | None) -> list[Picture]:
+    """``index.md`` and ``index.html`` for `results`."""
+    from finetune.viz.html_report import write_page
+
     lines = ["# What the network learned", ""]
     for picture in results:
         lines += [f"## {picture.name}", "", picture.caption, "", f"![{picture.name}]({picture.path.name})", ""]
     (out_dir / "index.md").write_text("\n".join(lines))
+    write_page(out_dir, results, model, **(page or {}))
     return results
 
 
