@@ -156,20 +156,30 @@ def evaluate_command(args: Sequence[str]) -> int:
 
 
 def export_command(args: Sequence[str]) -> int:
-    """``finetune export ckpt=PATH format=onnx|torchscript|safetensors [out=DIR] [input=IMAGES]
+    """``finetune export ckpt=PATH format=onnx|torchscript|safetensors|hub [out=DIR] [input=IMAGES]
     [min_confidence=P | target_precision=P] [coverage=P [conformal=lac|aps]]``: parity is checked
     on up to 8 images from `input`, else from the training config's data; the decision rule goes
-    into ``preprocessing.json`` beside the temperature."""
+    into ``preprocessing.json`` beside the temperature. format=hub: a folder for the Hugging Face
+    Hub that ``timm.create_model("local-dir:DIR", pretrained=True)`` loads (parity checked through
+    that load), with a model card (README.md) and the run's pictures; ``finetune push`` uploads it."""
     opts, _ = parse(args, {"ckpt": REQUIRED, "format": REQUIRED, "out": None, "input": None, "tolerance": "1e-4",
                            **TRUST_OPTIONS}, "export")
     model = load(opts["ckpt"])
     rule = decision_rule_from(opts, model)
     images, where = _parity_images(model, opts["input"])
-    result = export(model, opts["format"], output_dir(opts["out"]), model.preprocess(images), float(opts["tolerance"]),
-                    rule)
+    out, sample, tolerance = output_dir(opts["out"]), model.preprocess(images), float(opts["tolerance"])
+    if opts["format"] == "hub":
+        from finetune.use.hub import hub_folder
+
+        folder = hub_folder(model, opts["ckpt"], out, sample, tolerance, rule)
+        result = folder.export
+        print(f"exported hub: {out} ({', '.join(folder.files)})\n"
+              f"  load: timm.create_model('local-dir:{out}', pretrained=True); upload: finetune push ckpt=... repo_id=...")
+    else:
+        result = export(model, opts["format"], out, sample, tolerance, rule)
+        print(f"exported {opts['format']}: {result.path}\n  preprocessing: {result.preprocessing}")
     answer = "label set" if model.thresholds else ("answer (class, unknown, set)" if rule.describe() else "class")
-    print(f"exported {opts['format']}: {result.path}\n  preprocessing: {result.preprocessing}\n"
-          f"  parity on {len(images)} {where}: max |logit difference| = {result.max_abs_diff:.2e}, "
+    print(f"  parity on {len(images)} {where}: max |logit difference| = {result.max_abs_diff:.2e}, "
           f"{result.same_decisions}/{len(images)} images get the same {answer}")
     return 0
 

@@ -1,10 +1,17 @@
-"""Export a trained model for serving: ONNX (dynamic batch), TorchScript, or safetensors with a
-timm-compatible config. Every export writes ``preprocessing.json`` (input size, mean, std,
-interpolation, crop, class names, the temperature and the decision rule) beside the model and is
-checked for parity: the exported model's logits must match PyTorch's within ``tolerance`` (max
-abs) on a real batch, and its decisions PyTorch's on every image of it: the same class (or
-``unknown``) and the same prediction set under the rule, or for a multi-label model the same
-label set at the thresholds ``preprocessing.json`` carries.
+"""Export a trained model for serving: ONNX (dynamic batch), TorchScript, safetensors with a
+timm-compatible config, or ``hub``: a timm model folder in the Hugging Face Hub's layout
+(``model.safetensors`` and ``config.json`` written by timm's own ``save_for_hf``) that
+``timm.create_model("local-dir:DIR", pretrained=True)`` loads, and ``hf-hub:ORG/NAME`` once
+uploaded; its parity is checked through exactly that load. Only a timm classifier fits that
+layout (a timm backbone, its classifier a single Linear on average-pooled features): ``hub``
+refuses any other model with a :class:`ConfigError` before writing anything.
+
+Every export writes ``preprocessing.json`` (input size, mean, std, interpolation, crop, class
+names, the temperature and the decision rule) beside the model and is checked for parity: the
+exported model's logits must match PyTorch's within ``tolerance`` (max abs) on a real batch, and
+its decisions PyTorch's on every image of it: the same class (or ``unknown``) and the same
+prediction set under the rule, or for a multi-label model the same label set at the thresholds
+``preprocessing.json`` carries.
 
 ONNX and TorchScript models have two outputs: ``logits`` and ``probabilities``, the calibrated
 softmax (``softmax(logits / temperature)``; multi-label: each label's sigmoid), so a runtime gets
@@ -26,7 +33,7 @@ from finetune.model.backbone import fixed_size_kwargs
 from finetune.use.confidence import DecisionRule
 from finetune.use.load import FinetunedModel
 
-FORMATS = ("onnx", "torchscript", "safetensors")
+FORMATS = ("onnx", "torchscript", "safetensors", "hub")
 
 
 @dataclass(frozen=True)
@@ -62,11 +69,19 @@ def export(model: FinetunedModel, fmt: str, out_dir: Path, sample: torch.Tensor,
     if fmt not in FORMATS:
         raise ConfigError(f"format={fmt!r}; choose one of {', '.join(FORMATS)}.")
     rule = rule or DecisionRule()
+    if fmt == "hub":  # refused before anything is written
+        timm_model, reason = timm_layout(model)
+        if reason:
+            raise ConfigError(f"format=hub needs a model that timm.create_model('local-dir:DIR') loads, and {reason}: "
+                              f"use format=safetensors (finetune's layout) or format=onnx.")
     out_dir.mkdir(parents=True, exist_ok=True)
     net = model.model.eval()
     with torch.no_grad():
         reference = net(sample)
-    path, exported = {"onnx": _onnx, "torchscript": _torchscript, "safetensors": _safetensors}[fmt](model, out_dir, sample)
+    if fmt == "hub":
+        path, exported = _hub(model, timm_model, out_dir, sample)
+    else:
+        path, exported = {"onnx": _onnx, "torchscript": _torchscript, "safetensors": _safetensors}[fmt](model, out_dir, sample)
     diff = float((exported - reference).abs().max())
     if diff > tolerance:
         raise ParityError(f"{path}: exported logits differ from PyTorch's by {diff:.2e} (> {tolerance:.0e}).")
@@ -152,30 +167,67 @@ def _with_probabilities(model: FinetunedModel) -> WithProbabilities:
     return WithProbabilities(model.model, model.temperature, model.task == "multilabel").eval()
 
 
+def timm_layout(model: FinetunedModel) -> tuple[torch.nn.Module | None, str | None]:
+    """(timm's own model for `model`, carrying its weights, None), or (None, why there is none):
+    a timm backbone whose head is one Linear on average-pooled features maps onto timm's
+    classifier; an MLP head, other pooling, or a torchvision:ARCH / lenet5 backbone does not."""
+    import timm
+
+    name = model.config["backbone"]["name"]
+    if not timm.is_model(name):
+        return None, f"{name} is not a timm model"
+    if model.config["head"].get("hidden"):
+        return None, f"its head is an MLP (head.hidden={model.config['head']['hidden']}), not timm's linear classifier"
+    pool = model.config["head"].get("pool")
+    if pool not in (None, "avg"):
+        return None, f"its features are pooled with head.pool={pool}, which timm's classifier does not do"
+    linear = [m for m in model.model.head if isinstance(m, torch.nn.Linear)]
+    # A fixed-size model (ViT, ...) trained at another size is created at that size again.
+    size = fixed_size_kwargs(name, model.config["data"].get("image_size"))
+    timm_model = timm.create_model(name, pretrained=False, num_classes=len(model.classes), **size)
+    classifier = timm_model.pretrained_cfg.get("classifier")
+    if len(linear) != 1 or not isinstance(classifier, str):
+        return None, f"timm's {name} has no single linear classifier to hold the head"
+    state = {k.removeprefix("backbone."): v for k, v in model.model.state_dict().items() if k.startswith("backbone.")}
+    state[f"{classifier}.weight"] = linear[0].weight
+    state[f"{classifier}.bias"] = linear[0].bias
+    missing, unexpected = timm_model.load_state_dict(state, strict=False)
+    # Only bookkeeping may be absent (FrozenBatchNorm2d keeps no num_batches_tracked).
+    if unexpected or any(not k.endswith("num_batches_tracked") for k in missing):
+        raise FinetuneError(f"Cannot map onto timm's {name}: missing {missing[:3]}, unexpected {unexpected[:3]}.")
+    return timm_model.eval(), None
+
+
+def _hub(model: FinetunedModel, timm_model: torch.nn.Module, out_dir: Path, sample: torch.Tensor):
+    """timm's Hub layout, written by timm's ``save_for_hf`` (weights as safetensors; ``config.json``
+    with the architecture, its arguments, the label names and the preprocessing finetune used),
+    read back the way a user will: ``timm.create_model("local-dir:DIR", pretrained=True)``."""
+    import timm
+    from timm.models import save_for_hf
+
+    dc = model.data_config
+    save_for_hf(timm_model, str(out_dir), model_config={"label_names": model.classes}, safe_serialization=True,
+                data_config={k: dc[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+                             if k in dc})
+    path = out_dir / "model.safetensors"
+    follow_umask(path)  # safetensors writes 0600
+    check = timm.create_model(f"local-dir:{out_dir}", pretrained=True).eval()
+    with torch.no_grad():
+        return path, check(sample)
+
+
 def _safetensors(model: FinetunedModel, out_dir: Path, sample: torch.Tensor):
-    """A timm model file when the head is linear (loads with ``timm.create_model``), else the
-    Classifier's own state dict."""
+    """A timm model file when :func:`timm_layout` maps the model onto timm (loads with
+    ``timm.create_model``), else the Classifier's own state dict."""
     import timm
     from safetensors.torch import save_file
 
     name = model.config["backbone"]["name"]
     n = len(model.classes)
-    linear = [m for m in model.model.head if isinstance(m, torch.nn.Linear)]
     path = out_dir / "model.safetensors"
-    # A fixed-size model (ViT, ...) trained at another size is created at that size again.
-    size = fixed_size_kwargs(name, model.config["data"].get("image_size")) if timm.is_model(name) else {}
-    # torchvision:ARCH and lenet5 backbones are not timm models: they keep finetune's layout.
-    timm_model = timm.create_model(name, pretrained=False, num_classes=n, **size) if timm.is_model(name) else None
-    classifier = timm_model.pretrained_cfg.get("classifier") if timm_model is not None else None
-    pool = model.config["head"].get("pool")
-    if len(linear) == 1 and isinstance(classifier, str) and pool in (None, "avg"):
-        state = {k.removeprefix("backbone."): v for k, v in model.model.state_dict().items() if k.startswith("backbone.")}
-        state[f"{classifier}.weight"] = linear[0].weight
-        state[f"{classifier}.bias"] = linear[0].bias
-        missing, unexpected = timm_model.load_state_dict(state, strict=False)
-        # Only bookkeeping may be absent (FrozenBatchNorm2d keeps no num_batches_tracked).
-        if unexpected or any(not k.endswith("num_batches_tracked") for k in missing):
-            raise FinetuneError(f"Cannot map onto timm's {name}: missing {missing[:3]}, unexpected {unexpected[:3]}.")
+    timm_model, _ = timm_layout(model)
+    if timm_model is not None:
+        size = fixed_size_kwargs(name, model.config["data"].get("image_size"))
         save_file({k: v.contiguous() for k, v in timm_model.state_dict().items()}, str(path))
         follow_umask(path)  # safetensors writes 0600
         config = {"architecture": name, "num_classes": len(model.classes), "label_names": model.classes,
