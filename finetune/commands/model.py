@@ -186,7 +186,8 @@ def export_command(args: Sequence[str]) -> int:
 
 def viz_command(args: Sequence[str]) -> int:
     """``finetune viz ckpt=PATH [input=DIR | data=...] [out=DIR]``: the pictures of a trained
-    model, on the images :func:`_labelled_samples` picks."""
+    model, on the images :func:`_labelled_samples` picks, with index.md and the report page
+    index.html."""
     from finetune.viz.checkpoint import checkpoint_pictures
 
     opts, data = parse(args, {"ckpt": REQUIRED, "input": None, "out": None, "max_images": "500"}, "viz", "data")
@@ -196,6 +197,7 @@ def viz_command(args: Sequence[str]) -> int:
     for picture in checkpoint_pictures(model, opts["ckpt"], out, samples, int(opts["max_images"])):
         print(f"  {picture.name}: {picture.path}")
     print(f"  index: {out / 'index.md'}")
+    print(f"  report: {out / 'index.html'} (open it in a browser)")
     return 0
 
 

@@ -141,7 +141,7 @@ def _onnx(model: FinetunedModel, out_dir: Path, sample: torch.Tensor):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            _with_probabilities(model), (sample,), str(path), dynamo=True, external_data=False,
+            _with_probabilities(model), (sample,), str(path), dynamo=True, external_data=False, verbose=False,
             input_names=["images"], output_names=["logits", "probabilities"],
             dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}},
         )
