@@ -129,3 +129,31 @@ def resolve_num_workers(setting, device: torch.device, in_memory: bool) -> int:
 def to_channels_last(x: torch.Tensor) -> torch.Tensor:
     """NHWC layout for an image batch; other tensors unchanged."""
     return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
+
+
+@torch.inference_mode()
+def forward_images_per_second(model: nn.Module, input_size, speed: Speed, seconds: float = 2.0,
+                              batch_size: int = 32) -> float:
+    """Images/s of `model`'s forward pass (eval mode, batches of `batch_size` at `input_size`
+    (C, H, W)) on `speed`'s device, precision and layout: one warm-up batch, then `seconds` of batches."""
+    import time
+
+    was_training = model.training
+    model.eval().to(speed.device)
+    batch = torch.randn(batch_size, *input_size, device=speed.device)
+    batch = to_channels_last(batch) if speed.channels_last else batch
+    dtype = speed.autocast_dtype
+
+    def forward():
+        with torch.autocast(speed.device.type, dtype=dtype, enabled=dtype is not None):
+            model(batch)
+        if speed.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    forward()
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        forward()
+        done += batch_size
+    model.train(was_training)
+    return done / (time.perf_counter() - started)

@@ -310,3 +310,19 @@ def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
     names = getattr(model, "pretrained_cfg", {}).get("classifier") or ()
     names = (names,) if isinstance(names, str) else tuple(names)
     return tuple(f"{n}." for n in names) or ("\0",)
+
+
+def offline_backbones() -> list[str]:
+    """timm names whose ImageNet weights load without a network here: the embedded packages
+    that are installed, then timm's Hub models already in the local Hugging Face cache."""
+    import importlib.util
+
+    found = [name for name, (module, _) in EMBEDDED_PACKAGES.items() if importlib.util.find_spec(module) is not None]
+    try:
+        from huggingface_hub import scan_cache_dir
+
+        cached = sorted(repo.repo_id.split("/", 1)[1] for repo in scan_cache_dir().repos
+                        if repo.repo_type == "model" and repo.repo_id.startswith("timm/"))
+    except Exception:  # noqa: BLE001 - no cache folder yet, or one this huggingface_hub cannot read
+        cached = []
+    return found + [name for name in cached if timm.is_model(name) and name not in found]
