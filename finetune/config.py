@@ -197,10 +197,10 @@ def hydra_value(value) -> str:
 # Hydra's command-line flags that take a value (`--cfg job`); the others (-m) stand alone.
 _FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
                      "--config-dir", "-cd", "--experimental-rerun", "--info", "-i"}
-# What a sweep override's value looks like: a top-level comma, or Hydra's sweep functions.
-_SWEEP_VALUE = re.compile(r"^(range|choice|interval|glob|tag)\(|,(?![^\[\]{}()]*[\]})])")
+# What a sweep override's value looks like: a top-level comma, or Hydra's sweep functions (int(...) too).
+_SWEEP_VALUE = re.compile(r"^((int|float|str|bool)\(\s*)*(range|choice|interval|glob|tag|shuffle)\(|,(?![^\[\]{}()]*[\]})])")
 # Config groups whose options come from an extra: option prefix -> (module, pip extra).
-_EXTRAS = {"hparams_search=optuna": ("hydra_plugins.hydra_optuna_sweeper", "sweep"),
+_EXTRAS = {"hparams_search=optuna": ("optuna", "sweep"), "hydra/sweeper=optuna": ("optuna", "sweep"),
            "hydra/launcher=slurm": ("hydra_plugins.hydra_submitit_launcher", "slurm")}
 
 

@@ -80,9 +80,10 @@ def _compose_hydra(overrides):
 
 @pytest.mark.parametrize("space", ["optuna", "optuna_depth", "optuna_unfreeze", "optuna_techniques"])
 def test_optuna_search_spaces_compose_and_name_real_keys(space, tmp_path, monkeypatch):
-    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
+    pytest.importorskip("optuna")
     from omegaconf import OmegaConf
+
+    from finetune.train.optuna_sweeper import search_space
 
     monkeypatch.chdir(tmp_path)
     cfg = _compose_hydra([f"+hparams_search={space}", "+recipe=freeze_all_but_head"])
@@ -90,15 +91,171 @@ def test_optuna_search_spaces_compose_and_name_real_keys(space, tmp_path, monkey
     assert sweeper.direction == "maximize" and sweeper.sampler._target_.endswith("TPESampler")
     assert sweeper.sampler.seed == cfg.seed and sweeper.max_failure_rate == 1.0
     assert sweeper.storage == f"sqlite:///{tmp_path}/multirun/optuna.db" and (tmp_path / "multirun").is_dir()
-    distributions, fixed = create_params_from_overrides([f"{k}={v}" for k, v in sweeper.params.items()])
+    distributions, fixed = search_space([f"{k}={v}" for k, v in sweeper.params.items()])
     assert not fixed and set(distributions) == set(sweeper.params)
     for key in distributions:  # every searched key exists in the run config
         assert OmegaConf.select(cfg, key, default="missing") != "missing", key
-    assert type(distributions["optimizer.lr"]).__name__ == "LogUniformDistribution"
+    assert type(distributions["optimizer.lr"]).__name__ == "FloatDistribution" and distributions["optimizer.lr"].log
     if space == "optuna_depth":
         assert list(cfg.freeze.groups) == []  # the depth comes from freeze.until alone
     if space == "optuna_unfreeze":
         assert cfg.freeze.groups == "all" and distributions["freeze.unfreeze_at"].high < cfg.trainer.max_epochs
+
+
+def test_optuna_space_reads_every_sweep_syntax_and_passes_fixed_overrides_through():
+    optuna = pytest.importorskip("optuna")
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    from finetune.train.optuna_sweeper import search_space, trial_overrides
+
+    params = ["optimizer.lr=tag(log, interval(1e-4, 1e-1))", "head.dropout=interval(0.0, 0.5)",
+              "freeze.unfreeze_at=int(interval(1, 9))", "trainer.max_epochs=range(5, 20, 5)",
+              "freeze.until=choice(stem, stage1)", "mixup.alpha=choice(0.0, 0.2)"]
+    # The command line comes after the file's params: a sweep or a fixed value there replaces them.
+    command_line = ["+recipe=freeze_all_but_head", "optimizer.name=choice(sgd,lamb)", "data.batch_size=16,32",
+                    "head.dropout=0.1", "freeze.until=choice(stage2,stage3)", "data.root='/my data'"]
+    distributions, fixed = search_space(params + command_line)
+    assert distributions == {
+        "optimizer.lr": FloatDistribution(1e-4, 1e-1, log=True),
+        "freeze.unfreeze_at": IntDistribution(1, 9),
+        "trainer.max_epochs": IntDistribution(5, 15, step=5),  # Hydra's range: 20 excluded
+        "freeze.until": CategoricalDistribution(["stage2", "stage3"]),
+        "mixup.alpha": CategoricalDistribution([0.0, 0.2]),
+        "optimizer.name": CategoricalDistribution(["sgd", "lamb"]),
+        "data.batch_size": CategoricalDistribution([16, 32]),
+    }
+    assert fixed == {"+recipe": "+recipe=freeze_all_but_head", "head.dropout": "head.dropout=0.1",
+                     "data.root": "data.root='/my data'"}
+    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask(distributions)
+    overrides = trial_overrides(trial.params, fixed)
+    assert overrides[-3:] == list(fixed.values())
+    assert f"optimizer.lr={trial.params['optimizer.lr']}" in overrides
+    assert trial_overrides({"a": "x,y", "b": True}, {}) == ["a=x\\,y", "b=True"]  # one value each for Hydra
+
+
+def _optuna_app(tmp_path, monkeypatch, task, *overrides):
+    """Run `task` as a Hydra app under finetune's Optuna sweeper, in this process, with a one-key
+    config; returns (exit code, the study)."""
+    import hydra
+    import optuna
+    from hydra.core.global_hydra import GlobalHydra
+
+    from finetune.config import config_dir
+
+    conf = tmp_path / "conf"
+    conf.mkdir(exist_ok=True)
+    (conf / "tiny.yaml").write_text(
+        "defaults: [{override hydra/sweeper: optuna}, {override hydra/job_logging: none},"
+        " {override hydra/hydra_logging: none}, _self_]\n"
+        f"x: 0.0\nhydra:\n  searchpath: ['file://{config_dir()}']\n"
+        f"  sweep: {{dir: '{tmp_path}/sweep', subdir: '${{hydra.job.num}}'}}\n"
+        f"  sweeper: {{storage: 'sqlite:///{tmp_path}/optuna.db', study_name: tiny, n_jobs: 1,"
+        " sampler: {seed: 0}, params: {x: 'interval(0.0, 1.0)'}}\n")
+    monkeypatch.setattr(sys, "argv", ["tiny", "-m", *overrides])
+    code = 0
+    try:
+        hydra.main(config_path=str(conf), config_name="tiny", version_base="1.3")(task)()
+    except SystemExit as stop:
+        code = stop.code
+    finally:
+        GlobalHydra.instance().clear()
+    return code, optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path}/optuna.db")
+
+
+def test_optuna_sweeper_minimizes_numbers_jobs_by_trial_and_continues_the_study(tmp_path, monkeypatch):
+    pytest.importorskip("optuna")
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    seen = []
+
+    def task(cfg):
+        seen.append((HydraConfig.get().job.num, cfg.x))
+        return (cfg.x - 0.3) ** 2
+
+    code, study = _optuna_app(tmp_path, monkeypatch, task, "hydra.sweeper.direction=minimize",
+                              "hydra.sweeper.n_trials=5", "hydra.sweeper.n_jobs=2")
+    assert code == 0 and [t.state.name for t in study.trials] == ["COMPLETE"] * 5
+    assert [n for n, _ in seen] == [t.number for t in study.trials] == [0, 1, 2, 3, 4]
+    assert [x for _, x in seen] == [t.params["x"] for t in study.trials]
+    assert study.best_value == min(t.value for t in study.trials)
+    assert study.trials[3].user_attrs["output_dir"] == str(tmp_path / "sweep" / "3")
+    results = OmegaConf.load(tmp_path / "sweep" / "optimization_results.yaml")
+    assert results.best_value == study.best_value and results.best_params == {"x": study.best_params["x"]}
+
+    # The same study_name continues the study; the jobs go on with its numbering.
+    code, study = _optuna_app(tmp_path, monkeypatch, task, "hydra.sweeper.direction=minimize",
+                              "hydra.sweeper.n_trials=2", "x=interval(0.2, 0.4)")
+    assert code == 0 and len(study.trials) == 7 and [n for n, _ in seen[5:]] == [5, 6]
+    assert all(0.2 <= x <= 0.4 for _, x in seen[5:]) and (tmp_path / "sweep" / "6").is_dir()
+    # A key searched another way (a choice now, an interval before) is refused before any trial.
+    code, study = _optuna_app(tmp_path, monkeypatch, task, "x=choice(0.25,0.5)")
+    assert code == 1 and len(study.trials) == 7
+
+
+def test_jobs_keep_their_trial_numbers_when_another_process_shares_the_study(tmp_path, monkeypatch):
+    optuna = pytest.importorskip("optuna")
+    from hydra.core.hydra_config import HydraConfig
+
+    ask = optuna.Study.ask
+
+    def ask_beside_another_worker(study, *args, **kwargs):
+        trial = ask(study, *args, **kwargs)
+        other = optuna.load_study(study_name=study.study_name, storage=f"sqlite:///{tmp_path}/optuna.db")
+        other.tell(ask(other), 0.5)  # another process takes the next number
+        return trial
+
+    monkeypatch.setattr(optuna.Study, "ask", ask_beside_another_worker)
+    jobs = []
+    code, study = _optuna_app(tmp_path, monkeypatch, lambda cfg: jobs.append(HydraConfig.get().job.num) or cfg.x,
+                              "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2")
+    assert code == 0 and jobs == [0, 2, 4, 6] and len(study.trials) == 8
+    assert all(study.trials[n].user_attrs["output_dir"] == str(tmp_path / "sweep" / str(n)) for n in jobs)
+
+
+def test_optuna_sweeper_stops_at_the_first_failure_with_max_failure_rate_0(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("optuna")
+
+    def task(cfg):
+        raise ValueError("no such optimizer")
+
+    code, study = _optuna_app(tmp_path, monkeypatch, task, "hydra.sweeper.max_failure_rate=0.0",
+                              "hydra.sweeper.n_trials=4")
+    assert code == 1 and [t.state.name for t in study.trials] == ["FAIL"]
+    err = capsys.readouterr().err
+    assert "1 of 1 trials failed, more than hydra.sweeper.max_failure_rate=0.0 allows" in err
+    assert "no such optimizer" in err and "max_failure_rate=1.0" in err
+
+
+def test_failed_nan_and_pruned_trials_never_stop_a_study_with_max_failure_rate_1(tmp_path, monkeypatch):
+    optuna = pytest.importorskip("optuna")
+    from hydra.core.hydra_config import HydraConfig
+
+    def task(cfg):
+        kind = HydraConfig.get().job.num % 4
+        if kind == 1:
+            raise ValueError("diverged")
+        if kind == 3:
+            raise optuna.TrialPruned()
+        return float("nan") if kind == 2 else cfg.x
+
+    code, study = _optuna_app(tmp_path, monkeypatch, task, "hydra.sweeper.max_failure_rate=1.0",
+                              "hydra.sweeper.direction=maximize", "hydra.sweeper.n_trials=8", "hydra.sweeper.n_jobs=2")
+    assert code == 0
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "FAIL", "PRUNED"] * 2
+    assert study.best_value == max(study.trials[0].value, study.trials[4].value)
+    assert (tmp_path / "sweep" / "optimization_results.yaml").is_file()
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("hydra.sweeper.sampler._target_=os.system", "name one of Optuna's samplers"),
+    ("hydra.sweeper.direction=[maximize,minimize]", "optimizes one objective"),
+])
+def test_optuna_sweeper_refuses_what_it_does_not_do(setting, message, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("optuna")
+    with pytest.raises(KeyError):  # no study was created
+        _optuna_app(tmp_path, monkeypatch, lambda cfg: 0.0, setting)
+    assert message in capsys.readouterr().err
 
 
 def _agent_command(sweep: dict, assignment: dict) -> list[str]:

@@ -28,7 +28,7 @@ BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
 
 def basic_sweeper() -> bool:
-    """Whether this multirun uses Hydra's own sweeper (grids), not a plugin such as Optuna."""
+    """Whether this multirun uses Hydra's own sweeper (grids), not another such as Optuna's."""
     from hydra.core.hydra_config import HydraConfig
 
     return HydraConfig.get().sweeper.get("_target_") == BASIC_SWEEPER
