@@ -15,9 +15,15 @@ def fit(recipe: str | None = None, overrides: Sequence[str] = (), **options) -> 
     `options` are the same as keywords, with ``__`` for dots:
     ``fit("freeze_all_but_head", data="folder", data__root="/photos", trainer__max_epochs=5)``.
     Returns a :class:`FitResult`; Hydra's global state is left as it was found.
+    ``fit("auto", overrides, time_budget="10m")`` runs ``finetune auto`` instead and returns its
+    :class:`~finetune.train.auto.AutoResult` (the best checkpoint, the leaderboard).
     """
     if isinstance(overrides, str):
         overrides = [overrides]
-    args = ([f"+recipe={recipe}"] if recipe else []) + list(overrides)
+    args = ([f"+recipe={recipe}"] if recipe and recipe != "auto" else []) + list(overrides)
     args += [f"{key.replace('__', '.')}={hydra_value(value)}" for key, value in options.items()]
+    if recipe == "auto":  # ``finetune auto``'s options (time_budget=, auto.top=, out=, resume=) among them
+        from finetune.commands.auto import run_auto
+
+        return run_auto(args)
     return run(compose_config(args))

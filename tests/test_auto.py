@@ -1,0 +1,117 @@
+"""finetune auto: ranking, an Optuna search of real runs within a wall-time budget, the
+leaderboard, the best checkpoint, and a search killed and continued without repeating a trial."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import write_class_folders
+
+TINY_AUTO = ["auto.backbones=[test_resnet,test_efficientnet,test_vit]", "auto.top=2", "auto.folds=3",
+             "auto.recipes=[freeze_all_but_head,full_finetune]", "backbone.weights=random", "data.image_size=32",
+             "data.num_workers=0", "logger=none"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("auto")
+    write_class_folders(root / "data" / "train", per_class=10)
+    write_class_folders(root / "data" / "val", per_class=5, seed=1)
+    return root
+
+
+def _finetune(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "finetune", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("text, seconds", [("90s", 90), ("10m", 600), ("1.5h", 5400), ("45", 45)])
+def test_budgets_read_as_durations(text, seconds):
+    from finetune.train.auto import parse_budget
+
+    assert parse_budget(text) == seconds
+
+
+@pytest.mark.slow
+def test_auto_searches_within_its_budget_and_keeps_the_best_run(folders, tmp_path):
+    """fit("auto", ...) as a notebook would: the top backbones only, trials of both recipes, the
+    budget kept, the leaderboard sorted, best.ckpt the best trial's weights."""
+    import finetune
+    from finetune import fit
+
+    started = time.perf_counter()
+    result = fit("auto", [*TINY_AUTO, "data=folder", f"data.root={folders / 'data'}"], time_budget="25s",
+                 out=str(tmp_path / "auto"))
+    wall = time.perf_counter() - started
+    assert result.seconds <= 25 * 1.1 and wall <= 25 * 1.1 + 15  # + start-up and the closing report
+    rows = list(csv.DictReader((tmp_path / "auto" / "leaderboard.csv").open()))
+    assert len(rows) == len(result.leaderboard) >= 3
+    assert {r["backbone"] for r in rows} <= {"test_resnet", "test_efficientnet", "test_vit"}
+    assert len({r["backbone"] for r in rows}) <= 2  # auto.top=2: one backbone was left out after ranking
+    assert {r["recipe"] for r in rows} <= {"freeze_all_but_head", "full_finetune"}
+    finished = [float(r["score"]) for r in rows if r["state"] == "COMPLETE"]
+    assert finished == sorted(finished, reverse=True) and result.score == finished[0]
+    best = finetune.load(result.checkpoint)
+    assert best.classes == ["ants", "bees", "wasps"]
+    assert best.config["backbone"]["name"] == rows[0]["backbone"]
+
+
+@pytest.mark.slow
+def test_auto_killed_mid_search_goes_on_without_repeating_a_trial(folders, tmp_path):
+    import optuna
+
+    out = tmp_path / "auto"
+    args = [*TINY_AUTO, "data=folder", f"data.root={folders / 'data'}", f"out={out}"]
+    search = subprocess.Popen([sys.executable, "-m", "finetune", "auto", "time_budget=300s", *args],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and len(list((out / "trials").glob("*"))) < 4:
+            assert search.poll() is None, search.stderr.read()
+            time.sleep(0.2)
+    finally:
+        os.kill(search.pid, signal.SIGKILL)
+        search.wait()
+    storage = f"sqlite:///{out / 'auto.db'}"
+    before = {t.number: (t.state.name, t.value, t.params) for t in optuna.load_study(study_name="auto", storage=storage).trials}
+    finished = {n for n, (state, _, _) in before.items() if state in ("COMPLETE", "PRUNED")}
+    assert len(finished) >= 2
+    spent = optuna.load_study(study_name="auto", storage=storage).user_attrs["seconds"]
+    # The budget counts what the killed search spent: 15 s more than that leaves room for a few trials.
+    again = _finetune("auto", f"time_budget={spent + 15:.0f}s", "resume=true", *args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    after = {t.number: (t.state.name, t.value, t.params) for t in optuna.load_study(study_name="auto", storage=storage).trials}
+    for number in finished:  # the same trials, the same results: none ran again
+        assert after[number] == before[number]
+    killed = [n for n, (state, _, _) in before.items() if state == "RUNNING"]
+    assert all(after[n][0] == "FAIL" for n in killed)
+    assert len(after) > len(before)
+    assert "leaderboard" in again.stdout and (out / "best.ckpt").is_file()
+
+    refused = _finetune("auto", "time_budget=30s", *args)
+    assert refused.returncode == 2 and "resume=true" in refused.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["time_budget=soon"], "give a duration"),
+    (["time_budget=0s"], "positive duration"),
+    (["auto.recipes=[freeze_all_but_head,magic]"], "no recipe magic"),
+    (["auto.top=0"], "auto.top=0 must be at least 1"),
+    (["resume=true"], "resume=true needs out=DIR"),
+    (["task=multilabel"], "multi-label"),
+])
+def test_auto_refuses_bad_options_in_one_line(args, message):
+    result = _finetune("auto", "data=digits", *args)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_auto_resume_needs_a_search_to_go_on_with(tmp_path):
+    result = _finetune("auto", "data=digits", "resume=true", f"out={tmp_path}")
+    assert result.returncode == 2 and "holds no auto search" in result.stderr
