@@ -21,9 +21,10 @@ def fit(recipe: str | None = None, overrides: Sequence[str] = (), **options) -> 
     if isinstance(overrides, str):
         overrides = [overrides]
     args = ([f"+recipe={recipe}"] if recipe and recipe != "auto" else []) + list(overrides)
-    args += [f"{key.replace('__', '.')}={hydra_value(value)}" for key, value in options.items()]
-    if recipe == "auto":  # ``finetune auto``'s options (time_budget=, auto.top=, out=, resume=) among them
-        from finetune.commands.auto import run_auto
+    if recipe == "auto":  # ``finetune auto``'s own options (time_budget=, auto.top=, out=, resume=) are taken as given
+        from finetune.commands.auto import OPTIONS, run_auto
 
-        return run_auto(args)
+        given = {key.replace("__", "."): value for key, value in options.items()}
+        return run_auto(args + [f"{k}={v if k in OPTIONS else hydra_value(v)}" for k, v in given.items()])
+    args += [f"{key.replace('__', '.')}={hydra_value(value)}" for key, value in options.items()]
     return run(compose_config(args))
