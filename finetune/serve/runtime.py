@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -96,5 +97,8 @@ def make_runtime(model: FinetunedModel, choice: str, ckpt: Path, version: str, c
         sample = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(0))
         staging = folder.with_name(folder.name + f".part{os.getpid()}")  # two servers starting at once
         export(model, "onnx", staging, sample)
-        staging.replace(folder) if not folder.exists() else None
+        if folder.exists():  # the other server finished first: its model is this one
+            shutil.rmtree(staging, ignore_errors=True)
+        else:
+            staging.replace(folder)
     return OnnxRuntime(model, path)
