@@ -57,6 +57,12 @@ def test_auto_searches_within_its_budget_and_keeps_the_best_run(folders, tmp_pat
     assert {r["recipe"] for r in rows} <= {"freeze_all_but_head", "full_finetune"}
     finished = [float(r["score"]) for r in rows if r["state"] == "COMPLETE"]
     assert finished == sorted(finished, reverse=True) and result.score == finished[0]
+    first = {r["trial"]: r for r in rows}
+    # The search starts from the recipes as shipped, on the best-ranked backbone.
+    assert (first["0"]["recipe"], float(first["0"]["lr"]), float(first["0"]["weight_decay"])) == \
+        ("freeze_all_but_head", 0.01, 1e-4)
+    assert first["1"]["recipe"] == "full_finetune" and float(first["1"]["lr"]) == pytest.approx(0.001)
+    assert first["0"]["backbone"] == first["1"]["backbone"]
     best = finetune.load(result.checkpoint)
     assert best.classes == ["ants", "bees", "wasps"]
     assert best.config["backbone"]["name"] == rows[0]["backbone"]

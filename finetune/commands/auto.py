@@ -18,8 +18,8 @@ def auto_command(args: Sequence[str]) -> int:
     [auto.recipes=[RECIPE,...]] [resume=true] [out=DIR]``: rank the backbones on this data's frozen
     features (as ``finetune rank``; default: those with weights here offline), keep the top ones,
     then let Optuna (TPE, Hyperband pruning per epoch) try recipes (default: freeze_all_but_head,
-    lp_ft, gradual_unfreeze, discriminative_lr, full_finetune), a factor on each recipe's learning
-    rate and a weight decay, until the wall-time budget is spent (ranking included). Each trial is
+    lp_ft, gradual_unfreeze, discriminative_lr, full_finetune) with factors on each recipe's
+    learning rate and weight decay (the first two recipes as shipped first), until the wall-time budget is spent (ranking included). Each trial is
     a run in OUT/trials/N; the best one's weights are copied to OUT/best.ckpt (nothing is trained
     again) and every trial is ranked in OUT/leaderboard.csv. resume=true with the same out= goes on
     with the search, finished trials kept. Other key=value arguments are config overrides for

@@ -7,7 +7,8 @@ The contract:
    the same scores as ``finetune rank``) and keep the ``top`` best by k-fold linear-probe accuracy.
 2. An Optuna study (TPE, seeded; Hyperband pruning on each epoch's validation score) proposes
    trials: a kept backbone, a recipe of ``recipes``, a factor on that recipe's own learning rate
-   (1/3 to 3, log scale) and a weight decay (1e-6 to 1e-2, log scale). Each trial is a real run
+   (1/3 to 3) and one on its weight decay (1/10 to 10), both on a log scale. The first two trials
+   are the first two recipes as shipped (both factors 1) on the best-ranked backbone. Each trial is a real run
    in ``OUT/trials/N`` (no pictures); a pruned one stops at the end of its epoch.
 3. The budget is wall time from the start (ranking included): a trial starts only while the
    budget leaves room for one epoch of it, and is stopped by Lightning's ``max_time`` when the
@@ -94,6 +95,10 @@ def search(overrides: Sequence[str], out: Path, budget: float, backbones: Sequen
         kept = [r["backbone"] for r in sorted(rows, key=lambda r: -r["linear"])[:top]]
         study.set_user_attr("backbones", kept)
         study.set_user_attr("seconds", time.time() - started)
+        # The recipes as shipped come first, on the best-ranked backbone: the search starts from
+        # what a user would have run by hand, so that it can only add to it.
+        for recipe in recipes[:2]:
+            study.enqueue_trial({"backbone": kept[0], "recipe": recipe, "lr_scale": 1.0, "wd_scale": 1.0})
     log.info("auto: trying %s with %s; budget %.0f s, %.0f s left", ", ".join(kept), ", ".join(recipes), budget,
              budget - (time.time() - started))
     while True:
@@ -126,17 +131,20 @@ def _run_trial(trial, study, overrides: Sequence[str], out: Path, backbones: Seq
     backbone = trial.suggest_categorical("backbone", list(backbones))
     recipe = trial.suggest_categorical("recipe", list(recipes))
     lr_scale = trial.suggest_float("lr_scale", 1 / 3, 3.0, log=True)
-    weight_decay = trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True)
+    wd_scale = trial.suggest_float("wd_scale", 0.1, 10.0, log=True)
     folder = out / "trials" / str(trial.number)
     # Lightning stops at max_time; what follows training (the best epoch's metrics, calibration) needs a little more.
     max_time = max(1, int(left * 0.9 - 5))
     cfg = compose_config([*overrides, f"+recipe={recipe}", f"backbone.name={backbone}", "viz=none",
-                          f"optimizer.weight_decay={weight_decay}", "callbacks.progress_bar=false",
+                          "callbacks.progress_bar=false",
                           f"+trainer.max_time={{seconds: {max_time}}}", f"paths.output_dir={folder}"])
     with open_dict(cfg):
-        if isinstance(cfg.optimizer.lr, (int, float)):
+        if isinstance(cfg.optimizer.lr, (int, float)):  # optimizer.lr=auto (the lr finder) stays auto
             cfg.optimizer.lr = float(cfg.optimizer.lr) * lr_scale
+        cfg.optimizer.weight_decay = float(cfg.optimizer.weight_decay) * wd_scale
+    weight_decay = cfg.optimizer.weight_decay
     trial.set_user_attr("lr", cfg.optimizer.lr if isinstance(cfg.optimizer.lr, float) else str(cfg.optimizer.lr))
+    trial.set_user_attr("weight_decay", weight_decay)
     trial.set_user_attr("folder", str(folder))
     reporter = _Reporter(trial, monitored(cfg))
     started = time.time()
@@ -215,7 +223,7 @@ def leaderboard(study) -> list[dict]:
     for t in study.trials:
         score = t.value if t.value is not None else (max(t.intermediate_values.values()) if t.intermediate_values else None)
         rows.append({"trial": t.number, "backbone": t.params.get("backbone"), "recipe": t.params.get("recipe"),
-                     "lr": t.user_attrs.get("lr"), "weight_decay": t.params.get("weight_decay"), "score": score,
+                     "lr": t.user_attrs.get("lr"), "weight_decay": t.user_attrs.get("weight_decay"), "score": score,
                      "state": t.state.name, "epochs": t.user_attrs.get("epochs"),
                      "seconds": round(t.user_attrs.get("seconds", 0.0), 1), "checkpoint": t.user_attrs.get("checkpoint", "")})
     order = {"COMPLETE": 0, "PRUNED": 1}
