@@ -104,6 +104,23 @@ def test_auto_killed_mid_search_goes_on_without_repeating_a_trial(folders, tmp_p
     assert refused.returncode == 2 and "resume=true" in refused.stderr
 
 
+@pytest.mark.slow
+def test_auto_leaderboard_is_a_wandb_table_when_wandb_is_on(folders, tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "auto"
+    args = [a for a in TINY_AUTO if a != "logger=none"]
+    result = _finetune("auto", "time_budget=60s", *args, "logger=wandb", "data=folder", f"data.root={folders / 'data'}",
+                       f"out={out}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    tables = list(out.glob("wandb/offline-run-*/files/media/table/leaderboard_*.table.json"))
+    assert len(tables) == 1
+    table = json.loads(tables[0].read_text())
+    rows = list(csv.DictReader((out / "leaderboard.csv").open()))
+    assert table["columns"][:3] == ["trial", "backbone", "recipe"] and len(table["data"]) == len(rows)
+
+
 @pytest.mark.parametrize("args, message", [
     (["time_budget=soon"], "give a duration"),
     (["time_budget=0s"], "positive duration"),

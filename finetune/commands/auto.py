@@ -19,9 +19,10 @@ def auto_command(args: Sequence[str]) -> int:
     features (as ``finetune rank``; default: those with weights here offline), keep the top ones,
     then let Optuna (TPE, Hyperband pruning per epoch) try recipes (default: freeze_all_but_head,
     lp_ft, gradual_unfreeze, discriminative_lr, full_finetune) with factors on each recipe's
-    learning rate and weight decay (the first two recipes as shipped first), until the wall-time budget is spent (ranking included). Each trial is
-    a run in OUT/trials/N; the best one's weights are copied to OUT/best.ckpt (nothing is trained
-    again) and every trial is ranked in OUT/leaderboard.csv. resume=true with the same out= goes on
+    learning rate and weight decay (the first two recipes as shipped first), until the wall-time
+    budget is spent (ranking included). Each trial is a run in OUT/trials/N; the best one's
+    weights are copied to OUT/best.ckpt (nothing is trained again) and every trial is ranked in
+    OUT/leaderboard.csv (and a W&B table when W&B is on). resume=true with the same out= goes on
     with the search, finished trials kept. Other key=value arguments are config overrides for
     every trial (data=..., trainer.max_epochs=...)."""
     return 0 if run_auto(args).checkpoint is not None else 1
@@ -64,7 +65,7 @@ def run_auto(args: Sequence[str]):
     from finetune.tables import format_table
     from finetune.train.auto import search
 
-    result = search(overrides, out, budget, names, top, recipes, resume, int(cfg.seed), rank)
+    result = search(overrides, out, budget, names, top, recipes, resume, int(cfg.seed), rank, cfg.get("logger"))
     rows = result.leaderboard
     print(f"auto: {len(rows)} trials in {result.seconds:.0f} s of a {budget:.0f} s budget; leaderboard, best first:")
     print(format_table(["trial", "backbone", "recipe", "lr", "weight decay", "score", "state", "epochs", "s"],

@@ -69,9 +69,10 @@ def parse_budget(text: str) -> float:
 
 
 def search(overrides: Sequence[str], out: Path, budget: float, backbones: Sequence[str], top: int,
-           recipes: Sequence[str], resume: bool, seed: int, rank) -> AutoResult:
+           recipes: Sequence[str], resume: bool, seed: int, rank, logger_cfg=None) -> AutoResult:
     """Run the search of the module docstring in `out`; `rank(backbones)` gives the ranking rows
-    (dicts with ``backbone`` and ``linear``), called once per folder."""
+    (dicts with ``backbone`` and ``linear``), called once per folder. With W&B on in `logger_cfg`
+    (the ``logger`` config) the leaderboard is also a W&B table."""
     import optuna
     from optuna.trial import TrialState
 
@@ -111,6 +112,10 @@ def search(overrides: Sequence[str], out: Path, budget: float, backbones: Sequen
         study.set_user_attr("seconds", time.time() - started)
     board = leaderboard(study)
     _write_leaderboard(board, out / "leaderboard.csv")
+    from finetune.train.loggers import log_table
+
+    log_table(logger_cfg, out, "leaderboard", list(LEADERBOARD_FIELDS),
+              [[row[field] for field in LEADERBOARD_FIELDS] for row in board])
     best = next((row for row in board if row["state"] == "COMPLETE" and row["checkpoint"]), None)
     checkpoint = None
     if best is not None:
@@ -218,9 +223,11 @@ def _quiet():
 
 
 def leaderboard(study) -> list[dict]:
-    """One row per trial (:data:`LEADERBOARD_FIELDS`), finished trials by score, then the rest."""
+    """One row per trial that ran (:data:`LEADERBOARD_FIELDS`), finished trials by score, then the rest."""
+    from optuna.trial import TrialState
+
     rows = []
-    for t in study.trials:
+    for t in study.get_trials(deepcopy=False, states=[s for s in TrialState if s != TrialState.WAITING]):
         score = t.value if t.value is not None else (max(t.intermediate_values.values()) if t.intermediate_values else None)
         rows.append({"trial": t.number, "backbone": t.params.get("backbone"), "recipe": t.params.get("recipe"),
                      "lr": t.user_attrs.get("lr"), "weight_decay": t.user_attrs.get("weight_decay"), "score": score,

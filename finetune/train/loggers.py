@@ -176,3 +176,24 @@ def finish_wandb() -> None:
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
         wandb.finish()
+
+
+def log_table(cfg: Mapping, output_dir: Path, name: str, columns: list[str], rows: list[list]) -> Path | None:
+    """A W&B run of its own (job type ``name``) holding one table, when the ``logger`` config `cfg`
+    has W&B on: ``finetune auto``'s leaderboard beside its trials' runs. Returns the run's folder."""
+    wandb_cfg = cfg.get("wandb") if cfg else None
+    if not wandb_cfg:
+        return None
+    mode = wandb_mode(wandb_cfg.get("mode", "auto"))
+    if mode == "disabled":
+        return None
+    import wandb
+
+    run = wandb.init(project=wandb_cfg.get("project", "finetune"), entity=wandb_cfg.get("entity"), job_type=name,
+                     name=name, tags=list(wandb_cfg.get("tags") or []), dir=str(output_dir), mode=mode,
+                     settings=wandb.Settings(init_timeout=30, console="off", silent=True))
+    try:
+        run.log({name: wandb.Table(columns=columns, data=rows)})
+        return Path(run.dir).parent
+    finally:
+        run.finish()
