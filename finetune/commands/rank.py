@@ -81,7 +81,7 @@ def rank_backbones(names: Sequence[str], overrides: Sequence[str], folds: int = 
     if not ranked:
         raise FinetuneError("No backbone could be scored: " + "; ".join(f"{r.backbone}: {r.error}" for r in failed))
     labelled = len(splits.train) + len(splits.val)
-    print(f"ranked {len(ranked)} backbones by {by} on {labelled} labelled images "
+    print(f"ranked {len(ranked)} backbone{'s' if len(ranked) != 1 else ''} by {by} on {labelled} labelled images "
           f"({len(splits.classes)} classes, {folds}-fold), best first:")
     print(format_table(["backbone", "linear", "k-NN", "LogME", "img/s", "dim", "s"],
                        [[r.backbone, f"{r.linear:.4f} ± {r.linear_std:.4f}", f"{r.knn:.4f} ± {r.knn_std:.4f}",
