@@ -22,20 +22,26 @@ class UnreadableImage(Exception):
     """The file cannot be used as an image; the message is the reason shown to the user."""
 
 
+class ImageTooLarge(UnreadableImage):
+    """The header claims more pixels than allowed, or PIL calls it a decompression bomb."""
+
+
 @contextmanager
-def _guarded(path):
-    """Open `path` with PIL, turning every failure (and a bomb warning) into UnreadableImage."""
+def _guarded(path, max_pixels: int = MAX_PIXELS):
+    """Open `path` with PIL, turning every failure (and a bomb warning) into UnreadableImage;
+    more than `max_pixels` (from the header, before decoding) is ImageTooLarge."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             with Image.open(path) as img:
-                if img.width * img.height > MAX_PIXELS:
-                    raise UnreadableImage(f"too large to decode safely ({img.width}x{img.height} pixels)")
+                if img.width * img.height > max_pixels:
+                    raise ImageTooLarge(f"too large to decode safely ({img.width}x{img.height} pixels, more "
+                                        f"than {max_pixels:,})")
                 yield img
         except UnreadableImage:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            raise UnreadableImage(f"refused as a decompression bomb: {err}") from None
+            raise ImageTooLarge(f"refused as a decompression bomb: {err}") from None
         except FileNotFoundError:
             raise UnreadableImage("file not found") from None
         except Exception as err:
@@ -52,15 +58,16 @@ def probe(path: str | Path) -> tuple[int, int]:
         return img.size
 
 
-def load_rgb(path, min_short_side: int | None = None) -> np.ndarray:
+def load_rgb(path, min_short_side: int | None = None, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode `path` (or a binary file object) to an upright (EXIF-rotated) HxWx3 uint8 RGB array, or UnreadableImage.
 
     Grayscale, palette, CMYK and 16-bit images are converted explicitly; transparent pixels
     are composited on white. A truncated file is an error, not a half-gray image.
     `min_short_side`: a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (its DCT scaling, far
     cheaper than decoding everything) as long as its short side stays at least this long.
+    `max_pixels`: larger images are refused (ImageTooLarge) from the header, before decoding.
     """
-    with _guarded(path) as img:
+    with _guarded(path, max_pixels) as img:
         if min_short_side and img.format == "JPEG":
             scale = max(1, min(img.size) // int(min_short_side))
             img.draft("RGB", (max(1, img.width // scale), max(1, img.height // scale)))
