@@ -103,7 +103,7 @@ def create_app(runtime: Runtime, version: str, rule: DecisionRule | None = None,
             return JSONResponse({"detail": f"busy: {err}; retry shortly"}, status_code=503, headers={"Retry-After": "1"})
         answers = model.predictions(torch.from_numpy(np.asarray(probabilities, np.float32)),
                                     [name for name, _ in uploads], k, rule)
-        return {"predictions": [_as_json(answer, probabilities[i], model.classes, k) for i, answer in enumerate(answers)]}
+        return {"predictions": [_as_json(answer, k) for answer in answers]}
 
     return BodyLimit(app, limits.max_upload_bytes)
 
@@ -137,14 +137,17 @@ async def _uploads(request: Request, max_files: int) -> list[tuple[str, bytes]]:
     return [(f.filename or f"file{i}", await f.read()) for i, f in enumerate(files_)]
 
 
-def _as_json(answer, probabilities: np.ndarray, classes: list[str], k: int) -> dict:
-    order = np.argsort(-probabilities, kind="stable")[:k]
-    top = [{"label": classes[i], "probability": round(float(probabilities[i]), 6)} for i in order]
-    if hasattr(answer, "labels"):  # multi-label
-        return {"file": answer.source, "labels": [{"label": n, "probability": round(p, 6)} for n, p in answer.labels],
-                "top_k": top}
+def _pairs(pairs) -> list[dict]:
+    return [{"label": name, "probability": round(p, 6)} for name, p in pairs]
+
+
+def _as_json(answer, k: int) -> dict:
+    """One answer of :meth:`FinetunedModel.predictions` as the JSON /predict returns."""
+    if hasattr(answer, "labels"):  # multi-label: its top k from every label's probability
+        top = sorted(answer.probabilities.items(), key=lambda item: -item[1])[:k]
+        return {"file": answer.source, "labels": _pairs(answer.labels), "top_k": _pairs(top)}
     result = {"file": answer.source, "label": answer.label, "probability": round(answer.probability, 6),
-              "unknown": answer.unknown, "top_k": top}
+              "unknown": answer.unknown, "top_k": _pairs(answer.top_k)}
     if answer.prediction_set is not None:
-        result["prediction_set"] = [{"label": n, "probability": round(p, 6)} for n, p in answer.prediction_set]
+        result["prediction_set"] = _pairs(answer.prediction_set)
     return result

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from finetune.errors import ConfigError
+from finetune.use.export import WithProbabilities, export
 from finetune.use.load import FinetunedModel
 
 RUNTIMES = ("auto", "onnx", "torch")
@@ -40,6 +41,8 @@ class Runtime:
 
     def __init__(self, model: FinetunedModel):
         self.model = model
+        # The module the ONNX model is exported from: logits and calibrated probabilities.
+        self.net = WithProbabilities(model.model, model.temperature, model.task == "multilabel").eval()
 
     def preprocess(self, rgb: np.ndarray) -> np.ndarray:
         """HxWx3 uint8 RGB -> the (3, H, W) float32 input :func:`finetune.load` would give."""
@@ -47,10 +50,7 @@ class Runtime:
 
     @torch.inference_mode()
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        logits = self.model.model(torch.from_numpy(batch)).float()
-        if self.model.task == "multilabel":
-            return logits.sigmoid().numpy()
-        return (logits / self.model.temperature).softmax(dim=1).numpy()
+        return self.net(torch.from_numpy(batch))[1].float().numpy()
 
 
 class OnnxRuntime(Runtime):
@@ -90,8 +90,6 @@ def make_runtime(model: FinetunedModel, choice: str, ckpt: Path, version: str, c
     folder = cache_dir.expanduser() / "serve" / version[:16]
     path = folder / "model.onnx"
     if not path.is_file():
-        from finetune.use.export import export
-
         print(f"exporting {ckpt.name} to ONNX once (cached in {folder}) ...", flush=True)
         height, width = model.data_config["input_size"][1:]
         sample = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(0))
