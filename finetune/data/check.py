@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -95,6 +96,17 @@ class DataReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def split_images(report: Mapping, split: str) -> int | None:
+    """How many images `split` has in a data report as summary.json stores it
+    (:meth:`DataReport.to_dict`): its image count, else the sum of its class counts; None when the
+    report lists neither."""
+    images = (report.get("images") or {}).get(split)
+    if images is not None:
+        return int(images)
+    counts = (report.get("counts") or {}).get(split)
+    return sum(counts.values()) if counts is not None else None
 
 
 def check_data(splits: DataSplits, batch_size: int | None = None) -> DataReport:

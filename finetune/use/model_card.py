@@ -19,6 +19,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from finetune.data.check import split_images
 from finetune.use.audit import wilson
 from finetune.use.calibration import ECE_BINS
 from finetune.use.load import FinetunedModel
@@ -52,11 +53,7 @@ class RunFiles:
     is_best: bool = False
 
     def images(self, split: str) -> int | None:
-        data = (self.summary or {}).get("data") or {}
-        if split in data.get("images", {}):
-            return int(data["images"][split])
-        counts = data.get("counts", {}).get(split)
-        return sum(counts.values()) if counts is not None else None
+        return split_images((self.summary or {}).get("data") or {}, split)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import quote
 
-from finetune.data.check import COUNTED
+from finetune.data.check import COUNTED, split_images
 from finetune.data.labels import describe_cardinality
 
 PAGE = "index.html"
@@ -160,20 +160,12 @@ def _headline(metrics: Mapping) -> str:
     return "val/map" if "val/map" in metrics else "val/acc"
 
 
-def _val_images(summary: Mapping) -> int | None:
-    data = summary.get("data") or {}
-    if (data.get("images") or {}).get("val") is not None:
-        return int(data["images"]["val"])
-    counts = (data.get("counts") or {}).get("val")
-    return sum(counts.values()) if counts else None
-
-
 def _headline_text(summary: Mapping | None) -> str:
     metrics = (summary or {}).get("metrics") or {}
     key = _headline(metrics)
     if key not in metrics:
         return ""
-    images = _val_images(summary)
+    images = split_images(summary.get("data") or {}, "val")
     return f"{key} {_number(metrics[key])}" + (f" on {images} validation images" if images is not None else "")
 
 
@@ -207,7 +199,7 @@ def _metrics(summary: Mapping | None, config: Mapping | None, summary_path: Path
     monitor = ((config or {}).get("callbacks") or {}).get("checkpoint", {}).get("monitor") or headline
     epochs = len(summary.get("history") or [])
     epoch = f"{_number(metrics['epoch'])} of {epochs}" if "epoch" in metrics else "?"
-    images = _val_images(summary)
+    images = split_images(summary.get("data") or {}, "val")
     facts = [f"Best epoch {epoch} (chosen by {monitor})",
              f"validation: {images} images" if images is not None else "validation size: not recorded",
              *([f"wall time {summary['seconds']:g} s"] if isinstance(summary.get("seconds"), (int, float)) else [])]
@@ -258,10 +250,9 @@ def _data(summary: Mapping | None, summary_path: Path | None) -> str:
             "summary.json holds no data report.")
     classes = list(data.get("classes") or (summary or {}).get("classes") or [])
     counts = data.get("counts") or {}
-    images = data.get("images") or {}
     splits = [s for s in COUNTED if sum((counts.get(s) or {}).values())]
     rows = [[c, *((counts[s] or {}).get(c, 0) for s in splits)] for c in classes]
-    rows.append(["total", *(images.get(s) or sum(counts[s].values()) for s in splits)])
+    rows.append(["total", *(split_images(data, s) for s in splits)])
     parts = [f"<p>{_e(data.get('description', ''))}</p>",
              _table(["class", *splits], rows, [False, *[True] * len(splits)], [""] * len(classes) + ["total"],
                     "counts-table")]
