@@ -45,6 +45,17 @@ def parse(args: Sequence[str], options: dict, command: str, overrides: str | Non
     return chosen, passed_on
 
 
+_BOOLEANS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+def flag(opts: dict, key: str) -> bool:
+    """The option `key` as a bool (true/yes/1, false/no/0), or a ConfigError naming it."""
+    value = _BOOLEANS.get(str(opts[key]).lower())
+    if value is None:
+        raise ConfigError(f"{key}={opts[key]!r}: true or false.")
+    return value
+
+
 def decision_rule_from(opts: dict, model):
     """`model`'s decision rule for the :data:`TRUST_OPTIONS` among `opts` (strings as parsed)."""
     numbers = {}

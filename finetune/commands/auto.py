@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from finetune.commands.args import output_dir, parse
+from finetune.commands.args import flag, output_dir, parse
 from finetune.errors import ConfigError
 
 OPTIONS = {"time_budget": "10m", "resume": "false", "out": None, "auto.backbones": None, "auto.top": "2",
@@ -34,17 +34,18 @@ def run_auto(args: Sequence[str]):
 
     opts, overrides = parse(args, OPTIONS, "auto", "all")
     budget = parse_budget(opts["time_budget"])
-    resume = str(opts["resume"]).lower() in ("true", "1", "yes")
+    resume = flag(opts, "resume")
     try:
         top, folds = int(opts["auto.top"]), int(opts["auto.folds"])
     except ValueError:
         raise ConfigError(f"auto.top={opts['auto.top']!r} and auto.folds={opts['auto.folds']!r} must be whole numbers.") from None
     if top < 1 or folds < 2:
         raise ConfigError(f"auto.top={top} must be at least 1 and auto.folds={folds} at least 2.")
-    from finetune.commands.rank import backbone_names, rank_backbones
+    from finetune.commands.rank import backbone_names, name_list, rank_backbones
     from finetune.config import compose_config, recipes_dir
 
-    recipes = backbone_names(opts["auto.recipes"]) if opts["auto.recipes"] else list(DEFAULT_RECIPES)
+    recipes = (name_list(opts["auto.recipes"], "auto.recipes", "give recipe names, e.g. auto.recipes=[lp_ft,full_finetune]")
+               if opts["auto.recipes"] else list(DEFAULT_RECIPES))
     known = sorted(p.stem for p in recipes_dir().glob("*.yaml"))
     unknown = [r for r in recipes if r not in known]
     if unknown:
@@ -59,7 +60,7 @@ def run_auto(args: Sequence[str]):
     out = output_dir(opts["out"])
 
     def rank(candidates):
-        ranked, _, _ = rank_backbones(candidates, overrides, folds)
+        ranked, _, _ = rank_backbones(candidates, cfg, overrides, folds)
         return [asdict(r) for r in ranked]
 
     from finetune.tables import format_table

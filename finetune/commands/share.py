@@ -7,10 +7,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from finetune.commands.args import REQUIRED, TRUST_OPTIONS, decision_rule_from, output_dir, parse
+from finetune.commands.args import REQUIRED, TRUST_OPTIONS, decision_rule_from, flag, output_dir, parse
 from finetune.errors import ConfigError
-
-_BOOLEANS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
 
 def push_command(args: Sequence[str]) -> int:
@@ -26,9 +24,7 @@ def push_command(args: Sequence[str]) -> int:
 
     opts, _ = parse(args, {"ckpt": REQUIRED, "repo_id": REQUIRED, "private": "false", "out": None, "input": None,
                            "tolerance": "1e-4", **TRUST_OPTIONS}, "push")
-    private = _BOOLEANS.get(opts["private"].lower())
-    if private is None:
-        raise ConfigError(f"private={opts['private']!r}: true or false.")
+    private = flag(opts, "private")
     repo_id = check_repo_id(opts["repo_id"])
     if not Path(opts["ckpt"]).is_file():
         raise ConfigError(f"ckpt={opts['ckpt']!r} does not exist.")
