@@ -50,6 +50,21 @@ def pokemon() -> Path:
     return shared_dataset(POKEMON, present, "pokemon_types", "FINETUNE_POKEMON")
 
 
+def finetune_cli(*args: str, timeout: float = 600, env: dict | None = None):
+    """`finetune ARGS` in a fresh process (this interpreter): the CompletedProcess, output captured."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "finetune", *args], capture_output=True, text=True, timeout=timeout,
+                          env=env)
+
+
+def assert_refused(result, message: str) -> None:
+    """`result` (a CompletedProcess) is a user mistake told in one line containing `message`, exit code 2."""
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
 CHROMIUM = Path(os.environ.get("FINETUNE_CHROMIUM", "/usr/bin/chromium"))
 CHROMEDRIVER = Path(os.environ.get("FINETUNE_CHROMEDRIVER", "/usr/bin/chromedriver"))
 

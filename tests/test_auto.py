@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import write_class_folders
+from conftest import assert_refused, finetune_cli, write_class_folders
 
 TINY_AUTO = ["auto.backbones=[test_resnet,test_efficientnet,test_vit]", "auto.top=2", "auto.folds=3",
              "auto.recipes=[freeze_all_but_head,full_finetune]", "backbone.weights=random", "data.image_size=32",
@@ -25,10 +25,6 @@ def folders(tmp_path_factory):
     write_class_folders(root / "data" / "train", per_class=10)
     write_class_folders(root / "data" / "val", per_class=5, seed=1)
     return root
-
-
-def _finetune(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "finetune", *args], capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.parametrize("text, seconds", [("90s", 90), ("10m", 600), ("1.5h", 5400), ("45", 45)])
@@ -91,7 +87,7 @@ def test_auto_killed_mid_search_goes_on_without_repeating_a_trial(folders, tmp_p
     assert len(finished) >= 2
     spent = optuna.load_study(study_name="auto", storage=storage).user_attrs["seconds"]
     # The budget counts what the killed search spent: 15 s more than that leaves room for a few trials.
-    again = _finetune("auto", f"time_budget={spent + 15:.0f}s", "resume=true", *args)
+    again = finetune_cli("auto", f"time_budget={spent + 15:.0f}s", "resume=true", *args)
     assert again.returncode == 0, again.stderr[-2000:]
     after = {t.number: (t.state.name, t.value, t.params) for t in optuna.load_study(study_name="auto", storage=storage).trials}
     for number in finished:  # the same trials, the same results: none ran again
@@ -101,8 +97,7 @@ def test_auto_killed_mid_search_goes_on_without_repeating_a_trial(folders, tmp_p
     assert len(after) > len(before)
     assert "leaderboard" in again.stdout and (out / "best.ckpt").is_file()
 
-    refused = _finetune("auto", "time_budget=30s", *args)
-    assert refused.returncode == 2 and "resume=true" in refused.stderr
+    assert_refused(finetune_cli("auto", "time_budget=30s", *args), "resume=true")
 
 
 @pytest.mark.slow
@@ -112,7 +107,7 @@ def test_auto_leaderboard_is_a_wandb_table_when_wandb_is_on(folders, tmp_path, m
     monkeypatch.setenv("WANDB_MODE", "offline")
     out = tmp_path / "auto"
     args = [a for a in TINY_AUTO if a != "logger=none"]
-    result = _finetune("auto", "time_budget=60s", *args, "logger=wandb", "data=folder", f"data.root={folders / 'data'}",
+    result = finetune_cli("auto", "time_budget=60s", *args, "logger=wandb", "data=folder", f"data.root={folders / 'data'}",
                        f"out={out}")
     assert result.returncode == 0, result.stderr[-2000:]
     tables = list(out.glob("wandb/offline-run-*/files/media/table/leaderboard_*.table.json"))
@@ -131,11 +126,8 @@ def test_auto_leaderboard_is_a_wandb_table_when_wandb_is_on(folders, tmp_path, m
     (["task=multilabel"], "multi-label"),
 ])
 def test_auto_refuses_bad_options_in_one_line(args, message):
-    result = _finetune("auto", "data=digits", *args)
-    assert result.returncode == 2 and message in result.stderr, result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    assert_refused(finetune_cli("auto", "data=digits", *args), message)
 
 
 def test_auto_resume_needs_a_search_to_go_on_with(tmp_path):
-    result = _finetune("auto", "data=digits", "resume=true", f"out={tmp_path}")
-    assert result.returncode == 2 and "holds no auto search" in result.stderr
+    assert_refused(finetune_cli("auto", "data=digits", "resume=true", f"out={tmp_path}"), "holds no auto search")

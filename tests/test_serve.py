@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import fit_tiny_on_folders
+from conftest import assert_refused, fit_tiny_on_folders, finetune_cli
 
 FINETUNE = [sys.executable, "-m", "finetune"]
 
@@ -250,9 +250,8 @@ def test_cli_serves_until_interrupted_and_refuses_a_busy_port(trained, photos, t
                 time.sleep(0.1)
         answer = post(url, [(photos[0].name, photos[0].read_bytes())])
         assert answer.status_code == 200
-        busy = subprocess.run([*FINETUNE, "serve", f"ckpt={trained}", f"port={url.rsplit(':', 1)[1]}"],
-                              capture_output=True, text=True, env=env)
-        assert busy.returncode == 2 and "cannot listen" in busy.stderr and len(busy.stderr.strip().splitlines()) == 1
+        assert_refused(finetune_cli("serve", f"ckpt={trained}", f"port={url.rsplit(':', 1)[1]}", env=env),
+                       "cannot listen")
     finally:
         server.send_signal(signal.SIGINT)
         out, err = server.communicate(timeout=30)
@@ -270,6 +269,4 @@ def test_cli_serves_until_interrupted_and_refuses_a_busy_port(trained, photos, t
 ])
 def test_cli_refuses_bad_options_in_one_line(trained, args, message):
     args = args if any(a.startswith("ckpt=") for a in args) else [f"ckpt={trained}", "port=0", *args]
-    result = subprocess.run([*FINETUNE, "serve", *args], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and message in result.stderr, result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    assert_refused(finetune_cli("serve", *args, timeout=120), message)

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import write_class_folders
+from conftest import assert_refused, finetune_cli, write_class_folders
 
 
 def exact_log_evidence(f: np.ndarray, y: np.ndarray, alpha: float, beta: float) -> float:
@@ -67,15 +65,11 @@ def test_transfer_scores_refuse_what_k_folds_cannot_score():
         transfer_scores(features, np.zeros(12, int))
 
 
-def _finetune(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "finetune", *args], capture_output=True, text=True, timeout=timeout)
-
-
 def test_rank_cli_scores_each_backbone_and_lists_one_it_cannot_have(tmp_path):
     write_class_folders(tmp_path / "data" / "train", per_class=8)
     write_class_folders(tmp_path / "data" / "val", per_class=4, seed=1)
     out = tmp_path / "rank"
-    result = _finetune("rank", "backbones=[test_resnet,test_efficientnet,no_such_net]", "folds=3", "by=knn",
+    result = finetune_cli("rank", "backbones=[test_resnet,test_efficientnet,no_such_net]", "folds=3", "by=knn",
                        "backbone.weights=random", "data.image_size=32", "data=folder", f"data.root={tmp_path / 'data'}",
                        "data.num_workers=0", f"out={out}")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -88,7 +82,7 @@ def test_rank_cli_scores_each_backbone_and_lists_one_it_cannot_have(tmp_path):
     summary = json.loads((out / "rank.json").read_text())
     assert summary["images"] == 36 and summary["folds"] == 3 and summary["by"] == "knn"
 
-    again = _finetune("rank", "backbones=[test_resnet]", "folds=3", "backbone.weights=random", "data.image_size=32",
+    again = finetune_cli("rank", "backbones=[test_resnet]", "folds=3", "backbone.weights=random", "data.image_size=32",
                       "data=folder", f"data.root={tmp_path / 'data'}", "data.num_workers=0", f"out={out}")
     first = next(r for r in rows if r["backbone"] == "test_resnet")
     assert float(next(csv.DictReader((out / "rank.csv").open()))["linear"]) == pytest.approx(float(first["linear"]))
@@ -103,9 +97,7 @@ def test_rank_cli_scores_each_backbone_and_lists_one_it_cannot_have(tmp_path):
     (["task=multilabel"], "multi-label data"),
 ])
 def test_rank_cli_refuses_bad_options_in_one_line(args, message):
-    result = _finetune("rank", "data=digits", *args)
-    assert result.returncode == 2 and message in result.stderr, result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    assert_refused(finetune_cli("rank", "data=digits", *args), message)
 
 
 def test_offline_backbones_are_the_installed_embedded_packages():
