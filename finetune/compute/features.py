@@ -11,6 +11,9 @@ key over everything that determines the features: the backbone's architecture an
 (hashed tensor by tensor), the data files (path, size, mtime and a hash of their bytes, so a file
 swapped for another with its mtime restored is noticed) or arrays (hashed), the pipelines, the
 seed, the number of views, precision and memory layout. Changing any of them makes a new file.
+The training views are computed under the run's precision (autocast); the evaluation splits
+(val, test, calibration) at full precision, as ``finetune.load`` predicts: every end-of-run score
+of a frozen-backbone run (calibration, thresholds, metrics) comes from them, not from another pass.
 
 An entry is trusted only after checks on load: a SHA-256 of every stored tensor (kept in the
 file's metadata), the shapes, and the labels, which must be exactly those of the run's samples.
@@ -51,8 +54,8 @@ from finetune.compute.speed import Speed, to_channels_last
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 2: content hashes in the key, checksums in the file
-SPLITS = ("train", "val", "test")
+FORMAT_VERSION = 3  # 2: content hashes in the key, checksums in the file; 3: full-precision eval splits
+SPLITS = ("train", "val", "test", "calibration")
 
 
 def not_cacheable_reason(model: Classifier) -> str | None:
@@ -121,8 +124,8 @@ def cache_key(backbone: nn.Module, architecture: str, splits: dict[str, Sequence
 
 
 def extract(backbone: nn.Module, samples: Sequence[Sample], transform: Callable, batch_size: int,
-            num_workers: int, speed: Speed, seed: int, desc: str,
-            num_labels: int | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, str]]:
+            num_workers: int, speed: Speed, seed: int, desc: str, num_labels: int | None = None,
+            full_precision: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict[str, str]]:
     """(features (N, D) float32, labels (N,), unreadable path -> reason) of one pass over `samples`.
 
     The pass draws its randomness from `seed` only: the global RNG state is left untouched, so a
@@ -134,7 +137,7 @@ def extract(backbone: nn.Module, samples: Sequence[Sample], transform: Callable,
                         num_workers=num_workers, worker_init_fn=worker_init, collate_fn=collate_skipping_unreadable,
                         generator=torch.Generator().manual_seed(seed), pin_memory=speed.device.type == "cuda")
     features, labels, skipped = [], [], {}
-    dtype = speed.autocast_dtype
+    dtype = None if full_precision else speed.autocast_dtype
     autocast = torch.autocast(speed.device.type, dtype=dtype) if dtype is not None else nullcontext()
     with torch.inference_mode(), autocast:
         for images, batch_labels, failures in tqdm(loader, desc=desc, unit="batch", leave=False, disable=None):
@@ -176,7 +179,7 @@ def features_for_run(cfg, model: Classifier, backbone_name: str, splits: DataSpl
         return None
     augmented = augmentation_is_random(cfg.augment)
     architecture, cache_dir = cache_settings(cfg, backbone_name)
-    cached = cached_features(model.backbone, architecture, {"train": splits.train, "val": splits.val, "test": splits.test},
+    cached = cached_features(model.backbone, architecture, {split: getattr(splits, split) for split in SPLITS},
                              train_transform, eval_transform, augmented, cache["views"], cache_dir,
                              cfg.data.batch_size, num_workers, speed, cfg.seed,
                              len(splits.classes) if splits.multilabel else None)
@@ -225,11 +228,11 @@ def cached_features(backbone: nn.Module, architecture: str, splits: dict[str, Se
             train_views.append(f)
             labels["train"], skipped = y, {**skipped, **bad}
         features["train"] = torch.stack(train_views)
-        for split in ("val", "test"):
+        for split in SPLITS[1:]:
             if splits.get(split):
                 features[split], labels[split], bad = extract(backbone, splits[split], eval_transform, batch_size,
                                                               num_workers, speed, seed, f"caching features: {split}",
-                                                              num_labels)
+                                                              num_labels, full_precision=True)
                 skipped.update(bad)
     finally:
         backbone.train(was_training).to(device_before)

@@ -52,7 +52,8 @@ class EpochTable(L.Callback):
         cells = [f"{trainer.current_epoch + 1}/{total}"]
         cells += [f"{metrics[k]:.4f}" if k in metrics else "-" for k in self.columns[1:5]]
         seconds = time.perf_counter() - self._started
-        cells += [f"{head_lr:.2g}" if head_lr is not None else "-", f"{seconds:.1f}" if seconds >= 1 else f"{seconds:.2f}"]
+        lr_cell = getattr(pl_module, "solver_name", None) or (f"{head_lr:.2g}" if head_lr is not None else "-")
+        cells += [lr_cell, f"{seconds:.1f}" if seconds >= 1 else f"{seconds:.2f}"]
         log.info(_row(cells, self.columns))
 
 

@@ -40,6 +40,8 @@ from finetune.train.loggers import finish_wandb, log_best
 from finetune.train.lr_find import lr_for_run
 from finetune.train.mixing import batch_mixer
 from finetune.train.module import ClassifierModule
+from finetune.train.optimal_head import FullBatchFeatureDataModule, OptimalHeadModule, fit_settings, optimal_head_parts, \
+    probe_first, solver_for_run
 from finetune.train.report import FitResult
 from finetune.train.thresholds import label_count_bounds, tune_and_store
 from finetune.train.trust import calibrate_and_store
@@ -133,17 +135,29 @@ def prepare(cfg: DictConfig, config: dict, output_dir: Path, resume_from: Path |
         set_prior_bias(model.head, counts / len(splits.train))
     trainer_kwargs, speed = resolve_speed(OmegaConf.to_container(cfg.trainer, resolve=True), model)
     report.log_start(cfg, backbone, model, speed)
-    data, eval_tf = _datamodule(cfg, model, backbone, splits, data_report, speed)
+    probe = cfg.head.get("init", "random") == "probe" and resume_from is None  # a resumed run has its weights
+    data, eval_tf = _datamodule(cfg, model, backbone, splits, data_report, speed, probe)
     on_features = isinstance(data, FeatureDataModule)
     mixer = batch_mixer(cfg.mixup, cfg.cutmix, len(splits.classes), cfg.loss.label_smoothing, on_features,
                         splits.multilabel)
     report.log_techniques(cfg, mixer)
-    module = ClassifierModule(model, splits.classes, cfg.optimizer, cfg.scheduler, config,
-                              label_smoothing=cfg.loss.label_smoothing,
-                              class_weights=class_weights(splits) if cfg.data.balance == "weighted_loss" else None,
-                              inputs="features" if on_features else "images", channels_last=speed.channels_last,
-                              pixel_stats=(backbone.data_config["mean"], backbone.data_config["std"]), mixer=mixer,
-                              task=splits.task)
+    solver, why = solver_for_run(cfg, on_features, model.head, mixer, trainer_kwargs)
+    module_kwargs = dict(label_smoothing=cfg.loss.label_smoothing,
+                         class_weights=class_weights(splits) if cfg.data.balance == "weighted_loss" else None,
+                         inputs="features" if on_features else "images", channels_last=speed.channels_last,
+                         pixel_stats=(backbone.data_config["mean"], backbone.data_config["std"]), mixer=mixer,
+                         task=splits.task)
+    if solver == "lbfgs":
+        parts, line = optimal_head_parts(data.cached, splits, cfg, cfg.seed)
+        log.info(line)
+        module = OptimalHeadModule(model, splits.classes, cfg.optimizer, cfg.scheduler, config,
+                                   **(module_kwargs | parts))
+        data = FullBatchFeatureDataModule(data.cached, splits, cfg.data.batch_size, cfg.data.balance, cfg.seed)
+        trainer_kwargs["log_every_n_steps"] = 1  # one step an epoch
+        return Prepared(splits, data_report, backbone, module, data, eval_tf, speed, trainer_kwargs)
+    if on_features and fit_settings(cfg.head)["solver"] == "auto":
+        log.info("head: trained by %s epochs (not L-BFGS: %s)", cfg.optimizer.name.upper(), why)
+    module = ClassifierModule(model, splits.classes, cfg.optimizer, cfg.scheduler, config, **module_kwargs)
     if cfg.optimizer.lr == "auto":
         module.optimizer_cfg["lr"] = 1.0  # the finder sets every lr itself; the groups keep their ratios
     if find_lr and cfg.optimizer.lr == "auto":
@@ -153,10 +167,11 @@ def prepare(cfg: DictConfig, config: dict, output_dir: Path, resume_from: Path |
 
 
 def _datamodule(cfg: DictConfig, model: Classifier, backbone: Backbone, splits: DataSplits, data_report: DataReport,
-                speed) -> tuple[L.LightningDataModule, object]:
+                speed, probe: bool = False) -> tuple[L.LightningDataModule, object]:
     """(the run's data module, the evaluation pipeline): the frozen backbone's cached features
     when nothing below the head trains, else images (decoded once into memory when they fit),
-    as uint8 batches normalized on the training device by the module."""
+    as uint8 batches normalized on the training device by the module. `probe`: on images, the
+    head starts as the optimal probe of the pretrained features (LP-FT's first stage)."""
     train_tf, eval_tf = build_transforms(backbone.data_config, cfg.augment, cfg.data.image_size, seed=cfg.seed)
     file_workers = resolve_num_workers(cfg.data.num_workers, speed.device, in_memory=False)
     cached = features_for_run(cfg, model, backbone.name, splits, train_tf, eval_tf, speed, file_workers)
@@ -164,6 +179,8 @@ def _datamodule(cfg: DictConfig, model: Classifier, backbone: Backbone, splits: 
         data_report.add_unreadable(cached.skipped)
         data = FeatureDataModule(cached, splits, cfg.data.batch_size, cfg.data.balance, cfg.seed)
     else:
+        if probe:
+            probe_first(cfg, model, backbone.name, splits, train_tf, eval_tf, speed, file_workers)
         uint8_train_tf, uint8_eval_tf = build_transforms(backbone.data_config, cfg.augment, cfg.data.image_size,
                                                          seed=cfg.seed, normalize=False)
         decoded = decoded_images(cfg.data.cache, splits, backbone.data_config, cfg.data.image_size, data_report,
@@ -200,7 +217,8 @@ def _best_metrics(cfg: DictConfig, trainer: L.Trainer, module: ClassifierModule,
         best.update(tuned)
     elif trainer.is_global_zero:
         data_config = with_input_size(backbone.data_config, cfg.data.image_size)
-        calibrated, _ = calibrate_and_store(module, splits, data_config, best_path, cfg.trust, cfg.data.batch_size)
+        calibrated, _ = calibrate_and_store(module, splits, data_config, best_path, cfg.trust, cfg.data.batch_size,
+                                            data.cached if isinstance(data, FeatureDataModule) else None)
         best.update(calibrated)
     if cfg.tta != "none" and trainer.is_global_zero:
         best.update(report.score_with_tta(cfg, module.model, splits, backbone, evaluation))

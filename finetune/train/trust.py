@@ -28,14 +28,22 @@ log = logging.getLogger(__name__)
 
 
 def calibrate_and_store(module, splits, data_config: dict, best_path: Path | None, settings,
-                        batch_size: int) -> tuple[dict[str, float], dict]:
+                        batch_size: int, cached=None) -> tuple[dict[str, float], dict]:
     """Fit, score and store as the module docstring says. Returns (metrics: ``temperature``,
     ``val/ece``, ``val/ece_calibrated``, ``val/nll``, ``val/nll_calibrated`` and ``test/...``
-    likewise when there is a test split; the checkpoint's ``trust`` entry)."""
-    # Through the image pipeline at full precision, as finetune.load predicts: not the cached
-    # features (computed under the run's autocast), so target_precision= holds for predict's numbers.
-    # (log-softmax of the logits: softmax, argmax and the temperature's fit are the same on them)
-    logits, labels, _ = _outputs(module, splits.val, data_config, batch_size)
+    likewise when there is a test split; the checkpoint's ``trust`` entry).
+
+    The outputs come at full precision, as finetune.load predicts (so target_precision= holds for
+    predict's numbers): through the image pipeline, or, for a frozen backbone, from `cached`
+    (:class:`~finetune.compute.features.CachedFeatures`, whose evaluation splits are computed at
+    full precision through the same pipeline): the head alone, no second pass over the images.
+    (log-softmax of the logits: softmax, argmax and the temperature's fit are the same on them)"""
+    def _outputs(split: str):
+        if cached is not None and split in cached.features:
+            return _head_outputs(module, cached, split)
+        return _image_outputs(module, getattr(splits, split), data_config, batch_size)
+
+    logits, labels, _ = _outputs("val")
     temperature = fit_temperature(logits, labels) if settings.temperature else 1.0
     probabilities = (logits / temperature).softmax(dim=1)
     confidence, predicted = probabilities.max(dim=1)
@@ -43,9 +51,9 @@ def calibrate_and_store(module, splits, data_config: dict, best_path: Path | Non
              "val": {"confidence": confidence.tolist(), "correct": (predicted == labels).tolist()}}
     metrics = {"temperature": temperature, **_scores("val", logits, labels, temperature)}
     if splits.test:
-        metrics.update(_scores("test", *_outputs(module, splits.test, data_config, batch_size)[:2], temperature))
+        metrics.update(_scores("test", *_outputs("test")[:2], temperature))
     if splits.calibration:
-        cal_logits, cal_labels, skipped = _outputs(module, splits.calibration, data_config, batch_size)
+        cal_logits, cal_labels, skipped = _outputs("calibration")
         cal_probabilities = (cal_logits / temperature).softmax(dim=1).numpy()
         trust["calibration"] = {"images": len(cal_labels), "skipped": len(skipped), "score": settings.conformal,
                                 "scores": {s: conformal_scores(cal_probabilities, cal_labels.numpy(), s).tolist()
@@ -71,7 +79,18 @@ def _scores(split: str, logits: torch.Tensor, labels: torch.Tensor, temperature:
             for name, value in scores.items()}
 
 
-def _outputs(module, samples: list, data_config: dict, batch_size: int):
+@torch.no_grad()
+def _head_outputs(module, cached, split: str):
+    """(log-softmax of the head's logits on the cached features of `split`, labels, no skipped:
+    the cache left unreadable files out already)."""
+    module.model.eval()
+    head = module.model.head
+    device = next(head.parameters()).device
+    logits = head(cached.features[split].to(device)).float().cpu()
+    return logits.log_softmax(dim=1), cached.labels[split].long(), {}
+
+
+def _image_outputs(module, samples: list, data_config: dict, batch_size: int):
     """(log-softmax of the whole model's logits, labels, skipped) on `samples` through the
     evaluation pipeline, at full precision, as finetune.load predicts."""
     module.model.eval()
