@@ -193,6 +193,41 @@ def test_gated_groups_stay_bit_exact_until_their_epoch():
     assert record.changed[2] == {"layer3", "layer4"}
 
 
+class RecordBackward(L.Callback):
+    """Per epoch: whether the stem's output carried a gradient graph, and how many backward
+    passes reached the stem's convolution."""
+
+    def __init__(self, model):
+        self.graph, self.backward = [], []
+        model.backbone.conv1.register_forward_hook(lambda m, i, out: self.graph[-1].add(out.requires_grad))
+        model.backbone.conv1.register_full_backward_hook(lambda m, gi, go: self._count())
+
+    def _count(self):
+        self.backward[-1] += 1
+
+    def on_train_epoch_start(self, trainer, module):
+        self.graph.append(set())
+        self.backward.append(0)
+
+
+def test_no_gradient_is_computed_for_a_gated_group():
+    model = tiny_classifier()
+    apply_freeze(model, groups="all", unfreeze_at=1)
+    record = RecordBackward(model)
+    unfreezing = gradual_unfreezing(model)
+    torch.manual_seed(0)
+    loader = DataLoader(TensorDataset(torch.randn(16, 3, 32, 32), torch.randint(0, 3, (16,))), batch_size=8)
+    module = ClassifierModule(model, ["a", "b", "c"], {"name": "sgd", "lr": 0.1, "weight_decay": 1e-4},
+                              {"name": "none"})
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[unfreezing, record],
+                        num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(module, train_dataloaders=loader)
+    # Epoch 1: the whole backbone is gated: no graph is built through it, no backward reaches it.
+    assert record.graph == [{False}, {True}] and record.backward[0] == 0 and record.backward[1] == 2
+    assert all(p.requires_grad for p in model.parameters())  # the returned model is as the plan made it
+
+
 @pytest.mark.parametrize("resume_after", [1, 3])  # epochs done: before / after the unfreeze (epoch index 2)
 def test_resume_across_the_unfreeze_epoch_restores_trainable_set_and_optimizer_state(tmp_path, resume_after):
     model = tiny_classifier()
