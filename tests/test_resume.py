@@ -306,3 +306,25 @@ def test_cli_resume_in_a_new_process_with_dataloader_workers_is_exact(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     history = [json.loads((tmp_path / d / "summary.json").read_text())["history"] for d in ("whole", "resumed")]
     assert history[1] == history[0]  # every metric of both epochs, bit for bit
+
+
+@pytest.mark.slow  # two CLI runs, one killed
+@pytest.mark.parametrize("recipe, kill_after", [("lp_ft", 6), ("freeze_all_but_head", 2)])
+def test_lp_ft_and_the_lbfgs_head_resume_bit_exact_after_a_kill(tmp_path, image_folder, recipe, kill_after):
+    """LP-FT killed in its second fine-tuning epoch (after the probe stage), and the L-BFGS head
+    killed in its second epoch (one full-batch step an epoch), end as an uninterrupted run does."""
+    run = [f"+recipe={recipe}", *TINY, *QUICK, "trainer.max_epochs=3", "data.batch_size=8", "data=folder",
+           f"data.root={image_folder}", "+trainer.limit_train_batches=4", "head.fit.folds=2",
+           "callbacks.checkpoint.min_write_interval_s=0", f"data.cache.dir={tmp_path / 'cache'}"]
+    first = cli(*run, "hydra.run.dir=a", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert ("LP-FT: probe head fitted" if recipe == "lp_ft" else "full-batch L-BFGS") in first.stdout
+    killed = cli(*run, "hydra.run.dir=b", cwd=tmp_path, kill_after=kill_after)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    resumed = cli(*run, "hydra.run.dir=b", "resume=true", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "LP-FT" not in resumed.stdout  # the probe is in the checkpoint: not fitted again
+    a, b = weights(tmp_path / "a" / "checkpoints" / LAST), weights(tmp_path / "b" / "checkpoints" / LAST)
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+    history = [json.loads((tmp_path / d / "summary.json").read_text())["history"] for d in ("a", "b")]
+    assert history[0] == history[1] and len(history[0]) == 3
