@@ -52,11 +52,12 @@ def penalized_loss(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Te
     return data + 0.5 * l2 * weight.pow(2).sum()
 
 
-def lbfgs(params, max_iter: int, tolerance: float = 1e-10) -> torch.optim.LBFGS:
+def lbfgs(params, max_iter: int, tolerance: float = 1e-10, grad_tolerance: float = 1e-6) -> torch.optim.LBFGS:
     """The optimizer of every fit here: strong-Wolfe line search, so no learning rate to tune.
-    `tolerance`: it stops when the loss or the weights change by less than this in one iteration."""
+    It stops after `max_iter` iterations, when the loss or the weights change by less than
+    `tolerance` in one, or when no gradient entry is larger than `grad_tolerance`."""
     return torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
-                             tolerance_grad=1e-6, tolerance_change=tolerance)
+                             tolerance_grad=grad_tolerance, tolerance_change=tolerance)
 
 
 @dataclass(frozen=True)
@@ -81,14 +82,14 @@ class Problem:
 
 
 def fit(problem: Problem, l2: float, init: tuple[torch.Tensor, torch.Tensor] | None = None,
-        max_iter: int = 500, tolerance: float = 1e-10) -> tuple[torch.Tensor, torch.Tensor]:
+        max_iter: int = 500, tolerance: float = 1e-10, grad_tolerance: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight (C, D), bias (C,)) minimizing `problem`'s objective at `l2`, from `init` (zeros)."""
     dtype = problem.rows.dtype
     if init is None:
         init = (torch.zeros(problem.outputs, problem.rows.shape[1]), torch.zeros(problem.outputs))
     weight = init[0].detach().to(dtype, copy=True).requires_grad_(True)
     bias = init[1].detach().to(dtype, copy=True).requires_grad_(True)
-    optimizer = lbfgs([weight, bias], max_iter, tolerance)
+    optimizer = lbfgs([weight, bias], max_iter, tolerance, grad_tolerance)
 
     def closure():
         optimizer.zero_grad()
@@ -150,7 +151,7 @@ def view_rows(views: torch.Tensor, targets: torch.Tensor, images: np.ndarray | N
 
 def choose_l2(views: torch.Tensor, targets: torch.Tensor, outputs: int, grid=DEFAULT_GRID, folds: int = 5,
               seed: int = 0, multilabel: bool = False, class_weights: torch.Tensor | None = None,
-              label_smoothing: float = 0.0, max_iter: int = 100, tolerance: float = 1e-6,
+              label_smoothing: float = 0.0, max_iter: int = 50, tolerance: float = 1e-6,
               patience: int = 3) -> L2Choice:
     """The L2 strength with the best mean held-out score over `folds` folds of the training images.
 
@@ -175,7 +176,7 @@ def choose_l2(views: torch.Tensor, targets: torch.Tensor, outputs: int, grid=DEF
     for strength in grid:  # every fold in step, so that the walk can stop once the scores fall
         total = np.zeros(2)
         for k, (problem, held_rows, held_targets) in enumerate(problems):
-            solutions[k] = fit(problem, strength * scale, solutions[k], max_iter, tolerance)
+            solutions[k] = fit(problem, strength * scale, solutions[k], max_iter, tolerance, 100 * tolerance)
             total += held_out_score(held_rows @ solutions[k][0].T + solutions[k][1], held_targets, multilabel)
         means.append(total / len(problems))
         peak = max(range(len(means)), key=lambda i: means[i][0])

@@ -220,8 +220,12 @@ class ClassifierModule(L.LightningModule):
             batches = int(batches * limit)
         return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
 
+    solver_name: str | None = None  # a solver without a learning rate (the epoch table shows its name)
+
     def on_train_epoch_start(self) -> None:
         self._log_epoch_number()
+        if self.solver_name is not None:
+            return
         for group in self.optimizers().optimizer.param_groups:
             self.log(f"lr/{group['name']}", group["lr"], on_step=False, on_epoch=True, sync_dist=True)
 

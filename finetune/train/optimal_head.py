@@ -76,6 +76,8 @@ def solver_for_run(cfg, on_features: bool, head: nn.Module, mixer, trainer_kwarg
             obstacles.append("mixup is on")
         if (cfg.get("ema") or {}).get("decay"):
             obstacles.append("EMA is on")
+        if cfg.optimizer.lr == "auto":
+            obstacles.append("optimizer.lr=auto asks for the lr finder")
     if not obstacles:
         return "lbfgs", f"head.fit.solver={asked}"
     if asked == "lbfgs":
@@ -185,7 +187,7 @@ class OptimalHeadModule(ClassifierModule):
     loss plus ``l2 / 2 * |W|^2`` (manual optimization: L-BFGS re-evaluates its closure). Metrics,
     validation and checkpoints are the parent's; ``train/loss`` is the loss without the penalty."""
 
-    solver_name = "lbfgs"
+    solver_name = "lbfgs"  # no lr/* columns: L-BFGS's line search sets each step's length
 
     def __init__(self, *args, l2: float, iterations: int, **kwargs):
         super().__init__(*args, **kwargs)
