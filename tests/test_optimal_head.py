@@ -55,14 +55,20 @@ def test_cross_validation_picks_the_best_strength_it_reports(digits):
     x, y, _, _ = digits
     views = torch.stack([x, x + 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))])
     grid = (1e-1, 1e-2, 1e-3, 1e-4)
-    choice = choose_l2(views, y, 10, grid=grid, folds=3, patience=5)
+    choice = choose_l2(views, y, 10, grid=grid, folds=3, patience=5, refine=False)
     assert choice.grid == grid and len(choice.scores) == len(grid)
     assert choice.score == max(choice.scores) and choice.strength == grid[choice.scores.index(choice.score)]
     assert choice.l2 == pytest.approx(choice.strength * feature_scale(views))
     assert choice.scores[0] < choice.score  # the strongest penalty underfits 8x8 digits
-    # The walk down the grid stops once the scores have fallen `patience` times in a row.
-    stopped = choose_l2(views, y, 10, grid=(1e2, 1e1, 1e0, 1e-1, 1e-2, 1e-3, 1e-4), folds=3, patience=1)
-    assert len(stopped.scores) < 7 or stopped.strength == 1e-4
+    # Refining tries the half decades beside the best, and keeps whichever scores best.
+    refined = choose_l2(views, y, 10, grid=grid, folds=3, patience=5)
+    assert len(refined.grid) in (5, 6) and set(grid) < set(refined.grid)
+    assert refined.score == max(refined.scores) >= choice.score
+    # The walk down the grid stops once the scores have fallen `patience` times.
+    stopped = choose_l2(views, y, 10, grid=(1e2, 1e1, 1e0, 1e-1, 1e-2, 1e-3, 1e-4), folds=3, patience=1,
+                        refine=False)
+    peak = stopped.scores.index(max(stopped.scores))
+    assert len(stopped.scores) == min(7, peak + 2)
 
 
 def test_view_rows_keep_every_view_of_the_chosen_images():

@@ -27,8 +27,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# Strengths tried by cross-validation (times the features' mean square): half decades from 1e-6 to 1.
-DEFAULT_GRID = tuple(float(v) for v in np.logspace(-6, 0, 13))
+# Strengths tried by cross-validation (times the features' mean square): decades from 1 down to
+# 1e-6, then the half decades on either side of the best.
+DEFAULT_GRID = tuple(float(v) for v in np.logspace(-6, 0, 7))
 
 
 def feature_scale(rows: torch.Tensor) -> float:
@@ -149,44 +150,54 @@ def view_rows(views: torch.Tensor, targets: torch.Tensor, images: np.ndarray | N
     return views.reshape(-1, views.shape[2]), targets.repeat(views.shape[0], *([1] * (targets.ndim - 1)))
 
 
-def choose_l2(views: torch.Tensor, targets: torch.Tensor, outputs: int, grid=DEFAULT_GRID, folds: int = 5,
+def choose_l2(views: torch.Tensor, targets: torch.Tensor, outputs: int, grid=DEFAULT_GRID, folds: int = 3,
               seed: int = 0, multilabel: bool = False, class_weights: torch.Tensor | None = None,
-              label_smoothing: float = 0.0, max_iter: int = 50, tolerance: float = 1e-6,
-              patience: int = 3) -> L2Choice:
+              label_smoothing: float = 0.0, max_iter: int = 50, tolerance: float = 1e-6, patience: int = 1,
+              refine: bool = True) -> L2Choice:
     """The L2 strength with the best mean held-out score over `folds` folds of the training images.
 
     `views`: (V, N, D) raw features, V augmented views of each of N images; a fold holds out whole
-    images (every view of them). Each fold walks the grid from the strongest penalty down, each fit
-    starting from the one before (a warm start: the path costs little more than its weakest
-    point); the walk stops once `patience` weaker penalties in a row have scored below the best.
-    Ties go to the lower held-out loss, then to the stronger penalty. `max_iter` and `tolerance`
-    bound each fit of the path (cross-validation needs the ranking, not the last digit).
+    images (every view of them). The folds walk `grid` from the strongest penalty down, each fit
+    starting from the fold's one before (a warm start: the path costs little more than its
+    weakest point), and stop once `patience` weaker penalties in a row have scored below the best.
+    `refine`: then the points halfway (geometrically) to the best's neighbours are tried too, each
+    from the best's solutions. Ties go to the lower held-out loss, then to the stronger penalty.
+    `max_iter` and `tolerance` bound each fit (cross-validation needs the ranking, not the last digit).
     """
     if views.ndim == 2:
         views = views[None]
     scale = feature_scale(views)
-    grid = tuple(sorted((float(g) for g in grid), reverse=True))
+    grid = sorted((float(g) for g in grid), reverse=True)
     problems = []
     for held in fold_indices(targets, folds, seed, multilabel):
         train = np.setdiff1d(np.arange(views.shape[1]), held)
         problems.append((Problem(*view_rows(views, targets, train), outputs, multilabel, class_weights,
                                  label_smoothing), *view_rows(views, targets, held)))
-    solutions = [None] * len(problems)
-    means = []
+
+    def evaluate(strength: float, starts: list) -> tuple[np.ndarray, list]:
+        total, solutions = np.zeros(2), []
+        for (problem, held_rows, held_targets), start in zip(problems, starts):
+            solutions.append(fit(problem, strength * scale, start, max_iter, tolerance, 100 * tolerance))
+            total += held_out_score(held_rows @ solutions[-1][0].T + solutions[-1][1], held_targets, multilabel)
+        return total / len(problems), solutions
+
+    tried, solutions, starts = {}, {}, [None] * len(problems)
     for strength in grid:  # every fold in step, so that the walk can stop once the scores fall
-        total = np.zeros(2)
-        for k, (problem, held_rows, held_targets) in enumerate(problems):
-            solutions[k] = fit(problem, strength * scale, solutions[k], max_iter, tolerance, 100 * tolerance)
-            total += held_out_score(held_rows @ solutions[k][0].T + solutions[k][1], held_targets, multilabel)
-        means.append(total / len(problems))
-        peak = max(range(len(means)), key=lambda i: means[i][0])
-        if len(means) - 1 - peak >= patience:  # `patience` weaker penalties in a row, none as good
+        tried[strength], starts = evaluate(strength, starts)
+        solutions[strength] = starts
+        peak = max(tried, key=lambda g: tried[g][0])
+        if sum(1 for g in tried if g < peak) >= patience:  # `patience` weaker penalties, none as good
             break
-    best = max(range(len(means)), key=lambda i: (means[i][0], -means[i][1], grid[i]))
-    walked = len(means)
-    means = np.array(means)
-    return L2Choice(grid[best] * scale, grid[best], float(means[best, 0]), grid[:walked],
-                    tuple(float(s) for s in means[:, 0]), folds)
+    best = max(tried, key=lambda g: (tried[g][0], -tried[g][1], g))
+    if refine and len(grid) > 1:
+        i = grid.index(best)
+        for neighbour in [grid[j] for j in (i - 1, i + 1) if 0 <= j < len(grid)]:
+            between = float(np.sqrt(best * neighbour))
+            tried[between] = evaluate(between, solutions[best])[0]
+    order = sorted(tried, reverse=True)
+    best = max(order, key=lambda g: (tried[g][0], -tried[g][1], g))
+    return L2Choice(best * scale, best, float(tried[best][0]), tuple(order),
+                    tuple(float(tried[g][0]) for g in order), folds)
 
 
 def c_of(l2: float, rows: int) -> float:

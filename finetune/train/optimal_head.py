@@ -38,7 +38,7 @@ DEFAULT_STRENGTH = 1e-4  # when cross-validation cannot run (a class with a sing
 def fit_settings(head_cfg: Mapping) -> dict:
     """``head.fit`` with its defaults (configs and checkpoints from before it existed: sgd)."""
     fit = dict(head_cfg.get("fit") or {})
-    settings = {"solver": fit.get("solver", "sgd"), "l2": fit.get("l2", "auto"), "folds": fit.get("folds", 5),
+    settings = {"solver": fit.get("solver", "sgd"), "l2": fit.get("l2", "auto"), "folds": fit.get("folds", 3),
                 "iterations": fit.get("iterations", 200)}
     if settings["solver"] not in SOLVERS:
         raise ConfigError(f"head.fit.solver={settings['solver']!r}; choose auto, lbfgs or sgd.")
