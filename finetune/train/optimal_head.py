@@ -108,7 +108,8 @@ def chosen_l2(cached: CachedFeatures, splits: DataSplits, settings: Mapping, see
         return l2, f"L2 strength {settings['l2']:g} (head.fit.l2; scikit-learn C {c_of(l2, rows):.3g})"
     folds = settings["folds"]
     if not splits.multilabel:
-        folds = min(folds, int(torch.bincount(targets, minlength=outputs)[torch.bincount(targets) > 0].min()))
+        counts = torch.bincount(targets, minlength=outputs)
+        folds = min(folds, int(counts[counts > 0].min()))  # StratifiedKFold: every class in every fold
     if folds < 2 or len(targets) < 2 * settings["folds"]:
         l2 = DEFAULT_STRENGTH * scale
         return l2, (f"L2 strength {DEFAULT_STRENGTH:g}: too few training images per class for cross-validation "
