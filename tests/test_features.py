@@ -66,13 +66,17 @@ def test_augmented_views_are_distinct_and_cycle_per_epoch(tmp_path, image_folder
     from safetensors.torch import load_file
 
     result = _head_fit(tmp_path, image_folder, "views", "augment=standard", "data.cache.views=3")
-    assert "3 augmented views per training image" in capsys.readouterr().out
+    assert "3 views per training image (the evaluation view, 2 augmented)" in capsys.readouterr().out
     (path,) = _cache_files(tmp_path)
     tensors = load_file(str(path))
     train = tensors["features.train"]
     assert train.shape[:2] == (3, 24) and tensors["features.val"].shape[0] == 12
     assert not torch.allclose(train[0], train[1]) and not torch.allclose(train[1], train[2])
     assert len(result.history) == 3
+    # View 0 is the evaluation view: what a run without augmentation caches as its only view.
+    _head_fit(tmp_path, image_folder, "plain", "augment=none")
+    (plain,) = [p for p in _cache_files(tmp_path) if p != path]
+    torch.testing.assert_close(load_file(str(plain))["features.train"][0], train[0])
 
 
 def test_unreadable_files_are_counted_with_the_cache(tmp_path, image_folder):

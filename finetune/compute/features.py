@@ -3,8 +3,9 @@
 A frozen backbone (no trainable parameter, BatchNorm in eval, no active dropout) is a fixed
 function: re-running it every epoch, as a plain training loop does, repeats the same forward
 pass. Here each image goes through it once — ``views`` times for the training images when the
-training pipeline is random, each view a fresh augmentation — and the head trains on the stored
-pooled features. Epoch ``e`` uses view ``e % views``.
+training pipeline is random: view 0 through the evaluation pipeline (what a prediction sees), the
+others a fresh augmentation each — and the head trains on the stored pooled features (SGD: epoch
+``e`` on view ``e % views``; L-BFGS: on all of them at once).
 
 Cache files live in ``data.cache.dir`` (shared by every run and sweep trial) and are named by a
 key over everything that determines the features: the backbone's architecture and weights
@@ -54,7 +55,7 @@ from finetune.compute.speed import Speed, to_channels_last
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 3  # 2: content hashes in the key, checksums in the file; 3: full-precision eval splits
+FORMAT_VERSION = 3  # 2: content hashes in the key, checksums in the file; 3: evaluation views at full precision
 SPLITS = ("train", "val", "test", "calibration")
 
 
@@ -184,7 +185,8 @@ def features_for_run(cfg, model: Classifier, backbone_name: str, splits: DataSpl
                              cfg.data.batch_size, num_workers, speed, cfg.seed,
                              len(splits.classes) if splits.multilabel else None)
     how = "loaded" if cached.hit else "computed"
-    views = f"{cached.views} augmented views per training image" if augmented else "no augmentation: one view"
+    views = (f"{cached.views} views per training image (the evaluation view, {cached.views - 1} augmented)" if augmented
+             else "no augmentation: one view")
     log.info("feature cache: on, backbone frozen; %s; %s in %.1f s: %s", views, how, cached.seconds, cached.path)
     return cached
 
@@ -223,8 +225,9 @@ def cached_features(backbone: nn.Module, architecture: str, splits: dict[str, Se
         train_views = []
         for view in range(views):
             desc = f"caching features: train view {view + 1}/{views}" if views > 1 else "caching features: train"
-            f, y, bad = extract(backbone, splits["train"], pipelines["train"], batch_size, num_workers, speed,
-                                seed * 1_000 + view, desc, num_labels)
+            # View 0 is the evaluation view (the center crop a prediction sees), the others augmented.
+            f, y, bad = extract(backbone, splits["train"], pipelines["train"] if view else eval_transform, batch_size,
+                                num_workers, speed, seed * 1_000 + view, desc, num_labels, full_precision=not view)
             train_views.append(f)
             labels["train"], skipped = y, {**skipped, **bad}
         features["train"] = torch.stack(train_views)

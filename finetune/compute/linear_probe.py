@@ -164,7 +164,7 @@ def choose_l2(views: torch.Tensor, targets: torch.Tensor, outputs: int, grid=DEF
               refine: bool = True) -> L2Choice:
     """The L2 strength with the best mean held-out score over `folds` folds of the training images.
 
-    `views`: (V, N, D) raw features, V augmented views of each of N images; a fold holds out whole
+    `views`: (V, N, D) raw features, V views of each of N images; a fold holds out whole
     images (every view of them) and scores each by its views' averaged probabilities. The folds walk `grid` from the strongest penalty down, each fit
     starting from the fold's one before (a warm start: the path costs little more than its
     weakest point), and stop once `patience` weaker penalties in a row have scored below the best.
