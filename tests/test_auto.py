@@ -42,10 +42,10 @@ def test_auto_searches_within_its_budget_and_keeps_the_best_run(folders, tmp_pat
     from finetune import fit
 
     started = time.perf_counter()
-    result = fit("auto", [*TINY_AUTO, "data=folder", f"data.root={folders / 'data'}"], time_budget="30s",
+    result = fit("auto", [*TINY_AUTO, "data=folder", f"data.root={folders / 'data'}"], time_budget="45s",
                  out=str(tmp_path / "auto"))
     wall = time.perf_counter() - started
-    assert result.seconds <= 30 * 1.1 and wall <= 30 * 1.1 + 15  # + start-up and the closing report
+    assert result.seconds <= 45 * 1.1 and wall <= 45 * 1.1 + 15  # + start-up and the closing report
     rows = list(csv.DictReader((tmp_path / "auto" / "leaderboard.csv").open()))
     # At least the two shipped recipes; how many more fit depends on how busy the machine is.
     assert len(rows) == len(result.leaderboard) >= 2
