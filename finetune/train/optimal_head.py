@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from finetune.compute.features import CachedFeatures, FeatureDataModule
-from finetune.compute.linear_probe import DEFAULT_GRID, L2Choice, c_of, choose_l2, feature_scale, lbfgs, penalized_loss
+from finetune.compute.features import SPLITS, CachedFeatures, FeatureDataModule
+from finetune.compute.linear_probe import DEFAULT_GRID, L2Choice, c_of, choose_l2, feature_scale, lbfgs, view_rows
 from finetune.data.datamodule import class_weights
 from finetune.data.sources import DataSplits
 from finetune.errors import ConfigError
@@ -51,6 +51,12 @@ def fit_settings(head_cfg: Mapping) -> dict:
     return settings
 
 
+def single_linear(head: nn.Module) -> nn.Linear | None:
+    """The head's one Linear layer, or None when it has several (an MLP head)."""
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    return linears[0] if len(linears) == 1 else None
+
+
 def solver_for_run(cfg, on_features: bool, head: nn.Module, mixer, trainer_kwargs: Mapping) -> tuple[str, str]:
     """(``lbfgs`` or ``sgd``, why) for this run, as ``head.fit.solver`` asks. ``lbfgs`` needs the
     cached features, a linear head without dropout and one process; ``auto`` also keeps SGD
@@ -61,8 +67,7 @@ def solver_for_run(cfg, on_features: bool, head: nn.Module, mixer, trainer_kwarg
     obstacles = []
     if not on_features:
         obstacles.append("the backbone trains (no feature cache)")
-    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
-    if len(linears) != 1:
+    if single_linear(head) is None:
         obstacles.append("the head is an MLP, not a linear layer")
     if any(isinstance(m, nn.Dropout) and m.p > 0 for m in head.modules()):
         obstacles.append("the head has dropout")
@@ -164,9 +169,7 @@ class _FullBatch(Dataset):
     """One item: every view of every training image, stacked (V*N, D), with their labels."""
 
     def __init__(self, features: torch.Tensor, labels: torch.Tensor):
-        views = features if features.ndim == 3 else features[None]
-        self.rows = views.reshape(-1, views.shape[2])
-        self.labels = labels.repeat(views.shape[0], *([1] * (labels.ndim - 1)))
+        self.rows, self.labels = view_rows(features if features.ndim == 3 else features[None], labels)
 
     def __len__(self) -> int:
         return 1
@@ -195,7 +198,7 @@ class OptimalHeadModule(ClassifierModule):
         self.automatic_optimization = False
         self.l2 = l2
         self.iterations = iterations
-        self.linear = [m for m in self.model.head.modules() if isinstance(m, nn.Linear)][-1]
+        self.linear = single_linear(self.model.head)
 
     def configure_optimizers(self):
         return lbfgs([{"params": list(self.linear.parameters()), "name": "head"}], self.iterations)
@@ -209,8 +212,8 @@ class OptimalHeadModule(ClassifierModule):
         def closure():
             optimizer.zero_grad()
             with torch.autocast(features.device.type, enabled=False):  # the optimum at full precision
-                loss = penalized_loss(self(features), labels, self.linear.weight, self.l2, self.multilabel, weight,
-                                      self.label_smoothing)
+                loss = (self.loss(self(features), labels, weight, self.label_smoothing)
+                        + 0.5 * self.l2 * self.linear.weight.pow(2).sum())
             self.manual_backward(loss)
             return loss
 
@@ -225,7 +228,7 @@ def optimal_head_parts(cached: CachedFeatures, splits: DataSplits, cfg, seed: in
     settings = fit_settings(cfg.head)
     weights = loss_weights(splits, cfg.data.balance)
     l2, how = chosen_l2(cached, splits, settings, seed, weights, cfg.loss.label_smoothing)
-    epochs = max(1, int(cfg.trainer.max_epochs)) if int(cfg.trainer.max_epochs) > 0 else 10
+    epochs = int(cfg.trainer.max_epochs) if int(cfg.trainer.max_epochs) > 0 else 10  # -1: no limit
     per_epoch = max(1, math.ceil(settings["iterations"] / epochs))
     views = cached.features["train"]
     line = (f"head: fitted to the optimum of its L2-regularized loss by full-batch L-BFGS ({per_epoch} iterations "
@@ -242,29 +245,25 @@ def probe_first(cfg, model, backbone_name: str, splits: DataSplits, train_tf, ev
     Draws nothing from the global random state, so a run that probes and one that resumes past
     the probe continue alike."""
     from finetune.compute.features import cache_settings, cached_features
-    from finetune.compute.linear_probe import Problem, fit, view_rows
+    from finetune.compute.linear_probe import Problem, fit
     from finetune.data.transforms import augmentation_is_random
 
-    linears = [m for m in model.head.modules() if isinstance(m, nn.Linear)]
-    if len(linears) != 1:
+    linear = single_linear(model.head)
+    if linear is None:
         raise ConfigError("head.init=probe fits a linear head on the frozen backbone's features; this head is an MLP "
                           "(head=linear, or head.init=random).")
     started = time.perf_counter()
     architecture, cache_dir = cache_settings(cfg, backbone_name)
     augmented = augmentation_is_random(cfg.augment)
-    was_training = model.backbone.training
-    cached = cached_features(model.backbone, architecture, {split: getattr(splits, split) for split in
-                                                            ("train", "val", "test", "calibration")},
+    cached = cached_features(model.backbone, architecture, {split: getattr(splits, split) for split in SPLITS},
                              train_tf, eval_tf, augmented, cfg.data.cache.views, cache_dir, cfg.data.batch_size,
                              num_workers, speed, cfg.seed, len(splits.classes) if splits.multilabel else None)
-    model.backbone.train(was_training)
-    weights = loss_weights(splits, cfg.data.balance)
-    l2, how = chosen_l2(cached, splits, fit_settings(cfg.head), cfg.seed, weights, cfg.loss.label_smoothing)
+    settings, weights = fit_settings(cfg.head), loss_weights(splits, cfg.data.balance)
+    l2, how = chosen_l2(cached, splits, settings, cfg.seed, weights, cfg.loss.label_smoothing)
     rows, targets = view_rows(cached.features["train"], cached.labels["train"])
     problem = Problem(rows, targets, len(splits.classes), splits.multilabel, weights, cfg.loss.label_smoothing)
-    linear = linears[0]
     weight, bias = fit(problem, l2, (linear.weight.detach().cpu(), linear.bias.detach().cpu()),
-                       max_iter=fit_settings(cfg.head)["iterations"])
+                       max_iter=settings["iterations"])
     with torch.no_grad():
         linear.weight.copy_(weight)
         linear.bias.copy_(bias)
