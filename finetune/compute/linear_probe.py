@@ -74,10 +74,6 @@ class Problem:
     class_weights: torch.Tensor | None = None
     label_smoothing: float = 0.0
 
-    def subset(self, index: np.ndarray) -> Problem:
-        return Problem(self.rows[index], self.targets[index], self.outputs, self.multilabel, self.class_weights,
-                       self.label_smoothing)
-
     def loss(self, weight: torch.Tensor, bias: torch.Tensor, l2: float) -> torch.Tensor:
         return penalized_loss(self.rows @ weight.T + bias, self.targets, weight, l2, self.multilabel,
                               self.class_weights, self.label_smoothing)
