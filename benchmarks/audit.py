@@ -118,15 +118,26 @@ def part_noise(name, classes, rows, seeds, share, work, cache) -> list[dict]:
         flagged = np.array([r["is_label_issue"] == "True" for r in audited])
         quality = np.array([float(r["label_quality"]) for r in audited])
         hits = int((flagged & is_planted).sum())
-        results.append({
-            "seed": seed, "planted": len(planted), "flagged": int(flagged.sum()), "hits": hits,
-            "auroc": auroc(1 - quality, is_planted), "precision": hits / max(int(flagged.sum()), 1),
-            "recall": hits / len(planted), "kfold_accuracy": summary["kfold_accuracy"], "seconds": seconds,
-            "flagged_train": [r["path"] for r, f in zip(audited, flagged) if f and r["split"] == "train"],
-            "manifest": overrides})
-        print(f"{name} noise seed {seed}: AUROC {results[-1]['auroc']:.3f}, flagged {int(flagged.sum())}, "
-              f"precision {results[-1]['precision']:.3f}, recall {results[-1]['recall']:.3f} ({seconds:.0f} s)",
-              flush=True)
+        results.append(
+            {
+                "seed": seed,
+                "planted": len(planted),
+                "flagged": int(flagged.sum()),
+                "hits": hits,
+                "auroc": auroc(1 - quality, is_planted),
+                "precision": hits / max(int(flagged.sum()), 1),
+                "recall": hits / len(planted),
+                "kfold_accuracy": summary["kfold_accuracy"],
+                "seconds": seconds,
+                "flagged_train": [r["path"] for r, f in zip(audited, flagged) if f and r["split"] == "train"],
+                "manifest": overrides,
+            }
+        )
+        print(
+            f"{name} noise seed {seed}: AUROC {results[-1]['auroc']:.3f}, flagged {int(flagged.sum())}, "
+            f"precision {results[-1]['precision']:.3f}, recall {results[-1]['recall']:.3f} ({seconds:.0f} s)",
+            flush=True,
+        )
     return results
 
 
@@ -142,8 +153,9 @@ def derived_copy(source: str, kind: str, target: Path, rng: np.random.Generator)
         return target
     if kind == "resize":
         factor = rng.uniform(0.5, 0.9)
-        image = image.resize((max(1, round(image.width * factor)), max(1, round(image.height * factor))),
-                             Image.Resampling.BICUBIC)
+        image = image.resize(
+            (max(1, round(image.width * factor)), max(1, round(image.height * factor))), Image.Resampling.BICUBIC
+        )
     else:  # 90% centre crop
         w, h = image.size
         dw, dh = round(w * 0.05), round(h * 0.05)
@@ -170,8 +182,9 @@ def part_duplicates(name, classes, rows, seed, copies, work, cache) -> dict:
         _, summary = read_audit(out)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    pairs = [(frozenset((p["first"], p["second"])), p["similarity"]) for p in summary["pairs"]
-             if p["similarity"] is not None]
+    pairs = [
+        (frozenset((p["first"], p["second"])), p["similarity"]) for p in summary["pairs"] if p["similarity"] is not None
+    ]
     copies = {path for path, _, _ in extra}
     source = {c: next(iter(pair - {c})) for pair in planted for c in pair if c in copies}
     by_threshold = {}
@@ -188,39 +201,77 @@ def part_duplicates(name, classes, rows, seed, copies, work, cache) -> dict:
                 ends = [source.get(x, x) for x in pair]
                 (transitive if len(set(ends)) == 1 or frozenset(ends) in twins else false).append(pair)
         n = len(rows) + len(extra)
-        by_threshold[str(t)] = {"found": len(found) / len(planted), "transitive": len(transitive),
-                                "false_pairs": len(false), "false_share_of_flagged": len(false) / max(len(flagged), 1),
-                                "false_rate_all_pairs": len(false) / (n * (n - 1) // 2 - len(planted)),
-                                "pairs_among_originals": len(originals),
-                                "false_examples": [sorted(pair) for pair in false[:5]]}
+        by_threshold[str(t)] = {
+            "found": len(found) / len(planted),
+            "transitive": len(transitive),
+            "false_pairs": len(false),
+            "false_share_of_flagged": len(false) / max(len(flagged), 1),
+            "false_rate_all_pairs": len(false) / (n * (n - 1) // 2 - len(planted)),
+            "pairs_among_originals": len(originals),
+            "false_examples": [sorted(pair) for pair in false[:5]],
+        }
     planted_sims = {pair: s for pair, s in pairs if pair in planted}
-    result = {"seed": seed, "copies": len(planted), "by_threshold": by_threshold,
-              "planted_similarity_min": min(planted_sims.values(), default=None),
-              "planted_missing_at_0.8": len(planted) - len(planted_sims),
-              "original_pairs_at_0.95": [sorted(pair) for pair, s in pairs if s >= 0.95 and not pair & copies],
-              "similarities_by_kind": {k: sorted(round(s, 4) for pair, s in planted_sims.items()
-                                                 if any(f"_{k}_" in p for p in pair))
-                                       for k in ("jpeg60", "resize", "crop")}}
+    result = {
+        "seed": seed,
+        "copies": len(planted),
+        "by_threshold": by_threshold,
+        "planted_similarity_min": min(planted_sims.values(), default=None),
+        "planted_missing_at_0.8": len(planted) - len(planted_sims),
+        "original_pairs_at_0.95": [sorted(pair) for pair, s in pairs if s >= 0.95 and not pair & copies],
+        "similarities_by_kind": {
+            k: sorted(round(s, 4) for pair, s in planted_sims.items() if any(f"_{k}_" in p for p in pair))
+            for k in ("jpeg60", "resize", "crop")
+        },
+    }
     d = by_threshold["0.95"]
-    print(f"{name} duplicates: found {d['found']:.3f}, false pairs {d['false_pairs']}, pairs among the original "
-          f"files {d['pairs_among_originals']} at 0.95", flush=True)
+    print(
+        f"{name} duplicates: found {d['found']:.3f}, false pairs {d['false_pairs']}, pairs among the original "
+        f"files {d['pairs_among_originals']} at 0.95",
+        flush=True,
+    )
     return result
 
 
 def part_timing(name, root, work, cache) -> dict:
     data = ["data=folder", f"data.root={root}"]
     audit = [run(["audit", *data, f"out={work / name / 'audit_timing'}"], cache) for _ in range(2)]
-    head = [run(["+recipe=freeze_all_but_head", *data, "logger=csv", "overwrite=true",
-                 f"hydra.run.dir={work / name / 'head_timing'}"], cache)
-            for _ in range(2)]
+    head = [
+        run(
+            [
+                "+recipe=freeze_all_but_head",
+                *data,
+                "logger=csv",
+                "overwrite=true",
+                f"hydra.run.dir={work / name / 'head_timing'}",
+            ],
+            cache,
+        )
+        for _ in range(2)
+    ]
     print(f"{name} timing: audit {audit[1]:.1f} s, head-only run {head[1]:.1f} s (warm)", flush=True)
-    return {"audit_cold": audit[0], "audit_warm": audit[1], "head_cold": head[0], "head_warm": head[1],
-            "ratio": audit[1] / head[1]}
+    return {
+        "audit_cold": audit[0],
+        "audit_warm": audit[1],
+        "head_cold": head[0],
+        "head_warm": head[1],
+        "ratio": audit[1] / head[1],
+    }
 
 
 def head_only(overrides: list[str], out: Path, seed: int, cache: Path) -> dict:
-    run(["+recipe=freeze_all_but_head", *overrides, "augment=none", "logger=csv", "viz=none", "overwrite=true",
-         f"seed={seed}", f"hydra.run.dir={out}"], cache)
+    run(
+        [
+            "+recipe=freeze_all_but_head",
+            *overrides,
+            "augment=none",
+            "logger=csv",
+            "viz=none",
+            "overwrite=true",
+            f"seed={seed}",
+            f"hydra.run.dir={out}",
+        ],
+        cache,
+    )
     summary = json.loads((out / "summary.json").read_text())
     return {"best": summary["metrics"]["val/acc"], "last": summary["history"][-1]["val/acc"]}
 
@@ -234,18 +285,30 @@ def part_accuracy(name, classes, rows, noise: list[dict], work, cache) -> dict:
         with open(r["manifest"][1].split("=", 1)[1], newline="") as f:
             noisy_manifest = [(row["path"], classes.index(row["label"]), row["split"]) for row in csv.DictReader(f)]
         kept = [row for row in noisy_manifest if row[0] not in flagged]
-        cleaned = head_only(write_manifest(work / name / f"cleaned_seed{r['seed']}.csv", classes, kept),
-                            work / name / f"head_cleaned_seed{r['seed']}", r["seed"], cache)
+        cleaned = head_only(
+            write_manifest(work / name / f"cleaned_seed{r['seed']}.csv", classes, kept),
+            work / name / f"head_cleaned_seed{r['seed']}",
+            r["seed"],
+            cache,
+        )
         per_seed.append({"seed": r["seed"], "noisy": noisy, "cleaned": cleaned, "dropped": len(flagged)})
-        print(f"{name} accuracy seed {r['seed']}: clean {clean['last']:.4f}, noisy {noisy['last']:.4f}, "
-              f"cleaned {cleaned['last']:.4f} (dropped {len(flagged)})", flush=True)
+        print(
+            f"{name} accuracy seed {r['seed']}: clean {clean['last']:.4f}, noisy {noisy['last']:.4f}, "
+            f"cleaned {cleaned['last']:.4f} (dropped {len(flagged)})",
+            flush=True,
+        )
     summary = {"clean": clean, "per_seed": per_seed}
     for which in ("last", "best"):
         noisy = statistics.mean(s["noisy"][which] for s in per_seed)
         cleaned = statistics.mean(s["cleaned"][which] for s in per_seed)
         lost = clean[which] - noisy
-        summary[which] = {"clean": clean[which], "noisy": noisy, "cleaned": cleaned, "lost": lost,
-                          "recovered": (cleaned - noisy) / lost if lost > 0 else None}
+        summary[which] = {
+            "clean": clean[which],
+            "noisy": noisy,
+            "cleaned": cleaned,
+            "lost": lost,
+            "recovered": (cleaned - noisy) / lost if lost > 0 else None,
+        }
     return summary
 
 
@@ -270,22 +333,34 @@ def table(results: dict) -> str:
     row("label noise: AUROC (≥ 0.9)", lambda r: mean_std(s["auroc"] for s in r["noise"]))
     row("precision at the default cut (≥ 0.7)", lambda r: mean_std(s["precision"] for s in r["noise"]))
     row("recall at the default cut (≥ 0.7)", lambda r: mean_std(s["recall"] for s in r["noise"]))
-    row("flagged / planted", lambda r: f"{statistics.mean(s['flagged'] for s in r['noise']):.0f} / "
-                                       f"{r['noise'][0]['planted']}")
+    row(
+        "flagged / planted",
+        lambda r: f"{statistics.mean(s['flagged'] for s in r['noise']):.0f} / {r['noise'][0]['planted']}",
+    )
     row("k-fold accuracy (noisy labels)", lambda r: mean_std(s["kfold_accuracy"] for s in r["noise"]))
     for t in THRESHOLDS:
-        row(f"duplicates at {t}: found (≥ 0.95) / false pairs (share of flagged ≤ 0.01) / pairs among originals",
-            lambda r, t=t: "{found:.3f} / {false_pairs} ({false_share_of_flagged:.3f}) / {pairs_among_originals}"
-            .format(**r["duplicates"]["by_threshold"][str(t)]))
+        row(
+            f"duplicates at {t}: found (≥ 0.95) / false pairs (share of flagged ≤ 0.01) / pairs among originals",
+            lambda r, t=t: (
+                "{found:.3f} / {false_pairs} ({false_share_of_flagged:.3f}) / {pairs_among_originals}".format(
+                    **r["duplicates"]["by_threshold"][str(t)]
+                )
+            ),
+        )
     row("audit, warm cache (s)", lambda r: f"{r['timing']['audit_warm']:.1f}")
     row("head-only run, warm cache (s)", lambda r: f"{r['timing']['head_warm']:.1f}")
     row("audit / head-only run (≤ 2)", lambda r: f"{r['timing']['ratio']:.2f}")
     for which in ("last", "best"):
-        row(f"val acc ({which} epoch): clean / noisy / cleaned",
-            lambda r, w=which: f"{r['accuracy'][w]['clean']:.4f} / {r['accuracy'][w]['noisy']:.4f} / "
-                               f"{r['accuracy'][w]['cleaned']:.4f}")
-        row(f"share of lost accuracy recovered ({which}; ≥ 0.5)",
-            lambda r, w=which: f"{r['accuracy'][w]['recovered']:.2f}")
+        row(
+            f"val acc ({which} epoch): clean / noisy / cleaned",
+            lambda r, w=which: (
+                f"{r['accuracy'][w]['clean']:.4f} / {r['accuracy'][w]['noisy']:.4f} / {r['accuracy'][w]['cleaned']:.4f}"
+            ),
+        )
+        row(
+            f"share of lost accuracy recovered ({which}; ≥ 0.5)",
+            lambda r, w=which: f"{r['accuracy'][w]['recovered']:.2f}",
+        )
     return "\n".join(lines)
 
 
@@ -293,8 +368,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", nargs="+", default=list(ROOTS), choices=list(ROOTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--parts", nargs="+", default=["noise", "duplicates", "timing", "accuracy"],
-                        choices=["noise", "duplicates", "timing", "accuracy"])
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        default=["noise", "duplicates", "timing", "accuracy"],
+        choices=["noise", "duplicates", "timing", "accuracy"],
+    )
     parser.add_argument("--noise", type=float, default=0.05)
     parser.add_argument("--copies", type=int, default=60, help="planted near-duplicates per dataset")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -314,8 +393,9 @@ def main() -> None:
         if "noise" in args.parts or "accuracy" in args.parts:
             result["noise"] = part_noise(name, classes, rows, args.seeds, args.noise, args.out, args.cache)
         if "duplicates" in args.parts:
-            result["duplicates"] = part_duplicates(name, classes, rows, args.seeds[0], args.copies, args.out,
-                                                   args.cache)
+            result["duplicates"] = part_duplicates(
+                name, classes, rows, args.seeds[0], args.copies, args.out, args.cache
+            )
         if "timing" in args.parts:
             result["timing"] = part_timing(name, root, args.out, args.cache)
         if "accuracy" in args.parts:

@@ -28,8 +28,11 @@ from common import RESULTS
 from techniques import data_overrides
 
 # Best 3-seed mean among today's recipes in README "What they are worth, measured" (techniques.py).
-REFERENCE = {"hymenoptera": ("lp_ft", 0.930), "flowers5": ("freeze_all_but_head", 0.667),
-             "dtd10": ("freeze_all_but_head", 0.798)}
+REFERENCE = {
+    "hymenoptera": ("lp_ft", 0.930),
+    "flowers5": ("freeze_all_but_head", 0.667),
+    "dtd10": ("freeze_all_but_head", 0.798),
+}
 SETTINGS = {"hymenoptera": (5, 32), "flowers5": (6, 16), "dtd10": (6, 16)}  # epochs, batch size
 
 
@@ -46,8 +49,14 @@ def main() -> None:
         tmp = Path(tmp)
         for name in args.datasets:
             epochs, batch = SETTINGS[name]
-            common = [*data_overrides(name, tmp, 0), f"trainer.max_epochs={epochs}", "data.image_size=128",
-                      f"data.batch_size={batch}", "logger=none", "callbacks.progress_bar=false"]
+            common = [
+                *data_overrides(name, tmp, 0),
+                f"trainer.max_epochs={epochs}",
+                "data.image_size=128",
+                f"data.batch_size={batch}",
+                "logger=none",
+                "callbacks.progress_bar=false",
+            ]
             started = time.perf_counter()
             full = fit("full_finetune", [*common, "viz=none", "seed=0", f"hydra.run.dir={tmp / name / 'full'}"])
             full_seconds = time.perf_counter() - started
@@ -55,20 +64,38 @@ def main() -> None:
             runs = []
             for seed in args.seeds:
                 started = time.perf_counter()
-                result = fit("auto", [*common, f"seed={seed}"], time_budget=f"{budget:.0f}s",
-                             out=str(tmp / name / f"auto{seed}"))
+                result = fit(
+                    "auto", [*common, f"seed={seed}"], time_budget=f"{budget:.0f}s", out=str(tmp / name / f"auto{seed}")
+                )
                 wall = time.perf_counter() - started
                 best = result.leaderboard[0]
-                runs.append({"seed": seed, "val_acc": result.score, "search_s": result.seconds, "wall_s": wall,
-                             "trials": len(result.leaderboard), "backbone": best["backbone"], "recipe": best["recipe"],
-                             "states": [r["state"] for r in result.leaderboard]})
-                print(f"{name} seed {seed}: auto {result.score:.4f} ({best['backbone']}, {best['recipe']}) in "
-                      f"{result.seconds:.0f} s of {budget:.0f} s, {len(result.leaderboard)} trials", flush=True)
+                runs.append(
+                    {
+                        "seed": seed,
+                        "val_acc": result.score,
+                        "search_s": result.seconds,
+                        "wall_s": wall,
+                        "trials": len(result.leaderboard),
+                        "backbone": best["backbone"],
+                        "recipe": best["recipe"],
+                        "states": [r["state"] for r in result.leaderboard],
+                    }
+                )
+                print(
+                    f"{name} seed {seed}: auto {result.score:.4f} ({best['backbone']}, {best['recipe']}) in "
+                    f"{result.seconds:.0f} s of {budget:.0f} s, {len(result.leaderboard)} trials",
+                    flush=True,
+                )
             accuracies = [r["val_acc"] for r in runs]
-            results[name] = {"full_finetune_s": full_seconds, "full_finetune_acc": full.metrics["val/acc"],
-                             "budget_s": budget, "runs": runs, "mean": statistics.mean(accuracies),
-                             "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
-                             "reference": REFERENCE[name]}
+            results[name] = {
+                "full_finetune_s": full_seconds,
+                "full_finetune_acc": full.metrics["val/acc"],
+                "budget_s": budget,
+                "runs": runs,
+                "mean": statistics.mean(accuracies),
+                "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+                "reference": REFERENCE[name],
+            }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "auto.json").write_text(json.dumps(results, indent=2))
     print(f"\nseeds {args.seeds}; budget {args.budget_factor:g}x one full_finetune run (timed here, seed 0)\n")
@@ -77,10 +104,13 @@ def main() -> None:
     for name, r in results.items():
         recipe, reference = r["reference"]
         over = max(run["search_s"] / r["budget_s"] for run in r["runs"])
-        winners = ", ".join(sorted({f"{run['backbone'].removeprefix('tf_efficientnet_')} {run['recipe']}"
-                                    for run in r["runs"]}))
-        print(f"| {name} | {r['budget_s']:.0f} | {r['mean']:.3f} ± {r['std']:.3f} | {recipe} {reference:.3f} "
-              f"| {over:.2f} | {statistics.mean(run['trials'] for run in r['runs']):.1f} | {winners} |")
+        winners = ", ".join(
+            sorted({f"{run['backbone'].removeprefix('tf_efficientnet_')} {run['recipe']}" for run in r["runs"]})
+        )
+        print(
+            f"| {name} | {r['budget_s']:.0f} | {r['mean']:.3f} ± {r['std']:.3f} | {recipe} {reference:.3f} "
+            f"| {over:.2f} | {statistics.mean(run['trials'] for run in r['runs']):.1f} | {winners} |"
+        )
 
 
 if __name__ == "__main__":

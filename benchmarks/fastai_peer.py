@@ -65,6 +65,7 @@ VAL_FRACTION = 0.2
 
 # --- splits (no fastai or torch needed) ---------------------------------------------------------
 
+
 def class_folder_images(folder: Path) -> list[tuple[str, str]]:
     """(path relative to `folder`, class) of every image in `folder`'s class subfolders, sorted."""
     rows = []
@@ -83,15 +84,19 @@ def split_rows(root: Path, seed: int, val_fraction: float = VAL_FRACTION) -> lis
     """
     root = Path(root)
     if (root / "train").is_dir() and (root / "val").is_dir():
-        return [(f"{split}/{path}", label, split) for split in ("train", "val")
-                for path, label in class_folder_images(root / split)]
+        return [
+            (f"{split}/{path}", label, split)
+            for split in ("train", "val")
+            for path, label in class_folder_images(root / split)
+        ]
     from sklearn.model_selection import train_test_split
 
     images = class_folder_images(root)
     if not images:
         raise SystemExit(f"No images in class folders under {root}.")
-    train, val = train_test_split(images, test_size=val_fraction, stratify=[label for _, label in images],
-                                  random_state=seed)
+    train, val = train_test_split(
+        images, test_size=val_fraction, stratify=[label for _, label in images], random_state=seed
+    )
     split_of = {path: "val" for path, _ in val} | {path: "train" for path, _ in train}
     return [(path, label, split_of[path]) for path, label in images]
 
@@ -127,11 +132,16 @@ def read_manifest(path: Path) -> list[tuple[str, str, str]]:
 
 def finetune_overrides(manifest: Path, root: Path) -> list[str]:
     """The finetune overrides that train on exactly the split of `manifest`."""
-    return ["data=csv", f"data.csv={Path(manifest).resolve()}", f"data.root={Path(root).resolve()}",
-            "data.split_column=split"]
+    return [
+        "data=csv",
+        f"data.csv={Path(manifest).resolve()}",
+        f"data.root={Path(root).resolve()}",
+        "data.split_column=split",
+    ]
 
 
 # --- weights -------------------------------------------------------------------------------------
+
 
 def embedded_weights(name: str = BACKBONE) -> tuple[Path, dict]:
     """The package's .pth file and its tensors under timm's names for `name` (classifier included).
@@ -156,8 +166,9 @@ def embedded_weights(name: str = BACKBONE) -> tuple[Path, dict]:
     mapped = {}
     for (src_key, tensor), (key, dst) in zip(source.items(), reference.items()):
         if tensor.shape != dst.shape or src_key.rsplit(".", 1)[-1] != key.rsplit(".", 1)[-1]:
-            raise SystemExit(f"{files[0].name}: {src_key} {tuple(tensor.shape)} does not pair with timm's "
-                             f"{key} {tuple(dst.shape)}.")
+            raise SystemExit(
+                f"{files[0].name}: {src_key} {tuple(tensor.shape)} does not pair with timm's {key} {tuple(dst.shape)}."
+            )
         mapped[key] = tensor
     return files[0], mapped
 
@@ -169,8 +180,10 @@ def verify_body(body, weights: dict) -> int:
     state = body.state_dict()
     differing = [k for k, v in state.items() if k not in weights or not torch.equal(v.cpu(), weights[k])]
     if differing or not state:
-        raise SystemExit(f"Weights check failed: {len(differing)} of {len(state)} body tensors differ from "
-                         f"the embedded file (e.g. {differing[:3]}).")
+        raise SystemExit(
+            f"Weights check failed: {len(differing)} of {len(state)} body tensors differ from "
+            f"the embedded file (e.g. {differing[:3]})."
+        )
     return len(state)
 
 
@@ -193,22 +206,44 @@ def lr_mode(args) -> str:
 
 # --- one run -------------------------------------------------------------------------------------
 
+
 def run_one(dataset: str, root: Path, rows: list[tuple[str, str, str]], seed: int, args, weights: dict) -> dict:
     """fastai ``fine_tune`` on `rows` (train/val; test rows are not used); the run's record."""
     import pandas as pd
     import timm
     import torch
-    from fastai.vision.all import (Callback, CategoryBlock, ColReader, ColSplitter, DataBlock, ImageBlock, Learner,
-                                   Normalize, Recorder, Resize, accuracy, aug_transforms, set_seed, vision_learner)
+    from fastai.vision.all import (
+        Callback,
+        CategoryBlock,
+        ColReader,
+        ColSplitter,
+        DataBlock,
+        ImageBlock,
+        Learner,
+        Normalize,
+        Recorder,
+        Resize,
+        accuracy,
+        aug_transforms,
+        set_seed,
+        vision_learner,
+    )
 
     size = args.image_size or IMAGE_SIZES.get(dataset, 224)
     data_config = timm.data.resolve_model_data_config(timm.create_model(BACKBONE, pretrained=False, num_classes=0))
-    frame = pd.DataFrame([(str(root / p), y, s == "val") for p, y, s in rows if s in ("train", "val")],
-                         columns=["file", "label", "is_valid"])
+    frame = pd.DataFrame(
+        [(str(root / p), y, s == "val") for p, y, s in rows if s in ("train", "val")],
+        columns=["file", "label", "is_valid"],
+    )
     set_seed(seed, reproducible=True)
-    block = DataBlock(blocks=(ImageBlock, CategoryBlock), get_x=ColReader("file"), get_y=ColReader("label"),
-                      splitter=ColSplitter("is_valid"), item_tfms=Resize(size),
-                      batch_tfms=[*aug_transforms(), Normalize.from_stats(data_config["mean"], data_config["std"])])
+    block = DataBlock(
+        blocks=(ImageBlock, CategoryBlock),
+        get_x=ColReader("file"),
+        get_y=ColReader("label"),
+        splitter=ColSplitter("is_valid"),
+        item_tfms=Resize(size),
+        batch_tfms=[*aug_transforms(), Normalize.from_stats(data_config["mean"], data_config["std"])],
+    )
 
     epochs_log = []
 
@@ -220,13 +255,16 @@ def run_one(dataset: str, root: Path, rows: list[tuple[str, str, str]], seed: in
             logged = dict(zip(names, self.recorder.values[-1]))
             phase = "frozen" if len(epochs_log) < 1 else "unfrozen"  # fine_tune's freeze_epochs=1
             epochs_log.append({k: float(v) for k, v in logged.items()} | {"phase": phase})
-            print(f"  epoch {len(epochs_log)} ({phase}): " + ", ".join(f"{k} {v:.4f}" for k, v in logged.items()),
-                  flush=True)
+            print(
+                f"  epoch {len(epochs_log)} ({phase}): " + ", ".join(f"{k} {v:.4f}" for k, v in logged.items()),
+                flush=True,
+            )
 
     # fastai writes lr_find's temporary model under learn.path/models; the dataset folder may be read-only.
     with tempfile.TemporaryDirectory(prefix="fastai-peer-") as workdir:
-        dls = block.dataloaders(frame, bs=args.batch_size, num_workers=args.num_workers,
-                                device=torch.device("cpu"), path=workdir)
+        dls = block.dataloaders(
+            frame, bs=args.batch_size, num_workers=args.num_workers, device=torch.device("cpu"), path=workdir
+        )
         # pretrained=False: timm would fetch hub weights; the embedded ones are loaded and checked
         # instead, then the body is frozen as vision_learner does for pretrained=True.
         learn = vision_learner(dls, BACKBONE, pretrained=False, metrics=accuracy, path=workdir)
@@ -252,19 +290,35 @@ def run_one(dataset: str, root: Path, rows: list[tuple[str, str, str]], seed: in
 
     accs = [e["accuracy"] for e in epochs_log]
     return {
-        "dataset": dataset, "seed": seed, "lr_mode": lr_mode(args), "base_lr": base_lr,
-        "lr_find_iters": args.lr_find_iters if args.lr == "find" else None, "epochs": args.epochs,
-        "freeze_epochs": 1, "image_size": size, "batch_size": args.batch_size, "num_workers": args.num_workers,
+        "dataset": dataset,
+        "seed": seed,
+        "lr_mode": lr_mode(args),
+        "base_lr": base_lr,
+        "lr_find_iters": args.lr_find_iters if args.lr == "find" else None,
+        "epochs": args.epochs,
+        "freeze_epochs": 1,
+        "image_size": size,
+        "batch_size": args.batch_size,
+        "num_workers": args.num_workers,
         "split_source": args.split_csv or "split_rows",
-        "train_images": int((~frame.is_valid).sum()), "val_images": int(frame.is_valid.sum()),
-        "classes": len(dls.vocab), "best_val_acc": max(accs), "best_epoch": accs.index(max(accs)) + 1,
-        "final_val_acc": accs[-1], "lr_find_s": lr_find_s, "fine_tune_s": fine_tune_s,
-        "epochs_log": epochs_log, "verified_tensors": verified, "mean": list(data_config["mean"]),
-        "std": list(data_config["std"]), "torch_threads": torch.get_num_threads(),
+        "train_images": int((~frame.is_valid).sum()),
+        "val_images": int(frame.is_valid.sum()),
+        "classes": len(dls.vocab),
+        "best_val_acc": max(accs),
+        "best_epoch": accs.index(max(accs)) + 1,
+        "final_val_acc": accs[-1],
+        "lr_find_s": lr_find_s,
+        "fine_tune_s": fine_tune_s,
+        "epochs_log": epochs_log,
+        "verified_tensors": verified,
+        "mean": list(data_config["mean"]),
+        "std": list(data_config["std"]),
+        "torch_threads": torch.get_num_threads(),
     }
 
 
 # --- table ---------------------------------------------------------------------------------------
+
 
 def _mean_std(values: list[float], digits: int = 3) -> str:
     if len(values) < 2:
@@ -285,14 +339,15 @@ def table(runs: list[dict]) -> str:
         "| fine_tune s |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (dataset, mode, epochs, size, batch), rs in sorted(groups.items()):
+    for (dataset, mode, epochs, size, _batch), rs in sorted(groups.items()):
         finds = [r["lr_find_s"] for r in rs if r["lr_find_s"] is not None]
         lrs = sorted({f"{r['base_lr']:.1e}" for r in rs}, key=float)
         lines.append(
             f"| {dataset} | {mode} | {', '.join(lrs)} "
             f"| 1+{epochs} | {size} | {','.join(str(r['seed']) for r in rs)} "
             f"| {_mean_std([r['best_val_acc'] for r in rs])} | {_mean_std([r['final_val_acc'] for r in rs])} "
-            f"| {_mean_std(finds, 0) if finds else '–'} | {_mean_std([r['fine_tune_s'] for r in rs], 0)} |")
+            f"| {_mean_std(finds, 0) if finds else '–'} | {_mean_std([r['fine_tune_s'] for r in rs], 0)} |"
+        )
     return "\n".join(lines)
 
 
@@ -310,17 +365,22 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=list(FOLDERS), choices=list(FOLDERS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=5, help="unfrozen epochs of fine_tune (after 1 frozen)")
-    parser.add_argument("--image-size", type=int, default=None,
-                        help="default: " + ", ".join(f"{k} {v}" for k, v in IMAGE_SIZES.items()))
+    parser.add_argument(
+        "--image-size", type=int, default=None, help="default: " + ", ".join(f"{k} {v}" for k, v in IMAGE_SIZES.items())
+    )
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", default="default",
-                        help="default (fine_tune's base_lr 2e-3), find (lr_find's valley), or a number")
+    parser.add_argument(
+        "--lr", default="default", help="default (fine_tune's base_lr 2e-3), find (lr_find's valley), or a number"
+    )
     parser.add_argument("--lr-find-iters", type=int, default=100, help="lr_find's num_it (fastai's default: 100)")
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--split-csv", default=None,
-                        help="manifest (path,label,split) to use instead of making the split; may contain "
-                             "{dataset} and {seed}; paths relative to the dataset folder")
+    parser.add_argument(
+        "--split-csv",
+        default=None,
+        help="manifest (path,label,split) to use instead of making the split; may contain "
+        "{dataset} and {seed}; paths relative to the dataset folder",
+    )
     args = parser.parse_args()
     if args.lr not in ("default", "find"):
         try:
@@ -337,16 +397,30 @@ def main() -> None:
     import torch
 
     weights_file, weights = embedded_weights()
-    print(f"weights: {weights_file} ({len(weights)} tensors; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads)", flush=True)
+    print(
+        f"weights: {weights_file} ({len(weights)} tensors; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads)",
+        flush=True,
+    )
     mode = lr_mode(args)
     for dataset in args.datasets:
         root = DATASETS / FOLDERS[dataset]
         size = args.image_size or IMAGE_SIZES[dataset]
         for seed in args.seeds:
             key = (dataset, seed, mode, args.epochs, size, args.batch_size, args.split_csv or "split_rows")
-            if any((r["dataset"], r["seed"], r["lr_mode"], r["epochs"], r["image_size"], r["batch_size"],
-                    r.get("split_source", "split_rows")) == key for r in runs):
+            if any(
+                (
+                    r["dataset"],
+                    r["seed"],
+                    r["lr_mode"],
+                    r["epochs"],
+                    r["image_size"],
+                    r["batch_size"],
+                    r.get("split_source", "split_rows"),
+                )
+                == key
+                for r in runs
+            ):
                 print(f"{dataset} seed {seed} lr {mode}: already in {results}, skipped", flush=True)
                 continue
             if args.split_csv:
@@ -355,13 +429,19 @@ def main() -> None:
             else:
                 manifest = write_split_manifest(dataset, seed, args.out, root)
                 rows = read_manifest(manifest)
-            print(f"{dataset} seed {seed} lr {mode}: split {manifest}; finetune: "
-                  f"{' '.join(finetune_overrides(manifest, root))} data.image_size={size} seed={seed}", flush=True)
+            print(
+                f"{dataset} seed {seed} lr {mode}: split {manifest}; finetune: "
+                f"{' '.join(finetune_overrides(manifest, root))} data.image_size={size} seed={seed}",
+                flush=True,
+            )
             record = run_one(dataset, root, rows, seed, args, weights) | {"manifest": str(manifest)}
-            print(f"{dataset} seed {seed}: base_lr {record['base_lr']:.2e}, best val acc {record['best_val_acc']:.4f} "
-                  f"(epoch {record['best_epoch']}), final {record['final_val_acc']:.4f}, fine_tune "
-                  f"{record['fine_tune_s']:.0f} s" + (f", lr_find {record['lr_find_s']:.0f} s"
-                                                     if record["lr_find_s"] is not None else ""), flush=True)
+            print(
+                f"{dataset} seed {seed}: base_lr {record['base_lr']:.2e}, best val acc {record['best_val_acc']:.4f} "
+                f"(epoch {record['best_epoch']}), final {record['final_val_acc']:.4f}, fine_tune "
+                f"{record['fine_tune_s']:.0f} s"
+                + (f", lr_find {record['lr_find_s']:.0f} s" if record["lr_find_s"] is not None else ""),
+                flush=True,
+            )
             runs.append(record)
             results.write_text(json.dumps(runs, indent=2))
 

@@ -34,8 +34,17 @@ import torch
 from PIL import Image
 
 CLASSES = ("ants", "bees", "wasps")
-TINY = ["data=folder", "backbone.name=test_resnet", "backbone.weights=random", "data.image_size=32",
-        "trainer.accelerator=cpu", "data.num_workers=0", "logger=none", "viz=none", "callbacks.progress_bar=false"]
+TINY = [
+    "data=folder",
+    "backbone.name=test_resnet",
+    "backbone.weights=random",
+    "data.image_size=32",
+    "trainer.accelerator=cpu",
+    "data.num_workers=0",
+    "logger=none",
+    "viz=none",
+    "callbacks.progress_bar=false",
+]
 QUICK = [*TINY, "trainer.max_epochs=1"]
 # Many short epochs: a signal always lands mid-run, after the first last.ckpt.
 LONG = [*TINY, "trainer.max_epochs=200", "data.batch_size=8", "callbacks.checkpoint.min_write_interval_s=0"]
@@ -74,10 +83,20 @@ def write_class_folders(root: Path, per_class: int, seed: int) -> None:
 
 
 def start(work: Path, *args: str) -> subprocess.Popen:
-    env = {**os.environ, "WANDB_MODE": "disabled", "NO_ALBUMENTATIONS_UPDATE": "1",
-           "FINETUNE_CACHE": str(work / "default-cache")}
-    return subprocess.Popen([sys.executable, "-m", "finetune", f"data.root={work / 'data'}", *args], cwd=work,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {
+        **os.environ,
+        "WANDB_MODE": "disabled",
+        "NO_ALBUMENTATIONS_UPDATE": "1",
+        "FINETUNE_CACHE": str(work / "default-cache"),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "finetune", f"data.root={work / 'data'}", *args],
+        cwd=work,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -105,12 +124,19 @@ def row(case: str, procs: list[subprocess.CompletedProcess], needle: str, codes:
     text = "\n".join(p.stderr + "\n" + p.stdout for p in procs).replace(str(WORK), "$TMP")
     lines = [line.strip() for line in text.splitlines() if needle in line]
     if not lines:  # the message that matters is then the last word of the last run
-        lines = [line.strip() for line in procs[-1].stderr.replace(str(WORK), "$TMP").splitlines()
-                 if line.strip()][-1:] or ["(no output)"]
+        lines = [line.strip() for line in procs[-1].stderr.replace(str(WORK), "$TMP").splitlines() if line.strip()][
+            -1:
+        ] or ["(no output)"]
     found = any(needle in p.stderr + p.stdout for p in procs)
     rcs = [p.returncode for p in procs]
-    return Row(case, "/".join(map(str, rcs)), lines[0], intact, any(TRACEBACK in p.stderr for p in procs),
-               expected=found and rcs == codes)
+    return Row(
+        case,
+        "/".join(map(str, rcs)),
+        lines[0],
+        intact,
+        any(TRACEBACK in p.stderr for p in procs),
+        expected=found and rcs == codes,
+    )
 
 
 def checkpoints_whole(run: Path, tmp_allowed: bool = False) -> bool:
@@ -124,8 +150,11 @@ def checkpoints_whole(run: Path, tmp_allowed: bool = False) -> bool:
 
 
 def snapshot(run: Path) -> dict[str, tuple[int, str]]:
-    return {str(p.relative_to(run)): (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
-            for p in sorted(run.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(run)): (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+        for p in sorted(run.rglob("*"))
+        if p.is_file()
+    }
 
 
 def accuracies(run: Path) -> list[float]:
@@ -151,8 +180,12 @@ def immutable(folder: Path):
 @contextlib.contextmanager
 def small_disk(folder: Path, size: str = "1m"):
     folder.mkdir(parents=True, exist_ok=True)
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                      capture_output=True).returncode != 0:
+    if (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True
+        ).returncode
+        != 0
+    ):
         raise Skip("mount -t tmpfs not permitted")
     try:
         yield folder
@@ -166,8 +199,13 @@ def signal_case(work: Path, signum: signal.Signals, code: int) -> Row:
     wait_for(run / "checkpoints" / "last.ckpt", proc)
     proc.send_signal(signum)
     done = finish(proc)
-    return row(signum.name, [done], f"stopped by {signum.name}", [code],
-               checkpoints_whole(run) and not (run / "summary.json").exists())
+    return row(
+        signum.name,
+        [done],
+        f"stopped by {signum.name}",
+        [code],
+        checkpoints_whole(run) and not (run / "summary.json").exists(),
+    )
 
 
 def case_kill9_resume(work: Path) -> Row:
@@ -259,13 +297,16 @@ def case_corrupt_cache(work: Path) -> Row:
     (path,) = (cache / "features").glob("*.safetensors")
     raw = bytearray(path.read_bytes())
     (header_size,) = struct.unpack("<Q", raw[:8])
-    start_, end = json.loads(raw[8:8 + header_size])["features.val"]["data_offsets"]
+    start_, end = json.loads(raw[8 : 8 + header_size])["features.val"]["data_offsets"]
     for i in range(8 + header_size + start_ + 3, 8 + header_size + end, 16):  # high byte of every 4th float
         raw[i] ^= 0x7F
     path.write_bytes(bytes(raw))
     second = finetune(work, *FROZEN, f"data.cache.dir={cache}", "hydra.run.dir=run-corrupt-2")
-    intact = (first.returncode == 0 and "computed in" in second.stdout
-              and same_accuracy(work / "run-corrupt-2", reference(work)))
+    intact = (
+        first.returncode == 0
+        and "computed in" in second.stdout
+        and same_accuracy(work / "run-corrupt-2", reference(work))
+    )
     return row("corrupted cache entry", [second], "failed its check", [0], intact)
 
 
@@ -287,11 +328,19 @@ def case_stale_cache(work: Path) -> Row:
     return row("stale cache entry (swap)", [cached], "computed in", [0], intact)
 
 
-CASES = {"sigterm": lambda work: signal_case(work, signal.SIGTERM, 143),
-         "sigint": lambda work: signal_case(work, signal.SIGINT, 130), "kill9": case_kill9_resume, "two-runs": case_two_runs,
-         "rerun": case_rerun_finished, "orphan-tmp": case_orphan_tmp, "readonly-run": case_readonly_run,
-         "readonly-cache": case_readonly_cache, "full-disk": case_full_disk, "corrupt-cache": case_corrupt_cache,
-         "stale-cache": case_stale_cache}  # stale-cache last: it alters the data
+CASES = {
+    "sigterm": lambda work: signal_case(work, signal.SIGTERM, 143),
+    "sigint": lambda work: signal_case(work, signal.SIGINT, 130),
+    "kill9": case_kill9_resume,
+    "two-runs": case_two_runs,
+    "rerun": case_rerun_finished,
+    "orphan-tmp": case_orphan_tmp,
+    "readonly-run": case_readonly_run,
+    "readonly-cache": case_readonly_cache,
+    "full-disk": case_full_disk,
+    "corrupt-cache": case_corrupt_cache,
+    "stale-cache": case_stale_cache,
+}  # stale-cache last: it alters the data
 
 
 def run_case(name: str, work: Path) -> Row:
@@ -312,6 +361,7 @@ def print_table(rows: list[Row]) -> None:
         message = message if len(message) <= 90 else message[:87] + "..."
         intact = "-" if r.intact is None else ("yes" if r.intact else "no")
         return [r.case, r.rc, message, intact, "-" if r.intact is None else ("yes" if r.traceback else "no")]
+
     table = [["case", "exit code", "message (first line that matters)", "data intact", "traceback"]]
     table += [cells(r) for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(5)]
@@ -340,8 +390,10 @@ def main() -> int:
             shutil.rmtree(work, ignore_errors=True)
     print_table(rows)
     failed = [r.case for r in rows if not r.ok]
-    print(f"\n{len(rows) - len(failed)}/{len(rows)} rows pass in {time.monotonic() - began:.0f} s"
-          + (f"; failing: {', '.join(failed)}" if failed else ""))
+    print(
+        f"\n{len(rows) - len(failed)}/{len(rows)} rows pass in {time.monotonic() - began:.0f} s"
+        + (f"; failing: {', '.join(failed)}" if failed else "")
+    )
     return 1 if failed else 0
 
 

@@ -24,8 +24,14 @@ FINETUNE = [sys.executable, "-m", "finetune"]
 
 def timed(args: list[str], cwd: Path) -> tuple[float, subprocess.CompletedProcess]:
     started = time.perf_counter()
-    proc = subprocess.run(FINETUNE + args, cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, "WANDB_MODE": "offline"}, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        FINETUNE + args,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "WANDB_MODE": "offline"},
+        stdin=subprocess.DEVNULL,
+    )
     return time.perf_counter() - started, proc
 
 
@@ -58,16 +64,29 @@ def main() -> None:
     escapes = "\x1b[" in proc.stdout + proc.stderr
     print(f"default run, piped: {lines} lines, escape codes: {escapes}")
     cost = [(a - b) / b for a, b in zip(with_pictures, without)]
-    print(f"default run: {spread(without)} with viz=none, {spread(with_pictures)} with pictures: "
-          f"pictures cost {statistics.mean(cost):.0%} of the run (runs {', '.join(f'{c:.0%}' for c in cost)})")
+    print(
+        f"default run: {spread(without)} with viz=none, {spread(with_pictures)} with pictures: "
+        f"pictures cost {statistics.mean(cost):.0%} of the run (runs {', '.join(f'{c:.0%}' for c in cost)})"
+    )
 
     folder = ["data=folder", f"data.root={data}", "+recipe=freeze_all_but_head"]
     one, _ = timed(folder + [f"data.cache.dir={work / 'cache1'}", f"hydra.run.dir={work / 'one'}"], work)
-    sweep, proc = timed(["-m", *folder, f"data.cache.dir={work / 'cache2'}", "optimizer.lr=0.001,0.003,0.01,0.03,0.1",
-                         "optimizer.weight_decay=0,1e-5,1e-4,1e-3", f"hydra.sweep.dir={work / 'sweep'}"], work)
+    sweep, proc = timed(
+        [
+            "-m",
+            *folder,
+            f"data.cache.dir={work / 'cache2'}",
+            "optimizer.lr=0.001,0.003,0.01,0.03,0.1",
+            "optimizer.weight_decay=0,1e-5,1e-4,1e-3",
+            f"hydra.sweep.dir={work / 'sweep'}",
+        ],
+        work,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    print(f"hymenoptera head-only, empty feature caches: one run (pictures included) {one:.1f} s, "
-          f"20-trial CLI sweep {sweep:.1f} s = {sweep / one:.2f}x one run")
+    print(
+        f"hymenoptera head-only, empty feature caches: one run (pictures included) {one:.1f} s, "
+        f"20-trial CLI sweep {sweep:.1f} s = {sweep / one:.2f}x one run"
+    )
 
 
 if __name__ == "__main__":

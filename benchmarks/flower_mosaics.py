@@ -2,7 +2,8 @@
 with the species it shows (1 to 3 of 5), generated deterministically (never committed).
 
     python benchmarks/flower_mosaics.py                       # -> benchmarks/results/flower_mosaics/
-    python benchmarks/multilabel.py --data benchmarks/results/flower_mosaics --out benchmarks/results/multilabel_mosaics ...
+    python benchmarks/multilabel.py --data benchmarks/results/flower_mosaics --out
+    benchmarks/results/multilabel_mosaics ...
 
 Each mosaic draws its number of species uniformly from 1 to 3, the species, then four distinct photos
 of those species (every chosen species at least once), each center-cropped to a square and resized
@@ -38,7 +39,9 @@ def main() -> None:
     args = parser.parse_args()
     photos = defaultdict(list)
     for species in sorted(p.name for p in args.source.iterdir() if p.is_dir()):
-        photos[species] = sorted(p for p in (args.source / species).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+        photos[species] = sorted(
+            p for p in (args.source / species).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")
+        )
     if len(photos) < 2:
         raise SystemExit(f"{args.source}: expected one folder of photos per species")
     rng = random.Random(args.seed)

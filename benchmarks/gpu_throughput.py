@@ -68,11 +68,24 @@ def forever(loader):
 def plain_loader(root: Path, size: int, batch_size: int, workers: int):
     from torchvision import datasets, transforms
 
-    tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-                             transforms.Normalize((0.5,) * 3, (0.5,) * 3)])
+    tf = transforms.Compose(
+        [
+            transforms.RandomResizedCrop(size),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize((0.5,) * 3, (0.5,) * 3),
+        ]
+    )
     dataset = torch.utils.data.ConcatDataset([datasets.ImageFolder(root / s, tf) for s in ("train", "val")])
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
-                                       pin_memory=True, drop_last=True, persistent_workers=workers > 0)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        pin_memory=True,
+        drop_last=True,
+        persistent_workers=workers > 0,
+    )
 
 
 def finetune_loader(root: Path, size: int, batch_size: int, workers: int, decoded: bool):
@@ -85,8 +98,13 @@ def finetune_loader(root: Path, size: int, batch_size: int, workers: int, decode
 
     splits = load_folder(str(root), "train", "val", 0.2, 0)
     splits = replace(splits, train=splits.train + splits.val)  # more images per epoch, as for the plain loader
-    config = {"input_size": (3, size, size), "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 0.875,
-              "interpolation": "bilinear"}
+    config = {
+        "input_size": (3, size, size),
+        "mean": (0.5,) * 3,
+        "std": (0.5,) * 3,
+        "crop_pct": 0.875,
+        "interpolation": "bilinear",
+    }
     if decoded:
         splits = decode_splits(splits, stored_short_side(size, size, 0.875), max(1, workers), {})
     train_tf, eval_tf = build_transforms(config, {"random_resized_crop": True, "hflip": 0.5}, seed=0, normalize=False)
@@ -112,7 +130,8 @@ def enlarge(source: Path, long_side: int = 2000) -> Path:
         out = target / path.relative_to(source)
         out.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(cv2.resize(image, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_CUBIC)).save(
-            out, quality=90)
+            out, quality=90
+        )
     return target
 
 
@@ -139,9 +158,13 @@ def main() -> None:
     for name in args.models:
         model = timm.create_model(name, pretrained=False, num_classes=2).to(device)
         size = model.pretrained_cfg["input_size"][-1]
-        synthetic = iter(lambda: (torch.randn(args.batch_size, 3, size, size), torch.randint(0, 2, (args.batch_size,))), None)
+        synthetic = iter(
+            lambda: (torch.randn(args.batch_size, 3, size, size), torch.randint(0, 2, (args.batch_size,))), None
+        )
         limit = train_steps(model, synthetic, args.steps, device, fast=True)
-        rows.append({"model": name, "data": "synthetic", "loader": "-", "workers": 0, "images_per_s": limit, "of_limit": 1.0})
+        rows.append(
+            {"model": name, "data": "synthetic", "loader": "-", "workers": 0, "images_per_s": limit, "of_limit": 1.0}
+        )
         print(f"{name}: synthetic limit {limit:.0f} img/s", flush=True)
         for data_name, root in datasets.items():
             worker_counts = [args.workers] + ([args.few_workers] if data_name != "photos" else [])
@@ -155,15 +178,33 @@ def main() -> None:
                 for loader_name, (make, fast) in loaders.items():
                     model = timm.create_model(name, pretrained=False, num_classes=2).to(device)
                     speed = train_steps(model, forever(make()), args.steps, device, fast=fast)
-                    rows.append({"model": name, "data": data_name, "loader": loader_name, "workers": workers,
-                                 "images_per_s": speed, "of_limit": speed / limit})
-                    print(f"{name} {data_name} {loader_name} ({workers} workers): {speed:.0f} img/s "
-                          f"({speed / limit:.2f} of the limit)", flush=True)
+                    rows.append(
+                        {
+                            "model": name,
+                            "data": data_name,
+                            "loader": loader_name,
+                            "workers": workers,
+                            "images_per_s": speed,
+                            "of_limit": speed / limit,
+                        }
+                    )
+                    print(
+                        f"{name} {data_name} {loader_name} ({workers} workers): {speed:.0f} img/s "
+                        f"({speed / limit:.2f} of the limit)",
+                        flush=True,
+                    )
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    lines = [f"{gpu}, {os.cpu_count()} CPU cores, batch {args.batch_size}, torch {torch.__version__}", "",
-             "| model | data | loader | workers | images/s | of synthetic limit |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['data']} | {r['loader']} | {r['workers']} | {r['images_per_s']:.0f} | "
-              f"{r['of_limit']:.2f} |" for r in rows]
+    lines = [
+        f"{gpu}, {os.cpu_count()} CPU cores, batch {args.batch_size}, torch {torch.__version__}",
+        "",
+        "| model | data | loader | workers | images/s | of synthetic limit |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['model']} | {r['data']} | {r['loader']} | {r['workers']} | {r['images_per_s']:.0f} | "
+        f"{r['of_limit']:.2f} |"
+        for r in rows
+    ]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_throughput.json").write_text(json.dumps(rows, indent=2))
     (args.out / "gpu_throughput.md").write_text("\n".join(lines) + "\n")

@@ -54,9 +54,13 @@ def probes(cache_file: Path) -> dict[str, float]:
     x, y = views.reshape(-1, views.shape[2]), np.tile(labels, views.shape[0])
     x_val, y_val = stored["features.val"].numpy(), stored["labels.val"].numpy()
     scores = {}
-    for name, model in (("probe_standardized", make_pipeline(StandardScaler(), LogisticRegressionCV(
-            Cs=np.logspace(-4, 1, 6), cv=3, max_iter=500))),
-                        ("probe_raw", LogisticRegressionCV(Cs=np.logspace(-3, 2, 6), cv=3, max_iter=500))):
+    for name, model in (
+        (
+            "probe_standardized",
+            make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=np.logspace(-4, 1, 6), cv=3, max_iter=500)),
+        ),
+        ("probe_raw", LogisticRegressionCV(Cs=np.logspace(-3, 2, 6), cv=3, max_iter=500)),
+    ):
         started = time.perf_counter()
         scores[name] = float(model.fit(x, y).score(x_val, y_val))
         scores[f"{name}_seconds"] = time.perf_counter() - started
@@ -65,12 +69,25 @@ def probes(cache_file: Path) -> dict[str, float]:
 
 def one_run(fit, dataset: str, seed: int, solver: str, cache: Path, out: Path) -> dict:
     started = time.perf_counter()
-    result = fit("freeze_all_but_head", [*DATA[dataset], f"seed={seed}", f"head.fit.solver={solver}",
-                                         f"data.cache.dir={cache}", "logger=none", "viz=none",
-                                         "callbacks.progress_bar=false", "overwrite=true",
-                                         f"hydra.run.dir={out / 'runs' / dataset / f'{solver}-seed{seed}'}"])
-    return {"val_acc": result.metrics["val/acc"], "final": result.history[-1]["val/acc"],
-            "seconds": time.perf_counter() - started}
+    result = fit(
+        "freeze_all_but_head",
+        [
+            *DATA[dataset],
+            f"seed={seed}",
+            f"head.fit.solver={solver}",
+            f"data.cache.dir={cache}",
+            "logger=none",
+            "viz=none",
+            "callbacks.progress_bar=false",
+            "overwrite=true",
+            f"hydra.run.dir={out / 'runs' / dataset / f'{solver}-seed{seed}'}",
+        ],
+    )
+    return {
+        "val_acc": result.metrics["val/acc"],
+        "final": result.history[-1]["val/acc"],
+        "seconds": time.perf_counter() - started,
+    }
 
 
 def main() -> None:
@@ -99,9 +116,12 @@ def main() -> None:
             row["probe"] = max(row["probe_standardized"], row["probe_raw"])
             rows.append(row)
             path.write_text(json.dumps(rows, indent=2))
-            print(f"{dataset} seed {seed}: lbfgs {row['lbfgs']['val_acc']:.4f} (final {row['lbfgs']['final']:.4f}), "
-                  f"sgd {row['sgd']['val_acc']:.4f} (final {row['sgd']['final']:.4f}), probe {row['probe']:.4f}; "
-                  f"warm s: lbfgs {row['lbfgs']['seconds']:.1f}, sgd {row['sgd']['seconds']:.1f}", flush=True)
+            print(
+                f"{dataset} seed {seed}: lbfgs {row['lbfgs']['val_acc']:.4f} (final {row['lbfgs']['final']:.4f}), "
+                f"sgd {row['sgd']['val_acc']:.4f} (final {row['sgd']['final']:.4f}), probe {row['probe']:.4f}; "
+                f"warm s: lbfgs {row['lbfgs']['seconds']:.1f}, sgd {row['sgd']['seconds']:.1f}",
+                flush=True,
+            )
     (args.out / "head_fit.md").write_text(table(rows))
     print(table(rows))
 
@@ -112,9 +132,11 @@ def spread(values: list[float], digits: int = 3) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| data | seeds | lbfgs val/acc (final) | sgd val/acc (final) | probe, standardized | probe, raw | "
-             "lbfgs - best probe | warm s: lbfgs / sgd | cold s: lbfgs / sgd |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| data | seeds | lbfgs val/acc (final) | sgd val/acc (final) | probe, standardized | probe, raw | "
+        "lbfgs - best probe | warm s: lbfgs / sgd | cold s: lbfgs / sgd |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for dataset in dict.fromkeys(r["dataset"] for r in rows):
         rs = [r for r in rows if r["dataset"] == dataset]
         cold_lbfgs = [r["sgd_cold"]["seconds"] - r["sgd"]["seconds"] + r["lbfgs"]["seconds"] for r in rs]
@@ -124,8 +146,10 @@ def table(rows: list[dict]) -> str:
             f"({spread([r['sgd']['final'] for r in rs])}) | {spread([r['probe_standardized'] for r in rs])} | "
             f"{spread([r['probe_raw'] for r in rs])} | "
             f"{statistics.mean(r['lbfgs']['val_acc'] - r['probe'] for r in rs):+.3f} | "
-            f"{statistics.mean(r['lbfgs']['seconds'] for r in rs):.1f} / {statistics.mean(r['sgd']['seconds'] for r in rs):.1f} | "
-            f"{statistics.mean(cold_lbfgs):.1f} / {statistics.mean(r['sgd_cold']['seconds'] for r in rs):.1f} |")
+            f"{statistics.mean(r['lbfgs']['seconds'] for r in rs):.1f} / "
+            f"{statistics.mean(r['sgd']['seconds'] for r in rs):.1f} | "
+            f"{statistics.mean(cold_lbfgs):.1f} / {statistics.mean(r['sgd_cold']['seconds'] for r in rs):.1f} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -35,13 +35,29 @@ def main() -> None:
     for recipe in args.recipes:
         for seed in args.seeds:
             started = time.perf_counter()
-            result = fit(recipe, list(args.overrides), data="folder", data__root=args.data, seed=seed,
-                         trainer__max_epochs=args.epochs, logger="none", callbacks__progress_bar=False,
-                         hydra__run__dir=args.out / "runs" / f"{recipe}-seed{seed}")
+            result = fit(
+                recipe,
+                list(args.overrides),
+                data="folder",
+                data__root=args.data,
+                seed=seed,
+                trainer__max_epochs=args.epochs,
+                logger="none",
+                callbacks__progress_bar=False,
+                hydra__run__dir=args.out / "runs" / f"{recipe}-seed{seed}",
+            )
             seconds = time.perf_counter() - started
             trainable = sum(p.numel() for p in result.model.parameters() if p.requires_grad)
-            runs.append({"recipe": recipe, "seed": seed, "val_acc": result.metrics["val/acc"],
-                         "best_epoch": int(result.metrics["epoch"]), "seconds": seconds, "trainable": trainable})
+            runs.append(
+                {
+                    "recipe": recipe,
+                    "seed": seed,
+                    "val_acc": result.metrics["val/acc"],
+                    "best_epoch": int(result.metrics["epoch"]),
+                    "seconds": seconds,
+                    "trainable": trainable,
+                }
+            )
             print(f"{recipe} seed {seed}: val/acc {result.metrics['val/acc']:.4f} in {seconds:.0f} s", flush=True)
             (args.out / "recipes.json").write_text(json.dumps(runs, indent=2))
 
@@ -56,8 +72,10 @@ def main() -> None:
         rows = [r for r in runs if r["recipe"] == recipe]
         accs = [r["val_acc"] for r in rows]
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        lines.append(f"| `{recipe}` | {statistics.mean(accs):.3f} ± {std:.3f} | {len(rows)} | "
-                     f"{statistics.mean(r['seconds'] for r in rows):.0f} | {rows[0]['trainable']:,} |")
+        lines.append(
+            f"| `{recipe}` | {statistics.mean(accs):.3f} ± {std:.3f} | {len(rows)} | "
+            f"{statistics.mean(r['seconds'] for r in rows):.0f} | {rows[0]['trainable']:,} |"
+        )
     table = "\n".join(lines)
     (args.out / "recipes.md").write_text(table + "\n")
     print(table)

@@ -31,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from common import DEFAULT_DATA
 
 
@@ -70,8 +69,8 @@ def main() -> None:
         model = load(args.ckpt)
     else:
         from finetune.model.backbone import build_backbone
-        from finetune.model.head import build_head
         from finetune.model.classifier import Classifier
+        from finetune.model.head import build_head
 
         backbone = build_backbone("tf_efficientnet_lite0")
         net = Classifier(backbone.model, build_head(backbone.num_features, 2), backbone.groups)
@@ -93,8 +92,10 @@ def main() -> None:
         def onnx(batch):
             session.run(None, {"images": batch})
 
-        print(f"{model.config['backbone']['name']}, {h}x{w}, fp32, {args.threads} threads; "
-              f"ONNX parity max |diff| {exported.max_abs_diff:.1e}\n")
+        print(
+            f"{model.config['backbone']['name']}, {h}x{w}, fp32, {args.threads} threads; "
+            f"ONNX parity max |diff| {exported.max_abs_diff:.1e}\n"
+        )
         print("| batch | PyTorch eager img/s | ONNX Runtime img/s | ratio |\n|---|---|---|---|")
         for size in args.batch_sizes:
             batch = model.preprocess([rng.integers(0, 256, (h, w, 3), dtype=np.uint8)] * size).numpy()
@@ -120,7 +121,7 @@ def offline_rate(ckpt: Path, photos: list[bytes], seconds: float, threads: int) 
     def decoded(batch):  # the next batch decodes while this one runs forward (a pipeline, as the server's)
         return [pool.submit(prepare, data) for data in batch]
 
-    batches = [photos[i:i + 16] for i in range(0, len(photos) - 15, 16)]
+    batches = [photos[i : i + 16] for i in range(0, len(photos) - 15, 16)]
     runtime.probabilities(np.stack([f.result() for f in decoded(batches[0])]))  # warm-up
     done = forward = 0
     started = time.perf_counter()
@@ -147,13 +148,17 @@ def wrk(url: str, photos_list: Path, malformed: float, connections: int, seconds
     """wrk's counts and latencies, and the server's RSS (MB) every 2 s while it ran (``rss``)."""
     script = Path(__file__).with_name("serving_load.lua")
     env = {**os.environ, "PHOTOS": str(photos_list), "MALFORMED": str(malformed)}
-    load = subprocess.Popen(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--timeout", "30s", "-s", str(script),
-                             url], stdout=subprocess.PIPE, text=True, env=env)
+    load = subprocess.Popen(
+        ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--timeout", "30s", "-s", str(script), url],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     rss = [rss_mb(server_pid)]
     while load.poll() is None:
         time.sleep(2)
         rss.append(rss_mb(server_pid))
-    line = next(l for l in load.stdout.read().splitlines() if l.startswith("RESULT"))
+    line = next(row for row in load.stdout.read().splitlines() if row.startswith("RESULT"))
     return {**{k: float(v) for k, v in re.findall(r"(\w+)=([\d.]+)", line)}, "rss": rss}
 
 
@@ -165,13 +170,19 @@ def load_test(args) -> None:
         sys.exit(f"no photos under {args.data}/val (--data DIR)")
     photos = [p.read_bytes() for p in paths]
     offline, forward_only = offline_rate(args.ckpt, photos, 30.0, 2)
-    print(f"offline batched ONNX Runtime, {len(paths)} photos from memory: {offline:.1f} img/s end to end "
-          f"(forward passes alone {forward_only:.1f} img/s)", flush=True)
+    print(
+        f"offline batched ONNX Runtime, {len(paths)} photos from memory: {offline:.1f} img/s end to end "
+        f"(forward passes alone {forward_only:.1f} img/s)",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         listing = Path(tmp) / "photos.txt"
         listing.write_text("\n".join(map(str, paths)) + "\n")
-        server = subprocess.Popen([sys.executable, "-m", "finetune", "serve", f"ckpt={args.ckpt}", "port=0",
-                                   "runtime=onnx"], stdout=subprocess.PIPE, text=True)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "finetune", "serve", f"ckpt={args.ckpt}", "port=0", "runtime=onnx"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         try:
             line = server.stdout.readline()
             while "serving" not in line:
@@ -180,23 +191,33 @@ def load_test(args) -> None:
             while httpx.get(f"{url}/health").status_code != 200:
                 time.sleep(0.2)
             warm = wrk(url, listing, args.malformed, args.connections, 20, server.pid)  # allocator pools fill up
-            rows = [(share, wrk(url, listing, share, args.connections, args.duration, server.pid))
-                    for share in (0.0, args.malformed)]
+            rows = [
+                (share, wrk(url, listing, share, args.connections, args.duration, server.pid))
+                for share in (0.0, args.malformed)
+            ]
             health = httpx.get(f"{url}/health").json()
         finally:
             server.terminate()
             server.wait(30)
-    print(f"\n{args.connections} concurrent clients (wrk), {args.duration} s each, lite0 via `finetune serve "
-          f"runtime=onnx`; server RSS {warm['rss'][0]:.0f} MB before the 20 s warm-up, {warm['rss'][-1]:.0f} MB after; "
-          f"mean batch {health['images'] / health['batches']:.1f}\n")
-    print("| malformed | requests/s | x offline | p50 ms | p90 ms | p99 ms | 2xx | 4xx | 5xx | socket errors "
-          "| RSS MB start -> end (growth), peak |")
+    print(
+        f"\n{args.connections} concurrent clients (wrk), {args.duration} s each, lite0 via `finetune serve "
+        f"runtime=onnx`; server RSS {warm['rss'][0]:.0f} MB before the 20 s warm-up, {warm['rss'][-1]:.0f} MB after; "
+        f"mean batch {health['images'] / health['batches']:.1f}\n"
+    )
+    print(
+        "| malformed | requests/s | x offline | p50 ms | p90 ms | p99 ms | 2xx | 4xx | 5xx | socket errors "
+        "| RSS MB start -> end (growth), peak |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for share, r in rows:
         rate, rss = r["requests"] / r["seconds"], r["rss"]
-        print(f"| {share:.0%} | {rate:.1f} | {rate / offline:.2f} | {r['p50_ms']:.0f} | {r['p90_ms']:.0f} | {r['p99_ms']:.0f} "
-              f"| {r['ok']:.0f} | {r['client_error']:.0f} | {r['server_error']:.0f} | {r['socket_errors']:.0f} "
-              f"| {rss[0]:.0f} -> {rss[-1]:.0f} ({(rss[-1] - rss[0]) / rss[0]:+.1%}), {max(rss):.0f} |", flush=True)
+        print(
+            f"| {share:.0%} | {rate:.1f} | {rate / offline:.2f} | {r['p50_ms']:.0f} | {r['p90_ms']:.0f} | "
+            f"{r['p99_ms']:.0f} "
+            f"| {r['ok']:.0f} | {r['client_error']:.0f} | {r['server_error']:.0f} | {r['socket_errors']:.0f} "
+            f"| {rss[0]:.0f} -> {rss[-1]:.0f} ({(rss[-1] - rss[0]) / rss[0]:+.1%}), {max(rss):.0f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -39,9 +39,9 @@ import time
 from pathlib import Path
 
 import torch
+from common import add_data_and_out, check_data_and_out  # benchmarks/common.py, beside this script
 from torch import nn
 
-from common import add_data_and_out, check_data_and_out  # benchmarks/common.py, beside this script
 BACKBONE = "tf_efficientnet_lite0"
 LR = {"head": 0.01, "full": 0.001}
 RECIPE = {"head": "freeze_all_but_head", "full": "full_finetune"}
@@ -83,14 +83,23 @@ def plain_loop(data: Path, mode: str, epochs: int, batch_size: int, workers: int
     cfg = backbone.data_config
     size = cfg["input_size"][-1]
     normalize = transforms.Normalize(cfg["mean"], cfg["std"])
-    train_tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
-                                   transforms.ToTensor(), normalize])
-    val_tf = transforms.Compose([transforms.Resize(math.floor(size / cfg["crop_pct"])), transforms.CenterCrop(size),
-                                 transforms.ToTensor(), normalize])
-    train = torch.utils.data.DataLoader(datasets.ImageFolder(data / "train", train_tf), batch_size=batch_size,
-                                        shuffle=True, num_workers=workers)
-    val = torch.utils.data.DataLoader(datasets.ImageFolder(data / "val", val_tf), batch_size=batch_size,
-                                      num_workers=workers)
+    train_tf = transforms.Compose(
+        [transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize]
+    )
+    val_tf = transforms.Compose(
+        [
+            transforms.Resize(math.floor(size / cfg["crop_pct"])),
+            transforms.CenterCrop(size),
+            transforms.ToTensor(),
+            normalize,
+        ]
+    )
+    train = torch.utils.data.DataLoader(
+        datasets.ImageFolder(data / "train", train_tf), batch_size=batch_size, shuffle=True, num_workers=workers
+    )
+    val = torch.utils.data.DataLoader(
+        datasets.ImageFolder(data / "val", val_tf), batch_size=batch_size, num_workers=workers
+    )
     features, head = backbone.model, nn.Linear(backbone.num_features, len(train.dataset.classes))
     model = nn.Sequential(features, head)
     params = head.parameters() if mode == "head" else model.parameters()
@@ -129,27 +138,56 @@ def plain_loop(data: Path, mode: str, epochs: int, batch_size: int, workers: int
     return {"val_acc": best, "seconds": seconds, "train_images_per_s": epochs * len(train.dataset) / train_seconds}
 
 
-def finetune_run(data: Path, mode: str, epochs: int, batch_size: int, seed: int, cache: Path, run_dir: Path,
-                 overrides: list[str]) -> dict:
+def finetune_run(
+    data: Path, mode: str, epochs: int, batch_size: int, seed: int, cache: Path, run_dir: Path, overrides: list[str]
+) -> dict:
     from finetune import fit
 
     started = time.perf_counter()
-    result = fit(RECIPE[mode], list(overrides), data="folder", data__root=data, seed=seed, backbone__name=BACKBONE,
-                 trainer__max_epochs=epochs, data__batch_size=batch_size, optimizer__lr=LR[mode], data__cache__dir=cache, logger="none", viz="none",
-                 callbacks__progress_bar=False, hydra__run__dir=run_dir)
+    result = fit(
+        RECIPE[mode],
+        list(overrides),
+        data="folder",
+        data__root=data,
+        seed=seed,
+        backbone__name=BACKBONE,
+        trainer__max_epochs=epochs,
+        data__batch_size=batch_size,
+        optimizer__lr=LR[mode],
+        data__cache__dir=cache,
+        logger="none",
+        viz="none",
+        callbacks__progress_bar=False,
+        hydra__run__dir=run_dir,
+    )
     return {"val_acc": result.metrics["val/acc"], "seconds": time.perf_counter() - started}
 
 
-def sweep(data: Path, trials: int, epochs: int, batch_size: int, seed: int, cache: Path, out: Path,
-          overrides: list[str]) -> dict:
+def sweep(
+    data: Path, trials: int, epochs: int, batch_size: int, seed: int, cache: Path, out: Path, overrides: list[str]
+) -> dict:
     from finetune import fit
 
     grid = list(itertools.product([0.003, 0.01, 0.03, 0.1, 0.3], [0.0, 1e-4, 1e-3, 1e-2]))[:trials]
     started, accs = time.perf_counter(), []
     for i, (lr, wd) in enumerate(grid):
-        result = fit(RECIPE["head"], list(overrides), data="folder", data__root=data, seed=seed,
-                     backbone__name=BACKBONE, trainer__max_epochs=epochs, data__batch_size=batch_size, optimizer__lr=lr, optimizer__weight_decay=wd, data__cache__dir=cache,
-                     logger="none", viz="none", callbacks__progress_bar=False, hydra__run__dir=out / f"trial{i}")
+        result = fit(
+            RECIPE["head"],
+            list(overrides),
+            data="folder",
+            data__root=data,
+            seed=seed,
+            backbone__name=BACKBONE,
+            trainer__max_epochs=epochs,
+            data__batch_size=batch_size,
+            optimizer__lr=lr,
+            optimizer__weight_decay=wd,
+            data__cache__dir=cache,
+            logger="none",
+            viz="none",
+            callbacks__progress_bar=False,
+            hydra__run__dir=out / f"trial{i}",
+        )
         accs.append(result.metrics["val/acc"])
     return {"trials": len(grid), "seconds": time.perf_counter() - started, "best_val_acc": max(accs)}
 
@@ -172,21 +210,57 @@ def main() -> None:
     for mode in args.modes:
         runs = {"plain": [], "finetune": []}
         for seed in args.seeds:
-            runs["plain"].append(isolated(plain_loop, args.data, mode, args.epochs, args.batch_size, args.workers, seed))
-            print(f"{mode}, seed {seed}: plain loop val/acc {runs['plain'][-1]['val_acc']:.4f} in "
-                  f"{runs['plain'][-1]['seconds']:.0f} s", flush=True)
+            runs["plain"].append(
+                isolated(plain_loop, args.data, mode, args.epochs, args.batch_size, args.workers, seed)
+            )
+            print(
+                f"{mode}, seed {seed}: plain loop val/acc {runs['plain'][-1]['val_acc']:.4f} in "
+                f"{runs['plain'][-1]['seconds']:.0f} s",
+                flush=True,
+            )
             seed_cache = cache / f"seed{seed}"  # every seed starts cold, like its first run would
-            runs["finetune"].append(isolated(finetune_run, args.data, mode, args.epochs, args.batch_size, seed,
-                                             seed_cache, args.out / "runs" / f"speed-{mode}-{seed}", args.overrides))
-            print(f"{mode}, seed {seed}: finetune   val/acc {runs['finetune'][-1]['val_acc']:.4f} in "
-                  f"{runs['finetune'][-1]['seconds']:.0f} s", flush=True)
+            runs["finetune"].append(
+                isolated(
+                    finetune_run,
+                    args.data,
+                    mode,
+                    args.epochs,
+                    args.batch_size,
+                    seed,
+                    seed_cache,
+                    args.out / "runs" / f"speed-{mode}-{seed}",
+                    args.overrides,
+                )
+            )
+            print(
+                f"{mode}, seed {seed}: finetune   val/acc {runs['finetune'][-1]['val_acc']:.4f} in "
+                f"{runs['finetune'][-1]['seconds']:.0f} s",
+                flush=True,
+            )
         plain, ours = (summarize(runs[side]) for side in ("plain", "finetune"))
-        rows.append({"mode": mode, "seeds": args.seeds, "runs": runs, "plain": plain, "finetune": ours,
-                     "time_ratio": ours["seconds"] / plain["seconds"],
-                     "val_acc_difference": ours["val_acc"] - plain["val_acc"]})
+        rows.append(
+            {
+                "mode": mode,
+                "seeds": args.seeds,
+                "runs": runs,
+                "plain": plain,
+                "finetune": ours,
+                "time_ratio": ours["seconds"] / plain["seconds"],
+                "val_acc_difference": ours["val_acc"] - plain["val_acc"],
+            }
+        )
     if args.sweep:
-        swept = isolated(sweep, args.data, args.sweep, args.epochs, args.batch_size, args.seeds[0],
-                         cache / f"seed{args.seeds[0]}", args.out / "runs" / "speed-sweep", args.overrides)
+        swept = isolated(
+            sweep,
+            args.data,
+            args.sweep,
+            args.epochs,
+            args.batch_size,
+            args.seeds[0],
+            cache / f"seed{args.seeds[0]}",
+            args.out / "runs" / "speed-sweep",
+            args.overrides,
+        )
         head = next((r for r in rows if r["mode"] == "head"), None)
         if head:
             cold = head["runs"]["finetune"][0]["seconds"]  # the sweep's seed, on the cache it filled
@@ -197,21 +271,28 @@ def main() -> None:
 
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     seeds = ", ".join(map(str, args.seeds))
-    lines = [f"hymenoptera, {BACKBONE}, batch {args.batch_size}, {args.epochs} epochs, {args.workers} workers "
-             f"(plain loop; finetune: its default), seeds {seeds}; {machine}", "",
-             "| job | plain loop: val acc, s | finetune: val acc, s | time ratio | val acc difference |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"hymenoptera, {BACKBONE}, batch {args.batch_size}, {args.epochs} epochs, {args.workers} workers "
+        f"(plain loop; finetune: its default), seeds {seeds}; {machine}",
+        "",
+        "| job | plain loop: val acc, s | finetune: val acc, s | time ratio | val acc difference |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
         if r["mode"] == "sweep":
             ratio = r.get("ratio_to_one_cold_run")
-            lines.append(f"| head-only sweep: 1 cold + {r['trials']} warm-cache trials | | best {r['best_val_acc']:.3f}, "
-                         f"{r['seconds']:.0f} s for the {r['trials']} | "
-                         f"{'' if ratio is None else f'{ratio:.2f}x one cold run'} | |")
+            lines.append(
+                f"| head-only sweep: 1 cold + {r['trials']} warm-cache trials | | best {r['best_val_acc']:.3f}, "
+                f"{r['seconds']:.0f} s for the {r['trials']} | "
+                f"{'' if ratio is None else f'{ratio:.2f}x one cold run'} | |"
+            )
             continue
         p, f = r["plain"], r["finetune"]
-        lines.append(f"| {'head-only' if r['mode'] == 'head' else 'full fine-tuning'} | {p['val_acc']:.3f} "
-                     f"± {p['val_acc_std']:.3f}, {p['seconds']:.0f} | {f['val_acc']:.3f} ± {f['val_acc_std']:.3f}, "
-                     f"{f['seconds']:.0f} | {r['time_ratio']:.2f} | {r['val_acc_difference']:+.3f} |")
+        lines.append(
+            f"| {'head-only' if r['mode'] == 'head' else 'full fine-tuning'} | {p['val_acc']:.3f} "
+            f"± {p['val_acc_std']:.3f}, {p['seconds']:.0f} | {f['val_acc']:.3f} ± {f['val_acc_std']:.3f}, "
+            f"{f['seconds']:.0f} | {r['time_ratio']:.2f} | {r['val_acc_difference']:+.3f} |"
+        )
     table = "\n".join(lines)
     (args.out / "speed.json").write_text(json.dumps(rows, indent=2))
     (args.out / "speed.md").write_text(table + "\n")

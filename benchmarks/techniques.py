@@ -65,7 +65,7 @@ def data_overrides(name: str, out: Path, seed: int) -> list[str]:
             files = sorted(str(p.relative_to(root)) for p in (root / label).iterdir() if p.is_file())
             rng.shuffle(files)
             rows += [(f, label, "train") for f in files[:n_train]]
-            rows += [(f, label, "val") for f in files[n_train:n_train + n_val]]
+            rows += [(f, label, "val") for f in files[n_train : n_train + n_val]]
         with manifest.open("w", newline="") as f:
             csv.writer(f).writerows([("path", "label", "split"), *rows])
     return ["data=csv", f"data.csv={manifest}", f"data.root={root}", "data.split_column=split"]
@@ -82,14 +82,24 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16, help="16: twice the optimizer steps of the default 32")
     parser.add_argument("--lr-grid", action="store_true", help="lr-find vs a 5-point lr grid (hymenoptera, full)")
-    parser.add_argument("--lrs", nargs="*", default=["auto", "1e-4", "3e-4", "1e-3", "3e-3", "1e-2"],
-                        help="with --lr-grid: the lrs to run (results already in lr_grid.json are kept, not rerun)")
+    parser.add_argument(
+        "--lrs",
+        nargs="*",
+        default=["auto", "1e-4", "3e-4", "1e-3", "3e-3", "1e-2"],
+        help="with --lr-grid: the lrs to run (results already in lr_grid.json are kept, not rerun)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    common = [f"trainer.max_epochs={args.epochs}", f"data.image_size={args.image_size}",
-              f"data.batch_size={args.batch_size}", "logger=none", "viz=none",
-              "callbacks.progress_bar=false", "callbacks.checkpoint.min_write_interval_s=60"]
+    common = [
+        f"trainer.max_epochs={args.epochs}",
+        f"data.image_size={args.image_size}",
+        f"data.batch_size={args.batch_size}",
+        "logger=none",
+        "viz=none",
+        "callbacks.progress_bar=false",
+        "callbacks.checkpoint.min_write_interval_s=60",
+    ]
     if args.lr_grid:
         return lr_grid(fit, args, common)
 
@@ -103,16 +113,36 @@ def main() -> None:
                 if (dataset, arm, seed) in done:
                     continue
                 started = time.perf_counter()
-                result = fit(recipe, [*data_overrides(dataset, args.out, seed), *common, *extra, f"seed={seed}",
-                                      f"hydra.run.dir={args.out / 'runs' / dataset / arm / f'seed{seed}'}",
-                                      "overwrite=true"])
-                runs.append({"dataset": dataset, "arm": arm, "seed": seed, "val_acc": result.metrics["val/acc"],
-                             "val_acc_tta": result.metrics.get("val/acc_tta"),
-                             "seconds": time.perf_counter() - started, "epochs": args.epochs,
-                             "batch_size": args.batch_size, "image_size": args.image_size})
-                print(f"{dataset} {arm} seed {seed}: val/acc {runs[-1]['val_acc']:.4f}"
-                      + (f" (tta flip {runs[-1]['val_acc_tta']:.4f})" if runs[-1]["val_acc_tta"] else "")
-                      + f" in {runs[-1]['seconds']:.0f} s", flush=True)
+                result = fit(
+                    recipe,
+                    [
+                        *data_overrides(dataset, args.out, seed),
+                        *common,
+                        *extra,
+                        f"seed={seed}",
+                        f"hydra.run.dir={args.out / 'runs' / dataset / arm / f'seed{seed}'}",
+                        "overwrite=true",
+                    ],
+                )
+                runs.append(
+                    {
+                        "dataset": dataset,
+                        "arm": arm,
+                        "seed": seed,
+                        "val_acc": result.metrics["val/acc"],
+                        "val_acc_tta": result.metrics.get("val/acc_tta"),
+                        "seconds": time.perf_counter() - started,
+                        "epochs": args.epochs,
+                        "batch_size": args.batch_size,
+                        "image_size": args.image_size,
+                    }
+                )
+                print(
+                    f"{dataset} {arm} seed {seed}: val/acc {runs[-1]['val_acc']:.4f}"
+                    + (f" (tta flip {runs[-1]['val_acc_tta']:.4f})" if runs[-1]["val_acc_tta"] else "")
+                    + f" in {runs[-1]['seconds']:.0f} s",
+                    flush=True,
+                )
                 path.write_text(json.dumps(runs, indent=2))
     (args.out / "techniques.md").write_text(table(runs, args))
     print(table(runs, args))
@@ -124,16 +154,26 @@ def table(runs: list[dict], args) -> str:
 
     datasets = [d for d in args.datasets if any(r["dataset"] == d for r in runs)]
     settings = "; ".join(
-        f"{d}: {n_train} train / {n_val} val images, {r['image_size']} px, {r['epochs']} epochs of batch {r['batch_size']}"
-        for d in datasets for r in [next(r for r in runs if r["dataset"] == d)]
-        for n_train, n_val in [SIZES.get(d, ("?", "?"))])
-    lines = [f"lite0 (embedded ImageNet weights), seeds {args.seeds}; {settings}. Best-epoch val accuracy, "
-             "mean ± std over seeds (s: wall time per run on 2 cores)", "",
-             "| arm | " + " | ".join(datasets) + " |", "|---|" + "---|" * len(datasets)]
+        f"{d}: {n_train} train / {n_val} val images, {r['image_size']} px, {r['epochs']} epochs of batch "
+        f"{r['batch_size']}"
+        for d in datasets
+        for r in [next(r for r in runs if r["dataset"] == d)]
+        for n_train, n_val in [SIZES.get(d, ("?", "?"))]
+    )
+    lines = [
+        f"lite0 (embedded ImageNet weights), seeds {args.seeds}; {settings}. Best-epoch val accuracy, "
+        "mean ± std over seeds (s: wall time per run on 2 cores)",
+        "",
+        "| arm | " + " | ".join(datasets) + " |",
+        "|---|" + "---|" * len(datasets),
+    ]
     best_today = {}
     for d in datasets:
-        means = [stats([r["val_acc"] for r in runs if r["dataset"] == d and r["arm"] == a])[0]
-                 for a in TODAY if any(r["dataset"] == d and r["arm"] == a for r in runs)]
+        means = [
+            stats([r["val_acc"] for r in runs if r["dataset"] == d and r["arm"] == a])[0]
+            for a in TODAY
+            if any(r["dataset"] == d and r["arm"] == a for r in runs)
+        ]
         best_today[d] = max(means) if means else None
     for arm in args.arms:
         cells = []
@@ -175,10 +215,22 @@ def lr_grid(fit, args, common: list[str]) -> None:
             if key in results:
                 continue
             started = time.perf_counter()
-            result = fit("full_finetune", [*data, *common, f"seed={seed}", f"optimizer.lr={lr}", "overwrite=true",
-                                           f"hydra.run.dir={args.out / 'runs' / 'lr_grid' / key}"])
-            results[key] = {"lr": result.config["optimizer"]["lr"], "val_acc": result.metrics["val/acc"],
-                            "seconds": time.perf_counter() - started}
+            result = fit(
+                "full_finetune",
+                [
+                    *data,
+                    *common,
+                    f"seed={seed}",
+                    f"optimizer.lr={lr}",
+                    "overwrite=true",
+                    f"hydra.run.dir={args.out / 'runs' / 'lr_grid' / key}",
+                ],
+            )
+            results[key] = {
+                "lr": result.config["optimizer"]["lr"],
+                "val_acc": result.metrics["val/acc"],
+                "seconds": time.perf_counter() - started,
+            }
             print(f"lr {key}: {results[key]}", flush=True)
             path.write_text(json.dumps(results, indent=2))
 

@@ -42,8 +42,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = Path(os.environ.get("FINETUNE_DATASETS", REPO.parent / "shared" / "datasets"))
 RESULTS = REPO / "benchmarks" / "results" / "trust"
-RECIPES = {"head": ["+recipe=freeze_all_but_head", "trainer.max_epochs=10"],
-           "full": ["+recipe=full_finetune"]}
+RECIPES = {"head": ["+recipe=freeze_all_but_head", "trainer.max_epochs=10"], "full": ["+recipe=full_finetune"]}
 # flowers5's photos are 128 px: fine-tune them at that size (the others at lite0's 224)
 IMAGE_SIZE = {"flowers5": 128}
 RESPLITS, COVERAGE, TARGET = 50, 0.9, 0.99
@@ -55,8 +54,9 @@ def all_images(root: Path) -> list[tuple[str, str]]:
     from finetune.data.images import IMAGE_EXTENSIONS
 
     tops = [root / "train", root / "val"] if (root / "train").is_dir() else [root]
-    return sorted((str(p), p.parent.name) for top in tops for p in top.glob("*/*")
-                  if p.suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted(
+        (str(p), p.parent.name) for top in tops for p in top.glob("*/*") if p.suffix.lower() in IMAGE_EXTENSIONS
+    )
 
 
 def write_split(images: list[tuple[str, str]], seed: int, path: Path) -> dict[str, list[tuple[str, str]]]:
@@ -70,8 +70,8 @@ def write_split(images: list[tuple[str, str]], seed: int, path: Path) -> dict[st
         rng.shuffle(items)
         n_val, n_test = round(0.2 * len(items)), round(0.3 * len(items))
         splits["val"] += items[:n_val]
-        splits["test"] += items[n_val:n_val + n_test]
-        splits["train"] += items[n_val + n_test:]
+        splits["test"] += items[n_val : n_val + n_test]
+        splits["train"] += items[n_val + n_test :]
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "label", "split"])
@@ -91,10 +91,16 @@ def plain_threshold(confidence: np.ndarray, correct: np.ndarray, target: float) 
 def score_model(checkpoint: Path, test: list[tuple[str, str]], seed: int) -> dict:
     """Everything the module docstring lists, for one trained model on its test images."""
     from finetune.data.images import load_rgb
-    from finetune.use.calibration import calibration_scores
     from finetune.errors import ConfigError
-    from finetune.use.confidence import (DecisionRule, conformal_scores, conformal_threshold, decision_rule,
-                                         precision_lower_bounds, prediction_sets)
+    from finetune.use.calibration import calibration_scores
+    from finetune.use.confidence import (
+        DecisionRule,
+        conformal_scores,
+        conformal_threshold,
+        decision_rule,
+        precision_lower_bounds,
+        prediction_sets,
+    )
     from finetune.use.export import decisions, export
     from finetune.use.load import load
 
@@ -111,8 +117,11 @@ def score_model(checkpoint: Path, test: list[tuple[str, str]], seed: int) -> dic
 
     def answered(threshold: float) -> dict:
         accepted = confidence >= threshold
-        return {"min_confidence": threshold, "coverage": float(accepted.mean()),
-                "precision": float(correct[accepted].mean()) if accepted.any() else None}
+        return {
+            "min_confidence": threshold,
+            "coverage": float(accepted.mean()),
+            "precision": float(correct[accepted].mean()) if accepted.any() else None,
+        }
 
     def at_target(target: float) -> dict:
         try:
@@ -138,13 +147,16 @@ def score_model(checkpoint: Path, test: list[tuple[str, str]], seed: int) -> dic
         coverage, size = [], []
         for _ in range(RESPLITS):
             order = rng.permutation(len(y))
-            cal, ev = order[: len(y) // 2], order[len(y) // 2:]
+            cal, ev = order[: len(y) // 2], order[len(y) // 2 :]
             threshold = conformal_threshold(conformal_scores(p[cal], y[cal], score), COVERAGE)
             chosen = prediction_sets(p[ev], threshold, score)
             coverage.append(float(chosen[np.arange(len(ev)), y[ev]].mean()))
             size.append(float(chosen.sum(1).mean()))
-        sets[score] = {"coverage_mean": statistics.mean(coverage), "coverage_std": statistics.stdev(coverage),
-                       "size_mean": statistics.mean(size)}
+        sets[score] = {
+            "coverage_mean": statistics.mean(coverage),
+            "coverage_std": statistics.stdev(coverage),
+            "size_mean": statistics.mean(size),
+        }
 
     # ONNX: rules with target-precision abstaining and lac (then aps) sets calibrated on one half of
     # test, compared on the other half, both ways round: every test image, never under a threshold
@@ -154,22 +166,40 @@ def score_model(checkpoint: Path, test: list[tuple[str, str]], seed: int) -> dic
 
         exported = export(model, "onnx", Path(tmp), model.preprocess(images[:8]), rule=rule)
         session = ort.InferenceSession(str(exported.path), providers=["CPUExecutionProvider"])
-        onnx_logits = torch.cat([torch.from_numpy(session.run(None, {"images": model.preprocess(images[i:i + 32]).numpy()})[0])
-                                 for i in range(0, len(images), 32)])
+        onnx_logits = torch.cat(
+            [
+                torch.from_numpy(session.run(None, {"images": model.preprocess(images[i : i + 32]).numpy()})[0])
+                for i in range(0, len(images), 32)
+            ]
+        )
     first = np.arange(len(y)) < len(y) // 2
     same = {"lac": [], "aps": []}
     for cal, ev in ((first, ~first), (~first, first)):
         for score in same:
             threshold = conformal_threshold(conformal_scores(p[cal], y[cal], score), COVERAGE)
             parity_rule = DecisionRule(rule.min_confidence, score, threshold, COVERAGE)
-            same[score] += (decisions(model, onnx_logits[ev], parity_rule)
-                            == decisions(model, logits[ev], parity_rule)).all(dim=1).tolist()
-    onnx = {"images": len(y), "same_answer_and_set": float(np.mean(same["lac"])), "same_aps": float(np.mean(same["aps"])),
-            "max_abs_logit_diff": float((onnx_logits - logits).abs().max()),
-            "unknown_under_the_rule": int((rule.answers(p) < 0).sum())}
-    return {"test_images": len(y), "accuracy": float((probabilities.argmax(1) == labels).float().mean()),
-            "temperature": model.temperature, "before": before, "after": after, "abstain": abstain, "sets": sets,
-            "onnx": onnx}
+            same[score] += (
+                (decisions(model, onnx_logits[ev], parity_rule) == decisions(model, logits[ev], parity_rule))
+                .all(dim=1)
+                .tolist()
+            )
+    onnx = {
+        "images": len(y),
+        "same_answer_and_set": float(np.mean(same["lac"])),
+        "same_aps": float(np.mean(same["aps"])),
+        "max_abs_logit_diff": float((onnx_logits - logits).abs().max()),
+        "unknown_under_the_rule": int((rule.answers(p) < 0).sum()),
+    }
+    return {
+        "test_images": len(y),
+        "accuracy": float((probabilities.argmax(1) == labels).float().mean()),
+        "temperature": model.temperature,
+        "before": before,
+        "after": after,
+        "abstain": abstain,
+        "sets": sets,
+        "onnx": onnx,
+    }
 
 
 def run_one(dataset: str, recipe: str, seed: int, args, results: dict) -> None:
@@ -188,9 +218,18 @@ def run_one(dataset: str, recipe: str, seed: int, args, results: dict) -> None:
         return
     work.mkdir(parents=True, exist_ok=True)
     splits = write_split(all_images(DATASETS / dataset), seed, work / "split.csv")
-    overrides = RECIPES[recipe] + ["data=csv", f"data.csv={work / 'split.csv'}", "data.split_column=split",
-                                   f"seed={seed}", "logger=none", "viz=none", "trainer.accelerator=cpu",
-                                   "trainer.precision=32", f"hydra.run.dir={work / recipe}", "overwrite=true"]
+    overrides = RECIPES[recipe] + [
+        "data=csv",
+        f"data.csv={work / 'split.csv'}",
+        "data.split_column=split",
+        f"seed={seed}",
+        "logger=none",
+        "viz=none",
+        "trainer.accelerator=cpu",
+        "trainer.precision=32",
+        f"hydra.run.dir={work / recipe}",
+        "overwrite=true",
+    ]
     if recipe == "full":
         overrides.append(f"trainer.max_epochs={args.full_epochs}")
     if dataset in IMAGE_SIZE:
@@ -199,21 +238,27 @@ def run_one(dataset: str, recipe: str, seed: int, args, results: dict) -> None:
     result = fit(overrides=overrides)
     trained = time.perf_counter() - started
     scored = score_model(result.best_checkpoint, splits["test"], seed)
-    scored.update({"val_acc": result.metrics.get("val/acc"), "train_s": trained,
-                   "sizes": {k: len(v) for k, v in splits.items()}})
+    scored.update(
+        {"val_acc": result.metrics.get("val/acc"), "train_s": trained, "sizes": {k: len(v) for k, v in splits.items()}}
+    )
     results["runs"][key] = scored
-    print(f"{key}: T {scored['temperature']:.3f}, ECE {scored['before']['ece']:.4f} -> {scored['after']['ece']:.4f}, "
-          f"NLL {scored['before']['nll']:.4f} -> {scored['after']['nll']:.4f}; precision@{TARGET} "
-          f"{scored['abstain'].get('precision', 'refused')} at coverage {scored['abstain'].get('coverage')}; lac coverage "
-          f"{scored['sets']['lac']['coverage_mean']:.3f} size {scored['sets']['lac']['size_mean']:.2f}; onnx same "
-          f"{scored['onnx']['same_answer_and_set']:.3f}")
+    print(
+        f"{key}: T {scored['temperature']:.3f}, ECE {scored['before']['ece']:.4f} -> {scored['after']['ece']:.4f}, "
+        f"NLL {scored['before']['nll']:.4f} -> {scored['after']['nll']:.4f}; precision@{TARGET} "
+        f"{scored['abstain'].get('precision', 'refused')} at coverage {scored['abstain'].get('coverage')}; lac "
+        f"coverage "
+        f"{scored['sets']['lac']['coverage_mean']:.3f} size {scored['sets']['lac']['size_mean']:.2f}; onnx same "
+        f"{scored['onnx']['same_answer_and_set']:.3f}"
+    )
 
 
 def table(results: dict) -> str:
-    rows = ["| data | recipe | seeds | test imgs | acc | T | ECE before → after (drop) | NLL before → after | "
-            f"target_precision={TARGET}: precision (coverage) on test | without the margin | "
-            f"target_precision={LOWER_TARGET} | lac: coverage, set size | aps: coverage, set size | ONNX same |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| data | recipe | seeds | test imgs | acc | T | ECE before → after (drop) | NLL before → after | "
+        f"target_precision={TARGET}: precision (coverage) on test | without the margin | "
+        f"target_precision={LOWER_TARGET} | lac: coverage, set size | aps: coverage, set size | ONNX same |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     groups: dict[tuple, list] = {}
     for key, run in results["runs"].items():
         dataset, recipe, _ = key.split("/")
@@ -245,8 +290,10 @@ def table(results: dict) -> str:
             f"{abstained(runs, str(LOWER_TARGET))} | "
             f"{ms([r['sets']['lac']['coverage_mean'] for r in runs])}, "
             f"{ms([r['sets']['lac']['size_mean'] for r in runs], '.2f')} | "
-            f"{ms([r['sets']['aps']['coverage_mean'] for r in runs])}, {ms([r['sets']['aps']['size_mean'] for r in runs], '.2f')} | "
-            f"{ms([r['onnx']['same_answer_and_set'] for r in runs], '.0%')} |")
+            f"{ms([r['sets']['aps']['coverage_mean'] for r in runs])}, "
+            f"{ms([r['sets']['aps']['size_mean'] for r in runs], '.2f')} | "
+            f"{ms([r['onnx']['same_answer_and_set'] for r in runs], '.0%')} |"
+        )
     return "\n".join(rows)
 
 

@@ -61,10 +61,10 @@ def images_per_second(model: torch.nn.Module, batch: torch.Tensor, seconds: floa
 
 
 def measure(label: str, name: str, batch_size: int, seconds: float) -> list[str]:
-    from finetune.viz.anatomy import anatomy, format_count
     from finetune.model.backbone import build_backbone
-    from finetune.model.head import build_head
     from finetune.model.classifier import Classifier
+    from finetune.model.head import build_head
+    from finetune.viz.anatomy import anatomy, format_count
 
     torch.manual_seed(0)
     backbone = build_backbone(name, "random")
@@ -75,8 +75,16 @@ def measure(label: str, name: str, batch_size: int, seconds: float) -> list[str]
     spatial = [g for g in result.groups if g.field not in (None, "global")]
     field = f"{spatial[-1].receptive_field} ({spatial[-1].name})" if spatial else "-"
     rate = images_per_second(net, torch.randn(batch_size, *size), seconds)
-    return [label, f"`{name}`", f"{size[1]}x{size[2]}", format_count(result.params), format_count(result.macs),
-            field, f"{rate:.1f}", top1(name)]
+    return [
+        label,
+        f"`{name}`",
+        f"{size[1]}x{size[2]}",
+        format_count(result.params),
+        format_count(result.macs),
+        field,
+        f"{rate:.1f}",
+        top1(name),
+    ]
 
 
 def main() -> None:
@@ -88,8 +96,16 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    header = ["network", "backbone.name", "input", "params", "mult-adds", "receptive field", "CPU img/s",
-              "ImageNet top-1 %"]
+    header = [
+        "network",
+        "backbone.name",
+        "input",
+        "params",
+        "mult-adds",
+        "receptive field",
+        "CPU img/s",
+        "ImageNet top-1 %",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     print("\n".join(lines), flush=True)
     started = time.perf_counter()
@@ -99,13 +115,15 @@ def main() -> None:
         print(lines[-1], flush=True)
         gc.collect()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    note = (f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"fp32 eager, batch {args.batch}, {args.threads} thread(s), {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; "
-            f"load average {load:.1f} when done (a shared machine: speeds are lower bounds). Params and "
-            f"mult-adds include the classifier (1000 classes; LeNet-5: 10) and leave out auxiliary classifiers "
-            f"(torchvision counts Inception-v3's: 27.2M). Receptive field: of the last spatial layer group, in "
-            f"input pixels. Top-1 from torchvision's weights metadata; timm's pretrained_cfg gives none for lite0. "
-            f"{time.perf_counter() - started:.0f} s in all.")
+    note = (
+        f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"fp32 eager, batch {args.batch}, {args.threads} thread(s), {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; "
+        f"load average {load:.1f} when done (a shared machine: speeds are lower bounds). Params and "
+        f"mult-adds include the classifier (1000 classes; LeNet-5: 10) and leave out auxiliary classifiers "
+        f"(torchvision counts Inception-v3's: 27.2M). Receptive field: of the last spatial layer group, in "
+        f"input pixels. Top-1 from torchvision's weights metadata; timm's pretrained_cfg gives none for lite0. "
+        f"{time.perf_counter() - started:.0f} s in all."
+    )
     print(note)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n" + note + "\n")

@@ -12,8 +12,12 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 __all__ = ["FinetunedModel", "FitResult", "fit", "load"]
 __version__ = "0.1.0"
 
-_LAZY = {"fit": "finetune.api", "load": "finetune.use.load", "FinetunedModel": "finetune.use.load",
-         "FitResult": "finetune.train.report"}
+_LAZY = {
+    "fit": "finetune.api",
+    "load": "finetune.use.load",
+    "FinetunedModel": "finetune.use.load",
+    "FitResult": "finetune.train.report",
+}
 
 
 def __getattr__(name: str):

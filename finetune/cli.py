@@ -19,8 +19,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from finetune.config import config_dir, register_recipes
 from finetune.console import is_rank_zero
-from finetune.train.distributed import child_argv, in_sweep_child, relaunchable_job
 from finetune.errors import ConfigError, FinetuneError
+from finetune.train.distributed import child_argv, in_sweep_child, relaunchable_job
 from finetune.train.sweep import register_resolvers
 
 # A first argument that can only be a command (overrides have `=`, flags `-`, appends `+`).
@@ -81,8 +81,11 @@ def _stopped(stop, hydra_cfg, sweep: bool) -> None:
             dropped = ("resume", "overwrite") + (("ckpt_path",) if stop.last is not None else ())
             kept = [o for o in hydra_cfg.overrides.task if o.split("=", 1)[0].lstrip("+~") not in dropped]
             again = ["finetune", *kept, f"hydra.run.dir={hydra_value(str(stop.output_dir))}"]
-            hint = (f"continue with: {shlex.join([*again, 'resume=true'])}" if stop.last is not None else
-                    f"no checkpoint was written yet; start again with: {shlex.join(again)}")
+            hint = (
+                f"continue with: {shlex.join([*again, 'resume=true'])}"
+                if stop.last is not None
+                else f"no checkpoint was written yet; start again with: {shlex.join(again)}"
+            )
             print(f"{stop}; {hint}", file=sys.stderr, flush=True)
     sys.exit(stop.code)
 
@@ -117,7 +120,9 @@ def _sweep_trial(cfg: DictConfig) -> float:
         result = run(cfg)
         value = result.metrics.get(result.objective)
         if value is None or math.isnan(value):
-            raise FinetuneError(f"The run recorded no usable {result.objective} ({value}); it is the sweep's objective.")
+            raise FinetuneError(
+                f"The run recorded no usable {result.objective} ({value}); it is the sweep's objective."
+            )
         return value
     except Exception as err:  # noqa: BLE001 - isolating any trial failure is the point
         if is_rank_zero():

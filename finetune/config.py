@@ -109,8 +109,24 @@ TYPED_KEYS = {
     "callbacks.checkpoint.min_write_interval_s": ((int, float), 0, "a number of seconds >= 0 (0: every epoch)"),
 }
 # Lightning's precision names (plus auto, resolved per machine by finetune.compute.speed).
-PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true",
-              "transformer-engine", "transformer-engine-float16", "64", "32", "16", "bf16", 64, 32, 16)
+PRECISIONS = (
+    "auto",
+    "32-true",
+    "bf16-mixed",
+    "16-mixed",
+    "bf16-true",
+    "16-true",
+    "64-true",
+    "transformer-engine",
+    "transformer-engine-float16",
+    "64",
+    "32",
+    "16",
+    "bf16",
+    64,
+    32,
+    16,
+)
 
 
 def check_types(cfg: DictConfig) -> None:
@@ -148,15 +164,28 @@ def check_values(cfg: DictConfig) -> None:
     get = lambda key: OmegaConf.select(cfg, key, default=None)  # noqa: E731
     rules = [
         ("seed", lambda v: v is not None and v > 2**32 - 1, "it must be an integer from 0 to 2**32 - 1"),
-        ("head.dropout", lambda v: v is not None and v >= 1,
-         "a dropout of 1 or more drops every feature; use a probability below 1 (0.0: none)"),
+        (
+            "head.dropout",
+            lambda v: v is not None and v >= 1,
+            "a dropout of 1 or more drops every feature; use a probability below 1 (0.0: none)",
+        ),
         ("trainer.max_epochs", lambda v: v == 0, "0 epochs trains nothing and writes no model; use 1 or more"),
-        ("trainer.max_epochs", lambda v: v == -1 and not get("callbacks.early_stopping_patience")
-         and get("trainer.max_steps") in (None, -1) and get("trainer.max_time") is None,
-         "-1 (no limit) never stops by itself; set callbacks.early_stopping_patience=N "
-         "(or +trainer.max_time=...), or give a number of epochs"),
-        ("trainer.precision", lambda v: v is not None and v not in PRECISIONS,
-         f"choose one of {', '.join(str(p) for p in PRECISIONS[:6])} (Lightning's precision names)"),
+        (
+            "trainer.max_epochs",
+            lambda v: (
+                v == -1
+                and not get("callbacks.early_stopping_patience")
+                and get("trainer.max_steps") in (None, -1)
+                and get("trainer.max_time") is None
+            ),
+            "-1 (no limit) never stops by itself; set callbacks.early_stopping_patience=N "
+            "(or +trainer.max_time=...), or give a number of epochs",
+        ),
+        (
+            "trainer.precision",
+            lambda v: v is not None and v not in PRECISIONS,
+            f"choose one of {', '.join(str(p) for p in PRECISIONS[:6])} (Lightning's precision names)",
+        ),
         ("tta", lambda v: v is not None and v not in TTA_CHOICES, f"choose {', '.join(TTA_CHOICES)}"),
         ("task", lambda v: v is not None and v not in TASK_CHOICES, "choose multiclass or multilabel"),
         ("multilabel.thresholds", lambda v: v not in (None, "f1", "accuracy", "none"), "choose f1, accuracy or none"),
@@ -195,13 +224,31 @@ def hydra_value(value) -> str:
 
 
 # Hydra's command-line flags that take a value (`--cfg job`); the others (-m) stand alone.
-_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
-                     "--config-dir", "-cd", "--experimental-rerun", "--info", "-i"}
+_FLAGS_WITH_VALUE = {
+    "--cfg",
+    "-c",
+    "--package",
+    "-p",
+    "--config-path",
+    "-cp",
+    "--config-name",
+    "-cn",
+    "--config-dir",
+    "-cd",
+    "--experimental-rerun",
+    "--info",
+    "-i",
+}
 # What a sweep override's value looks like: a top-level comma, or Hydra's sweep functions (int(...) too).
-_SWEEP_VALUE = re.compile(r"^((int|float|str|bool)\(\s*)*(range|choice|interval|glob|tag|shuffle)\(|,(?![^\[\]{}()]*[\]})])")
+_SWEEP_VALUE = re.compile(
+    r"^((int|float|str|bool)\(\s*)*(range|choice|interval|glob|tag|shuffle)\(|,(?![^\[\]{}()]*[\]})])"
+)
 # Config groups whose options come from an extra: option prefix -> (module, pip extra).
-_EXTRAS = {"hparams_search=optuna": ("optuna", "sweep"), "hydra/sweeper=optuna": ("optuna", "sweep"),
-           "hydra/launcher=slurm": ("hydra_plugins.hydra_submitit_launcher", "slurm")}
+_EXTRAS = {
+    "hparams_search=optuna": ("optuna", "sweep"),
+    "hydra/sweeper=optuna": ("optuna", "sweep"),
+    "hydra/launcher=slurm": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
+}
 
 
 def check_overrides(args: list[str]) -> DictConfig | None:
@@ -306,8 +353,10 @@ def _unknown_key(key: str, cfg: DictConfig) -> str:
     keys = _dotted_keys(OmegaConf.to_container(cfg, resolve=False))
     close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
     hint = f" Did you mean {close[0]}?" if close else ""
-    return (f"Unknown config key {key!r}.{hint} (To add a new key on purpose: +{key}=VALUE; "
-            f"finetune --cfg job prints every key.)")
+    return (
+        f"Unknown config key {key!r}.{hint} (To add a new key on purpose: +{key}=VALUE; "
+        f"finetune --cfg job prints every key.)"
+    )
 
 
 def _unknown_option(group: str, option: str) -> str:

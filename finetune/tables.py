@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 
-
 def format_table(header: Sequence[str], rows: Iterable[Sequence], align: str | None = None) -> str:
     """Columns padded to their widest cell; `align` has one char per column: l or r."""
     rows = [[str(c) for c in row] for row in rows]

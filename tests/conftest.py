@@ -21,8 +21,13 @@ POKEMON = Path(os.environ.get("FINETUNE_POKEMON", REPO.parent / "shared" / "data
 
 # A tiny real timm model (0.4M params, BatchNorm, 4 stages) with random weights: fast and offline.
 TINY = ["backbone.name=test_resnet", "backbone.weights=random", "data.image_size=32"]
-QUICK_WITH_PICTURES = ["trainer.max_epochs=1", "trainer.accelerator=cpu", "data.num_workers=0", "logger=none",
-                       "callbacks.progress_bar=false"]
+QUICK_WITH_PICTURES = [
+    "trainer.max_epochs=1",
+    "trainer.accelerator=cpu",
+    "data.num_workers=0",
+    "logger=none",
+    "callbacks.progress_bar=false",
+]
 QUICK = QUICK_WITH_PICTURES + ["viz=none"]  # pictures have their own tests (test_viz.py)
 
 
@@ -55,8 +60,9 @@ def finetune_cli(*args: str, timeout: float = 600, env: dict | None = None):
     import subprocess
     import sys
 
-    return subprocess.run([sys.executable, "-m", "finetune", *args], capture_output=True, text=True, timeout=timeout,
-                          env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "finetune", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def assert_refused(result, message: str) -> None:
@@ -74,8 +80,10 @@ def browser():
     """A headless Chromium driven by Selenium, as a user's browser would load a page (Debian's
     chromium and chromium-driver; .ci/run installs them). Missing under CI is a failure, not a skip."""
     if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
-        message = (f"chromium not found at {CHROMIUM} or chromedriver at {CHROMEDRIVER} "
-                   "(apt-get install chromium chromium-driver, or set FINETUNE_CHROMIUM / FINETUNE_CHROMEDRIVER)")
+        message = (
+            f"chromium not found at {CHROMIUM} or chromedriver at {CHROMEDRIVER} "
+            "(apt-get install chromium chromium-driver, or set FINETUNE_CHROMIUM / FINETUNE_CHROMEDRIVER)"
+        )
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
@@ -84,7 +92,13 @@ def browser():
 
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,1024"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1280,1024",
+    ):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
     driver.set_page_load_timeout(60)
@@ -134,9 +148,21 @@ def fit_tiny_on_folders(root: Path, per_class: int, val_per_class: int, epochs: 
 
     write_class_folders(root / "data" / "train", per_class=per_class)
     write_class_folders(root / "data" / "val", per_class=val_per_class, seed=1)
-    return fit("full_finetune", TINY + QUICK + ["data=folder", f"data.root={root / 'data'}",
-                                                f"trainer.max_epochs={epochs}", "optimizer.lr=0.05", "augment=none",
-                                                "trainer.precision=32-true", *extra, f"hydra.run.dir={root / 'run'}"])
+    return fit(
+        "full_finetune",
+        TINY
+        + QUICK
+        + [
+            "data=folder",
+            f"data.root={root / 'data'}",
+            f"trainer.max_epochs={epochs}",
+            "optimizer.lr=0.05",
+            "augment=none",
+            "trainer.precision=32-true",
+            *extra,
+            f"hydra.run.dir={root / 'run'}",
+        ],
+    )
 
 
 @pytest.fixture

@@ -25,8 +25,17 @@ from finetune.use.embed import Embeddings
 TINY = ["backbone.name=test_resnet", "backbone.weights=random", "data.image_size=32", "data.num_workers=0"]
 # lite0 with its embedded ImageNet weights (offline), at a small size: real features in seconds.
 LITE0 = ["data.image_size=128", "data.num_workers=0", "trainer.precision=32-true"]
-COLUMNS = ["path", "split", "given", "suggested", "label_quality", "is_label_issue", "outlier_score", "is_outlier",
-           "duplicate_of"]
+COLUMNS = [
+    "path",
+    "split",
+    "given",
+    "suggested",
+    "label_quality",
+    "is_label_issue",
+    "outlier_score",
+    "is_outlier",
+    "duplicate_of",
+]
 
 
 def clusters(seed: int = 0, per_class: int = 40, dim: int = 32):
@@ -62,7 +71,7 @@ def test_audit_finds_flipped_labels_a_copied_row_and_a_far_point_on_features():
     correct = int((result.suggested == given).sum())
     assert result.accuracy == correct / 122 and result.interval == wilson(correct, 122)
     rows = result.rows()
-    assert [r["path"] for r in rows[:len(result.suspects())]] == list(paths[result.suspects()])  # most suspect first
+    assert [r["path"] for r in rows[: len(result.suspects())]] == list(paths[result.suspects()])  # most suspect first
     assert set(rows[0]) == set(COLUMNS)
 
 
@@ -119,8 +128,9 @@ def planted_photos(root: Path, hymenoptera: Path) -> dict:
             planted["mislabelled"].append(str(root / "train" / wrong / path.name))
     bee = root / "train" / "bees" / source["bees"][3].name
     image = Image.open(bee).convert("RGB")
-    image.resize((round(image.width * 0.7), round(image.height * 0.7))).save(root / "val" / "bees" / "copy.jpg",
-                                                                              quality=60)
+    image.resize((round(image.width * 0.7), round(image.height * 0.7))).save(
+        root / "val" / "bees" / "copy.jpg", quality=60
+    )
     planted["copy"] = {str(bee), str(root / "val" / "bees" / "copy.jpg")}
     squares = ((np.indices((240, 320)).sum(axis=0) // 40) % 2 * 255).astype(np.uint8)
     Image.fromarray(squares).convert("RGB").save(root / "train" / "ants" / "checkerboard.png")
@@ -164,9 +174,20 @@ def test_audit_cli_end_to_end_counts_an_unreadable_file(tmp_path, image_folder):
     bad = image_folder / "train" / "bees" / "truncated.jpg"
     bad.write_bytes(next((image_folder / "train" / "bees").glob("*.jpg")).read_bytes()[:200])
     out = tmp_path / "audit"
-    done = subprocess.run([str(Path(sys.executable).parent / "finetune"), "audit", *TINY, "data=folder",
-                           f"data.root={image_folder}", f"data.cache.dir={tmp_path / 'cache'}", f"out={out}"],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "finetune"),
+            "audit",
+            *TINY,
+            "data=folder",
+            f"data.root={image_folder}",
+            f"data.cache.dir={tmp_path / 'cache'}",
+            f"out={out}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "audited 36 images (train 24, val 12), 3 classes" in done.stdout
     assert "skipped 1 unreadable files" in done.stdout and "k-fold accuracy" in done.stdout
@@ -176,21 +197,26 @@ def test_audit_cli_end_to_end_counts_an_unreadable_file(tmp_path, image_folder):
     assert str(bad) in json.loads((out / "audit.json").read_text())["skipped"]
 
 
-@pytest.mark.parametrize("option, message", [
-    ("folds=1", "at least 2 folds"),
-    ("folds=two", "folds='two' must be an integer"),
-    ("folds=13", "classes 'ants' \\(12\\), 'bees' \\(12\\), 'wasps' \\(12\\) have fewer images than folds"),
-    ("top=many", "top='many' must be an integer"),
-    ("similarity=2", "a correlation lies between -1 and 1"),
-])
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        ("folds=1", "at least 2 folds"),
+        ("folds=two", "folds='two' must be an integer"),
+        ("folds=13", "classes 'ants' \\(12\\), 'bees' \\(12\\), 'wasps' \\(12\\) have fewer images than folds"),
+        ("top=many", "top='many' must be an integer"),
+        ("similarity=2", "a correlation lies between -1 and 1"),
+    ],
+)
 def test_audit_refuses_bad_options_with_one_line(tmp_path, image_folder, option, message):
     with pytest.raises(ConfigError, match=message):
         audit_command([*TINY, "data=folder", f"data.root={image_folder}", f"out={tmp_path / 'a'}", option])
 
 
 def test_audit_refuses_a_class_smaller_than_the_folds_before_computing_features(tmp_path, image_folder, monkeypatch):
-    for path in sorted((image_folder / "val" / "wasps").glob("*.jpg")) + sorted(
-            (image_folder / "train" / "wasps").glob("*.jpg"))[3:]:
+    for path in (
+        sorted((image_folder / "val" / "wasps").glob("*.jpg"))
+        + sorted((image_folder / "train" / "wasps").glob("*.jpg"))[3:]
+    ):
         path.unlink()
 
     def embed(*args, **kwargs):
@@ -204,5 +230,6 @@ def test_audit_refuses_a_class_smaller_than_the_folds_before_computing_features(
 def test_audit_refuses_multilabel_data(tmp_path):
     manifest = write_multilabel_manifest(tmp_path / "ml")
     with pytest.raises(ConfigError, match="multi-label data"):
-        audit_command([*TINY, "data=csv", f"data.csv={manifest}", "data.label_sep= ", "task=multilabel",
-                       f"out={tmp_path / 'a'}"])
+        audit_command(
+            [*TINY, "data=csv", f"data.csv={manifest}", "data.label_sep= ", "task=multilabel", f"out={tmp_path / 'a'}"]
+        )

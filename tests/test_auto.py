@@ -11,12 +11,18 @@ import sys
 import time
 
 import pytest
-
 from conftest import assert_refused, finetune_cli, write_class_folders
 
-TINY_AUTO = ["auto.backbones=[test_resnet,test_efficientnet,test_vit]", "auto.top=2", "auto.folds=3",
-             "auto.recipes=[freeze_all_but_head,full_finetune]", "backbone.weights=random", "data.image_size=32",
-             "data.num_workers=0", "logger=none"]
+TINY_AUTO = [
+    "auto.backbones=[test_resnet,test_efficientnet,test_vit]",
+    "auto.top=2",
+    "auto.folds=3",
+    "auto.recipes=[freeze_all_but_head,full_finetune]",
+    "backbone.weights=random",
+    "data.image_size=32",
+    "data.num_workers=0",
+    "logger=none",
+]
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +48,12 @@ def test_auto_searches_within_its_budget_and_keeps_the_best_run(folders, tmp_pat
     from finetune import fit
 
     started = time.perf_counter()
-    result = fit("auto", [*TINY_AUTO, "data=folder", f"data.root={folders / 'data'}"], time_budget="45s",
-                 out=str(tmp_path / "auto"))
+    result = fit(
+        "auto",
+        [*TINY_AUTO, "data=folder", f"data.root={folders / 'data'}"],
+        time_budget="45s",
+        out=str(tmp_path / "auto"),
+    )
     wall = time.perf_counter() - started
     assert result.seconds <= 45 * 1.1 and wall <= 45 * 1.1 + 15  # + start-up and the closing report
     rows = list(csv.DictReader((tmp_path / "auto" / "leaderboard.csv").open()))
@@ -56,8 +66,11 @@ def test_auto_searches_within_its_budget_and_keeps_the_best_run(folders, tmp_pat
     assert finished == sorted(finished, reverse=True) and result.score == finished[0]
     first = {r["trial"]: r for r in rows}
     # The search starts from the recipes as shipped, on the best-ranked backbone.
-    assert (first["0"]["recipe"], float(first["0"]["lr"]), float(first["0"]["weight_decay"])) == \
-        ("freeze_all_but_head", 0.01, 1e-4)
+    assert (first["0"]["recipe"], float(first["0"]["lr"]), float(first["0"]["weight_decay"])) == (
+        "freeze_all_but_head",
+        0.01,
+        1e-4,
+    )
     assert first["1"]["recipe"] == "full_finetune" and float(first["1"]["lr"]) == pytest.approx(0.001)
     assert first["0"]["backbone"] == first["1"]["backbone"]
     best = finetune.load(result.checkpoint)
@@ -71,8 +84,12 @@ def test_auto_killed_mid_search_goes_on_without_repeating_a_trial(folders, tmp_p
 
     out = tmp_path / "auto"
     args = [*TINY_AUTO, "data=folder", f"data.root={folders / 'data'}", f"out={out}"]
-    search = subprocess.Popen([sys.executable, "-m", "finetune", "auto", "time_budget=300s", *args],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    search = subprocess.Popen(
+        [sys.executable, "-m", "finetune", "auto", "time_budget=300s", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 240
         while time.time() < deadline and len(list((out / "trials").glob("*"))) < 4:
@@ -82,14 +99,20 @@ def test_auto_killed_mid_search_goes_on_without_repeating_a_trial(folders, tmp_p
         os.kill(search.pid, signal.SIGKILL)
         search.wait()
     storage = f"sqlite:///{out / 'auto.db'}"
-    before = {t.number: (t.state.name, t.value, t.params) for t in optuna.load_study(study_name="auto", storage=storage).trials}
+    before = {
+        t.number: (t.state.name, t.value, t.params)
+        for t in optuna.load_study(study_name="auto", storage=storage).trials
+    }
     finished = {n for n, (state, _, _) in before.items() if state in ("COMPLETE", "PRUNED")}
     assert len(finished) >= 2
     spent = optuna.load_study(study_name="auto", storage=storage).user_attrs["seconds"]
     # The budget counts what the killed search spent: 15 s more than that leaves room for a few trials.
     again = finetune_cli("auto", f"time_budget={spent + 15:.0f}s", "resume=true", *args)
     assert again.returncode == 0, again.stderr[-2000:]
-    after = {t.number: (t.state.name, t.value, t.params) for t in optuna.load_study(study_name="auto", storage=storage).trials}
+    after = {
+        t.number: (t.state.name, t.value, t.params)
+        for t in optuna.load_study(study_name="auto", storage=storage).trials
+    }
     for number in finished:  # the same trials, the same results: none ran again
         assert after[number] == before[number]
     killed = [n for n, (state, _, _) in before.items() if state == "RUNNING"]
@@ -107,8 +130,9 @@ def test_auto_leaderboard_is_a_wandb_table_when_wandb_is_on(folders, tmp_path, m
     monkeypatch.setenv("WANDB_MODE", "offline")
     out = tmp_path / "auto"
     args = [a for a in TINY_AUTO if a != "logger=none"]
-    result = finetune_cli("auto", "time_budget=60s", *args, "logger=wandb", "data=folder", f"data.root={folders / 'data'}",
-                       f"out={out}")
+    result = finetune_cli(
+        "auto", "time_budget=60s", *args, "logger=wandb", "data=folder", f"data.root={folders / 'data'}", f"out={out}"
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     tables = list(out.glob("wandb/offline-run-*/files/media/table/leaderboard_*.table.json"))
     assert len(tables) == 1
@@ -117,14 +141,17 @@ def test_auto_leaderboard_is_a_wandb_table_when_wandb_is_on(folders, tmp_path, m
     assert table["columns"][:3] == ["trial", "backbone", "recipe"] and len(table["data"]) == len(rows)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["time_budget=soon"], "give a duration"),
-    (["time_budget=0s"], "positive duration"),
-    (["auto.recipes=[freeze_all_but_head,magic]"], "no recipe magic"),
-    (["auto.top=0"], "auto.top=0 must be at least 1"),
-    (["resume=true"], "resume=true needs out=DIR"),
-    (["task=multilabel"], "multi-label"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["time_budget=soon"], "give a duration"),
+        (["time_budget=0s"], "positive duration"),
+        (["auto.recipes=[freeze_all_but_head,magic]"], "no recipe magic"),
+        (["auto.top=0"], "auto.top=0 must be at least 1"),
+        (["resume=true"], "resume=true needs out=DIR"),
+        (["task=multilabel"], "multi-label"),
+    ],
+)
 def test_auto_refuses_bad_options_in_one_line(args, message):
     assert_refused(finetune_cli("auto", "data=digits", *args), message)
 

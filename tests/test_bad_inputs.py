@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import QUICK, TINY, class_image, write_class_folders
 from PIL import Image
 
-from conftest import QUICK, TINY, class_image, write_class_folders
 from finetune import fit
 from finetune.commands import check_data_command
 from finetune.data.datamodule import ImageDataset, collate_skipping_unreadable
@@ -60,7 +60,7 @@ def convertible(directory: Path, label: int) -> list[Path]:
 
     save("cmyk.jpg", base.convert("CMYK"), quality=95)
     save("gray.png", base.convert("L"))
-    save("wide16.png", Image.fromarray((np.asarray(base.convert("L"), np.uint16) * 257)))
+    save("wide16.png", Image.fromarray(np.asarray(base.convert("L"), np.uint16) * 257))
     save("rgba.png", base.convert("RGBA"))
     save("palette.png", base.convert("P"))
     return out
@@ -192,8 +192,15 @@ def test_hymenoptera_with_bad_files_injected_keeps_its_accuracy(hymenoptera, tmp
     root = tmp_path / "hymenoptera"
     shutil.copytree(hymenoptera, root, copy_function=lambda src, dst: Path(dst).symlink_to(src))
     injected = inject(root / "train", ["ants", "bees"])
-    result = fit("freeze_all_but_head", data="folder", data__root=root, logger="none", trainer__max_epochs=8,
-                 callbacks__progress_bar=False, hydra__run__dir=tmp_path / "run")
+    result = fit(
+        "freeze_all_but_head",
+        data="folder",
+        data__root=root,
+        logger="none",
+        trainer__max_epochs=8,
+        callbacks__progress_bar=False,
+        hydra__run__dir=tmp_path / "run",
+    )
     assert {path for path, _ in result.data_report.skipped} == injected
     assert result.metrics["val/acc"] >= 0.95, result.history
 
@@ -222,17 +229,29 @@ def test_a_dead_worker_becomes_a_message_with_the_fix():
     assert explain_worker_failure(RuntimeError("CUDA out of memory")).args == ("CUDA out of memory",)
 
 
-@pytest.mark.parametrize("message, expected", [
-    ("CUDA out of memory. Tried to allocate 2.00 GiB", True),
-    ("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a non-contiguous input.", True),
-    ("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes.",
-     True),
-    ("[enforce fail at alloc_cpu.cpp:72] data. DefaultCPUAllocator: not enough memory: you tried to allocate 8 bytes.",
-     True),  # Windows' wording, which Lightning's detector does not know
-    ("MPS backend out of memory (MPS allocated: 8.00 GB)", True),
-    ("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)", False),
-    ("DataLoader worker (pid 123) is killed by signal: Killed.", False),
-])
+@pytest.mark.parametrize(
+    "message, expected",
+    [
+        ("CUDA out of memory. Tried to allocate 2.00 GiB", True),
+        (
+            "cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a non-contiguous input.",
+            True,
+        ),
+        (
+            "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to "
+            "allocate 8 bytes.",
+            True,
+        ),
+        (
+            "[enforce fail at alloc_cpu.cpp:72] data. DefaultCPUAllocator: not enough memory: you tried to "
+            "allocate 8 bytes.",
+            True,
+        ),  # Windows' wording, which Lightning's detector does not know
+        ("MPS backend out of memory (MPS allocated: 8.00 GB)", True),
+        ("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)", False),
+        ("DataLoader worker (pid 123) is killed by signal: Killed.", False),
+    ],
+)
 def test_out_of_memory_is_recognized_in_every_wording(message, expected):
     from finetune.train.faults import is_out_of_memory
 

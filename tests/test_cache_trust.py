@@ -36,9 +36,21 @@ def bmp_folder(tmp_path: Path) -> Path:
 
 
 def _fit(tmp_path: Path, data: Path, name: str, *extra: str):
-    return fit("freeze_all_but_head", TINY + QUICK + [
-        "data=folder", f"data.root={data}", "data.batch_size=8", "trainer.max_epochs=2", "augment=none",
-        f"data.cache.dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / name}", *extra])
+    return fit(
+        "freeze_all_but_head",
+        TINY
+        + QUICK
+        + [
+            "data=folder",
+            f"data.root={data}",
+            "data.batch_size=8",
+            "trainer.max_epochs=2",
+            "augment=none",
+            f"data.cache.dir={tmp_path / 'cache'}",
+            f"hydra.run.dir={tmp_path / name}",
+            *extra,
+        ],
+    )
 
 
 def _accuracies(result) -> list[float]:
@@ -54,7 +66,7 @@ def _tensor_bytes(path: Path, name: str) -> tuple[int, int]:
     """(start, end) of tensor `name`'s data in the safetensors file."""
     raw = path.read_bytes()
     (header_size,) = struct.unpack("<Q", raw[:8])
-    start, end = json.loads(raw[8:8 + header_size])[name]["data_offsets"]
+    start, end = json.loads(raw[8 : 8 + header_size])[name]["data_offsets"]
     return 8 + header_size + start, 8 + header_size + end
 
 

@@ -10,20 +10,20 @@ import urllib.error
 import pytest
 import torch
 from conftest import QUICK, TINY
-from test_viz import footprint
 from safetensors.torch import save_file
+from test_viz import footprint
 from torchvision import models as tv_models
 
 import finetune
-from finetune.viz import receptive as receptive_module
-from finetune.viz.anatomy import anatomy
-from finetune.model.backbone import build_backbone
 from finetune.commands import show_groups_command
 from finetune.errors import ConfigError, WeightsError
-from finetune.use.export import export
+from finetune.model.backbone import build_backbone
 from finetune.model.head import build_head
 from finetune.model.lenet import C3_TABLE, LeNet5
 from finetune.model.torchvision_backbones import torchvision_data_config
+from finetune.use.export import export
+from finetune.viz import receptive as receptive_module
+from finetune.viz.anatomy import anatomy
 from finetune.viz.receptive import FieldTraceError, trace_fields
 
 # name -> (small input side the network accepts, group names, feature width). VGG-16 is built
@@ -78,6 +78,7 @@ def test_data_config_comes_from_the_weights_transforms():
 
 # --- anatomy: the literature's numbers, a gradient measurement, torchvision's metadata ----------
 
+
 def test_alexnet_and_vgg16_receptive_fields_match_the_literature():
     alexnet = anatomy(built("torchvision:alexnet").model, built("torchvision:alexnet").groups, (3, 224, 224))
     rows = {g.name: g for g in alexnet.groups}
@@ -98,8 +99,9 @@ def test_alexnet_and_vgg16_receptive_fields_match_the_literature():
     assert (rows_.size, rows_.jump, -rows_.lo) == (212, 32, 90) and cols == rows_
 
 
-@pytest.mark.parametrize("name, layer, size", [("torchvision:resnet18", "layer2", 128),
-                                               ("torchvision:googlenet", "inception3a", 64)])
+@pytest.mark.parametrize(
+    "name, layer, size", [("torchvision:resnet18", "layer2", 128), ("torchvision:googlenet", "inception3a", 64)]
+)
 def test_traced_receptive_fields_equal_the_gradient_footprint(name, layer, size):
     """Residual and Inception branches: the widest path is the field, as autograd sees it."""
     model = built(name).model
@@ -128,8 +130,12 @@ def test_lenet5_anatomy_is_the_papers():
     result = anatomy(model, built("lenet5").groups, (3, 32, 32))
     table = {g.name: (g.shape, g.stride, g.receptive_field) for g in result.groups}
     assert table == {
-        "c1": ((6, 28, 28), "1", "5"), "s2": ((6, 14, 14), "2", "6"), "c3": ((16, 10, 10), "2", "14"),
-        "s4": ((16, 5, 5), "4", "16"), "c5": ((120, 1, 1), "4", "32"), "f6": ((84,), "global", "global"),
+        "c1": ((6, 28, 28), "1", "5"),
+        "s2": ((6, 14, 14), "2", "6"),
+        "c3": ((16, 10, 10), "2", "14"),
+        "s4": ((16, 5, 5), "4", "16"),
+        "c5": ((120, 1, 1), "4", "32"),
+        "f6": ((84,), "global", "global"),
     }
     # The paper's trainable parameters: C1 156, S2 12, C3 1,516, S4 32, C5 48,120, F6 10,164.
     connected = int(model.c3.mask.sum().item()) * 25 + 16
@@ -173,6 +179,7 @@ def test_show_groups_anatomy_works_for_timm_backbones(capsys):
 
 
 # --- weights -----------------------------------------------------------------------------------
+
 
 def test_local_weight_files_round_trip_and_aux_tensors_are_ignored(tmp_path):
     torch.manual_seed(3)
@@ -221,20 +228,24 @@ def test_hub_weights_are_verified_and_offline_says_how_to_pass_a_file(monkeypatc
 
     def offline(url, **kw):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
     monkeypatch.setattr("torchvision.models._api.load_state_dict_from_url", offline)
     with pytest.raises(WeightsError, match=r"backbone\.weights=/path/to/resnet18-f37072fd\.pth"):
         build_backbone("torchvision:resnet18", "IMAGENET1K_V1")
 
 
-@pytest.mark.parametrize("name, weights, pool, message", [
-    ("torchvision:alexnett", "random", None, "Did you mean: torchvision:alexnet"),
-    ("torchvision:resnet18", "IMAGENET9K", None, "IMAGENET1K_V1"),
-    ("torchvision:resnet18", "VGG16_Weights.IMAGENET1K_V1", None, "IMAGENET1K_V1"),
-    ("torchvision:squeezenet1_0", "random", None, "no linear classifier"),
-    ("torchvision:alexnet", "random", "max", "Leave head.pool=null"),
-    ("lenet5", "pretrained", None, "LeNet-5 has no pretrained weights"),
-    ("lenet5", "random", "avg", "Leave head.pool=null"),
-])
+@pytest.mark.parametrize(
+    "name, weights, pool, message",
+    [
+        ("torchvision:alexnett", "random", None, "Did you mean: torchvision:alexnet"),
+        ("torchvision:resnet18", "IMAGENET9K", None, "IMAGENET1K_V1"),
+        ("torchvision:resnet18", "VGG16_Weights.IMAGENET1K_V1", None, "IMAGENET1K_V1"),
+        ("torchvision:squeezenet1_0", "random", None, "no linear classifier"),
+        ("torchvision:alexnet", "random", "max", "Leave head.pool=null"),
+        ("lenet5", "pretrained", None, "LeNet-5 has no pretrained weights"),
+        ("lenet5", "random", "avg", "Leave head.pool=null"),
+    ],
+)
 def test_config_mistakes_are_config_errors(name, weights, pool, message):
     with pytest.raises(ConfigError, match=message):
         build_backbone(name, weights, global_pool=pool)
@@ -242,7 +253,9 @@ def test_config_mistakes_are_config_errors(name, weights, pool, message):
 
 @pytest.mark.parametrize("name, side, needed", [("torchvision:inception_v3", 64, 75), ("lenet5", 28, 32)])
 def test_too_small_inputs_are_config_errors(name, side, needed):
-    with pytest.raises(ConfigError, match=f"at least {needed}x{needed} px, got {side}x{side}: set data.image_size={needed}"):
+    with pytest.raises(
+        ConfigError, match=f"at least {needed}x{needed} px, got {side}x{side}: set data.image_size={needed}"
+    ):
         built(name).model(torch.zeros(1, 3, side, side))
 
 
@@ -260,9 +273,16 @@ FEW_BATCHES = QUICK + ["data.batch_size=16", "+trainer.limit_train_batches=3", "
 @pytest.mark.parametrize("name", ["torchvision:alexnet", "torchvision:googlenet"])
 def test_classic_head_trains_through_fit_and_reloads(name, tmp_path):
     size = CLASSICS[name][0]
-    result = finetune.fit("freeze_all_but_head", [f"backbone.name={name}", "backbone.weights=random",
-                                                  f"data.image_size={size}", f"hydra.run.dir={tmp_path}",
-                                                  *FEW_BATCHES])
+    result = finetune.fit(
+        "freeze_all_but_head",
+        [
+            f"backbone.name={name}",
+            "backbone.weights=random",
+            f"data.image_size={size}",
+            f"hydra.run.dir={tmp_path}",
+            *FEW_BATCHES,
+        ],
+    )
     assert math.isfinite(result.metrics["train/loss"]) and 0 <= result.metrics["val/acc"] <= 1
     trainable = {n for n, p in result.model.named_parameters() if p.requires_grad}
     assert trainable == {"head.1.weight", "head.1.bias"}

@@ -12,13 +12,22 @@ from conftest import QUICK, TINY
 
 def finetune(*args: str, cwd) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "disabled"}
-    return subprocess.run([sys.executable, "-m", "finetune", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "finetune", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_cli_trains_reports_val_acc_and_every_output(image_folder, tmp_path):
-    proc = finetune("+recipe=freeze_all_but_head", "data=folder", f"data.root={image_folder}",
-                    *TINY, *QUICK, "logger=csv", "hydra.run.dir=run", cwd=tmp_path)
+    proc = finetune(
+        "+recipe=freeze_all_but_head",
+        "data=folder",
+        f"data.root={image_folder}",
+        *TINY,
+        *QUICK,
+        "logger=csv",
+        "hydra.run.dir=run",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert re.search(r"^val/acc=\d\.\d{4}$", out, re.MULTILINE), out[-2000:]
@@ -32,8 +41,14 @@ def test_cli_trains_reports_val_acc_and_every_output(image_folder, tmp_path):
 
 
 def test_cli_relative_data_root_means_the_users_working_directory(image_folder, tmp_path):
-    proc = finetune("data=folder", f"data.root={os.path.relpath(image_folder, tmp_path)}", *TINY, *QUICK,
-                    "hydra.run.dir=out", cwd=tmp_path)
+    proc = finetune(
+        "data=folder",
+        f"data.root={os.path.relpath(image_folder, tmp_path)}",
+        *TINY,
+        *QUICK,
+        "hydra.run.dir=out",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -57,8 +72,18 @@ def test_cli_config_mistakes_exit_with_a_short_message(tmp_path):
 
 
 def test_diverging_run_stops_with_the_step_and_a_fix(image_folder, tmp_path):
-    proc = finetune("+recipe=full_finetune", "data=folder", f"data.root={image_folder}", *TINY, *QUICK,
-                    "optimizer.lr=1e30", "data.batch_size=8", "trainer.max_epochs=3", "hydra.run.dir=run", cwd=tmp_path)
+    proc = finetune(
+        "+recipe=full_finetune",
+        "data=folder",
+        f"data.root={image_folder}",
+        *TINY,
+        *QUICK,
+        "optimizer.lr=1e30",
+        "data.batch_size=8",
+        "trainer.max_epochs=3",
+        "hydra.run.dir=run",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "became nan" in proc.stderr or "became inf" in proc.stderr
     assert "optimizer.lr" in proc.stderr and "Traceback" not in proc.stderr

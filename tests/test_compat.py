@@ -35,34 +35,48 @@ def parameters(function) -> set[str]:
 
 def test_the_private_names_compat_uses_still_exist():
     script = private("lightning.pytorch.strategies.launchers.subprocess_script", "_SubprocessScriptLauncher")
-    assert "cluster_environment" in parameters(script.__init__), \
+    assert "cluster_environment" in parameters(script.__init__), (
         f"Lightning {VERSION}: _SubprocessScriptLauncher no longer takes a cluster_environment."
+    )
     private("lightning.pytorch.strategies.launchers.multiprocessing", "_MultiProcessingLauncher")
     observer = private("lightning.fabric.strategies.launchers.subprocess_script", "_ChildProcessObserver")
-    assert {"main_pid", "child_processes", "sleep_period"} <= parameters(observer.__init__), \
+    assert {"main_pid", "child_processes", "sleep_period"} <= parameters(observer.__init__), (
         f"Lightning {VERSION}: _ChildProcessObserver's constructor changed: {parameters(observer.__init__)}."
+    )
     # The launcher still hands its children to that observer (not to a successor we do not retire).
-    launching = inspect.getsource(private("lightning.pytorch.strategies.launchers.subprocess_script",
-                                          "_SubprocessScriptLauncher").launch)
-    assert "_launch_process_observer" in launching, \
-        f"Lightning {VERSION}: the ddp launcher no longer starts _ChildProcessObserver; check take_children_from_observers."
+    launching = inspect.getsource(
+        private("lightning.pytorch.strategies.launchers.subprocess_script", "_SubprocessScriptLauncher").launch
+    )
+    assert "_launch_process_observer" in launching, (
+        f"Lightning {VERSION}: the ddp launcher no longer starts _ChildProcessObserver; check "
+        f"take_children_from_observers."
+    )
 
 
 def trainer(**kwargs) -> L.Trainer:
-    return L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                     enable_model_summary=False, **kwargs)
+    return L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
 
 
 def test_process_launch_tells_the_launchers_apart(monkeypatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     assert process_launch(trainer(devices=1)) is None
-    assert process_launch(trainer(devices=2, strategy="ddp")) == "script", \
+    assert process_launch(trainer(devices=2, strategy="ddp")) == "script", (
         f"Lightning {VERSION}: strategy=ddp no longer uses _SubprocessScriptLauncher."
-    assert process_launch(trainer(devices=2, strategy="ddp_spawn")) == "workers", \
+    )
+    assert process_launch(trainer(devices=2, strategy="ddp_spawn")) == "workers", (
         f"Lightning {VERSION}: strategy=ddp_spawn no longer uses _MultiProcessingLauncher."
+    )
     monkeypatch.setenv("LOCAL_RANK", "0")  # Lightning's sign that a launcher (torchrun) made the processes
-    assert process_launch(trainer(devices=2, strategy="ddp")) == "external", \
+    assert process_launch(trainer(devices=2, strategy="ddp")) == "external", (
         f"Lightning {VERSION}: cluster_environment.creates_processes_externally no longer reads LOCAL_RANK."
+    )
 
 
 def test_taking_its_children_retires_the_observer_thread():
@@ -76,14 +90,14 @@ def test_taking_its_children_retires_the_observer_thread():
         taken = take_children_from_observers()
         observer.join(timeout=10)
         assert taken == [child], f"Lightning {VERSION}: no _child_processes taken from the observer."
-        assert not observer.is_alive() and child.poll() is None, \
+        assert not observer.is_alive() and child.poll() is None, (
             f"Lightning {VERSION}: the observer did not end once its _child_processes list was empty."
+        )
     finally:
         child.stdin.close()
         child.wait(timeout=30)
         observer.join(timeout=10)
     assert take_children_from_observers() == []
-
 
 
 def test_wandb_logger_init_arguments_hold_anonymous_and_drop_it(monkeypatch, tmp_path):
@@ -93,7 +107,8 @@ def test_wandb_logger_init_arguments_hold_anonymous_and_drop_it(monkeypatch, tmp
 
     monkeypatch.setenv("WANDB_MODE", "disabled")
     logger = WandbLogger(save_dir=str(tmp_path), offline=True)
-    assert "anonymous" in getattr(logger, "_wandb_init", {}), \
+    assert "anonymous" in getattr(logger, "_wandb_init", {}), (
         f"Lightning {VERSION}: WandbLogger._wandb_init no longer holds 'anonymous'; drop_wandb_anonymous needs a look"
+    )
     drop_wandb_anonymous(logger)
     assert "anonymous" not in logger._wandb_init and logger._wandb_init["dir"] == str(tmp_path)

@@ -9,26 +9,44 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import QUICK_WITH_PICTURES, TINY
 from PIL import Image
 
-from conftest import QUICK_WITH_PICTURES, TINY
 from finetune.commands import COMMANDS
 from finetune.config import check_overrides
 from finetune.errors import ConfigError
 
 # Lines of library chatter that a run must keep off the screen (they go to finetune.log).
-NOISE = re.compile(r"^(wandb:|GPU available|TPU available|Using bfloat16|.*Warning:|.*warnings\.warn|"
-                   r"\[.*\]\[.*\]\[(INFO|WARNING)\]|.*You have overridden|.*The number of training batches)")
+NOISE = re.compile(
+    r"^(wandb:|GPU available|TPU available|Using bfloat16|.*Warning:|.*warnings\.warn|"
+    r"\[.*\]\[.*\]\[(INFO|WARNING)\]|.*You have overridden|.*The number of training batches)"
+)
 
 
 def finetune(*args: str, cwd, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "finetune", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "finetune", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **(env or {})},
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def test_a_piped_run_prints_one_row_per_epoch_and_no_library_chatter(image_folder, tmp_path):
-    proc = finetune("data=folder", f"data.root={image_folder}", *TINY, *QUICK_WITH_PICTURES, "trainer.max_epochs=3",
-                    "logger=wandb", "hydra.run.dir=run", cwd=tmp_path, env={"WANDB_MODE": "offline"})
+    proc = finetune(
+        "data=folder",
+        f"data.root={image_folder}",
+        *TINY,
+        *QUICK_WITH_PICTURES,
+        "trainer.max_epochs=3",
+        "logger=wandb",
+        "hydra.run.dir=run",
+        cwd=tmp_path,
+        env={"WANDB_MODE": "offline"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert [line for line in lines if NOISE.match(line)] == []
@@ -49,8 +67,10 @@ def test_every_command_has_help_without_loading_torch(name, tmp_path):
         proc = finetune(*args, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr
         assert f"finetune {name}" in proc.stdout and "``" not in proc.stdout
-    code = (f"import sys; sys.argv = ['finetune', {name!r}, '--help']\nfrom finetune.cli import main\n"
-            "try:\n    main()\nexcept SystemExit:\n    pass\nprint('torch' in sys.modules, 'lightning' in sys.modules)")
+    code = (
+        f"import sys; sys.argv = ['finetune', {name!r}, '--help']\nfrom finetune.cli import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\nprint('torch' in sys.modules, 'lightning' in sys.modules)"
+    )
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert loaded.strip().splitlines()[-1] == "False False"
 
@@ -64,7 +84,9 @@ def test_unknown_commands_get_a_suggestion_and_the_list(tmp_path):
 
 def test_list_recipes_and_groups_name_every_option(tmp_path):
     recipes = finetune("list", "recipes", cwd=tmp_path).stdout
-    assert {"lenet_from_scratch", "freeze_all_but_head", "lp_ft"} <= {line.split()[0] for line in recipes.splitlines() if line}
+    assert {"lenet_from_scratch", "freeze_all_but_head", "lp_ft"} <= {
+        line.split()[0] for line in recipes.splitlines() if line
+    }
     groups = finetune("list", "groups", cwd=tmp_path).stdout
     assert re.search(r"^backbone\s+.*lite0.*resnet50", groups, re.MULTILINE)
     assert "_common" not in groups
@@ -72,13 +94,16 @@ def test_list_recipes_and_groups_name_every_option(tmp_path):
     assert proc.returncode == 2 and "recipes, backbones, groups" in proc.stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    (["optimizer.lrr=0.1"], "Did you mean optimizer.lr?"),
-    (["-m", "optimizer.lr=0.1,0.2", "head.dropot=0,0.1"], "Did you mean head.dropout?"),
-    (["-m", "optimizer.lrr=range(1,3)"], "Did you mean optimizer.lr?"),
-    (["backbone=resnet51"], "Did you mean backbone=resnet50?"),
-    (["+recipe=freeze_all_but_hed"], "Did you mean +recipe=freeze_all_but_head?"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["optimizer.lrr=0.1"], "Did you mean optimizer.lr?"),
+        (["-m", "optimizer.lr=0.1,0.2", "head.dropot=0,0.1"], "Did you mean head.dropout?"),
+        (["-m", "optimizer.lrr=range(1,3)"], "Did you mean optimizer.lr?"),
+        (["backbone=resnet51"], "Did you mean backbone=resnet50?"),
+        (["+recipe=freeze_all_but_hed"], "Did you mean +recipe=freeze_all_but_head?"),
+    ],
+)
 def test_typos_are_answered_with_the_key_meant(args, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         check_overrides(args)
@@ -109,9 +134,20 @@ def test_valid_sweeps_and_flags_pass_the_check():
 def test_predict_takes_one_pil_image(tmp_path, image_folder):
     from finetune import fit, load
 
-    result = fit(overrides=["data=folder", f"data.root={image_folder}", *TINY, "trainer.max_epochs=1",
-                            "trainer.accelerator=cpu", "data.num_workers=0", "logger=none", "viz=none",
-                            "callbacks.progress_bar=false", f"hydra.run.dir={tmp_path / 'run'}"])
+    result = fit(
+        overrides=[
+            "data=folder",
+            f"data.root={image_folder}",
+            *TINY,
+            "trainer.max_epochs=1",
+            "trainer.accelerator=cpu",
+            "data.num_workers=0",
+            "logger=none",
+            "viz=none",
+            "callbacks.progress_bar=false",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ]
+    )
     model = load(result.best_checkpoint)
     path = next((image_folder / "val" / "bees").glob("*.jpg"))
     with Image.open(path) as image:
@@ -151,9 +187,20 @@ def test_epochs_count_from_1_everywhere_and_the_csv_has_one_row_each(image_folde
 
     from finetune import fit
 
-    result = fit(overrides=["data=folder", f"data.root={image_folder}", *TINY, "trainer.max_epochs=3",
-                            "trainer.accelerator=cpu", "data.num_workers=0", "logger=csv", "viz=none",
-                            "callbacks.progress_bar=false", f"hydra.run.dir={tmp_path / 'run'}"])
+    result = fit(
+        overrides=[
+            "data=folder",
+            f"data.root={image_folder}",
+            *TINY,
+            "trainer.max_epochs=3",
+            "trainer.accelerator=cpu",
+            "data.num_workers=0",
+            "logger=csv",
+            "viz=none",
+            "callbacks.progress_bar=false",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ]
+    )
     rows = list(csv.DictReader((tmp_path / "run" / "csv" / "metrics.csv").open()))
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
     assert all(r["train/loss"] and r["val/acc"] and r["lr/head"] for r in rows)  # one row holds the epoch

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_class_folders
 from PIL import Image
 
-from conftest import write_class_folders
 from finetune.data.check import check_data
 from finetune.data.images import load_rgb, probe
 from finetune.data.sources import load_digits, load_folder, stratified_split
@@ -77,11 +77,20 @@ def test_validation_classes_map_by_name_not_position(tmp_path):
         assert f"/{splits.classes[label]}/" in path
 
 
-@pytest.mark.parametrize("setup, message", [
-    (lambda root: None, "does not exist"),
-    (lambda root: (root / "train").mkdir(parents=True), "no class folders"),
-    (lambda root: write_class_folders(root / "train", per_class=1) and write_class_folders(root / "val", classes=("moths",), per_class=1), "classes that training lacks"),
-])
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda root: None, "does not exist"),
+        (lambda root: (root / "train").mkdir(parents=True), "no class folders"),
+        (
+            lambda root: (
+                write_class_folders(root / "train", per_class=1)
+                and write_class_folders(root / "val", classes=("moths",), per_class=1)
+            ),
+            "classes that training lacks",
+        ),
+    ],
+)
 def test_fatal_data_problems_stop_with_a_message(tmp_path, setup, message):
     root = tmp_path / "data"
     setup(root)
@@ -120,8 +129,13 @@ def test_loader_converts_every_mode_to_upright_rgb(tmp_path):
 
 
 def test_pipelines_follow_the_backbone_data_config():
-    data_config = {"input_size": (3, 40, 40), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25),
-                   "interpolation": "bicubic", "crop_pct": 0.8}
+    data_config = {
+        "input_size": (3, 40, 40),
+        "mean": (0.5, 0.5, 0.5),
+        "std": (0.25, 0.25, 0.25),
+        "interpolation": "bicubic",
+        "crop_pct": 0.8,
+    }
     train_tf, eval_tf = build_transforms(data_config, {"random_resized_crop": True, "hflip": 0.5})
     image = np.full((100, 60, 3), 255, np.uint8)
     for tf in (train_tf, eval_tf):
@@ -136,8 +150,13 @@ def test_augmentation_is_reproducible_and_differs_between_workers():
     from finetune.data.datamodule import ImageDataModule
     from finetune.data.sources import DataSplits
 
-    data_config = {"input_size": (3, 16, 16), "mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bilinear",
-                   "crop_pct": 1.0}
+    data_config = {
+        "input_size": (3, 16, 16),
+        "mean": (0.5,) * 3,
+        "std": (0.5,) * 3,
+        "interpolation": "bilinear",
+        "crop_pct": 1.0,
+    }
     image = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
     splits = DataSplits(["a"], [(image, 0)] * 4, [(image, 0)], "same image four times")
 

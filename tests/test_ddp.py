@@ -12,21 +12,37 @@ import sys
 import pytest
 import torch
 from conftest import QUICK, TINY
+
 from finetune.config import compose_config
 
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
 
 
 def _finetune(args, cwd, **env):
-    return subprocess.run([sys.executable, "-m", "finetune", *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, "WANDB_MODE": "disabled", **env}, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "finetune", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "WANDB_MODE": "disabled", **env},
+        timeout=600,
+    )
 
 
 def test_ddp_run_writes_once_from_rank_zero_and_gates_gradual_unfreezing(tmp_path):
     # Digits, gradual unfreezing (one more group per epoch), 2 epochs; the checkpoint kept is the
     # last epoch's (unfrozen_groups grows), so its optimizer state shows which groups stepped.
-    args = [*DDP, "+recipe=gradual_unfreeze", *TINY, "trainer.max_epochs=2", "data.num_workers=0", "viz=none",
-            "callbacks.progress_bar=false", "callbacks.checkpoint.monitor=unfrozen_groups", "hydra.run.dir=run"]
+    args = [
+        *DDP,
+        "+recipe=gradual_unfreeze",
+        *TINY,
+        "trainer.max_epochs=2",
+        "data.num_workers=0",
+        "viz=none",
+        "callbacks.progress_bar=false",
+        "callbacks.checkpoint.monitor=unfrozen_groups",
+        "hydra.run.dir=run",
+    ]
     proc = _finetune(args, tmp_path, WANDB_MODE="offline")
     assert proc.returncode == 0, proc.stderr[-3000:]
     # Lightning's lines go to the run's log, not the screen: really two ranks.
@@ -44,7 +60,7 @@ def test_ddp_run_writes_once_from_rank_zero_and_gates_gradual_unfreezing(tmp_pat
     # both epochs (the step schedule decays at epoch 7): 0.01, 0.007, 0.0049, ...
     cfg = compose_config(["+recipe=gradual_unfreeze"])
     for depth, group in enumerate(["head", "stage4", "stage3", "stage2", "stage1", "stem"]):
-        expected = cfg.optimizer.lr * cfg.optimizer.layer_decay ** depth
+        expected = cfg.optimizer.lr * cfg.optimizer.layer_decay**depth
         assert [h[f"lr/{group}"] for h in summary["history"]] == pytest.approx([expected] * 2, rel=1e-6), group
     rows = list(csv.DictReader((run / "csv" / "metrics.csv").open()))
     validated = [r for r in rows if r["val/acc"]]
@@ -59,10 +75,13 @@ def test_ddp_run_writes_once_from_rank_zero_and_gates_gradual_unfreezing(tmp_pat
     checkpoint = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
     assert checkpoint["epoch"] == 1
     optimizer = checkpoint["optimizer_states"][0]
-    stepped = {g["name"].split("/")[0]: all(i in optimizer["state"] for i in g["params"])
-               for g in optimizer["param_groups"]}
-    never = {g["name"].split("/")[0]: not any(i in optimizer["state"] for i in g["params"])
-             for g in optimizer["param_groups"]}
+    stepped = {
+        g["name"].split("/")[0]: all(i in optimizer["state"] for i in g["params"]) for g in optimizer["param_groups"]
+    }
+    never = {
+        g["name"].split("/")[0]: not any(i in optimizer["state"] for i in g["params"])
+        for g in optimizer["param_groups"]
+    }
     # head from epoch 1, stage4 from epoch 2; stem..stage3 still gated: no gradient ever reached SGD.
     assert stepped["head"] and stepped["stage4"]
     assert all(never[g] for g in ("stem", "stage1", "stage2", "stage3"))
@@ -70,8 +89,19 @@ def test_ddp_run_writes_once_from_rank_zero_and_gates_gradual_unfreezing(tmp_pat
 
 @pytest.mark.slow  # 2 DDP processes
 def test_ddp_trains_with_ema_mixup_and_augmentation_and_scores_tta_once(tmp_path):
-    args = [*DDP, "+recipe=strong", *TINY, "trainer.max_epochs=2", "data.num_workers=0", "viz=none", "logger=none",
-            "callbacks.progress_bar=false", "cutmix.alpha=1.0", "tta=flip", "hydra.run.dir=run"]
+    args = [
+        *DDP,
+        "+recipe=strong",
+        *TINY,
+        "trainer.max_epochs=2",
+        "data.num_workers=0",
+        "viz=none",
+        "logger=none",
+        "callbacks.progress_bar=false",
+        "cutmix.alpha=1.0",
+        "tta=flip",
+        "hydra.run.dir=run",
+    ]
     proc = _finetune(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("techniques:") == 1 and proc.stdout.count("test-time augmentation (flip") == 1
@@ -88,8 +118,17 @@ def test_ddp_trains_with_ema_mixup_and_augmentation_and_scores_tta_once(tmp_path
 def test_multirun_trials_each_run_ddp_and_a_failed_trial_does_not_end_the_sweep(image_folder, tmp_path):
     # An unknown scheduler fails inside fit (configure_optimizers), after the second rank has started;
     # the step trial must still run.
-    args = ["-m", *DDP, "+recipe=freeze_all_but_head", "data=folder", f"data.root={image_folder}", *TINY, *QUICK,
-            "scheduler.name=bogus,step", "hydra.sweep.dir=sweep"]
+    args = [
+        "-m",
+        *DDP,
+        "+recipe=freeze_all_but_head",
+        "data=folder",
+        f"data.root={image_folder}",
+        *TINY,
+        *QUICK,
+        "scheduler.name=bogus,step",
+        "hydra.sweep.dir=sweep",
+    ]
     proc = _finetune(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     logs = [(tmp_path / "sweep" / job / "finetune.log").read_text() for job in ("0", "1")]
@@ -97,11 +136,17 @@ def test_multirun_trials_each_run_ddp_and_a_failed_trial_does_not_end_the_sweep(
     rows = {r["job"]: r for r in csv.DictReader((tmp_path / "sweep" / "summary.csv").open())}
     assert rows["0"]["status"] == "failed" and "choose step, cosine or none" in rows["0"]["error"]
     assert rows["1"]["status"] == "completed" and rows["1"]["rank"] == "1"
-    assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == [".trials", "0", "1", "multirun.yaml",
-                                                                      "summary.csv"]
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == [
+        ".trials",
+        "0",
+        "1",
+        "multirun.yaml",
+        "summary.csv",
+    ]
     assert (tmp_path / "sweep" / "1" / "checkpoints" / "best.ckpt").is_file()
-    assert json.loads((tmp_path / "sweep" / "1" / "summary.json").read_text())["metrics"]["val/acc"] == \
-        pytest.approx(float(rows["1"]["val/acc"]))
+    assert json.loads((tmp_path / "sweep" / "1" / "summary.json").read_text())["metrics"]["val/acc"] == pytest.approx(
+        float(rows["1"]["val/acc"])
+    )
     assert not (tmp_path / "multirun").exists() and not (tmp_path / "outputs").exists()
 
 
@@ -111,8 +156,10 @@ def test_fit_refuses_multi_process_strategies_with_what_to_do(image_folder, stra
     from finetune.errors import ConfigError
 
     with pytest.raises(ConfigError, match="finetune trainer=ddp"):
-        fit("freeze_all_but_head", ["data=folder", f"data.root={image_folder}", *TINY, *QUICK, *DDP,
-                                    f"trainer.strategy={strategy}"])
+        fit(
+            "freeze_all_but_head",
+            ["data=folder", f"data.root={image_folder}", *TINY, *QUICK, *DDP, f"trainer.strategy={strategy}"],
+        )
 
 
 @pytest.mark.slow  # 2 DDP processes
@@ -120,8 +167,19 @@ def test_ddp_multilabel_run_syncs_map_and_tunes_thresholds_once(tmp_path):
     from conftest import write_multilabel_manifest
 
     csv_path = write_multilabel_manifest(tmp_path / "data")
-    args = [*DDP, *TINY, *QUICK, "task=multilabel", "data=csv", f"data.csv={csv_path}", "data.path_column=file",
-            "data.label_column=labels", "data.label_sep=' '", "data.val_fraction=0.4", "hydra.run.dir=run"]
+    args = [
+        *DDP,
+        *TINY,
+        *QUICK,
+        "task=multilabel",
+        "data=csv",
+        f"data.csv={csv_path}",
+        "data.path_column=file",
+        "data.label_column=labels",
+        "data.label_sep=' '",
+        "data.val_fraction=0.4",
+        "hydra.run.dir=run",
+    ]
     proc = _finetune(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("\nval/map=") == 1 and proc.stdout.count("thresholds tuned for f1") == 1

@@ -30,9 +30,20 @@ def test_large_jpegs_are_decoded_small_and_close_to_a_full_decode_then_resize(tm
 
 
 def _full(tmp_path, image_folder, name, *extra):
-    return fit("full_finetune", TINY + QUICK + ["data=folder", f"data.root={image_folder}", "augment=none",
-                                                "data.batch_size=8", "trainer.precision=32-true",
-                                                f"hydra.run.dir={tmp_path / name}", *extra])
+    return fit(
+        "full_finetune",
+        TINY
+        + QUICK
+        + [
+            "data=folder",
+            f"data.root={image_folder}",
+            "augment=none",
+            "data.batch_size=8",
+            "trainer.precision=32-true",
+            f"hydra.run.dir={tmp_path / name}",
+            *extra,
+        ],
+    )
 
 
 def test_decoded_images_train_exactly_like_files(tmp_path, image_folder, capsys):

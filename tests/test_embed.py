@@ -9,10 +9,10 @@ import pytest
 from conftest import QUICK, TINY
 
 from finetune import fit
-from finetune.compute import features as feature_cache
 from finetune.commands import embed_command, probe_command
-from finetune.use.embed import load_embeddings
+from finetune.compute import features as feature_cache
 from finetune.errors import ConfigError
+from finetune.use.embed import load_embeddings
 
 BACKBONE = ["backbone.name=test_resnet", "backbone.weights=random", "data.image_size=32", "data.num_workers=0"]
 
@@ -45,8 +45,18 @@ def test_embed_writes_features_labels_and_paths_of_every_image(tmp_path, image_f
 
 def test_embed_from_a_checkpoint_uses_the_fine_tuned_backbone(tmp_path, image_folder):
     # fp32 (embed uses the run's precision): bf16 features would differ from the fp32 forward below.
-    result = fit("full_finetune", TINY + QUICK + ["data=folder", f"data.root={image_folder}", "data.batch_size=8",
-                                                  "trainer.precision=32-true", f"hydra.run.dir={tmp_path / 'run'}"])
+    result = fit(
+        "full_finetune",
+        TINY
+        + QUICK
+        + [
+            "data=folder",
+            f"data.root={image_folder}",
+            "data.batch_size=8",
+            "trainer.precision=32-true",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+    )
     assert embed_command([f"ckpt={result.best_checkpoint}", f"out={tmp_path / 'e'}"]) == 0
     emb = load_embeddings(tmp_path / "e" / "embeddings.npz")
     import torch

@@ -14,9 +14,20 @@ from finetune.errors import ConfigError
 
 
 def _head_fit(tmp_path: Path, image_folder: Path, name: str, *extra: str):
-    return fit("freeze_all_but_head", TINY + QUICK + [
-        "data=folder", f"data.root={image_folder}", "data.batch_size=8", "trainer.max_epochs=3",
-        f"data.cache.dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / name}", *extra])
+    return fit(
+        "freeze_all_but_head",
+        TINY
+        + QUICK
+        + [
+            "data=folder",
+            f"data.root={image_folder}",
+            "data.batch_size=8",
+            "trainer.max_epochs=3",
+            f"data.cache.dir={tmp_path / 'cache'}",
+            f"hydra.run.dir={tmp_path / name}",
+            *extra,
+        ],
+    )
 
 
 def _cache_files(tmp_path: Path) -> list[Path]:
@@ -83,14 +94,25 @@ def test_unreadable_files_are_counted_with_the_cache(tmp_path, image_folder):
     bad = image_folder / "train" / "bees" / "truncated.jpg"
     good = next((image_folder / "train" / "bees").glob("*.jpg")).read_bytes()
     bad.write_bytes(good[: len(good) // 3])
-    result = _head_fit(tmp_path, image_folder, "bad", "augment=none", "trainer.max_epochs=1", "data.cache.features=true")
+    result = _head_fit(
+        tmp_path, image_folder, "bad", "augment=none", "trainer.max_epochs=1", "data.cache.features=true"
+    )
     assert str(bad) in {path for path, _ in result.data_report.skipped}
 
 
 def test_cache_refuses_a_backbone_that_trains(tmp_path, image_folder):
     with pytest.raises(ConfigError, match="needs a frozen backbone.*train"):
-        fit("full_finetune", TINY + QUICK + ["data=folder", f"data.root={image_folder}", "data.cache.features=true",
-                                             f"hydra.run.dir={tmp_path / 'run'}"])
+        fit(
+            "full_finetune",
+            TINY
+            + QUICK
+            + [
+                "data=folder",
+                f"data.root={image_folder}",
+                "data.cache.features=true",
+                f"hydra.run.dir={tmp_path / 'run'}",
+            ],
+        )
     with pytest.raises(ConfigError, match="BatchNorm"):
         _head_fit(tmp_path, image_folder, "bn", "freeze.batchnorm=train", "data.cache.features=true")
     with pytest.raises(ConfigError, match="data.cache.features='sometimes'"):
@@ -98,5 +120,8 @@ def test_cache_refuses_a_backbone_that_trains(tmp_path, image_folder):
 
 
 def test_auto_falls_back_to_images_when_the_backbone_trains(tmp_path, image_folder, capsys):
-    fit("full_finetune", TINY + QUICK + ["data=folder", f"data.root={image_folder}", f"hydra.run.dir={tmp_path / 'run'}"])
+    fit(
+        "full_finetune",
+        TINY + QUICK + ["data=folder", f"data.root={image_folder}", f"hydra.run.dir={tmp_path / 'run'}"],
+    )
     assert "feature cache: off (" in capsys.readouterr().out

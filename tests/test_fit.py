@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from conftest import QUICK, TINY
 from hydra.core.global_hydra import GlobalHydra
 
-from conftest import QUICK, TINY
 from finetune import FitResult, fit
 from finetune.config import compose_config, recipe_names
 from finetune.train.optim import build_scheduler
@@ -17,8 +17,13 @@ from finetune.train.optim import build_scheduler
 def test_fit_twice_in_one_process_returns_complete_results(image_folder, tmp_path):
     results = []
     for run in range(2):
-        result = fit("freeze_all_but_head", overrides=TINY + QUICK + [f"hydra.run.dir={tmp_path}/run{run}"],
-                     data="folder", data__root=image_folder, trainer__max_epochs=2)
+        result = fit(
+            "freeze_all_but_head",
+            overrides=TINY + QUICK + [f"hydra.run.dir={tmp_path}/run{run}"],
+            data="folder",
+            data__root=image_folder,
+            trainer__max_epochs=2,
+        )
         assert not GlobalHydra.instance().is_initialized()
         results.append(result)
     for run, result in enumerate(results):
@@ -36,8 +41,9 @@ def test_fit_twice_in_one_process_returns_complete_results(image_folder, tmp_pat
 
 
 def test_checkpoint_loads_with_weights_only_and_carries_classes_and_config(image_folder, tmp_path):
-    result = fit("freeze_all_but_head", TINY + QUICK + ["data=folder", f"data.root={image_folder}",
-                                                        f"hydra.run.dir={tmp_path}"])
+    result = fit(
+        "freeze_all_but_head", TINY + QUICK + ["data=folder", f"data.root={image_folder}", f"hydra.run.dir={tmp_path}"]
+    )
     checkpoint = torch.load(result.best_checkpoint, map_location="cpu", weights_only=True)
     assert checkpoint["finetune"]["classes"] == ["ants", "bees", "wasps"]
     assert checkpoint["finetune"]["config"]["backbone"]["name"] == "test_resnet"
@@ -48,9 +54,19 @@ def test_checkpoint_loads_with_weights_only_and_carries_classes_and_config(image
 
 def test_result_model_predicts_what_training_learned(image_folder, tmp_path):
     """Classes differ by their dominant color: 3 epochs of full fine-tuning learn it."""
-    result = fit("full_finetune", TINY + QUICK + ["data=folder", f"data.root={image_folder}",
-                                                  "trainer.max_epochs=4", "optimizer.lr=0.05",
-                                                  "augment=none", f"hydra.run.dir={tmp_path}"])
+    result = fit(
+        "full_finetune",
+        TINY
+        + QUICK
+        + [
+            "data=folder",
+            f"data.root={image_folder}",
+            "trainer.max_epochs=4",
+            "optimizer.lr=0.05",
+            "augment=none",
+            f"hydra.run.dir={tmp_path}",
+        ],
+    )
     assert result.metrics["val/acc"] >= 0.9, result.history
 
 
@@ -97,8 +113,9 @@ def record_backbone_at_epoch_starts(monkeypatch) -> dict[int, dict[str, torch.Te
 
 
 @pytest.mark.parametrize("recipe", recipe_names())
-def test_every_recipe_trains_its_own_backbone_from_the_epoch_its_freeze_plan_says(recipe, image_folder, tmp_path,
-                                                                                    monkeypatch, capsys):
+def test_every_recipe_trains_its_own_backbone_from_the_epoch_its_freeze_plan_says(
+    recipe, image_folder, tmp_path, monkeypatch, capsys
+):
     """Each recipe as written: its own backbone where it names one (lenet_from_scratch trains
     LeNet-5, not TINY's test_resnet), and long enough to pass its unfreezing epoch (lp_ft:
     epochs 0-4 probe, 5 on fine-tune): the backbone's parameters stay put before the epoch its
@@ -109,8 +126,18 @@ def test_every_recipe_trains_its_own_backbone_from_the_epoch_its_freeze_plan_say
     start = first_backbone_epoch(cfg.freeze)
     epochs = 2 if start is None else start + 2  # epochs 0..start+1: one full epoch past the switch
     seen = record_backbone_at_epoch_starts(monkeypatch)
-    result = fit(recipe, backbone + QUICK + ["data=folder", f"data.root={image_folder}", f"trainer.max_epochs={epochs}",
-                                            "+trainer.limit_train_batches=2", f"hydra.run.dir={tmp_path}"])
+    result = fit(
+        recipe,
+        backbone
+        + QUICK
+        + [
+            "data=folder",
+            f"data.root={image_folder}",
+            f"trainer.max_epochs={epochs}",
+            "+trainer.limit_train_batches=2",
+            f"hydra.run.dir={tmp_path}",
+        ],
+    )
     assert result.config["backbone"]["name"] == (cfg.backbone.name if own_backbone else "test_resnet")
     assert len(result.history) == epochs and "val/acc" in result.metrics
     assert sorted(seen) == list(range(epochs)), "fit() did not run the recorded module"
@@ -135,4 +162,3 @@ def test_every_recipe_trains_its_own_backbone_from_the_epoch_its_freeze_plan_say
         assert all("lr/head" not in row for row in result.history)
         return
     assert [row["lr/head"] for row in result.history] == pytest.approx(expected, rel=1e-6)  # logged as float32
-

@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from finetune.model.backbone import build_backbone
 from finetune.errors import ConfigError
+from finetune.model.backbone import build_backbone
+from finetune.model.classifier import Classifier
 from finetune.model.freeze import apply_freeze
 from finetune.model.head import build_head
-from finetune.model.classifier import Classifier
 from finetune.train.module import ClassifierModule
 from finetune.train.optim import param_groups
 
@@ -27,10 +27,20 @@ def train_a_few_steps(model: Classifier, steps: int = 4) -> None:
     images = torch.randn(8 * steps, 3, 32, 32) * 3 + 1  # far from the BN stats' init: any update shows
     labels = torch.randint(0, 3, (8 * steps,))
     loader = DataLoader(TensorDataset(images, labels), batch_size=8, shuffle=True)
-    module = ClassifierModule(model, ["a", "b", "c"], {"name": "sgd", "lr": 0.1, "weight_decay": 1e-4},
-                              {"name": "step", "step_size": 1, "gamma": 0.5})
-    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    module = ClassifierModule(
+        model,
+        ["a", "b", "c"],
+        {"name": "sgd", "lr": 0.1, "weight_decay": 1e-4},
+        {"name": "step", "step_size": 1, "gamma": 0.5},
+    )
+    trainer = L.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader)
 
 
@@ -98,13 +108,16 @@ def test_freeze_until_a_group_and_by_pattern():
     assert all(p.requires_grad for n, p in model.named_parameters() if "conv" in n)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"groups": ["stage9"]}, "unknown groups"),
-    ({"until": "nope"}, "not a group"),
-    ({"groups": "everything"}, "use `all`"),
-    ({"until": "head"}, "nothing would train"),
-    ({"batchnorm": "sometimes"}, "freeze.batchnorm"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"groups": ["stage9"]}, "unknown groups"),
+        ({"until": "nope"}, "not a group"),
+        ({"groups": "everything"}, "use `all`"),
+        ({"until": "head"}, "nothing would train"),
+        ({"batchnorm": "sometimes"}, "freeze.batchnorm"),
+    ],
+)
 def test_bad_freeze_settings_say_what_to_fix(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         apply_freeze(tiny_classifier(), **kwargs)
@@ -115,8 +128,16 @@ def test_param_groups_one_per_layer_group_with_layer_decay_and_no_decay_for_bias
     apply_freeze(model, until="stage2")
     groups = param_groups(model, lr=0.1, weight_decay=0.01, layer_decay=0.5)
     lrs = {g["name"]: g["lr"] for g in groups}
-    assert lrs == pytest.approx({"head": 0.1, "head/no_decay": 0.1, "stage4": 0.05, "stage4/no_decay": 0.05,
-                                 "stage3": 0.025, "stage3/no_decay": 0.025})
+    assert lrs == pytest.approx(
+        {
+            "head": 0.1,
+            "head/no_decay": 0.1,
+            "stage4": 0.05,
+            "stage4/no_decay": 0.05,
+            "stage3": 0.025,
+            "stage3/no_decay": 0.025,
+        }
+    )
     assert all(g["weight_decay"] == 0.0 for g in groups if g["name"].endswith("no_decay"))
     assert all(p.ndim == 1 for g in groups if g["name"].endswith("no_decay") for p in g["params"])
     grouped = {id(p) for g in groups for p in g["params"]}
@@ -170,11 +191,23 @@ def fit_with_unfreezing(model, epochs, ckpt_path=None, save_to=None):
     torch.manual_seed(0)
     images, labels = torch.randn(32, 3, 32, 32) * 3 + 1, torch.randint(0, 3, (32,))
     loader = DataLoader(TensorDataset(images, labels), batch_size=8)
-    module = ClassifierModule(model, ["a", "b", "c"], {"name": "sgd", "lr": 0.1, "weight_decay": 1e-4},
-                              {"name": "step", "step_size": 1, "gamma": 0.5})
-    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[unfreezing, record],
-                        num_sanity_val_steps=0, limit_val_batches=0)
+    module = ClassifierModule(
+        model,
+        ["a", "b", "c"],
+        {"name": "sgd", "lr": 0.1, "weight_decay": 1e-4},
+        {"name": "step", "step_size": 1, "gamma": 0.5},
+    )
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[unfreezing, record],
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
     trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path)
     if save_to:
         trainer.save_checkpoint(save_to)
@@ -185,9 +218,11 @@ def test_gated_groups_stay_bit_exact_until_their_epoch():
     model = tiny_classifier()
     apply_freeze(model, until="stage4", unfreeze_every=1)
     record, _ = fit_with_unfreezing(model, epochs=3)
-    assert record.gated == [["stage1", "stage2", "stage3", "stage4", "stem"],
-                            ["stage1", "stage2", "stage3", "stem"],
-                            ["stage1", "stage2", "stem"]]
+    assert record.gated == [
+        ["stage1", "stage2", "stage3", "stage4", "stem"],
+        ["stage1", "stage2", "stage3", "stem"],
+        ["stage1", "stage2", "stem"],
+    ]
     assert record.changed[0] == set()  # epoch 1: only the head trains, BatchNorm statistics included
     assert record.changed[1] == {"layer4"}  # epoch 2: the top stage joins
     assert record.changed[2] == {"layer3", "layer4"}
@@ -217,11 +252,20 @@ def test_no_gradient_is_computed_for_a_gated_group():
     unfreezing = gradual_unfreezing(model)
     torch.manual_seed(0)
     loader = DataLoader(TensorDataset(torch.randn(16, 3, 32, 32), torch.randint(0, 3, (16,))), batch_size=8)
-    module = ClassifierModule(model, ["a", "b", "c"], {"name": "sgd", "lr": 0.1, "weight_decay": 1e-4},
-                              {"name": "none"})
-    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[unfreezing, record],
-                        num_sanity_val_steps=0, limit_val_batches=0)
+    module = ClassifierModule(
+        model, ["a", "b", "c"], {"name": "sgd", "lr": 0.1, "weight_decay": 1e-4}, {"name": "none"}
+    )
+    trainer = L.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[unfreezing, record],
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
     trainer.fit(module, train_dataloaders=loader)
     # Epoch 1: the whole backbone is gated: no graph is built through it, no backward reaches it.
     assert record.graph == [{False}, {True}] and record.backward[0] == 0 and record.backward[1] == 2
@@ -242,8 +286,9 @@ def test_resume_across_the_unfreeze_epoch_restores_trainable_set_and_optimizer_s
     gated_then = [] if resume_after >= 2 else ["stage1", "stage2", "stage3", "stage4", "stem"]
     assert record.gated[0] == gated_then
     assert record.changed[-1] == {"conv1", "bn1", "layer1", "layer2", "layer3", "layer4"}
-    assert [len(g["params"]) for g in second.optimizers[0].state_dict()["param_groups"]] == \
-           [len(g["params"]) for g in saved["param_groups"]]
+    assert [len(g["params"]) for g in second.optimizers[0].state_dict()["param_groups"]] == [
+        len(g["params"]) for g in saved["param_groups"]
+    ]
     has_state = {i for i in saved["state"]}
     head_only = len(has_state) < sum(len(g["params"]) for g in saved["param_groups"])
     assert head_only == (resume_after <= 2)  # gated parameters got no optimizer state
@@ -253,6 +298,8 @@ def test_resume_across_the_unfreeze_epoch_restores_trainable_set_and_optimizer_s
 def test_head_pooling_options_set_the_feature_width(pool, width):
     backbone = build_backbone("test_resnet", "random", global_pool=pool)
     assert backbone.num_features == width
-    model = Classifier(backbone.model, build_head(backbone.num_features, 3, hidden=8, norm="layernorm"), backbone.groups)
+    model = Classifier(
+        backbone.model, build_head(backbone.num_features, 3, hidden=8, norm="layernorm"), backbone.groups
+    )
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
     assert isinstance(model.head[1], torch.nn.LayerNorm)

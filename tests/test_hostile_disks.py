@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import QUICK, TINY
 
 # The fault injectors (an immutable folder, a 1 MB tmpfs) are the fault matrix's own.
@@ -24,8 +23,14 @@ RUN = ["data=folder", *TINY, *QUICK]
 
 
 def finetune(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "finetune", *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, "WANDB_MODE": "disabled"}, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "finetune", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "WANDB_MODE": "disabled"},
+        timeout=600,
+    )
 
 
 @contextlib.contextmanager
@@ -58,8 +63,14 @@ def test_a_read_only_run_folder_is_one_sentence(image_folder, tmp_path):
 
 def test_a_read_only_feature_cache_is_only_a_warning(image_folder, tmp_path):
     with immutable(tmp_path / "cache"):
-        proc = finetune(*RUN, f"data.root={image_folder}", "+recipe=freeze_all_but_head",
-                        f"data.cache.dir={tmp_path / 'cache'}", "hydra.run.dir=run", cwd=tmp_path)
+        proc = finetune(
+            *RUN,
+            f"data.root={image_folder}",
+            "+recipe=freeze_all_but_head",
+            f"data.cache.dir={tmp_path / 'cache'}",
+            "hydra.run.dir=run",
+            cwd=tmp_path,
+        )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "feature cache: could not write" in proc.stdout and "going on with the features in memory" in proc.stdout
     assert (tmp_path / "run" / "summary.json").is_file()

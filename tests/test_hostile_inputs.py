@@ -18,8 +18,13 @@ from torch import nn
 from finetune.data.images import as_rgb_array, load_rgb
 from finetune.use.load import FinetunedModel
 
-DATA_CONFIG = {"input_size": (3, 32, 32), "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
-               "interpolation": "bilinear", "crop_pct": 0.875}
+DATA_CONFIG = {
+    "input_size": (3, 32, 32),
+    "mean": (0.485, 0.456, 0.406),
+    "std": (0.229, 0.224, 0.225),
+    "interpolation": "bilinear",
+    "crop_pct": 0.875,
+}
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +47,18 @@ def _write_tricky(folder: Path) -> dict[str, Path]:
     rgb = _gradient()
     rgba = np.dstack([rgb, np.where(np.arange(64) < 32, 0, 128).astype(np.uint8)[None].repeat(40, 0)])
     rgba[:10, :, 3] = 255
-    files = {name: folder / name for name in
-             ("rgba.png", "exif.jpg", "gray16.png", "palette.png", "palette_transparent.png", "cmyk.jpg", "la.png")}
+    files = {
+        name: folder / name
+        for name in (
+            "rgba.png",
+            "exif.jpg",
+            "gray16.png",
+            "palette.png",
+            "palette_transparent.png",
+            "cmyk.jpg",
+            "la.png",
+        )
+    }
     Image.fromarray(rgba, "RGBA").save(files["rgba.png"])
     stored = Image.fromarray(rgb)
     exif = stored.getexif()
@@ -64,14 +79,16 @@ def tricky(tmp_path_factory) -> dict[str, Path]:
     return _write_tricky(tmp_path_factory.mktemp("tricky"))
 
 
-@pytest.mark.parametrize("name", ["rgba.png", "exif.jpg", "gray16.png", "palette.png", "palette_transparent.png",
-                                  "cmyk.jpg", "la.png"])
+@pytest.mark.parametrize(
+    "name", ["rgba.png", "exif.jpg", "gray16.png", "palette.png", "palette_transparent.png", "cmyk.jpg", "la.png"]
+)
 def test_a_pil_image_gives_exactly_the_tensor_of_its_file(model, tricky, name):
     from_path = model.preprocess([tricky[name]])
     with Image.open(tricky[name]) as image:
         from_pil = model.preprocess([image])
-        assert torch.equal(from_path, from_pil), f"{name} ({image.mode}): max difference " \
-                                                 f"{(from_path - from_pil).abs().max():.3f}"
+        assert torch.equal(from_path, from_pil), (
+            f"{name} ({image.mode}): max difference {(from_path - from_pil).abs().max():.3f}"
+        )
     with Image.open(tricky[name]) as image:
         assert model.predict(image)[0].top_k == model.predict(str(tricky[name]))[0].top_k
         assert np.array_equal(as_rgb_array(image), load_rgb(tricky[name]))
@@ -119,22 +136,27 @@ def test_gray_and_rgba_arrays_convert_like_their_files(model, tricky):
     assert np.array_equal(as_rgb_array(rgba / 255.0), as_rgb_array(rgba))
 
 
-@pytest.mark.parametrize("array, words", [
-    (np.random.default_rng(0).random((3, 32, 32), dtype=np.float32), ["float32 array of shape (3, 32, 32)",
-                                                                       "channels first", "transpose(1, 2, 0)"]),
-    (np.zeros((3, 32, 32), dtype=np.uint8), ["uint8 array of shape (3, 32, 32)", "channels first"]),
-    (np.full((8, 8, 3), 200.0, dtype=np.float32), ["float32", "[0, 1]", "200"]),
-    (np.full((8, 8, 3), -0.5), ["float64", "[0, 1]"]),
-    (np.full((8, 8, 3), np.nan, dtype=np.float32), ["NaN or infinite"]),
-    (np.full((8, 8, 3), np.inf), ["NaN or infinite"]),
-    (np.zeros((8, 8, 2), dtype=np.uint8), ["2 channels"]),
-    (np.zeros((8, 8, 5), dtype=np.uint8), ["shape (8, 8, 5)"]),
-    (np.zeros((2, 8, 8, 3), dtype=np.uint8), ["shape (2, 8, 8, 3)", "list"]),
-    (np.zeros(8, dtype=np.uint8), ["shape (8,)"]),
-    (np.zeros((8, 8, 3), dtype=np.int64), ["int64", "astype(np.uint8)"]),
-    (np.zeros((8, 8, 3), dtype=bool), ["bool"]),
-    (np.zeros((0, 8, 3), dtype=np.uint8), ["empty"]),
-])
+@pytest.mark.parametrize(
+    "array, words",
+    [
+        (
+            np.random.default_rng(0).random((3, 32, 32), dtype=np.float32),
+            ["float32 array of shape (3, 32, 32)", "channels first", "transpose(1, 2, 0)"],
+        ),
+        (np.zeros((3, 32, 32), dtype=np.uint8), ["uint8 array of shape (3, 32, 32)", "channels first"]),
+        (np.full((8, 8, 3), 200.0, dtype=np.float32), ["float32", "[0, 1]", "200"]),
+        (np.full((8, 8, 3), -0.5), ["float64", "[0, 1]"]),
+        (np.full((8, 8, 3), np.nan, dtype=np.float32), ["NaN or infinite"]),
+        (np.full((8, 8, 3), np.inf), ["NaN or infinite"]),
+        (np.zeros((8, 8, 2), dtype=np.uint8), ["2 channels"]),
+        (np.zeros((8, 8, 5), dtype=np.uint8), ["shape (8, 8, 5)"]),
+        (np.zeros((2, 8, 8, 3), dtype=np.uint8), ["shape (2, 8, 8, 3)", "list"]),
+        (np.zeros(8, dtype=np.uint8), ["shape (8,)"]),
+        (np.zeros((8, 8, 3), dtype=np.int64), ["int64", "astype(np.uint8)"]),
+        (np.zeros((8, 8, 3), dtype=bool), ["bool"]),
+        (np.zeros((0, 8, 3), dtype=np.uint8), ["empty"]),
+    ],
+)
 def test_ambiguous_arrays_are_refused_with_the_expected_shape_and_dtype(model, array, words):
     with pytest.raises(ValueError) as caught:
         model.predict(array)

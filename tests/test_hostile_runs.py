@@ -13,20 +13,32 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import QUICK, TINY
+
 from finetune.train import checkpoints
 from finetune.train.checkpoints import LAST
 
 # Many short epochs: a signal always lands mid-run, after the first last.ckpt.
-LONG = ["data=folder", *TINY, *QUICK, "trainer.max_epochs=200", "data.batch_size=8",
-        "callbacks.checkpoint.min_write_interval_s=0"]
+LONG = [
+    "data=folder",
+    *TINY,
+    *QUICK,
+    "trainer.max_epochs=200",
+    "data.batch_size=8",
+    "callbacks.checkpoint.min_write_interval_s=0",
+]
 
 
 def start(*args: str, cwd: Path) -> subprocess.Popen:
     env = {**os.environ, "WANDB_MODE": "disabled"}
-    return subprocess.Popen([sys.executable, "-m", "finetune", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "finetune", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finetune(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -65,8 +77,12 @@ def test_a_stopped_run_exits_nonzero_and_says_how_to_continue(image_folder, tmp_
     assert stopped_at["epoch"] >= 0
 
     if signum == signal.SIGTERM:  # the printed command continues the run to its end
-        resumed = finetune(*[a for a in args if not a.startswith("trainer.max_epochs")],
-                           f"trainer.max_epochs={stopped_at['epoch'] + 2}", "resume=true", cwd=tmp_path)
+        resumed = finetune(
+            *[a for a in args if not a.startswith("trainer.max_epochs")],
+            f"trainer.max_epochs={stopped_at['epoch'] + 2}",
+            "resume=true",
+            cwd=tmp_path,
+        )
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         assert (tmp_path / "run" / "summary.json").is_file()
 
@@ -128,8 +144,17 @@ def test_last_is_written_before_best_at_every_epoch_end(image_folder, tmp_path, 
         save(obj, path)
 
     monkeypatch.setattr(checkpoints, "atomic_save", recorded)
-    fit(overrides=["data=folder", f"data.root={image_folder}", *TINY, *QUICK, "trainer.max_epochs=2",
-                   "callbacks.checkpoint.min_write_interval_s=0", f"hydra.run.dir={tmp_path}/run"])
+    fit(
+        overrides=[
+            "data=folder",
+            f"data.root={image_folder}",
+            *TINY,
+            *QUICK,
+            "trainer.max_epochs=2",
+            "callbacks.checkpoint.min_write_interval_s=0",
+            f"hydra.run.dir={tmp_path}/run",
+        ]
+    )
     assert writes[:2] == [(LAST, 0), ("best.ckpt", 0)], writes
     for i, (name, epoch) in enumerate(writes):
         if name == "best.ckpt":

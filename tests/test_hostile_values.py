@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import class_image, write_class_folders
 
 from finetune.config import check_overrides, check_types, compose_config
 from finetune.data.check import check_data
@@ -17,39 +18,50 @@ from finetune.data.sources import load_folder, load_manifest
 from finetune.errors import ConfigError, DataError, WeightsError
 from finetune.model.weights import read_state_dict
 
-from conftest import class_image, write_class_folders
-
 # ---------------------------------------------------------------------------------------------
 # Config values (checked by check_types before a run starts; the CLI exits 2 with the message)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["seed=-5"], r"seed=-5: it must be an integer from 0 to 2\*\*32 - 1"),
-    (["seed=4294967296"], "seed=4294967296: it must be an integer from 0"),
-    (["head.dropout=1.5"], "head.dropout=1.5: a dropout of 1 or more drops every feature"),
-    (["head.dropout=-0.1"], "head.dropout=-0.1: it must be a probability"),
-    (["trainer.precision=bad"], "trainer.precision='bad': choose one of auto, 32-true, bf16-mixed"),
-    (["trainer.max_epochs=0"], "trainer.max_epochs=0: 0 epochs trains nothing"),
-    (["trainer.max_epochs=-1"], "never stops by itself; set callbacks.early_stopping_patience"),
-    (["data.image_size=0"], "data.image_size=0: it must be null .* at least 16"),
-    (["data.image_size=1"], "data.image_size=1: it must be null .* at least 16"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["seed=-5"], r"seed=-5: it must be an integer from 0 to 2\*\*32 - 1"),
+        (["seed=4294967296"], "seed=4294967296: it must be an integer from 0"),
+        (["head.dropout=1.5"], "head.dropout=1.5: a dropout of 1 or more drops every feature"),
+        (["head.dropout=-0.1"], "head.dropout=-0.1: it must be a probability"),
+        (["trainer.precision=bad"], "trainer.precision='bad': choose one of auto, 32-true, bf16-mixed"),
+        (["trainer.max_epochs=0"], "trainer.max_epochs=0: 0 epochs trains nothing"),
+        (["trainer.max_epochs=-1"], "never stops by itself; set callbacks.early_stopping_patience"),
+        (["data.image_size=0"], "data.image_size=0: it must be null .* at least 16"),
+        (["data.image_size=1"], "data.image_size=1: it must be null .* at least 16"),
+    ],
+)
 def test_values_that_make_no_sense_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):
         check_types(compose_config(overrides))
 
 
-@pytest.mark.parametrize("overrides", [
-    [], ["trainer.max_epochs=-1", "callbacks.early_stopping_patience=3"], ["trainer.precision=16"],
-    ["trainer.precision=bf16-mixed"], ["data.image_size=16"], ["head.dropout=0.5"], ["seed=0"],
-    ["+recipe=lenet_from_scratch"],
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["trainer.max_epochs=-1", "callbacks.early_stopping_patience=3"],
+        ["trainer.precision=16"],
+        ["trainer.precision=bf16-mixed"],
+        ["data.image_size=16"],
+        ["head.dropout=0.5"],
+        ["seed=0"],
+        ["+recipe=lenet_from_scratch"],
+    ],
+)
 def test_sensible_values_pass(overrides):
     check_types(compose_config(overrides))
 
 
 def test_an_added_key_nothing_reads_is_refused_with_the_key_that_is_read():
-    with pytest.raises(ConfigError, match=r"optimizer.lrr is not a setting finetune reads; did you mean optimizer.lr\?"):
+    with pytest.raises(
+        ConfigError, match=r"optimizer.lrr is not a setting finetune reads; did you mean optimizer.lr\?"
+    ):
         check_overrides(["+optimizer.lrr=0.1"])
     with pytest.raises(ConfigError, match="trainer.gradient_clip_vall is not a setting finetune reads"):
         check_overrides(["+trainer.gradient_clip_vall=1.0"])
@@ -58,13 +70,21 @@ def test_an_added_key_nothing_reads_is_refused_with_the_key_that_is_read():
     check_overrides(["scheduler=step", "+scheduler.min_lr=0.0"])  # cosine.yaml sets it
 
 
-@pytest.mark.parametrize("args, message", [
-    (["+optimizer.lrr=0.1"], "did you mean optimizer.lr?"),
-    (["seed=-5", "trainer.accelerator=cpu", "logger=none"], "seed=-5: it must be an integer"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["+optimizer.lrr=0.1"], "did you mean optimizer.lr?"),
+        (["seed=-5", "trainer.accelerator=cpu", "logger=none"], "seed=-5: it must be an integer"),
+    ],
+)
 def test_cli_exits_2_with_the_sentence(args, message, tmp_path):
-    done = subprocess.run([sys.executable, "-m", "finetune", *args, f"hydra.run.dir={tmp_path}/run"],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "finetune", *args, f"hydra.run.dir={tmp_path}/run"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert done.returncode == 2, done.stderr[-2000:]
     assert message in done.stdout + done.stderr
     assert "Traceback" not in done.stderr
@@ -97,7 +117,9 @@ def test_latin1_manifest_names_the_file_and_byte_offset(tmp_path):
     text = _rows().replace("img/a0.jpg,a", "img/a0.jpg,café").encode("latin-1")
     path = _manifest(tmp_path, text)
     offset = text.index(b"\xe9")
-    with pytest.raises(DataError, match=rf"labels.csv is not UTF-8 text \(byte 0xe9 at offset {offset};.*re-save it as UTF-8"):
+    with pytest.raises(
+        DataError, match=rf"labels.csv is not UTF-8 text \(byte 0xe9 at offset {offset};.*re-save it as UTF-8"
+    ):
         load_manifest(str(path), None, "path", "label", None, "{}", 0.25, 0)
 
 
@@ -138,8 +160,9 @@ def test_batch_larger_than_the_training_set_is_noted(tmp_path):
     write_class_folders(tmp_path / "data", classes=("ants", "bees"), per_class=6)
     splits = load_folder(str(tmp_path / "data"), None, None, 0.25, 0)
     warnings = check_data(splits, batch_size=100000).warnings
-    assert any(f"data.batch_size=100000 is larger than the training set ({len(splits.train)} images)" in w
-               for w in warnings)
+    assert any(
+        f"data.batch_size=100000 is larger than the training set ({len(splits.train)} images)" in w for w in warnings
+    )
     assert not any("batch_size" in w for w in check_data(splits, batch_size=4).warnings)
 
 
@@ -190,6 +213,7 @@ def test_finetune_load_says_what_the_file_is(tmp_path, name, content, message):
 
 def test_resuming_with_fewer_epochs_than_the_checkpoint_finished_is_refused(tmp_path, image_folder):
     from conftest import QUICK, TINY
+
     from finetune import fit
     from finetune.errors import ConfigError
 

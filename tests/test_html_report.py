@@ -11,9 +11,9 @@ from urllib.parse import urlparse
 
 import numpy as np
 import pytest
+from conftest import QUICK_WITH_PICTURES, TINY, write_class_folders
 from PIL import Image
 
-from conftest import QUICK_WITH_PICTURES, TINY, write_class_folders
 from finetune import fit
 from finetune.commands import viz_command
 from finetune.train.optim import group_lrs
@@ -31,8 +31,12 @@ class Links(HTMLParser):
     def handle_starttag(self, tag, attrs):
         self.tags.append(tag)
         self._in_style = tag == "style"
-        self.urls += [value for name, value in attrs if name in ("src", "href", "srcset", "action", "poster", "data",
-                                                                 "formaction", "background") and value is not None]
+        self.urls += [
+            value
+            for name, value in attrs
+            if name in ("src", "href", "srcset", "action", "poster", "data", "formaction", "background")
+            and value is not None
+        ]
 
     def handle_endtag(self, tag):
         self._in_style = False
@@ -87,8 +91,12 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("html")
     write_class_folders(root / "data" / "train", per_class=8)
     write_class_folders(root / "data" / "val", per_class=4, seed=1)
-    result = fit("full_finetune", TINY + QUICK_WITH_PICTURES + ["data=folder", f"data.root={root / 'data'}",
-                                                              "trainer.max_epochs=2", f"hydra.run.dir={root / 'run'}"])
+    result = fit(
+        "full_finetune",
+        TINY
+        + QUICK_WITH_PICTURES
+        + ["data=folder", f"data.root={root / 'data'}", "trainer.max_epochs=2", f"hydra.run.dir={root / 'run'}"],
+    )
     return result, root
 
 
@@ -98,7 +106,8 @@ def test_a_run_writes_a_self_contained_page_true_to_its_summary(run, browser):
     page = viz / "index.html"
     assert page.is_file() and (viz / "index.md").is_file()
     assert result.outputs["report"] == page and list(result.outputs).index("report") > list(result.outputs).index(
-        "pictures")
+        "pictures"
+    )
     assert_nothing_leaves(page)
     shown = rendered(browser, page)
     summary = json.loads((result.output_dir / "summary.json").read_text())
@@ -107,8 +116,9 @@ def test_a_run_writes_a_self_contained_page_true_to_its_summary(run, browser):
     assert shown["h2"] == ["Metrics", "Data", "Layer groups", "Pictures", "Config"]
     assert shown["missing"] == [] and shown["scripts"] == 0
     # every picture index.md lists, with its caption, and every one of them loaded from disk
-    listed = [line.split("(")[1].rstrip(")") for line in (viz / "index.md").read_text().splitlines()
-              if line.startswith("![")]
+    listed = [
+        line.split("(")[1].rstrip(")") for line in (viz / "index.md").read_text().splitlines() if line.startswith("![")
+    ]
     assert sorted(src for src, _, _ in shown["images"]) == sorted(listed)
     assert_every_image_loaded(shown, page)
     for picture in ("filters", "curves", "confusion", "mistakes", "patches_stage1"):
@@ -130,8 +140,11 @@ def test_a_run_writes_a_self_contained_page_true_to_its_summary(run, browser):
     group_rows = [line.split()[0] for line in shown["groups"].splitlines()[2:] if not line.startswith("total")]
     assert group_rows == [g.name for g in result.model.groups]
     lrs = group_lrs(result.model, result.config["optimizer"])  # the run's lrs, as its start table showed them
-    assert lrs and all(f"{lrs[line.split()[0]]:.3g}" in line.split() for line in shown["groups"].splitlines()[2:]
-                       if line.split()[0] in lrs)
+    assert lrs and all(
+        f"{lrs[line.split()[0]]:.3g}" in line.split()
+        for line in shown["groups"].splitlines()[2:]
+        if line.split()[0] in lrs
+    )
     assert "name: test_resnet" in shown["config"]
 
 
@@ -166,15 +179,27 @@ def test_hostile_names_are_shown_as_text_never_run(browser, tmp_path):
         "metrics": {"epoch": 1, "val/acc": 0.5, "val/loss": 0.7},
         "classes": [hostile, "bees"],
         "history": [{"epoch": 1}],
-        "data": {"description": "<img src=x onerror='window.pwned = 2'>", "classes": [hostile, "bees"],
-                 "counts": {"train": {hostile: 3, "bees": 4}, "val": {hostile: 1, "bees": 2}},
-                 "skipped": [["a<b>.jpg", "<script>window.pwned = 3</script>"]], "size_range": [1, 2, 3, 4],
-                 "duplicates": [], "conflicts": [], "near_blank": [], "warnings": [hostile],
-                 "images": {"train": 7, "val": 3}},
+        "data": {
+            "description": "<img src=x onerror='window.pwned = 2'>",
+            "classes": [hostile, "bees"],
+            "counts": {"train": {hostile: 3, "bees": 4}, "val": {hostile: 1, "bees": 2}},
+            "skipped": [["a<b>.jpg", "<script>window.pwned = 3</script>"]],
+            "size_range": [1, 2, 3, 4],
+            "duplicates": [],
+            "conflicts": [],
+            "near_blank": [],
+            "warnings": [hostile],
+            "images": {"train": 7, "val": 3},
+        },
     }
     config = {"backbone": {"name": "</pre><script>window.pwned = 4</script>"}}
-    page = write_page(tmp_path, [Picture('x"><script>window.pwned=5</script>', picture,
-                                         "caption <img src=y onerror='window.pwned = 6'>")], None, summary, config)
+    page = write_page(
+        tmp_path,
+        [Picture('x"><script>window.pwned=5</script>', picture, "caption <img src=y onerror='window.pwned = 6'>")],
+        None,
+        summary,
+        config,
+    )
     assert_nothing_leaves(page)
     shown = rendered(browser, page)
     assert shown["pwned"] is None and shown["scripts"] == 0

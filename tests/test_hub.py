@@ -19,8 +19,8 @@ import pytest
 import timm
 import torch
 import yaml
-
 from conftest import REPO, fit_tiny_on_folders
+
 from finetune import load
 from finetune.commands import export_command
 from finetune.errors import ConfigError
@@ -38,8 +38,12 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("hub")
     result = fit_tiny_on_folders(root, 8, 4, extra=("viz=default",))
     folder = root / "hub"
-    assert export_command([f"ckpt={result.best_checkpoint}", "format=hub", f"out={folder}",
-                           f"input={root / 'data' / 'val'}"]) == 0
+    assert (
+        export_command(
+            [f"ckpt={result.best_checkpoint}", "format=hub", f"out={folder}", f"input={root / 'data' / 'val'}"]
+        )
+        == 0
+    )
     return result, folder
 
 
@@ -77,9 +81,13 @@ def test_config_json_is_timms_hub_layout_with_finetunes_preprocessing(trained):
     reloaded = timm.create_model(f"local-dir:{folder}", pretrained=True)
     assert reloaded.pretrained_cfg["label_names"] == result.classes
     resolved = timm.data.resolve_model_data_config(reloaded)
-    assert tuple(resolved["input_size"]) == (3, 32, 32) and resolved["interpolation"] == model.data_config["interpolation"]
+    assert (
+        tuple(resolved["input_size"]) == (3, 32, 32) and resolved["interpolation"] == model.data_config["interpolation"]
+    )
     preprocessing = json.loads((folder / "preprocessing.json").read_text())
-    assert preprocessing["classes"] == result.classes and preprocessing["temperature"] == pytest.approx(model.temperature)
+    assert preprocessing["classes"] == result.classes and preprocessing["temperature"] == pytest.approx(
+        model.temperature
+    )
 
 
 def front_matter(card: str) -> dict:
@@ -119,7 +127,7 @@ def test_a_card_without_its_run_folder_says_so_instead_of_inventing(trained, tmp
     text = card.readme.read_text()
     assert card.pictures == [] and "![" not in text
     assert text.count("Not stated:") == 2 and "| val | accuracy" not in text
-    assert "# tiny" in text and 'hf-hub:alice/tiny' in text
+    assert "# tiny" in text and "hf-hub:alice/tiny" in text
 
 
 def test_card_lists_skipped_files_and_duplicates_by_name_and_only_the_best_checkpoints_metrics(trained, tmp_path):
@@ -131,9 +139,11 @@ def test_card_lists_skipped_files_and_duplicates_by_name_and_only_the_best_check
         shutil.copyfile(result.best_checkpoint, run / "checkpoints" / name)
     summary = json.loads((result.output_dir / "summary.json").read_text())
     summary["best_checkpoint"] = "/elsewhere/run/checkpoints/best.ckpt"  # a run folder that moved
-    summary["data"] |= {"skipped": [["/home/alice/data/train/ants/broken.jpg", "cannot decode"]],
-                        "duplicates": [["/home/alice/data/train/bees/b1.jpg", "/home/alice/data/val/bees/b9.jpg"]],
-                        "warnings": ["1 near-blank image: /home/alice/data/train/ants/blank.png"]}
+    summary["data"] |= {
+        "skipped": [["/home/alice/data/train/ants/broken.jpg", "cannot decode"]],
+        "duplicates": [["/home/alice/data/train/bees/b1.jpg", "/home/alice/data/val/bees/b9.jpg"]],
+        "warnings": ["1 near-blank image: /home/alice/data/train/ants/blank.png"],
+    }
     (run / "summary.json").write_text(json.dumps(summary))
     model = load(result.best_checkpoint)
     text = write_model_card(model, run / "checkpoints" / "best.ckpt", tmp_path).readme.read_text()
@@ -166,9 +176,14 @@ def untrained(name: str, hidden: int | None = None, pool: str | None = None) -> 
     return FinetunedModel(model, ["a", "b", "c"], backbone.data_config, config)
 
 
-@pytest.mark.parametrize("name, hidden, pool, why", [("test_resnet", 16, None, "MLP"),
-                                                     ("test_resnet", None, "max", "head.pool=max"),
-                                                     ("lenet5", None, None, "lenet5 is not a timm model")])
+@pytest.mark.parametrize(
+    "name, hidden, pool, why",
+    [
+        ("test_resnet", 16, None, "MLP"),
+        ("test_resnet", None, "max", "head.pool=max"),
+        ("lenet5", None, None, "lenet5 is not a timm model"),
+    ],
+)
 def test_hub_refuses_what_timm_cannot_load_before_writing(tmp_path, name, hidden, pool, why):
     model = untrained(name, hidden, pool)
     with pytest.raises(ConfigError) as err:
@@ -221,8 +236,14 @@ def push(args: list[str], tmp_path: Path, **env) -> subprocess.CompletedProcess:
     """``finetune push ARGS`` as a user runs it, with a fresh HF_HOME (no cached login)."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     clean |= {"HF_HOME": str(tmp_path / "hf_home"), **env}
-    return subprocess.run([sys.executable, "-m", "finetune", "push", *args], capture_output=True, text=True,
-                          env=clean, cwd=REPO, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "finetune", "push", *args],
+        capture_output=True,
+        text=True,
+        env=clean,
+        cwd=REPO,
+        timeout=300,
+    )
 
 
 def assert_failed_in_one_line(run: subprocess.CompletedProcess, *words: str) -> None:
@@ -236,8 +257,12 @@ def assert_failed_in_one_line(run: subprocess.CompletedProcess, *words: str) -> 
 def test_push_to_an_unreachable_hub_fails_in_one_line(trained, tmp_path):
     result, _ = trained
     port = closed_port()
-    run = push([f"ckpt={result.best_checkpoint}", "repo_id=alice/tiny"], tmp_path,
-               HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_TOKEN="dummy")
+    run = push(
+        [f"ckpt={result.best_checkpoint}", "repo_id=alice/tiny"],
+        tmp_path,
+        HF_ENDPOINT=f"http://127.0.0.1:{port}",
+        HF_TOKEN="dummy",
+    )
     assert_failed_in_one_line(run, "cannot reach the Hugging Face Hub", f"127.0.0.1:{port}", "nothing was pushed")
 
 
@@ -253,7 +278,9 @@ def test_push_with_a_refused_token_and_a_bad_repo_id(trained, tmp_path, fake_hub
     run = push([f"ckpt={result.best_checkpoint}", "repo_id=tiny"], tmp_path, HF_ENDPOINT=endpoint, HF_TOKEN="hf_x")
     assert_failed_in_one_line(run, "repo_id='tiny'", "ORG/NAME")
     assert requests == []  # refused before any network
-    run = push([f"ckpt={result.best_checkpoint}", "repo_id=alice/tiny"], tmp_path, HF_ENDPOINT=endpoint, HF_TOKEN="hf_x")
+    run = push(
+        [f"ckpt={result.best_checkpoint}", "repo_id=alice/tiny"], tmp_path, HF_ENDPOINT=endpoint, HF_TOKEN="hf_x"
+    )
     assert_failed_in_one_line(run, "refused the token", "401")
     # The token is checked before the folder is built: nothing was created or uploaded.
     assert "/api/whoami-v2" in requests and not any("/repos/" in r or "/commit/" in r for r in requests)

@@ -24,8 +24,15 @@ def test_freeze_all_but_head_reaches_the_tuned_probe_on_hymenoptera(hymenoptera,
 
     from finetune.compute.linear_probe import c_of
 
-    result = fit("freeze_all_but_head", data="folder", data__root=hymenoptera, logger="none",
-                 trainer__max_epochs=8, data__cache__dir=tmp_path / "cache", hydra__run__dir=tmp_path / "run")
+    result = fit(
+        "freeze_all_but_head",
+        data="folder",
+        data__root=hymenoptera,
+        logger="none",
+        trainer__max_epochs=8,
+        data__cache__dir=tmp_path / "cache",
+        hydra__run__dir=tmp_path / "run",
+    )
     assert result.classes == ["ants", "bees"]
     (cache,) = (tmp_path / "cache" / "features").glob("*.safetensors")
     (memo,) = (tmp_path / "cache" / "features").glob("*.l2-*.json")

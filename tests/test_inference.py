@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import timm
 import torch
+from conftest import QUICK, TINY, fit_tiny_on_folders, write_class_folders
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import QUICK, TINY, fit_tiny_on_folders, write_class_folders
 from finetune import FinetunedModel, fit, load
 from finetune.commands import evaluate_command, export_command, predict_command, viz_command
 from finetune.data.images import load_rgb
@@ -73,7 +73,9 @@ def test_predict_command_on_a_folder_writes_csv_and_json_and_skips_bad_files(tra
 
 def test_evaluate_command_reproduces_the_validation_accuracy(trained, tmp_path):
     result, root = trained
-    assert evaluate_command([f"ckpt={result.best_checkpoint}", f"input={root / 'data' / 'val'}", f"out={tmp_path}"]) == 0
+    assert (
+        evaluate_command([f"ckpt={result.best_checkpoint}", f"input={root / 'data' / 'val'}", f"out={tmp_path}"]) == 0
+    )
     report = json.loads((tmp_path / "evaluation.json").read_text())
     assert report["accuracy"] == pytest.approx(result.metrics["val/acc"], abs=1e-6)
     assert report["loss"] == pytest.approx(result.metrics["val/loss"], rel=1e-4)
@@ -90,9 +92,12 @@ def run_exported(fmt: str, directory, batch: torch.Tensor, n_classes: int = 3) -
     if fmt == "torchscript":
         with torch.no_grad():
             return torch.jit.load(str(directory / "model.torchscript.pt"))(batch)[0]  # (logits, probabilities)
-    reloaded = timm.create_model("test_resnet", num_classes=n_classes, pretrained=True,
-                                 pretrained_cfg_overlay=dict(file=str(directory / "model.safetensors"),
-                                                             num_classes=n_classes)).eval()
+    reloaded = timm.create_model(
+        "test_resnet",
+        num_classes=n_classes,
+        pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(directory / "model.safetensors"), num_classes=n_classes),
+    ).eval()
     with torch.no_grad():
         return reloaded(batch)
 
@@ -101,7 +106,9 @@ def run_exported(fmt: str, directory, batch: torch.Tensor, n_classes: int = 3) -
 def test_export_command_matches_pytorch_within_1e4(trained, tmp_path, fmt, capsys):
     result, root = trained
     images = root / "data" / "val"
-    assert export_command([f"ckpt={result.best_checkpoint}", f"format={fmt}", f"out={tmp_path}", f"input={images}"]) == 0
+    assert (
+        export_command([f"ckpt={result.best_checkpoint}", f"format={fmt}", f"out={tmp_path}", f"input={images}"]) == 0
+    )
     assert "parity on 8 images" in capsys.readouterr().out
     meta = json.loads((tmp_path / "preprocessing.json").read_text())
     assert meta["classes"] == result.classes and meta["input_size"] == [3, 32, 32]
@@ -121,8 +128,12 @@ def test_exported_safetensors_reload_with_timm_create_model(trained, tmp_path):
     model = load(result.best_checkpoint)
     batch = model.preprocess(sorted((root / "data" / "val").rglob("*.jpg")))
     exported = export(model, "safetensors", tmp_path, batch)
-    reloaded = timm.create_model("test_resnet", num_classes=3, pretrained=True,
-                                 pretrained_cfg_overlay=dict(file=str(exported.path), num_classes=3)).eval()
+    reloaded = timm.create_model(
+        "test_resnet",
+        num_classes=3,
+        pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(exported.path), num_classes=3),
+    ).eval()
     with torch.no_grad():
         assert (reloaded(batch) - model.model(batch)).abs().max() < 1e-4
     assert json.loads((tmp_path / "config.json").read_text())["label_names"] == result.classes
@@ -138,8 +149,12 @@ def test_export_rejects_an_unknown_format_and_a_non_finetune_file(trained, tmp_p
 
 
 def test_mlp_head_exports_in_finetune_layout_with_parity(tmp_path, image_folder):
-    result = fit("freeze_all_but_head", TINY + QUICK + ["head=mlp", "head.hidden=16", "data=folder",
-                                                        f"data.root={image_folder}", f"hydra.run.dir={tmp_path}/run"])
+    result = fit(
+        "freeze_all_but_head",
+        TINY
+        + QUICK
+        + ["head=mlp", "head.hidden=16", "data=folder", f"data.root={image_folder}", f"hydra.run.dir={tmp_path}/run"],
+    )
     model = load(result.best_checkpoint)
     batch = model.preprocess(sorted(image_folder.rglob("*.jpg"))[:4])
     with torch.no_grad():
@@ -164,11 +179,16 @@ def test_evaluate_and_viz_take_data_overrides_and_map_classes_by_name(trained, t
     other = tmp_path / "other"
     write_class_folders(other / "train", classes=("bees", "wasps"), per_class=2)
     write_class_folders(other / "val", classes=("bees", "wasps"), per_class=3, seed=5)
-    assert evaluate_command([f"ckpt={result.best_checkpoint}", "data=folder", f"data.root={other}",
-                             f"out={tmp_path}/eval"]) == 0
+    assert (
+        evaluate_command(
+            [f"ckpt={result.best_checkpoint}", "data=folder", f"data.root={other}", f"out={tmp_path}/eval"]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
     assert report["images"] == 6 and report["per_class"]["ants"]["support"] == 0
     assert report["per_class"]["bees"]["support"] == 3
-    assert viz_command([f"ckpt={result.best_checkpoint}", "data=folder", f"data.root={other}",
-                        f"out={tmp_path}/viz"]) == 0
+    assert (
+        viz_command([f"ckpt={result.best_checkpoint}", "data=folder", f"data.root={other}", f"out={tmp_path}/viz"]) == 0
+    )
     assert (tmp_path / "viz" / "confusion.png").is_file()

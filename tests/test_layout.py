@@ -68,8 +68,13 @@ def test_rooms_import_only_rooms_below_them():
 
 
 def test_foundations_import_no_room():
-    wrong = [f"{n} -> {t}" for n, ts in GRAPH.items() if room(n) in FOUNDATIONS
-             for t in ts if room(t) not in FOUNDATIONS and room(t)]
+    wrong = [
+        f"{n} -> {t}"
+        for n, ts in GRAPH.items()
+        if room(n) in FOUNDATIONS
+        for t in ts
+        if room(t) not in FOUNDATIONS and room(t)
+    ]
     assert wrong == []
 
 
@@ -82,7 +87,7 @@ def test_no_import_cycle():
         state[node] = "open"
         for target in sorted(graph[node]):
             if state.get(target) == "open":
-                cycles.append(" -> ".join(stack[stack.index(target):] + [target]))
+                cycles.append(" -> ".join(stack[stack.index(target) :] + [target]))
             elif target not in state:
                 visit(target, stack + [target])
         state[node] = "done"
@@ -110,7 +115,7 @@ def readme_map() -> set[str]:
     """Module paths (relative to finetune/) named in the README's development map: a line of
     ``room/`` opens a room, the deeper-indented lines below it name its modules."""
     text = README.read_text()
-    block = text[text.index("## Development"):].split("```")[1]
+    block = text[text.index("## Development") :].split("```")[1]
     listed, room_name = set(), ""
     for line in block.splitlines():
         indent = len(line) - len(line.lstrip())
@@ -145,7 +150,12 @@ print(len(added), len(logging.getLogger("finetune").handlers), len(tips))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out[1:] == ["0", "0"], out
     # Libraries imported by finetune may add their own filters; none of them mention finetune's.
-    code_ours = code.replace("print(len(added)", "print(len([f for f in added if f[1] is not None and "
-                                                  "('eval mode' in f[1].pattern or 'LeafSpec' in f[1].pattern)])")
-    assert subprocess.run([sys.executable, "-c", code_ours], capture_output=True, text=True,
-                          check=True).stdout.split()[0] == "0"
+    code_ours = code.replace(
+        "print(len(added)",
+        "print(len([f for f in added if f[1] is not None and "
+        "('eval mode' in f[1].pattern or 'LeafSpec' in f[1].pattern)])",
+    )
+    assert (
+        subprocess.run([sys.executable, "-c", code_ours], capture_output=True, text=True, check=True).stdout.split()[0]
+        == "0"
+    )

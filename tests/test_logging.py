@@ -9,8 +9,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import QUICK_WITH_PICTURES, TINY
+
 from finetune.train.checkpoints import LAST, RUN_KEY
 from finetune.train.loggers import build_loggers, wandb_mode
 
@@ -31,9 +31,23 @@ def test_no_credentials_means_offline(monkeypatch, tmp_path):
 def test_default_wandb_logger_runs_offline_without_credentials(image_folder, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(HOME=str(tmp_path), NETRC=str(tmp_path / "none"))
-    args = ["data=folder", f"data.root={image_folder}", *TINY, *QUICK_WITH_PICTURES, "logger=wandb", "hydra.run.dir=run"]
-    proc = subprocess.run([sys.executable, "-m", "finetune", *args], cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
-                          capture_output=True, text=True, timeout=300)
+    args = [
+        "data=folder",
+        f"data.root={image_folder}",
+        *TINY,
+        *QUICK_WITH_PICTURES,
+        "logger=wandb",
+        "hydra.run.dir=run",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "finetune", *args],
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert runs

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import QUICK, TINY, write_class_folders
+
 from finetune import fit
 from finetune.data.check import check_data
 from finetune.data.datamodule import ImageDataModule, class_weights
@@ -63,11 +63,14 @@ def test_manifest_paths_default_to_the_manifest_folder_and_missing_files_are_cou
     assert splits.skipped == [(str(images / "cat" / "gone.jpg"), "file not found")]
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda rows: [{**r, "subset": "holdout"} for r in rows], "unknown split value"),
-    (lambda rows: rows + [{"file": "cat/cat_0.jpg", "species": "fox", "subset": "val"}], "never in train"),
-    (lambda rows: [{k: v for k, v in r.items() if k != "species"} for r in rows], "no column 'species'"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda rows: [{**r, "subset": "holdout"} for r in rows], "unknown split value"),
+        (lambda rows: rows + [{"file": "cat/cat_0.jpg", "species": "fox", "subset": "val"}], "never in train"),
+        (lambda rows: [{k: v for k, v in r.items() if k != "species"} for r in rows], "no column 'species'"),
+    ],
+)
 def test_manifest_mistakes_say_what_to_fix(images, tmp_path, change, message):
     manifest = write_manifest(tmp_path / "labels.csv", change(rows_for(images)))
     with pytest.raises(DataError, match=message):
@@ -80,9 +83,20 @@ def test_fit_from_a_manifest_and_scores_its_test_split(images, tmp_path):
         if row["file"].endswith("_5.jpg"):
             row["subset"] = "test"
     manifest = write_manifest(tmp_path / "labels.csv", rows)
-    result = fit("freeze_all_but_head", TINY + QUICK + [
-        "data=csv", f"data.csv={manifest}", f"data.root={images}", "data.path_column=file",
-        "data.label_column=species", "data.split_column=subset", f"hydra.run.dir={tmp_path}/run"])
+    result = fit(
+        "freeze_all_but_head",
+        TINY
+        + QUICK
+        + [
+            "data=csv",
+            f"data.csv={manifest}",
+            f"data.root={images}",
+            "data.path_column=file",
+            "data.label_column=species",
+            "data.split_column=subset",
+            f"hydra.run.dir={tmp_path}/run",
+        ],
+    )
     assert result.classes == ["cat", "dog"]
     assert result.data_report.counts["test"] == {"cat": 1, "dog": 1}
     assert "test/acc" in result.metrics and "test/loss" in result.metrics
@@ -108,8 +122,9 @@ def test_class_weights_are_inverse_frequency():
 
 
 def test_balanced_sampler_draws_classes_equally_often():
-    data = ImageDataModule(imbalanced(), lambda image: image, lambda image: image, batch_size=10,
-                           num_workers=0, balance="sampler", seed=0)
+    data = ImageDataModule(
+        imbalanced(), lambda image: image, lambda image: image, batch_size=10, num_workers=0, balance="sampler", seed=0
+    )
     sampler = data.train_dataloader().sampler
     drawn = Counter()
     for epoch in range(20):  # an epoch's draws are a function of (seed, epoch): a new epoch, new draws
@@ -119,12 +134,20 @@ def test_balanced_sampler_draws_classes_equally_often():
 
 
 def test_weighted_loss_reaches_the_training_loss(image_folder, tmp_path):
-    result = fit("freeze_all_but_head", TINY + QUICK + ["data=folder", f"data.root={image_folder}",
-                                                        "data.balance=weighted_loss", f"hydra.run.dir={tmp_path}"])
+    result = fit(
+        "freeze_all_but_head",
+        TINY
+        + QUICK
+        + ["data=folder", f"data.root={image_folder}", "data.balance=weighted_loss", f"hydra.run.dir={tmp_path}"],
+    )
     assert "val/acc" in result.metrics
     with pytest.raises(Exception, match="data.balance"):
-        fit("freeze_all_but_head", TINY + QUICK + ["data=folder", f"data.root={image_folder}",
-                                                   "data.balance=sometimes", f"hydra.run.dir={tmp_path}/2"])
+        fit(
+            "freeze_all_but_head",
+            TINY
+            + QUICK
+            + ["data=folder", f"data.root={image_folder}", "data.balance=sometimes", f"hydra.run.dir={tmp_path}/2"],
+        )
 
 
 def test_empty_split_is_fatal_and_missing_class_is_a_warning():

@@ -35,8 +35,19 @@ def manifest(tmp_path, rows: list[str], header="file,labels"):
 
 
 def load(path, task="multilabel", sep=None, columns=None, split_column=None, val_fraction=0.5):
-    return load_manifest(str(path), str(path.parent / "images"), "file", "labels", split_column, "{}",
-                         val_fraction, 0, task, sep, columns)
+    return load_manifest(
+        str(path),
+        str(path.parent / "images"),
+        "file",
+        "labels",
+        split_column,
+        "{}",
+        val_fraction,
+        0,
+        task,
+        sep,
+        columns,
+    )
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -44,8 +55,11 @@ def load(path, task="multilabel", sep=None, columns=None, split_column=None, val
 
 def test_label_sets_are_parsed_with_any_separator_and_empty_sets_are_kept(tmp_path):
     for n, sep in enumerate((" ", "|", ";")):
-        rows = [f"a{i}.png,fire{sep}flying" for i in range(3)] + [f"b{i}.png,water" for i in range(3)] + \
-               [f"c{i}.png," for i in range(2)]
+        rows = (
+            [f"a{i}.png,fire{sep}flying" for i in range(3)]
+            + [f"b{i}.png,water" for i in range(3)]
+            + [f"c{i}.png," for i in range(2)]
+        )
         splits = load(manifest(tmp_path / str(n), rows), sep=sep if sep != " " else None)
         assert splits.classes == ["fire", "flying", "water"]
         labels = sorted(label for _, label in splits.train + splits.val)
@@ -56,8 +70,11 @@ def test_label_sets_are_parsed_with_any_separator_and_empty_sets_are_kept(tmp_pa
 
 
 def test_indicator_columns_are_label_sets(tmp_path):
-    rows = [f"{name}{i}.png,{flags}" for i in range(2) for name, flags in
-            (("a", "1,0,1"), ("b", "0,1,0"), ("c", "1,1,0"), ("d", "0,0,0"))]
+    rows = [
+        f"{name}{i}.png,{flags}"
+        for i in range(2)
+        for name, flags in (("a", "1,0,1"), ("b", "0,1,0"), ("c", "1,1,0"), ("d", "0,0,0"))
+    ]
     path = manifest(tmp_path, rows, header="file,cat,dog,toy")
     splits = load(path, columns=["cat", "dog", "toy"], val_fraction=0.5)
     assert splits.classes == ["cat", "dog", "toy"]
@@ -69,12 +86,23 @@ def test_indicator_columns_are_label_sets(tmp_path):
         load(path, task="multiclass", columns=["cat", "dog", "toy"])
 
 
-@pytest.mark.parametrize("rows, sep, message", [
-    (["a.png,fire|flying", "b.png,water;ice"], None, r"mixes separators: row 2 'fire\|flying' uses '\|', row 3 'water;ice' uses ';'"),
-    (["a.png,fire flying", 'b.png,"water,ice"'], " ", "mixes separators"),
-    (["a.png,water", "b.png,fire|flying"], ";", r"data.label_sep=';', but row 3 'fire\|flying' separates labels with '\|'"),
-    (["a.png,", "b.png,"], None, "the label column 'labels' is empty in every row"),
-])
+@pytest.mark.parametrize(
+    "rows, sep, message",
+    [
+        (
+            ["a.png,fire|flying", "b.png,water;ice"],
+            None,
+            r"mixes separators: row 2 'fire\|flying' uses '\|', row 3 'water;ice' uses ';'",
+        ),
+        (["a.png,fire flying", 'b.png,"water,ice"'], " ", "mixes separators"),
+        (
+            ["a.png,water", "b.png,fire|flying"],
+            ";",
+            r"data.label_sep=';', but row 3 'fire\|flying' separates labels with '\|'",
+        ),
+        (["a.png,", "b.png,"], None, "the label column 'labels' is empty in every row"),
+    ],
+)
 def test_broken_label_columns_are_one_line_errors(tmp_path, rows, sep, message):
     with pytest.raises(DataError, match=message) as error:
         load(manifest(tmp_path, rows), sep=sep)
@@ -82,14 +110,21 @@ def test_broken_label_columns_are_one_line_errors(tmp_path, rows, sep, message):
 
 
 def test_a_multilabel_manifest_under_multiclass_says_to_set_the_task(tmp_path):
-    rows = [f"a{i}.png,grass poison" for i in range(3)] + [f"b{i}.png,grass" for i in range(3)] + \
-           [f"c{i}.png,poison" for i in range(3)]
-    with pytest.raises(DataError, match=r"3 rows hold combinations .*'grass poison'.*add task=multilabel data.label_sep=' '"):
+    rows = (
+        [f"a{i}.png,grass poison" for i in range(3)]
+        + [f"b{i}.png,grass" for i in range(3)]
+        + [f"c{i}.png,poison" for i in range(3)]
+    )
+    with pytest.raises(
+        DataError, match=r"3 rows hold combinations .*'grass poison'.*add task=multilabel data.label_sep=' '"
+    ):
         load(manifest(tmp_path, rows), task="multiclass")
     # An explicit separator settles it without guessing; single labels with spaces stay legal.
     with pytest.raises(DataError, match="3 rows hold several labels"):
         load(manifest(tmp_path, rows), task="multiclass", sep=" ")
-    names = manifest(tmp_path / "names", [f"a{i}.png,red wine" for i in range(3)] + [f"b{i}.png,beer" for i in range(3)])
+    names = manifest(
+        tmp_path / "names", [f"a{i}.png,red wine" for i in range(3)] + [f"b{i}.png,beer" for i in range(3)]
+    )
     assert load(names, task="multiclass").classes == ["beer", "red wine"]
 
 
@@ -137,8 +172,9 @@ def test_multi_hot_and_split_cells():
 
 
 def test_the_real_pokemon_manifest(pokemon):
-    splits = load_manifest(str(pokemon / "labels.csv"), str(pokemon / "images"), "file", "labels", None, "{}",
-                           0.2, 0, "multilabel", " ")
+    splits = load_manifest(
+        str(pokemon / "labels.csv"), str(pokemon / "images"), "file", "labels", None, "{}", 0.2, 0, "multilabel", " "
+    )
     every = splits.train + splits.val
     assert len(every) == 1016 and len(splits.classes) == 18 and not splits.skipped
     assert 0.45 < sum(len(label) == 2 for _, label in every) / len(every) < 0.56
@@ -191,8 +227,15 @@ def test_multi_hot_targets_are_mixed_with_the_images_ratio():
 
 
 def multilabel_overrides(csv_path) -> list[str]:
-    return ["task=multilabel", "data=csv", f"data.csv={csv_path}", "data.path_column=file",
-            "data.label_column=labels", "data.label_sep=' '", "data.val_fraction=0.4"]
+    return [
+        "task=multilabel",
+        "data=csv",
+        f"data.csv={csv_path}",
+        "data.path_column=file",
+        "data.label_column=labels",
+        "data.label_sep=' '",
+        "data.val_fraction=0.4",
+    ]
 
 
 def test_a_head_only_run_tunes_thresholds_that_load_predict_evaluate_and_export_use(tmp_path, capsys):
@@ -203,9 +246,20 @@ def test_a_head_only_run_tunes_thresholds_that_load_predict_evaluate_and_export_
         return command(args[0])(args[1:])
 
     csv_path = write_multilabel_manifest(tmp_path / "data")
-    result = fit("freeze_all_but_head", [*TINY, *QUICK_WITH_PICTURES, *multilabel_overrides(csv_path),
-                                         "trainer.max_epochs=2", "viz.layers=[]", f"hydra.run.dir={tmp_path / 'run'}"])
-    assert result.objective == "val/map" and "val/map" in result.metrics and repr(result).startswith("FitResult(val/map=")
+    result = fit(
+        "freeze_all_but_head",
+        [
+            *TINY,
+            *QUICK_WITH_PICTURES,
+            *multilabel_overrides(csv_path),
+            "trainer.max_epochs=2",
+            "viz.layers=[]",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+    )
+    assert (
+        result.objective == "val/map" and "val/map" in result.metrics and repr(result).startswith("FitResult(val/map=")
+    )
     for key in ("val/f1_micro", "val/f1_macro", "val/exact", "val/f1_micro_tuned", "val/exact_tuned"):
         assert 0 <= result.metrics[key] <= 1, key
     summary = json.loads((result.output_dir / "summary.json").read_text())
@@ -223,20 +277,31 @@ def test_a_head_only_run_tunes_thresholds_that_load_predict_evaluate_and_export_
     # The generated sets hold 0 to 2 of the 3 labels: answers hold at most the 2 most probable.
     assert (model.min_labels, model.max_labels) == (0, 2)
     for prediction, row in zip(predictions, probabilities):
-        passing = [c for c, p, t in sorted(zip(model.classes, row.tolist(), model.thresholds), key=lambda x: -x[1])
-                   if p >= t]
+        passing = [
+            c for c, p, t in sorted(zip(model.classes, row.tolist(), model.thresholds), key=lambda x: -x[1]) if p >= t
+        ]
         assert prediction.names == passing[:2]
         assert set(prediction.probabilities) == set(model.classes)
 
     out = tmp_path / "predicted"
-    assert main_commands(["predict", f"ckpt={result.best_checkpoint}", f"input={tmp_path / 'data' / 'images'}",
-                          f"out={out}"]) == 0
+    assert (
+        main_commands(
+            ["predict", f"ckpt={result.best_checkpoint}", f"input={tmp_path / 'data' / 'images'}", f"out={out}"]
+        )
+        == 0
+    )
     rows = list(csv.DictReader((out / "predictions.csv").open()))
     assert len(rows) == 42 and set(rows[0]) == {"image", "labels", "blue", "green", "red"}
     assert json.loads((out / "predictions.json").read_text())["thresholds"] == thresholds
 
-    data = [f"data.csv={csv_path}", "data=csv", "data.path_column=file", "data.label_column=labels",
-            "data.label_sep=' '", "data.val_fraction=0.4"]
+    data = [
+        f"data.csv={csv_path}",
+        "data=csv",
+        "data.path_column=file",
+        "data.label_column=labels",
+        "data.label_sep=' '",
+        "data.val_fraction=0.4",
+    ]
     assert main_commands(["evaluate", f"ckpt={result.best_checkpoint}", f"out={tmp_path / 'ev'}", *data]) == 0
     evaluation = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
     assert evaluation["map"] == pytest.approx(summary["multilabel"]["val"]["map"], abs=0.02)
@@ -244,7 +309,9 @@ def test_a_head_only_run_tunes_thresholds_that_load_predict_evaluate_and_export_
     with pytest.raises(ConfigError, match="evaluated on a manifest"):
         main_commands(["evaluate", f"ckpt={result.best_checkpoint}", f"input={tmp_path}"])
 
-    assert main_commands(["export", f"ckpt={result.best_checkpoint}", "format=torchscript", f"out={tmp_path / 'x'}"]) == 0
+    assert (
+        main_commands(["export", f"ckpt={result.best_checkpoint}", "format=torchscript", f"out={tmp_path / 'x'}"]) == 0
+    )
     preprocessing = json.loads((tmp_path / "x" / "preprocessing.json").read_text())
     assert preprocessing["task"] == "multilabel" and preprocessing["thresholds"] == thresholds
     assert "images get the same label set" in capsys.readouterr().out
@@ -256,13 +323,32 @@ def test_a_full_finetune_with_mixing_smoothing_and_positive_weights(tmp_path):
     from finetune import fit
 
     csv_path = write_multilabel_manifest(tmp_path / "data")
-    result = fit(None, [*TINY, *QUICK, *multilabel_overrides(csv_path), "mixup.alpha=0.4", "cutmix.alpha=1.0",
-                        "loss.label_smoothing=0.1", "data.balance=weighted_loss", "tta=flip",
-                        f"hydra.run.dir={tmp_path / 'run'}"])
+    result = fit(
+        None,
+        [
+            *TINY,
+            *QUICK,
+            *multilabel_overrides(csv_path),
+            "mixup.alpha=0.4",
+            "cutmix.alpha=1.0",
+            "loss.label_smoothing=0.1",
+            "data.balance=weighted_loss",
+            "tta=flip",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+    )
     assert {"val/map", "val/map_tta", "val/f1_micro_tuned", "tta_views"} <= set(result.metrics)
     with pytest.raises(ConfigError, match="data.balance=sampler draws one class per image"):
-        fit(None, [*TINY, *QUICK, *multilabel_overrides(csv_path), "data.balance=sampler",
-                   f"hydra.run.dir={tmp_path / 'run2'}"])
+        fit(
+            None,
+            [
+                *TINY,
+                *QUICK,
+                *multilabel_overrides(csv_path),
+                "data.balance=sampler",
+                f"hydra.run.dir={tmp_path / 'run2'}",
+            ],
+        )
 
 
 def test_the_monitored_metric_follows_the_task_unless_set():
@@ -298,5 +384,7 @@ def test_a_multilabel_run_resumes_and_ends_where_an_uninterrupted_one_does(tmp_p
     assert [h["epoch"] for h in resumed.history] == [1, 2]
     for key in ("val/map", "val/loss", "train/loss"):
         assert resumed.history[-1][key] == pytest.approx(straight.history[-1][key], abs=1e-6), key
-    assert json.loads((resumed.output_dir / "summary.json").read_text())["multilabel"]["thresholds"] == \
-        json.loads((straight.output_dir / "summary.json").read_text())["multilabel"]["thresholds"]
+    assert (
+        json.loads((resumed.output_dir / "summary.json").read_text())["multilabel"]["thresholds"]
+        == json.loads((straight.output_dir / "summary.json").read_text())["multilabel"]["thresholds"]
+    )

@@ -18,8 +18,10 @@ def readable_png(path, min_side: int = 150) -> None:
 
 
 def report(classes: list[str], rng: np.random.Generator) -> dict:
-    per_label = {c: {"ap": float(rng.uniform()), "precision": 0.5, "recall": 0.5, "f1": 0.5, "support": i + 1}
-                 for i, c in enumerate(classes)}
+    per_label = {
+        c: {"ap": float(rng.uniform()), "precision": 0.5, "recall": 0.5, "f1": 0.5, "support": i + 1}
+        for i, c in enumerate(classes)
+    }
     per_label[classes[-1]].update(ap=None, support=0)  # no positive example: AP undefined
     defined = [v["ap"] for v in per_label.values() if v["ap"] is not None]
     return {"classes": classes, "map": float(np.mean(defined)), "images": 40, "per_label": per_label}
@@ -45,8 +47,10 @@ def test_every_picture_is_a_readable_png(tmp_path, labels):
 
 def test_ap_bars_takes_labels_that_all_lack_positives(tmp_path):
     per_label = {c: {"ap": None, "precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0} for c in ("a", "b")}
-    readable_png(ap_bars({"classes": ["a", "b"], "map": float("nan"), "images": 3, "per_label": per_label},
-                         tmp_path / "ap.png"), min_side=100)
+    readable_png(
+        ap_bars({"classes": ["a", "b"], "map": float("nan"), "images": 3, "per_label": per_label}, tmp_path / "ap.png"),
+        min_side=100,
+    )
 
 
 def test_cooccurrence_counts_and_cardinality_are_exact(tmp_path):
@@ -62,16 +66,18 @@ def test_cooccurrence_counts_and_cardinality_are_exact(tmp_path):
 
 def test_mistakes_are_ranked_worst_first_once_per_image():
     thresholds = torch.tensor([0.5, 0.5, 0.2])
-    targets = torch.tensor([[1, 1, 0],     # 0: misses label 1 (0.10) and label 0 (0.30): worst 0.10
-                            [1, 0, 0],     # 1: misses label 0 (0.40); false alarm label 2 (0.25 >= 0.2)
-                            [0, 0, 1],     # 2: misses label 2 (0.05); false alarms label 0 (0.95), 1 (0.60)
-                            [1, 0, 0],     # 3: right
-                            [0, 0, 0]]).float()  # 4: false alarm label 1 (0.95): ties image 2, comes after
-    probabilities = torch.tensor([[0.30, 0.10, 0.00],
-                                  [0.40, 0.00, 0.25],
-                                  [0.95, 0.60, 0.05],
-                                  [0.90, 0.10, 0.10],
-                                  [0.00, 0.95, 0.00]])
+    targets = torch.tensor(
+        [
+            [1, 1, 0],  # 0: misses label 1 (0.10) and label 0 (0.30): worst 0.10
+            [1, 0, 0],  # 1: misses label 0 (0.40); false alarm label 2 (0.25 >= 0.2)
+            [0, 0, 1],  # 2: misses label 2 (0.05); false alarms label 0 (0.95), 1 (0.60)
+            [1, 0, 0],  # 3: right
+            [0, 0, 0],
+        ]
+    ).float()  # 4: false alarm label 1 (0.95): ties image 2, comes after
+    probabilities = torch.tensor(
+        [[0.30, 0.10, 0.00], [0.40, 0.00, 0.25], [0.95, 0.60, 0.05], [0.90, 0.10, 0.10], [0.00, 0.95, 0.00]]
+    )
     missed, alarms = rank_mistakes(targets, probabilities, thresholds, count=8)
     assert [(i, j) for i, j, _ in missed] == [(2, 2), (0, 1), (1, 0)]
     assert [(i, j) for i, j, _ in alarms] == [(2, 0), (4, 1), (1, 2)]
@@ -95,5 +101,6 @@ def test_only_false_alarms_still_draw(tmp_path):
     probabilities[1, 2] = 0.7  # the one error: a false alarm on an image with no label
     thresholds = torch.full((3,), 0.5)
     assert rank_mistakes(targets, probabilities, thresholds, count=8) == ([], [(1, 2, pytest.approx(0.7))])
-    readable_png(label_mistakes(images, targets, probabilities, thresholds, ["x", "y", "z"], tmp_path / "m.png"),
-                 min_side=100)
+    readable_png(
+        label_mistakes(images, targets, probabilities, thresholds, ["x", "y", "z"], tmp_path / "m.png"), min_side=100
+    )

@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import QUICK, TINY
+
 from finetune.errors import ConfigError
 from finetune.train.optim import build_optimizer, build_scheduler
 
@@ -61,8 +61,9 @@ def test_unknown_optimizer_or_scheduler_names_say_the_choices():
 
 def test_every_scheduler_takes_a_linear_warmup_and_the_main_schedule_starts_after_it():
     optimizer = build_optimizer(groups(), {"name": "sgd", "lr": 0.1})
-    scheduler, _ = build_scheduler(optimizer, {"name": "step", "step_size": 2, "gamma": 0.1, "warmup_epochs": 1},
-                                   max_epochs=6)
+    scheduler, _ = build_scheduler(
+        optimizer, {"name": "step", "step_size": 2, "gamma": 0.1, "warmup_epochs": 1}, max_epochs=6
+    )
     assert lrs(scheduler, 5) == pytest.approx([0.05, 0.1, 0.1, 0.01, 0.01])
     optimizer = build_optimizer(groups(), {"name": "sgd", "lr": 0.1})
     scheduler, _ = build_scheduler(optimizer, {"name": "none", "warmup_epochs": 3}, max_epochs=6)
@@ -72,8 +73,11 @@ def test_every_scheduler_takes_a_linear_warmup_and_the_main_schedule_starts_afte
 def test_a_per_step_cosine_counts_optimizer_steps_and_warms_up_for_a_fraction_of_an_epoch():
     optimizer = build_optimizer(groups(), {"name": "adamw", "lr": 0.1})
     scheduler, interval = build_scheduler(
-        optimizer, {"name": "cosine", "warmup_epochs": 0.5, "min_lr": 0.0, "interval": "step"},
-        max_epochs=2, steps_per_epoch=4)
+        optimizer,
+        {"name": "cosine", "warmup_epochs": 0.5, "min_lr": 0.0, "interval": "step"},
+        max_epochs=2,
+        steps_per_epoch=4,
+    )
     assert interval == "step"
     # 2 warm-up steps (half of 4), then a cosine over the 6 steps left.
     expected = [0.1 / 3, 0.2 / 3] + [0.1 * (1 + math.cos(math.pi * k / 6)) / 2 for k in range(6)]
@@ -95,8 +99,10 @@ def test_fit_on_gpu_with_bf16(image_folder, tmp_path, monkeypatch):
 
     monkeypatch.setattr(ClassifierModule, "forward", forward)
     on_gpu = [o for o in QUICK if not o.startswith("trainer.accelerator=")]  # QUICK's cpu would win over trainer=gpu
-    result = fit("full_finetune", TINY + on_gpu + ["trainer=gpu", "data=folder", f"data.root={image_folder}",
-                                                   f"hydra.run.dir={tmp_path}"])
+    result = fit(
+        "full_finetune",
+        TINY + on_gpu + ["trainer=gpu", "data=folder", f"data.root={image_folder}", f"hydra.run.dir={tmp_path}"],
+    )
     assert seen == {("cuda", torch.bfloat16)}  # every step on the GPU, under bf16 autocast
     assert result.metrics["val/acc"] * 12 == pytest.approx(round(result.metrics["val/acc"] * 12))  # k of 12 images
     assert next(result.model.parameters()).dtype == torch.float32  # mixed precision: fp32 master weights

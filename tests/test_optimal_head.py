@@ -16,7 +16,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.multiclass import OneVsRestClassifier
 
 from finetune import fit
-from finetune.compute.linear_probe import Problem, choose_l2, feature_scale, fit as fit_head, view_rows
+from finetune.compute.linear_probe import Problem, choose_l2, feature_scale, view_rows
+from finetune.compute.linear_probe import fit as fit_head
 from finetune.errors import ConfigError
 
 
@@ -65,8 +66,7 @@ def test_cross_validation_picks_the_best_strength_it_reports(digits):
     assert len(refined.grid) in (5, 6) and set(grid) < set(refined.grid)
     assert refined.score == max(refined.scores) >= choice.score
     # The walk down the grid stops once the scores have fallen `patience` times.
-    stopped = choose_l2(views, y, 10, grid=(1e2, 1e1, 1e0, 1e-1, 1e-2, 1e-3, 1e-4), folds=3, patience=1,
-                        refine=False)
+    stopped = choose_l2(views, y, 10, grid=(1e2, 1e1, 1e0, 1e-1, 1e-2, 1e-3, 1e-4), folds=3, patience=1, refine=False)
     peak = stopped.scores.index(max(stopped.scores))
     assert len(stopped.scores) == min(7, peak + 2)
 
@@ -78,9 +78,21 @@ def test_view_rows_keep_every_view_of_the_chosen_images():
 
 
 def _run(tmp_path: Path, image_folder: Path, name: str, *extra: str, recipe: str = "freeze_all_but_head"):
-    return fit(recipe, TINY + QUICK + ["data=folder", f"data.root={image_folder}", "data.batch_size=8",
-                                       "trainer.max_epochs=4", "head.fit.folds=2", f"data.cache.dir={tmp_path / 'cache'}",
-                                       f"hydra.run.dir={tmp_path / name}", *extra])
+    return fit(
+        recipe,
+        TINY
+        + QUICK
+        + [
+            "data=folder",
+            f"data.root={image_folder}",
+            "data.batch_size=8",
+            "trainer.max_epochs=4",
+            "head.fit.folds=2",
+            f"data.cache.dir={tmp_path / 'cache'}",
+            f"hydra.run.dir={tmp_path / name}",
+            *extra,
+        ],
+    )
 
 
 def test_a_head_only_run_reaches_the_optimum_of_the_cross_validated_strength(tmp_path, image_folder, capsys):
@@ -96,8 +108,12 @@ def test_a_head_only_run_reaches_the_optimum_of_the_cross_validated_strength(tmp
     weight, bias = fit_head(Problem(rows.double(), targets, 3), l2, max_iter=2000)
     linear = result.model.head[-1]
     val = stored["features.val"].double()
-    torch.testing.assert_close(torch.softmax(val @ linear.weight.double().T + linear.bias.double(), 1),
-                               torch.softmax(val @ weight.double().T + bias.double(), 1), atol=1e-3, rtol=0)
+    torch.testing.assert_close(
+        torch.softmax(val @ linear.weight.double().T + linear.bias.double(), 1),
+        torch.softmax(val @ weight.double().T + bias.double(), 1),
+        atol=1e-3,
+        rtol=0,
+    )
 
     # A second run on the same features remembers the strength: no cross-validation again.
     _run(tmp_path, image_folder, "again", "augment=none")
@@ -114,10 +130,11 @@ def test_calibration_from_cached_features_equals_the_image_pass(tmp_path, image_
         model = result.model.eval()
         classes = result.classes
 
+    from omegaconf import OmegaConf
+
     from finetune.data.sources import load_data
     from finetune.data.transforms import with_input_size
     from finetune.model.build import backbone_from_config
-    from omegaconf import OmegaConf
 
     cfg = OmegaConf.create(result.config)
     splits = load_data(cfg.data, cfg.seed, "multiclass")

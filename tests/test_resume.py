@@ -21,20 +21,37 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import QUICK, TINY
+
 from finetune import fit
+from finetune.errors import ConfigError, NonFiniteLossError, OutOfMemoryError
 from finetune.train import checkpoints
 from finetune.train.checkpoints import LAST, RUN_KEY, atomic_save
-from finetune.errors import ConfigError, NonFiniteLossError, OutOfMemoryError
 from finetune.train.module import ClassifierModule
 
-RUN = ["+recipe=gradual_unfreeze", *TINY, *[o for o in QUICK if o != "logger=none"], "logger=csv", "trainer.max_epochs=3", "data.batch_size=16",
-       "+trainer.limit_train_batches=4", "+trainer.limit_val_batches=2", "head.dropout=0.3",
-       "optimizer.lr=0.1", "scheduler.step_size=1", "scheduler.gamma=0.5",
-       "callbacks.checkpoint.min_write_interval_s=0",  # last.ckpt at every epoch end, however short
-       "augment=randaugment", "mixup.alpha=0.4", "cutmix.alpha=1.0", "loss.label_smoothing=0.1", "ema.decay=0.9",
-       "backbone.drop_path_rate=0.1", "scheduler.warmup_epochs=0.5", "scheduler.interval=step"]
+RUN = [
+    "+recipe=gradual_unfreeze",
+    *TINY,
+    *[o for o in QUICK if o != "logger=none"],
+    "logger=csv",
+    "trainer.max_epochs=3",
+    "data.batch_size=16",
+    "+trainer.limit_train_batches=4",
+    "+trainer.limit_val_batches=2",
+    "head.dropout=0.3",
+    "optimizer.lr=0.1",
+    "scheduler.step_size=1",
+    "scheduler.gamma=0.5",
+    "callbacks.checkpoint.min_write_interval_s=0",  # last.ckpt at every epoch end, however short
+    "augment=randaugment",
+    "mixup.alpha=0.4",
+    "cutmix.alpha=1.0",
+    "loss.label_smoothing=0.1",
+    "ema.decay=0.9",
+    "backbone.drop_path_rate=0.1",
+    "scheduler.warmup_epochs=0.5",
+    "scheduler.interval=step",
+]
 KILL_AFTER_STEP = 6  # global step 6 of 12: epoch 2 of 3 (0-based 1), its second batch
 
 # The real CLI, with a test-only hook: SIGKILL its own process after optimizer step K.
@@ -103,8 +120,9 @@ def test_killed_run_resumes_to_the_same_weights_and_metrics(killed_and_resumed):
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
     # With EMA, state_dict holds the averaged weights; the training weights and the count go beside them.
-    full_a, full_b = (torch.load(d / "checkpoints" / LAST, map_location="cpu", weights_only=True)
-                      for d in (uninterrupted, resumed))
+    full_a, full_b = (
+        torch.load(d / "checkpoints" / LAST, map_location="cpu", weights_only=True) for d in (uninterrupted, resumed)
+    )
     current_a, current_b = full_a["current_model_state"], full_b["current_model_state"]
     assert all(torch.equal(current_a[k], current_b[k]) for k in current_a)
     assert not all(torch.equal(current_a[k], a[k]) for k in a)  # the average is not the training weights
@@ -143,12 +161,18 @@ def test_resumed_csv_keeps_the_finished_epochs_and_drops_the_ones_to_redo(tmp_pa
         writer.writerows(rows)
     [logger] = build_loggers({"csv": True}, tmp_path, {}, keep_csv_through_epoch=2)
     kept = csv_rows(tmp_path)  # on disk before the resumed run logs anything
-    assert [(r["epoch"], r["step"], float(r["val/acc"]), r["note"]) for r in kept] == [("1", "3", 0.5, "x"), ("2", "7", 0.6, "x")]
+    assert [(r["epoch"], r["step"], float(r["val/acc"]), r["note"]) for r in kept] == [
+        ("1", "3", 0.5, "x"),
+        ("2", "7", 0.6, "x"),
+    ]
     logger.log_metrics({"val/acc": 0.9, "epoch": 3}, step=11)
     logger.log_metrics({"train/loss": 0.2, "epoch": 3}, step=11)  # the epoch's second call: the same row
     logger.save()
-    assert [(r["epoch"], r["val/acc"], r["train/loss"]) for r in csv_rows(tmp_path)] == \
-        [("1", "0.5", ""), ("2", "0.6", ""), ("3", "0.9", "0.2")]
+    assert [(r["epoch"], r["val/acc"], r["train/loss"]) for r in csv_rows(tmp_path)] == [
+        ("1", "0.5", ""),
+        ("2", "0.6", ""),
+        ("3", "0.9", "0.2"),
+    ]
 
     [fresh] = build_loggers({"csv": True}, tmp_path, {})  # a new run in the same folder starts afresh
     assert csv_rows(tmp_path) == []
@@ -171,8 +195,14 @@ def test_resumed_run_keeps_its_wandb_id_and_optimizer_state(killed_and_resumed):
 def test_resume_from_a_checkpoint_path_with_the_notebook_api(killed_and_resumed, tmp_path):
     uninterrupted, resumed, _, _ = killed_and_resumed
     # Continue the finished 3-epoch run for a 4th epoch, into a new folder.
-    result = fit(overrides=RUN + [f"ckpt_path={resumed / 'checkpoints' / 'last.ckpt'}", "trainer.max_epochs=4",
-                                  f"hydra.run.dir={tmp_path / 'more'}"])
+    result = fit(
+        overrides=RUN
+        + [
+            f"ckpt_path={resumed / 'checkpoints' / 'last.ckpt'}",
+            "trainer.max_epochs=4",
+            f"hydra.run.dir={tmp_path / 'more'}",
+        ]
+    )
     assert [row["epoch"] for row in result.history] == [1, 2, 3, 4]
     assert result.history[:3] == json.loads((uninterrupted / "summary.json").read_text())["history"]
 
@@ -237,7 +267,9 @@ def test_nan_keeps_the_last_good_checkpoint_and_says_where(tmp_path, monkeypatch
     assert "step 6" in message and "optimizer.lr" in message
     assert f"The last good checkpoint is kept: {last} (end of epoch 1)" in message
     kept = torch.load(last, map_location="cpu", weights_only=True)
-    assert kept["epoch"] == 0 and all(torch.isfinite(t).all() for t in kept["state_dict"].values() if t.is_floating_point())
+    assert kept["epoch"] == 0 and all(
+        torch.isfinite(t).all() for t in kept["state_dict"].values() if t.is_floating_point()
+    )
 
 
 def test_paced_checkpoints_are_written_once_and_equal_those_of_every_epoch(tmp_path, monkeypatch):
@@ -266,11 +298,16 @@ def test_paced_checkpoints_are_written_once_and_equal_those_of_every_epoch(tmp_p
         assert a["callbacks"].keys() == b["callbacks"].keys()
 
 
-@pytest.mark.parametrize("error", [
-    torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
-    RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to "
-                 "allocate 8589934592 bytes."),
-])
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to "
+            "allocate 8589934592 bytes."
+        ),
+    ],
+)
 def test_out_of_memory_names_the_batch_size_to_try(tmp_path, monkeypatch, error):
     def too_big(self, batch, batch_idx):
         raise error
@@ -296,13 +333,26 @@ def test_cli_resume_in_a_new_process_with_dataloader_workers_is_exact(tmp_path):
     """A resumed run makes its first training iterator before Lightning's set_epoch, and worker
     processes prefetch indices at once: the sampler must already be at the resumed epoch (it read
     epoch 0's order here, and epoch 2 of the resumed digits run came out different)."""
-    args = ["+recipe=full_finetune", *TINY, "data.num_workers=2", "logger=csv", "viz=none", "seed=0",
-            "callbacks.progress_bar=false", "callbacks.checkpoint.min_write_interval_s=0"]
+    args = [
+        "+recipe=full_finetune",
+        *TINY,
+        "data.num_workers=2",
+        "logger=csv",
+        "viz=none",
+        "seed=0",
+        "callbacks.progress_bar=false",
+        "callbacks.checkpoint.min_write_interval_s=0",
+    ]
     whole = cli(*args, "trainer.max_epochs=2", "hydra.run.dir=whole", cwd=tmp_path)
     first = cli(*args, "trainer.max_epochs=1", "hydra.run.dir=first", cwd=tmp_path)
     assert whole.returncode == 0 and first.returncode == 0, (whole.stderr + first.stderr)[-3000:]
-    resumed = cli(*args, "trainer.max_epochs=2", f"ckpt_path={tmp_path / 'first' / 'checkpoints' / LAST}",
-                  "hydra.run.dir=resumed", cwd=tmp_path)
+    resumed = cli(
+        *args,
+        "trainer.max_epochs=2",
+        f"ckpt_path={tmp_path / 'first' / 'checkpoints' / LAST}",
+        "hydra.run.dir=resumed",
+        cwd=tmp_path,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     history = [json.loads((tmp_path / d / "summary.json").read_text())["history"] for d in ("whole", "resumed")]
     assert history[1] == history[0]  # every metric of both epochs, bit for bit
@@ -313,9 +363,19 @@ def test_cli_resume_in_a_new_process_with_dataloader_workers_is_exact(tmp_path):
 def test_lp_ft_and_the_lbfgs_head_resume_bit_exact_after_a_kill(tmp_path, image_folder, recipe, kill_after):
     """LP-FT killed in its second fine-tuning epoch (after the probe stage), and the L-BFGS head
     killed in its second epoch (one full-batch step an epoch), end as an uninterrupted run does."""
-    run = [f"+recipe={recipe}", *TINY, *QUICK, "trainer.max_epochs=3", "data.batch_size=8", "data=folder",
-           f"data.root={image_folder}", "+trainer.limit_train_batches=4", "head.fit.folds=2",
-           "callbacks.checkpoint.min_write_interval_s=0", f"data.cache.dir={tmp_path / 'cache'}"]
+    run = [
+        f"+recipe={recipe}",
+        *TINY,
+        *QUICK,
+        "trainer.max_epochs=3",
+        "data.batch_size=8",
+        "data=folder",
+        f"data.root={image_folder}",
+        "+trainer.limit_train_batches=4",
+        "head.fit.folds=2",
+        "callbacks.checkpoint.min_write_interval_s=0",
+        f"data.cache.dir={tmp_path / 'cache'}",
+    ]
     first = cli(*run, "hydra.run.dir=a", cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     assert ("LP-FT: probe head fitted" if recipe == "lp_ft" else "full-batch L-BFGS") in first.stdout

@@ -20,9 +20,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from conftest import assert_refused, finetune_cli, fit_tiny_on_folders
 from PIL import Image
-
-from conftest import assert_refused, fit_tiny_on_folders, finetune_cli
 
 FINETUNE = [sys.executable, "-m", "finetune"]
 
@@ -35,7 +34,10 @@ def trained(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def photos(hymenoptera) -> list[Path]:
-    return sorted((hymenoptera / "val" / "ants").glob("*.jpg"))[:4] + sorted((hymenoptera / "val" / "bees").glob("*.jpg"))[:4]
+    return (
+        sorted((hymenoptera / "val" / "ants").glob("*.jpg"))[:4]
+        + sorted((hymenoptera / "val" / "bees").glob("*.jpg"))[:4]
+    )
 
 
 @contextmanager
@@ -52,8 +54,13 @@ def running(ckpt, runtime="torch", cache_dir=None, **options):
     model = load(ckpt)
     version = checkpoint_digest(Path(ckpt))
     limits = Limits(**{k: options.pop(k) for k in list(options) if k in Limits.__dataclass_fields__})
-    app = create_app(make_runtime(model, runtime, Path(ckpt), version, Path(cache_dir or os.environ["FINETUNE_CACHE"])),
-                     version, limits=limits, checkpoint=str(ckpt), **options)
+    app = create_app(
+        make_runtime(model, runtime, Path(ckpt), version, Path(cache_dir or os.environ["FINETUNE_CACHE"])),
+        version,
+        limits=limits,
+        checkpoint=str(ckpt),
+        **options,
+    )
     sock = _listen("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -120,7 +127,7 @@ def bad_inputs(photo: Path, tmp_path: Path) -> dict[str, tuple[int, dict]]:
 
     def chunks():  # no Content-Length: the limit has to count the stream
         for i in range(0, len(fifty_mb), 1 << 20):
-            yield fifty_mb[i:i + (1 << 20)]
+            yield fifty_mb[i : i + (1 << 20)]
 
     def upload(name, data):
         return {"files": [("file", (name, data))]}
@@ -139,7 +146,10 @@ def bad_inputs(photo: Path, tmp_path: Path) -> dict[str, tuple[int, dict]]:
         "URL in a web form": (400, {"data": {"image": "https://example.com/cat.jpg"}}),
         "JSON with a URL": (400, {"json": {"url": "https://example.com/cat.jpg"}}),
         "text body": (415, {"content": b"hello", "headers": {"content-type": "text/plain"}}),
-        "broken multipart": (400, {"content": b"--x\r\nnonsense", "headers": {"content-type": "multipart/form-data; boundary=x"}}),
+        "broken multipart": (
+            400,
+            {"content": b"--x\r\nnonsense", "headers": {"content-type": "multipart/form-data; boundary=x"}},
+        ),
         "too many files": (400, {"files": [("file", ("a.jpg", good))] * 17}),
         "one bad file among good": (400, {"files": [("file", ("a.jpg", good)), ("file", ("b.jpg", b"nope"))]}),
         "top_k 0": (422, {**upload("a.jpg", good), "params": {"top_k": 0}}),
@@ -212,8 +222,11 @@ def test_demo_page_classifies_an_uploaded_photo(trained, photos, browser, tmp_pa
     want = load(trained).predict([str(photo)], top_k=3)[0]
     with running(trained) as url:
         browser.get(f"{url}/")
-        WebDriverWait(browser, 30).until(lambda b: "tf_" in b.find_element(By.ID, "model").text
-                                         or "test_resnet" in b.find_element(By.ID, "model").text)
+        WebDriverWait(browser, 30).until(
+            lambda b: (
+                "tf_" in b.find_element(By.ID, "model").text or "test_resnet" in b.find_element(By.ID, "model").text
+            )
+        )
         browser.find_element(By.ID, "file").send_keys(str(photo))
         WebDriverWait(browser, 60).until(lambda b: b.find_element(By.ID, "answer").get_attribute("data-label"))
         label = browser.find_element(By.ID, "answer").get_attribute("data-label")
@@ -233,8 +246,13 @@ def test_demo_page_classifies_an_uploaded_photo(trained, photos, browser, tmp_pa
 @pytest.mark.slow
 def test_cli_serves_until_interrupted_and_refuses_a_busy_port(trained, photos, tmp_path):
     env = {**os.environ, "FINETUNE_CACHE": str(tmp_path / "cache")}
-    server = subprocess.Popen([*FINETUNE, "serve", f"ckpt={trained}", "port=0"], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env)
+    server = subprocess.Popen(
+        [*FINETUNE, "serve", f"ckpt={trained}", "port=0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         first = server.stdout.readline()
         while "serving" not in first:  # ONNX: one export line first
@@ -250,8 +268,9 @@ def test_cli_serves_until_interrupted_and_refuses_a_busy_port(trained, photos, t
                 time.sleep(0.1)
         answer = post(url, [(photos[0].name, photos[0].read_bytes())])
         assert answer.status_code == 200
-        assert_refused(finetune_cli("serve", f"ckpt={trained}", f"port={url.rsplit(':', 1)[1]}", env=env),
-                       "cannot listen")
+        assert_refused(
+            finetune_cli("serve", f"ckpt={trained}", f"port={url.rsplit(':', 1)[1]}", env=env), "cannot listen"
+        )
     finally:
         server.send_signal(signal.SIGINT)
         out, err = server.communicate(timeout=30)
@@ -259,14 +278,17 @@ def test_cli_serves_until_interrupted_and_refuses_a_busy_port(trained, photos, t
     assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("args, message", [
-    (["port=eighty"], "port='eighty' is not a number"),
-    (["port=70000"], "at most 65535"),
-    (["max_upload_mb=0"], "max_upload_mb='0' must be"),
-    (["runtime=tensorrt"], "runtime='tensorrt'; choose one of"),
-    (["ckpt=/nonexistent.ckpt"], "does not exist"),
-    (["colour=blue"], "unexpected argument 'colour=blue'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["port=eighty"], "port='eighty' is not a number"),
+        (["port=70000"], "at most 65535"),
+        (["max_upload_mb=0"], "max_upload_mb='0' must be"),
+        (["runtime=tensorrt"], "runtime='tensorrt'; choose one of"),
+        (["ckpt=/nonexistent.ckpt"], "does not exist"),
+        (["colour=blue"], "unexpected argument 'colour=blue'"),
+    ],
+)
 def test_cli_refuses_bad_options_in_one_line(trained, args, message):
     args = args if any(a.startswith("ckpt=") for a in args) else [f"ckpt={trained}", "port=0", *args]
     assert_refused(finetune_cli("serve", *args, timeout=120), message)

@@ -12,8 +12,17 @@ from conftest import QUICK, REPO, TINY
 
 
 def test_multirun_grid_ranks_trials_and_isolates_a_failing_one(image_folder, tmp_path):
-    args = ["-m", "+recipe=freeze_all_but_head", "data=folder", f"data.root={image_folder}", *TINY, *QUICK,
-            "optimizer.name=sgd,lamb", "optimizer.lr=0.01,0.1", "hydra.sweep.dir=sweep"]
+    args = [
+        "-m",
+        "+recipe=freeze_all_but_head",
+        "data=folder",
+        f"data.root={image_folder}",
+        *TINY,
+        *QUICK,
+        "optimizer.name=sgd,lamb",
+        "optimizer.lr=0.01,0.1",
+        "hydra.sweep.dir=sweep",
+    ]
     proc = _finetune(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(csv.DictReader((tmp_path / "sweep" / "summary.csv").open()))
@@ -29,18 +38,33 @@ def test_multirun_grid_ranks_trials_and_isolates_a_failing_one(image_folder, tmp
 
 
 def _finetune(args, cwd, timeout=600):
-    return subprocess.run([sys.executable, "-m", "finetune", *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, "WANDB_MODE": "disabled"}, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "finetune", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "WANDB_MODE": "disabled"},
+        timeout=timeout,
+    )
 
 
 @pytest.mark.slow  # 3 CLI trials in 2 sweeps: 30-60 s on 2 busy cores
 def test_optuna_study_records_failed_trials_and_continues_from_sqlite(image_folder, tmp_path):
     optuna = pytest.importorskip("optuna")  # the `sweep` extra, part of `test`
-    base = ["-m", "+hparams_search=optuna", "+recipe=freeze_all_but_head", "data=folder", f"data.root={image_folder}",
-            *TINY, *QUICK, "hydra.sweeper.study_name=study"]
+    base = [
+        "-m",
+        "+hparams_search=optuna",
+        "+recipe=freeze_all_but_head",
+        "data=folder",
+        f"data.root={image_folder}",
+        *TINY,
+        *QUICK,
+        "hydra.sweeper.study_name=study",
+    ]
     # optimizer.name=lamb fails in the optimizer factory: with seed 42 TPE draws sgd, then lamb.
-    first = _finetune([*base, "optimizer.name=choice(sgd,lamb)", "hydra.sweeper.n_trials=2", "hydra.sweep.dir=s1"],
-                      tmp_path)
+    first = _finetune(
+        [*base, "optimizer.name=choice(sgd,lamb)", "hydra.sweeper.n_trials=2", "hydra.sweep.dir=s1"], tmp_path
+    )
     assert first.returncode == 0, first.stderr[-3000:]
     study = optuna.load_study(study_name="study", storage=f"sqlite:///{tmp_path}/multirun/optuna.db")
     states = [t.state.name for t in study.trials]
@@ -108,12 +132,23 @@ def test_optuna_space_reads_every_sweep_syntax_and_passes_fixed_overrides_throug
 
     from finetune.train.optuna_sweeper import search_space, trial_overrides
 
-    params = ["optimizer.lr=tag(log, interval(1e-4, 1e-1))", "head.dropout=interval(0.0, 0.5)",
-              "freeze.unfreeze_at=int(interval(1, 9))", "trainer.max_epochs=range(5, 20, 5)",
-              "freeze.until=choice(stem, stage1)", "mixup.alpha=choice(0.0, 0.2)"]
+    params = [
+        "optimizer.lr=tag(log, interval(1e-4, 1e-1))",
+        "head.dropout=interval(0.0, 0.5)",
+        "freeze.unfreeze_at=int(interval(1, 9))",
+        "trainer.max_epochs=range(5, 20, 5)",
+        "freeze.until=choice(stem, stage1)",
+        "mixup.alpha=choice(0.0, 0.2)",
+    ]
     # The command line comes after the file's params: a sweep or a fixed value there replaces them.
-    command_line = ["+recipe=freeze_all_but_head", "optimizer.name=choice(sgd,lamb)", "data.batch_size=16,32",
-                    "head.dropout=0.1", "freeze.until=choice(stage2,stage3)", "data.root='/my data'"]
+    command_line = [
+        "+recipe=freeze_all_but_head",
+        "optimizer.name=choice(sgd,lamb)",
+        "data.batch_size=16,32",
+        "head.dropout=0.1",
+        "freeze.until=choice(stage2,stage3)",
+        "data.root='/my data'",
+    ]
     distributions, fixed = search_space(params + command_line)
     assert distributions == {
         "optimizer.lr": FloatDistribution(1e-4, 1e-1, log=True),
@@ -124,8 +159,11 @@ def test_optuna_space_reads_every_sweep_syntax_and_passes_fixed_overrides_throug
         "optimizer.name": CategoricalDistribution(["sgd", "lamb"]),
         "data.batch_size": CategoricalDistribution([16, 32]),
     }
-    assert fixed == {"+recipe": "+recipe=freeze_all_but_head", "head.dropout": "head.dropout=0.1",
-                     "data.root": "data.root='/my data'"}
+    assert fixed == {
+        "+recipe": "+recipe=freeze_all_but_head",
+        "head.dropout": "head.dropout=0.1",
+        "data.root": "data.root='/my data'",
+    }
     trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask(distributions)
     overrides = trial_overrides(trial.params, fixed)
     assert overrides[-3:] == list(fixed.values())
@@ -150,7 +188,8 @@ def _optuna_app(tmp_path, monkeypatch, task, *overrides):
         f"x: 0.0\nhydra:\n  searchpath: ['file://{config_dir()}']\n"
         f"  sweep: {{dir: '{tmp_path}/sweep', subdir: '${{hydra.job.num}}'}}\n"
         f"  sweeper: {{storage: 'sqlite:///{tmp_path}/optuna.db', study_name: tiny, n_jobs: 1,"
-        " sampler: {seed: 0}, params: {x: 'interval(0.0, 1.0)'}}\n")
+        " sampler: {seed: 0}, params: {x: 'interval(0.0, 1.0)'}}\n"
+    )
     monkeypatch.setattr(sys, "argv", ["tiny", "-m", *overrides])
     code = 0
     try:
@@ -173,8 +212,14 @@ def test_optuna_sweeper_minimizes_numbers_jobs_by_trial_and_continues_the_study(
         seen.append((HydraConfig.get().job.num, cfg.x))
         return (cfg.x - 0.3) ** 2
 
-    code, study = _optuna_app(tmp_path, monkeypatch, task, "hydra.sweeper.direction=minimize",
-                              "hydra.sweeper.n_trials=5", "hydra.sweeper.n_jobs=2")
+    code, study = _optuna_app(
+        tmp_path,
+        monkeypatch,
+        task,
+        "hydra.sweeper.direction=minimize",
+        "hydra.sweeper.n_trials=5",
+        "hydra.sweeper.n_jobs=2",
+    )
     assert code == 0 and [t.state.name for t in study.trials] == ["COMPLETE"] * 5
     assert [n for n, _ in seen] == [t.number for t in study.trials] == [0, 1, 2, 3, 4]
     assert [x for _, x in seen] == [t.params["x"] for t in study.trials]
@@ -184,8 +229,14 @@ def test_optuna_sweeper_minimizes_numbers_jobs_by_trial_and_continues_the_study(
     assert results.best_value == study.best_value and results.best_params == {"x": study.best_params["x"]}
 
     # The same study_name continues the study; the jobs go on with its numbering.
-    code, study = _optuna_app(tmp_path, monkeypatch, task, "hydra.sweeper.direction=minimize",
-                              "hydra.sweeper.n_trials=2", "x=interval(0.2, 0.4)")
+    code, study = _optuna_app(
+        tmp_path,
+        monkeypatch,
+        task,
+        "hydra.sweeper.direction=minimize",
+        "hydra.sweeper.n_trials=2",
+        "x=interval(0.2, 0.4)",
+    )
     assert code == 0 and len(study.trials) == 7 and [n for n, _ in seen[5:]] == [5, 6]
     assert all(0.2 <= x <= 0.4 for _, x in seen[5:]) and (tmp_path / "sweep" / "6").is_dir()
     # A key searched another way (a choice now, an interval before) is refused before any trial.
@@ -207,8 +258,13 @@ def test_jobs_keep_their_trial_numbers_when_another_process_shares_the_study(tmp
 
     monkeypatch.setattr(optuna.Study, "ask", ask_beside_another_worker)
     jobs = []
-    code, study = _optuna_app(tmp_path, monkeypatch, lambda cfg: jobs.append(HydraConfig.get().job.num) or cfg.x,
-                              "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2")
+    code, study = _optuna_app(
+        tmp_path,
+        monkeypatch,
+        lambda cfg: jobs.append(HydraConfig.get().job.num) or cfg.x,
+        "hydra.sweeper.n_trials=4",
+        "hydra.sweeper.n_jobs=2",
+    )
     assert code == 0 and jobs == [0, 2, 4, 6] and len(study.trials) == 8
     assert all(study.trials[n].user_attrs["output_dir"] == str(tmp_path / "sweep" / str(n)) for n in jobs)
 
@@ -219,8 +275,9 @@ def test_optuna_sweeper_stops_at_the_first_failure_with_max_failure_rate_0(tmp_p
     def task(cfg):
         raise ValueError("no such optimizer")
 
-    code, study = _optuna_app(tmp_path, monkeypatch, task, "hydra.sweeper.max_failure_rate=0.0",
-                              "hydra.sweeper.n_trials=4")
+    code, study = _optuna_app(
+        tmp_path, monkeypatch, task, "hydra.sweeper.max_failure_rate=0.0", "hydra.sweeper.n_trials=4"
+    )
     assert code == 1 and [t.state.name for t in study.trials] == ["FAIL"]
     err = capsys.readouterr().err
     assert "1 of 1 trials failed, more than hydra.sweeper.max_failure_rate=0.0 allows" in err
@@ -239,18 +296,28 @@ def test_failed_nan_and_pruned_trials_never_stop_a_study_with_max_failure_rate_1
             raise optuna.TrialPruned()
         return float("nan") if kind == 2 else cfg.x
 
-    code, study = _optuna_app(tmp_path, monkeypatch, task, "hydra.sweeper.max_failure_rate=1.0",
-                              "hydra.sweeper.direction=maximize", "hydra.sweeper.n_trials=8", "hydra.sweeper.n_jobs=2")
+    code, study = _optuna_app(
+        tmp_path,
+        monkeypatch,
+        task,
+        "hydra.sweeper.max_failure_rate=1.0",
+        "hydra.sweeper.direction=maximize",
+        "hydra.sweeper.n_trials=8",
+        "hydra.sweeper.n_jobs=2",
+    )
     assert code == 0
     assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "FAIL", "PRUNED"] * 2
     assert study.best_value == max(study.trials[0].value, study.trials[4].value)
     assert (tmp_path / "sweep" / "optimization_results.yaml").is_file()
 
 
-@pytest.mark.parametrize("setting, message", [
-    ("hydra.sweeper.sampler._target_=os.system", "name one of Optuna's samplers"),
-    ("hydra.sweeper.direction=[maximize,minimize]", "optimizes one objective"),
-])
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("hydra.sweeper.sampler._target_=os.system", "name one of Optuna's samplers"),
+        ("hydra.sweeper.direction=[maximize,minimize]", "optimizes one objective"),
+    ],
+)
 def test_optuna_sweeper_refuses_what_it_does_not_do(setting, message, tmp_path, monkeypatch, capsys):
     pytest.importorskip("optuna")
     with pytest.raises(KeyError):  # no study was created
@@ -299,8 +366,15 @@ def test_wandb_sweep_yaml_drives_the_cli_with_hydra_overrides(path):
 
 def test_slurm_launcher_config_composes_for_ddp():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    cfg = _compose_hydra(["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "+trainer.num_nodes=2",
-                          "hydra.launcher.partition=gpu"])
+    cfg = _compose_hydra(
+        [
+            "hydra/launcher=slurm",
+            "trainer=ddp",
+            "trainer.devices=4",
+            "+trainer.num_nodes=2",
+            "hydra.launcher.partition=gpu",
+        ]
+    )
     launcher = cfg.hydra.launcher
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert (launcher.gpus_per_node, launcher.tasks_per_node, launcher.nodes) == (4, 4, 2)

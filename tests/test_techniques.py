@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import QUICK, TINY
+
 from finetune import fit, load
 from finetune.config import compose_config
 from finetune.data.policies import AutoAugmentPolicy
@@ -22,14 +22,27 @@ from finetune.train.ema import EMA, ema_update, warmed_decay
 from finetune.train.lr_find import KeepGroupRatios
 from finetune.train.mixing import batch_mixer, soft_target_cross_entropy
 
-DATA_CONFIG = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bilinear",
-               "crop_pct": 0.875}
+DATA_CONFIG = {
+    "input_size": (3, 32, 32),
+    "mean": (0.5,) * 3,
+    "std": (0.5,) * 3,
+    "interpolation": "bilinear",
+    "crop_pct": 0.875,
+}
 IMAGE = (np.random.default_rng(0).random((48, 40, 3)) * 255).astype(np.uint8)
 
 
 def run(image_folder, tmp_path, *extra, name="run"):
-    return fit(overrides=[*TINY, *QUICK, "data=folder", f"data.root={image_folder}", *extra,
-                          f"hydra.run.dir={tmp_path / name}"])
+    return fit(
+        overrides=[
+            *TINY,
+            *QUICK,
+            "data=folder",
+            f"data.root={image_folder}",
+            *extra,
+            f"hydra.run.dir={tmp_path / name}",
+        ]
+    )
 
 
 @pytest.mark.parametrize("option", ["randaugment", "trivialaugment"])
@@ -64,10 +77,12 @@ def test_soft_target_loss_equals_cross_entropy_on_one_hot_targets_with_class_wei
     weight = torch.tensor([0.5, 1.0, 2.0])
     one_hot = F.one_hot(labels, 3).float()
     assert soft_target_cross_entropy(logits, one_hot, weight).item() == pytest.approx(
-        F.cross_entropy(logits, labels, weight=weight).item(), rel=1e-6)
+        F.cross_entropy(logits, labels, weight=weight).item(), rel=1e-6
+    )
     smoothed = one_hot * 0.9 + 0.1 / 3
     assert soft_target_cross_entropy(logits, smoothed).item() == pytest.approx(
-        F.cross_entropy(logits, labels, label_smoothing=0.1).item(), rel=1e-6)
+        F.cross_entropy(logits, labels, label_smoothing=0.1).item(), rel=1e-6
+    )
 
 
 def test_mixup_keeps_odd_batches_and_carries_the_label_smoothing():
@@ -106,8 +121,9 @@ def test_ema_decay_warms_up_like_timm_and_updates_in_place():
 
 
 def test_an_ema_run_validates_saves_and_loads_the_averaged_weights(image_folder, tmp_path):
-    result = run(image_folder, tmp_path, "trainer.max_epochs=2", "ema.decay=0.9", "optimizer.lr=0.1",
-                 "data.batch_size=4")
+    result = run(
+        image_folder, tmp_path, "trainer.max_epochs=2", "ema.decay=0.9", "optimizer.lr=0.1", "data.batch_size=4"
+    )
     checkpoint = torch.load(result.best_checkpoint, map_location="cpu", weights_only=True)
     averaged, current = checkpoint["state_dict"], checkpoint["current_model_state"]
     assert int(checkpoint["averaging_state"]["n_averaged"]) == checkpoint["global_step"] >= 6  # one per step
@@ -127,8 +143,14 @@ def test_drop_path_reaches_timm_and_the_classics_refuse_it():
 
 
 def test_mixup_on_a_frozen_backbone_keeps_the_feature_cache(image_folder, tmp_path):
-    result = run(image_folder, tmp_path, "+recipe=freeze_all_but_head", "mixup.alpha=0.4", "cutmix.alpha=1.0",
-                 "trainer.max_epochs=2")
+    result = run(
+        image_folder,
+        tmp_path,
+        "+recipe=freeze_all_but_head",
+        "mixup.alpha=0.4",
+        "cutmix.alpha=1.0",
+        "trainer.max_epochs=2",
+    )
     log = (result.output_dir / "finetune.log").read_text()
     assert "feature cache: on" in log
     assert "mixing: mixup of cached features (manifold mixup), alpha 0.4, no cutmix (it needs images)" in log
@@ -140,18 +162,23 @@ def test_end_of_run_tta_scores_the_validation_split_and_reports_its_views(image_
     assert 0 <= result.metrics["val/acc_tta"] <= 1
     summary = json.loads((result.output_dir / "summary.json").read_text())
     assert summary["metrics"]["tta_views"] == 2
-    assert "test-time augmentation (flip, 2 views per image) on the val split" in \
-        (result.output_dir / "finetune.log").read_text()
+    assert (
+        "test-time augmentation (flip, 2 views per image) on the val split"
+        in (result.output_dir / "finetune.log").read_text()
+    )
 
 
-@pytest.mark.parametrize("override, message", [
-    ("tta=flp", "tta='flp': choose none, flip, crops, crops_flip"),
-    ("augment.policy=randaug", "augment.policy='randaug': choose none, randaugment"),
-    ("ema.decay=1.5", "ema.decay=1.5: a number from 0"),
-    ("mixup.alpha=-1", "mixup.alpha=-1: a Beta-distribution alpha"),
-    ("loss.label_smoothing=1", "loss.label_smoothing=1: a number from 0"),
-    ("backbone.drop_path_rate=2", "backbone.drop_path_rate=2: a rate"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("tta=flp", "tta='flp': choose none, flip, crops, crops_flip"),
+        ("augment.policy=randaug", "augment.policy='randaug': choose none, randaugment"),
+        ("ema.decay=1.5", "ema.decay=1.5: a number from 0"),
+        ("mixup.alpha=-1", "mixup.alpha=-1: a Beta-distribution alpha"),
+        ("loss.label_smoothing=1", "loss.label_smoothing=1: a number from 0"),
+        ("backbone.drop_path_rate=2", "backbone.drop_path_rate=2: a rate"),
+    ],
+)
 def test_bad_technique_values_stop_the_cli_before_any_work(override, message):
     from finetune.config import check_values
 
@@ -169,8 +196,12 @@ def test_the_config_checks_know_every_tta_mode_and_policy():
 
 def test_the_lr_finder_keeps_layer_group_ratios():
     parameter = torch.nn.Parameter(torch.zeros(1))
-    optimizer = torch.optim.SGD([{"params": [parameter], "lr": 0.01, "lr_scale": 1.0},
-                                 {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.01, "lr_scale": 0.25}])
+    optimizer = torch.optim.SGD(
+        [
+            {"params": [parameter], "lr": 0.01, "lr_scale": 1.0},
+            {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.01, "lr_scale": 0.25},
+        ]
+    )
 
     class Trainer:
         optimizers = [optimizer]
@@ -183,8 +214,13 @@ def test_the_suggestion_is_a_tenth_of_the_lowest_loss_whatever_the_wiggles():
     from finetune.train.lr_find import suggest_lr
 
     lrs = [1e-6 * 10 ** (6 * i / 99) for i in range(100)]  # 1e-6 .. 1, exponential like the finder's
-    losses = [0.7 - 0.01 * (1e-5 < lr < 2e-5) - 0.5 * min(1.0, max(0.0, math.log10(lr / 1e-3) / math.log10(20)))
-              + 3 * (lr > 0.02) for lr in lrs]  # flat, a tiny dip near 1e-5, a fall from 1e-3 to 0.02, divergence
+    losses = [
+        0.7
+        - 0.01 * (1e-5 < lr < 2e-5)
+        - 0.5 * min(1.0, max(0.0, math.log10(lr / 1e-3) / math.log10(20)))
+        + 3 * (lr > 0.02)
+        for lr in lrs
+    ]  # flat, a tiny dip near 1e-5, a fall from 1e-3 to 0.02, divergence
     lowest = max(lr for lr in lrs if lr <= 0.02)
     assert suggest_lr(lrs, losses) == pytest.approx(lowest / 10)
     # per unit of lr (Lightning's rule) the tiny dip near 1e-5 would win:
@@ -200,8 +236,19 @@ def test_lr_find_command_prints_a_suggestion_and_draws_the_curve(image_folder, t
 
     from finetune.cli import main
 
-    args = ["finetune", "lr-find", "+recipe=freeze_all_but_head", *TINY, "data=folder", f"data.root={image_folder}",
-            "trainer.accelerator=cpu", "data.num_workers=0", "logger=none", "steps=30", f"out={tmp_path / 'lr'}"]
+    args = [
+        "finetune",
+        "lr-find",
+        "+recipe=freeze_all_but_head",
+        *TINY,
+        "data=folder",
+        f"data.root={image_folder}",
+        "trainer.accelerator=cpu",
+        "data.num_workers=0",
+        "logger=none",
+        "steps=30",
+        f"out={tmp_path / 'lr'}",
+    ]
     monkeypatch.setattr(sys, "argv", args)
     with pytest.raises(SystemExit) as exit_code:
         main()
@@ -216,12 +263,19 @@ def test_lr_find_command_prints_a_suggestion_and_draws_the_curve(image_folder, t
         assert "no suggestion" in printed
     with pytest.raises(ConfigError, match="at least 5 steps"):
         from finetune.commands.lr_find import lr_find_command
+
         lr_find_command(["steps=2"])
 
 
 def test_lr_auto_runs_the_finder_first_and_the_checkpoint_keeps_the_lr_it_found(image_folder, tmp_path):
-    result = run(image_folder, tmp_path, "+recipe=freeze_all_but_head", "optimizer.lr=auto", "trainer.max_epochs=2",
-                 "data.batch_size=4")
+    result = run(
+        image_folder,
+        tmp_path,
+        "+recipe=freeze_all_but_head",
+        "optimizer.lr=auto",
+        "trainer.max_epochs=2",
+        "data.batch_size=4",
+    )
     lr = result.config["optimizer"]["lr"]
     assert isinstance(lr, float) and lr > 0
     log = (result.output_dir / "finetune.log").read_text()
@@ -235,7 +289,13 @@ def test_lr_auto_runs_the_finder_first_and_the_checkpoint_keeps_the_lr_it_found(
 def test_the_strong_recipe_composes_every_technique_and_trains(image_folder, tmp_path):
     result = run(image_folder, tmp_path, "+recipe=strong", "trainer.max_epochs=2", "data.batch_size=8")
     log = (result.output_dir / "finetune.log").read_text()
-    for line in ("augmentation policy: trivialaugment", "mixing: mixup alpha 0.2", "label smoothing: 0.1",
-                 "EMA of the weights, decay 0.99", "stochastic depth: drop_path_rate 0.1", "lr warm-up: 1 epoch, then cosine (stepped every step)"):
+    for line in (
+        "augmentation policy: trivialaugment",
+        "mixing: mixup alpha 0.2",
+        "label smoothing: 0.1",
+        "EMA of the weights, decay 0.99",
+        "stochastic depth: drop_path_rate 0.1",
+        "lr warm-up: 1 epoch, then cosine (stepped every step)",
+    ):
         assert line in log
     assert 0 <= result.metrics["val/acc"] <= 1

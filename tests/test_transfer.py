@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import assert_refused, finetune_cli, write_class_folders
 
 
@@ -32,8 +31,12 @@ def test_logme_is_the_maximized_evidence_per_image(n, d):
     best = []
     for k in range(3):
         y = (labels == k).astype(float)
-        result = minimize(lambda p: -exact_log_evidence(f, y, np.exp(p[0]), np.exp(p[1])), x0=[0.0, 0.0],
-                          method="Nelder-Mead", options={"xatol": 1e-8, "fatol": 1e-10, "maxiter": 4000})
+        result = minimize(
+            lambda p: -exact_log_evidence(f, y, np.exp(p[0]), np.exp(p[1])),
+            x0=[0.0, 0.0],
+            method="Nelder-Mead",
+            options={"xatol": 1e-8, "fatol": 1e-10, "maxiter": 4000},
+        )
         best.append(-result.fun / n)
     assert logme(f, labels) == pytest.approx(np.mean(best), abs=2e-3)
 
@@ -69,12 +72,24 @@ def test_rank_cli_scores_each_backbone_and_lists_one_it_cannot_have(tmp_path):
     write_class_folders(tmp_path / "data" / "train", per_class=8)
     write_class_folders(tmp_path / "data" / "val", per_class=4, seed=1)
     out = tmp_path / "rank"
-    result = finetune_cli("rank", "backbones=[test_resnet,test_efficientnet,no_such_net]", "folds=3", "by=knn",
-                       "backbone.weights=random", "data.image_size=32", "data=folder", f"data.root={tmp_path / 'data'}",
-                       "data.num_workers=0", f"out={out}")
+    result = finetune_cli(
+        "rank",
+        "backbones=[test_resnet,test_efficientnet,no_such_net]",
+        "folds=3",
+        "by=knn",
+        "backbone.weights=random",
+        "data.image_size=32",
+        "data=folder",
+        f"data.root={tmp_path / 'data'}",
+        "data.num_workers=0",
+        f"out={out}",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     rows = list(csv.DictReader((out / "rank.csv").open()))
-    assert [r["backbone"] for r in rows[:2]] in (["test_resnet", "test_efficientnet"], ["test_efficientnet", "test_resnet"])
+    assert [r["backbone"] for r in rows[:2]] in (
+        ["test_resnet", "test_efficientnet"],
+        ["test_efficientnet", "test_resnet"],
+    )
     assert float(rows[0]["knn"]) >= float(rows[1]["knn"])  # by=knn: best first
     for row in rows[:2]:
         assert 0 <= float(row["linear"]) <= 1 and float(row["images_per_second"]) > 0 and not row["error"]
@@ -82,20 +97,32 @@ def test_rank_cli_scores_each_backbone_and_lists_one_it_cannot_have(tmp_path):
     summary = json.loads((out / "rank.json").read_text())
     assert summary["images"] == 36 and summary["folds"] == 3 and summary["by"] == "knn"
 
-    again = finetune_cli("rank", "backbones=[test_resnet]", "folds=3", "backbone.weights=random", "data.image_size=32",
-                      "data=folder", f"data.root={tmp_path / 'data'}", "data.num_workers=0", f"out={out}")
+    again = finetune_cli(
+        "rank",
+        "backbones=[test_resnet]",
+        "folds=3",
+        "backbone.weights=random",
+        "data.image_size=32",
+        "data=folder",
+        f"data.root={tmp_path / 'data'}",
+        "data.num_workers=0",
+        f"out={out}",
+    )
     first = next(r for r in rows if r["backbone"] == "test_resnet")
     assert float(next(csv.DictReader((out / "rank.csv").open()))["linear"]) == pytest.approx(float(first["linear"]))
     assert again.returncode == 0  # the same folds and the cached features: the same scores
 
 
-@pytest.mark.parametrize("args, message", [
-    (["by=accuracy"], "rank by one of linear, knn, logme"),
-    (["folds=1"], "at least 2 folds"),
-    (["folds=five"], "must be a whole number"),
-    (["backbones=[]"], "give timm names"),
-    (["task=multilabel"], "multi-label data"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["by=accuracy"], "rank by one of linear, knn, logme"),
+        (["folds=1"], "at least 2 folds"),
+        (["folds=five"], "must be a whole number"),
+        (["backbones=[]"], "give timm names"),
+        (["task=multilabel"], "multi-label data"),
+    ],
+)
 def test_rank_cli_refuses_bad_options_in_one_line(args, message):
     assert_refused(finetune_cli("rank", "data=digits", *args), message)
 

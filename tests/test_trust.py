@@ -10,15 +10,22 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import QUICK, TINY, fit_tiny_on_folders
 from sklearn.base import BaseEstimator, ClassifierMixin
 
-from conftest import QUICK, TINY, fit_tiny_on_folders
 from finetune import fit, load
 from finetune.commands import evaluate_command, export_command, predict_command
 from finetune.errors import ConfigError, DataError
 from finetune.use.calibration import calibration_scores, fit_temperature, reliability_bins
-from finetune.use.confidence import (DecisionRule, conformal_scores, conformal_threshold, decision_rule,
-                                     precision_lower_bounds, precision_threshold, prediction_sets)
+from finetune.use.confidence import (
+    DecisionRule,
+    conformal_scores,
+    conformal_threshold,
+    decision_rule,
+    precision_lower_bounds,
+    precision_threshold,
+    prediction_sets,
+)
 
 
 def synthetic(n: int, classes: int = 5, true_temperature: float = 2.0, seed: int = 0):
@@ -34,7 +41,10 @@ def test_temperature_recovers_the_true_one_and_lowers_ece_and_nll():
     logits, labels = synthetic(4000)
     temperature = fit_temperature(logits, labels)
     assert temperature == pytest.approx(2.0, rel=0.08)
-    before, after = calibration_scores(logits.softmax(1), labels), calibration_scores((logits / temperature).softmax(1), labels)
+    before, after = (
+        calibration_scores(logits.softmax(1), labels),
+        calibration_scores((logits / temperature).softmax(1), labels),
+    )
     assert after["ece"] < 0.5 * before["ece"] and after["nll"] < before["nll"] and after["brier"] < before["brier"]
     assert fit_temperature(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)) == 1.0
     right = logits.argmax(1)  # no mistake: the NLL has no minimum (T -> 0), so T stays 1
@@ -76,11 +86,17 @@ def test_prediction_sets_equal_mapies(score, include_last):
     logits, labels = synthetic(800, seed=2, true_temperature=1.0)
     p, y = (logits / 2).softmax(1).numpy(), labels.numpy()
     cal, new = slice(0, 400), slice(400, 800)
-    mapie = SplitConformalClassifier(GivenProbabilities().fit(p[cal], y[cal]), confidence_level=0.9,
-                                     conformity_score=score, prefit=True, random_state=0)
+    mapie = SplitConformalClassifier(
+        GivenProbabilities().fit(p[cal], y[cal]),
+        confidence_level=0.9,
+        conformity_score=score,
+        prefit=True,
+        random_state=0,
+    )
     mapie.conformalize(p[cal], y[cal])
-    _, theirs = mapie.predict_set(p[new], conformity_score_params={"include_last_label": include_last}
-                                  if include_last is not None else None)
+    _, theirs = mapie.predict_set(
+        p[new], conformity_score_params={"include_last_label": include_last} if include_last is not None else None
+    )
     ours = prediction_sets(p[new], conformal_threshold(conformal_scores(p[cal], y[cal], score), 0.9), score)
     assert np.array_equal(ours, theirs[:, :, 0])
 
@@ -126,8 +142,11 @@ def test_decision_rule_refuses_what_it_cannot_honour():
         decision_rule(trust, "multiclass", coverage=0.9)
     with pytest.raises(ConfigError, match="not both"):
         decision_rule(trust, "multiclass", min_confidence=0.5, target_precision=0.9)
-    with pytest.raises(ConfigError, match=r"cannot be shown on the 2 validation images .* needs 99 answered .* "
-                                          r"the most they support is 0.211"):
+    with pytest.raises(
+        ConfigError,
+        match=r"cannot be shown on the 2 validation images .* needs 99 answered .* "
+        r"the most they support is 0.211",
+    ):
         decision_rule(trust, "multiclass", target_precision=0.99)
     with pytest.raises(ConfigError, match="between 0 and 1"):
         decision_rule(trust, "multiclass", coverage=1.5)
@@ -179,26 +198,54 @@ def test_predict_abstains_and_gives_sets(calibrated, tmp_path, capsys):
     assert [p.unknown for p in cautious] == [p.probability < middle for p in everything]
     assert all(p.label == "unknown" for p in cautious if p.unknown) and 0 < sum(p.unknown for p in cautious) < 18
     assert [p.top_k for p in cautious] == [p.top_k for p in everything]  # the probabilities stay
-    assert predict_command([f"ckpt={result.best_checkpoint}", f"input={root / 'data' / 'val'}", "coverage=0.9",
-                            "min_confidence=0.6", f"out={tmp_path}"]) == 0
+    assert (
+        predict_command(
+            [
+                f"ckpt={result.best_checkpoint}",
+                f"input={root / 'data' / 'val'}",
+                "coverage=0.9",
+                "min_confidence=0.6",
+                f"out={tmp_path}",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
-    assert "unknown (confidence < 0.6000)" in printed and "mean set size" in printed and "(lac sets, coverage 0.9)" in printed
+    assert (
+        "unknown (confidence < 0.6000)" in printed
+        and "mean set size" in printed
+        and "(lac sets, coverage 0.9)" in printed
+    )
     rows = list(csv.DictReader((tmp_path / "predictions.csv").open()))
     assert len(rows) == 18 and {"answer", "prediction_set"} <= set(rows[0])
     saved = json.loads((tmp_path / "predictions.json").read_text())
     assert saved["temperature"] == model.temperature and saved["conformal"]["coverage"] == 0.9
-    for bad, message in (("coverage=2", "between 0 and 1"), ("min_confidence=abc", "a number"),
-                         ("conformal=raps", "choose lac or aps")):
+    for bad, message in (
+        ("coverage=2", "between 0 and 1"),
+        ("min_confidence=abc", "a number"),
+        ("conformal=raps", "choose lac or aps"),
+    ):
         with pytest.raises(ConfigError, match=message):
             extra = ["coverage=0.9"] if bad.startswith("conformal") else []
-            predict_command([f"ckpt={result.best_checkpoint}", f"input={root / 'data' / 'val'}", bad, *extra,
-                             f"out={tmp_path}"])
+            predict_command(
+                [f"ckpt={result.best_checkpoint}", f"input={root / 'data' / 'val'}", bad, *extra, f"out={tmp_path}"]
+            )
 
 
 def test_evaluate_reports_calibration_abstaining_and_coverage(calibrated, tmp_path, capsys):
     result, root = calibrated
-    assert evaluate_command([f"ckpt={result.best_checkpoint}", f"input={root / 'data' / 'val'}", "coverage=0.8",
-                             "min_confidence=0.5", f"out={tmp_path}"]) == 0
+    assert (
+        evaluate_command(
+            [
+                f"ckpt={result.best_checkpoint}",
+                f"input={root / 'data' / 'val'}",
+                "coverage=0.8",
+                "min_confidence=0.5",
+                f"out={tmp_path}",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "calibration (temperature" in printed and "abstain below confidence 0.5000" in printed
     assert "prediction sets (lac, coverage 0.8)" in printed
@@ -214,8 +261,19 @@ def test_onnx_export_carries_the_temperature_and_the_rule(calibrated, tmp_path, 
     import onnxruntime as ort
 
     result, root = calibrated
-    assert export_command([f"ckpt={result.best_checkpoint}", "format=onnx", f"input={root / 'data' / 'val'}",
-                           "coverage=0.9", "min_confidence=0.5", f"out={tmp_path}"]) == 0
+    assert (
+        export_command(
+            [
+                f"ckpt={result.best_checkpoint}",
+                "format=onnx",
+                f"input={root / 'data' / 'val'}",
+                "coverage=0.9",
+                "min_confidence=0.5",
+                f"out={tmp_path}",
+            ]
+        )
+        == 0
+    )
     assert "8/8 images get the same answer (class, unknown, set)" in capsys.readouterr().out
     model = load(result.best_checkpoint)
     preprocessing = json.loads((tmp_path / "preprocessing.json").read_text())
@@ -243,6 +301,17 @@ def test_calibration_split_is_refused_for_multilabel(tmp_path):
 
     manifest = write_multilabel_manifest(tmp_path / "data")
     with pytest.raises(DataError, match="multi-label"):
-        fit(overrides=TINY + QUICK + ["task=multilabel", "data=csv", f"data.csv={manifest}", "data.path_column=file",
-                                      "data.label_column=labels", "data.label_sep=' '",
-                                      "trust.calibration_fraction=0.2", f"hydra.run.dir={tmp_path / 'run'}"])
+        fit(
+            overrides=TINY
+            + QUICK
+            + [
+                "task=multilabel",
+                "data=csv",
+                f"data.csv={manifest}",
+                "data.path_column=file",
+                "data.label_column=labels",
+                "data.label_sep=' '",
+                "trust.calibration_fraction=0.2",
+                f"hydra.run.dir={tmp_path / 'run'}",
+            ]
+        )

@@ -8,15 +8,21 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import fit_tiny_on_folders
+
 from finetune import load
 from finetune.commands import evaluate_command, predict_command
 from finetune.data.images import load_rgb
 from finetune.errors import ConfigError
 from finetune.use.metrics import classification_report
-from finetune.use.tta import (TTA_MODES, TestTimeAugmentation, check_tta, evaluate_with_tta, tta_log_probabilities,
-                              tta_probabilities)
+from finetune.use.tta import (
+    TTA_MODES,
+    TestTimeAugmentation,
+    check_tta,
+    evaluate_with_tta,
+    tta_log_probabilities,
+    tta_probabilities,
+)
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +62,10 @@ def test_mode_none_gives_exactly_the_plain_prediction_probabilities(trained):
     images = random_images(7, 48, 61)
     plain = (model.logits(images, batch_size=4) / model.temperature).softmax(dim=1)  # calibrated
     assert torch.equal(model.probabilities(images, batch_size=4), plain)
-    assert torch.equal(tta_probabilities(model.model, images, model.data_config, "none", batch_size=4,
-                                         temperature=model.temperature), plain)
+    assert torch.equal(
+        tta_probabilities(model.model, images, model.data_config, "none", batch_size=4, temperature=model.temperature),
+        plain,
+    )
     default, none = model.predict(images, top_k=3), model.predict(images, top_k=3, tta="none")
     assert [p.top_k for p in default] == [p.top_k for p in none]
 
@@ -98,8 +106,9 @@ def test_probabilities_are_averaged_over_the_views_not_the_logits(trained):
     with torch.no_grad():
         logit_average = (model.model(views) / temperature).mean(dim=0).softmax(dim=0)
     assert (averaged - logit_average).abs().max() > 1e-4  # the two averages differ on this model
-    log_averaged = tta_log_probabilities(model.model, [image], model.data_config, "crops_flip",
-                                         temperature=temperature)[0]
+    log_averaged = tta_log_probabilities(
+        model.model, [image], model.data_config, "crops_flip", temperature=temperature
+    )[0]
     assert torch.allclose(log_averaged.exp(), averaged, atol=1e-6)
     assert torch.allclose(log_averaged.softmax(dim=0), averaged, atol=1e-6)  # usable as logits
 
@@ -172,8 +181,10 @@ def test_no_images_give_no_rows(trained):
 
 def test_evaluate_command_with_flip_reports_two_views_and_the_averaged_prediction(trained, tmp_path, capsys):
     model, checkpoint, data = trained
-    assert evaluate_command([f"ckpt={checkpoint}", f"input={data / 'val'}", "tta=flip", "batch_size=4",
-                             f"out={tmp_path}"]) == 0
+    assert (
+        evaluate_command([f"ckpt={checkpoint}", f"input={data / 'val'}", "tta=flip", "batch_size=4", f"out={tmp_path}"])
+        == 0
+    )
     assert "test-time augmentation: flip (2 views per image)" in capsys.readouterr().out
     report = json.loads((tmp_path / "evaluation.json").read_text())
     assert report["tta"] == {"mode": "flip", "views": 2} and report["images"] == 9

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import QUICK_WITH_PICTURES, TINY
 from PIL import Image
 from torch import nn
 
-from conftest import QUICK_WITH_PICTURES, TINY
 from finetune import fit
 from finetune.commands import viz_command
 from finetune.viz.pictures import top_patch_crops
@@ -17,9 +17,14 @@ from finetune.viz.receptive import ReceptiveField, output_size, patch_fields
 
 def alexnet_features() -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(3, 64, 11, 4, 2), nn.ReLU(), nn.MaxPool2d(3, 2),
-        nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
-        nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(3, 64, 11, 4, 2),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2),
+        nn.Conv2d(64, 192, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2),
+        nn.Conv2d(192, 384, 3, padding=1),
+        nn.ReLU(),
     )
 
 
@@ -50,8 +55,9 @@ def footprint(model: nn.Module, layer: str, side: int, probes: int = 2) -> Recep
         stride = touched(unit + 1)[0] - first
     finally:
         model.train(was_training)
-    return ReceptiveField(last - first + 1, stride, (first + last) / 2 - unit * stride,
-                          clipped=first == 0 or last == side - 1)
+    return ReceptiveField(
+        last - first + 1, stride, (first + last) / 2 - unit * stride, clipped=first == 0 or last == side - 1
+    )
 
 
 def test_receptive_fields_match_known_networks_and_autograd():
@@ -60,8 +66,9 @@ def test_receptive_fields_match_known_networks_and_autograd():
     field = patch_fields(alex, ["6"], 224)["6"]
     assert (field.size, field.stride, field.clipped) == (99, 16, False)  # conv3 of AlexNet sees 99x99 pixels, 16 apart
     assert field == footprint(alex, "6", 224)
-    vgg = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.MaxPool2d(2),
-                        nn.Conv2d(4, 4, 3, padding=1))
+    vgg = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3, padding=1)
+    )
     field = patch_fields(vgg, ["3"], 64)["3"]
     assert (field.size, field.stride) == (10, 2)  # 3 -> 5 -> 6 -> 10
     assert field == footprint(vgg, "3", 64)
@@ -93,7 +100,7 @@ def test_top_patch_of_a_hand_set_conv_is_the_white_square():
     images = np.zeros((3, 32, 32, 3), np.uint8)
     squares = [(10, 14), (0, 0), (24, 6)]  # top-left corners, on the stride-2 grid
     for image, (top, left) in zip(images, squares):
-        image[top:top + 7, left:left + 7] = 255
+        image[top : top + 7, left : left + 7] = 255
     brightness = [1.0, 0.9, 0.8]
     images = (images * np.array(brightness)[:, None, None, None]).astype(np.uint8)
     with torch.no_grad():
@@ -113,15 +120,25 @@ def run_with_pictures(tmp_path_factory):
 
     write_class_folders(root / "data" / "train", per_class=8)
     write_class_folders(root / "data" / "val", per_class=4, seed=1)
-    return fit("full_finetune", TINY + QUICK_WITH_PICTURES + ["data=folder", f"data.root={root / 'data'}", "trainer.max_epochs=2",
-                                                f"hydra.run.dir={root / 'run'}"]), root
+    return fit(
+        "full_finetune",
+        TINY
+        + QUICK_WITH_PICTURES
+        + ["data=folder", f"data.root={root / 'data'}", "trainer.max_epochs=2", f"hydra.run.dir={root / 'run'}"],
+    ), root
 
 
 def test_every_run_leaves_named_non_trivial_pictures_and_an_index(run_with_pictures):
     result, _ = run_with_pictures
     viz = result.output_dir / "viz"
     names = {p.stem for p in viz.glob("*.png")}
-    assert {"filters", "curves", "confusion", "patches_stage1", "patches_stage4"} <= names  # named as the tables name groups
+    assert {
+        "filters",
+        "curves",
+        "confusion",
+        "patches_stage1",
+        "patches_stage4",
+    } <= names  # named as the tables name groups
     for png in viz.glob("*.png"):
         pixels = np.asarray(Image.open(png).convert("L"), np.float32)
         assert pixels.shape[0] > 100 and pixels.std() > 10, png.name  # not blank
@@ -137,5 +154,10 @@ def test_viz_command_redraws_them_from_a_checkpoint(run_with_pictures, tmp_path)
 
 
 def test_viz_can_be_turned_off(tmp_path, image_folder):
-    result = fit(None, TINY + QUICK_WITH_PICTURES + ["viz=none", "data=folder", f"data.root={image_folder}", f"hydra.run.dir={tmp_path}"])
+    result = fit(
+        None,
+        TINY
+        + QUICK_WITH_PICTURES
+        + ["viz=none", "data=folder", f"data.root={image_folder}", f"hydra.run.dir={tmp_path}"],
+    )
     assert not (tmp_path / "viz").exists() and "pictures" not in result.outputs

@@ -65,8 +65,7 @@ def test_local_safetensors_and_prefixed_checkpoint_load_exactly(tmp_path):
     state = source.state_dict()
     save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "w.safetensors")
     # A Lightning checkpoint of a finetune model: keys under model.backbone., another head.
-    ckpt = {"state_dict": {f"model.backbone.{k}": v for k, v in state.items() if not k.startswith("fc.")},
-            "epoch": 3}
+    ckpt = {"state_dict": {f"model.backbone.{k}": v for k, v in state.items() if not k.startswith("fc.")}, "epoch": 3}
     torch.save(ckpt, tmp_path / "run.ckpt")
     for path in (tmp_path / "w.safetensors", tmp_path / "run.ckpt"):
         torch.manual_seed(1)  # a different random init, so equality proves loading

@@ -37,7 +37,9 @@ def parse(args: Sequence[str], options: dict, command: str, overrides: str | Non
             passed_on.append(arg)
         else:
             accepted = " ".join(f"{k}=..." for k in options)
-            accepted += {None: "", "data": " data=... data.*=...", "all": " and config overrides (key=value)"}[overrides]
+            accepted += {None: "", "data": " data=... data.*=...", "all": " and config overrides (key=value)"}[
+                overrides
+            ]
             raise ConfigError(f"finetune {command}: unexpected argument {arg!r}; it takes {accepted}.")
     missing = [k for k, v in chosen.items() if v is REQUIRED]
     if missing:

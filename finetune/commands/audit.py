@@ -36,14 +36,17 @@ def audit_command(args: Sequence[str]) -> int:
     try:
         top, similarity = int(opts["top"]), float(opts["similarity"])
     except ValueError:
-        raise ConfigError(f"top={opts['top']!r} must be an integer and similarity={opts['similarity']!r} a number "
-                          "between -1 and 1.") from None
+        raise ConfigError(
+            f"top={opts['top']!r} must be an integer and similarity={opts['similarity']!r} a number between -1 and 1."
+        ) from None
     if not -1.0 <= similarity <= 1.0:
         raise ConfigError(f"similarity={similarity}: a correlation lies between -1 and 1 (0.95 is the default).")
     cfg = compose_config(overrides)
     if cfg.get("task") == "multilabel":
-        raise ConfigError("finetune audit checks one class per image; multi-label data (task=multilabel) have no "
-                          "such label. Audit a single-label manifest, or leave task at multiclass.")
+        raise ConfigError(
+            "finetune audit checks one class per image; multi-label data (task=multilabel) have no "
+            "such label. Audit a single-label manifest, or leave task at multiclass."
+        )
     splits = load_data(cfg.data, cfg.seed)
     labels = np.array([label for split in (splits.train, splits.val, splits.test) for _, label in split], dtype=int)
     check_folds(opts["folds"], labels, list(splits.classes))  # before minutes of feature extraction
@@ -60,8 +63,14 @@ def audit_command(args: Sequence[str]) -> int:
     written.append(out / "audit.json")
     from finetune.viz import audit as pictures
 
-    written += [p for p in (pictures.suspects(result, out / "suspects.png", top),
-                            pictures.duplicates(result, out / "duplicates.png")) if p is not None]
+    written += [
+        p
+        for p in (
+            pictures.suspects(result, out / "suspects.png", top),
+            pictures.duplicates(result, out / "duplicates.png"),
+        )
+        if p is not None
+    ]
     print("\n".join(summary_lines(result.summary(), skipped)))
     print(f"wrote {', '.join(p.name for p in written)} to {out}; no data file was changed")
     return 0
@@ -79,8 +88,7 @@ def summary_lines(summary: dict, skipped: dict[str, str]) -> list[str]:
         f"{summary['label_issues']} likely label errors (confident learning)"
         + (": the top rows of audit.csv, suspects.png" if summary["label_issues"] else ""),
         f"{pairs} near-duplicate pairs (thumbnails correlate >= {summary['duplicate_similarity']:g}), "
-        f"{across} across splits"
-        + (f", {leaks} of them train <-> val/test leaks" if leaks else ""),
+        f"{across} across splits" + (f", {leaks} of them train <-> val/test leaks" if leaks else ""),
         f"{summary['outliers']} outliers (far from every other image)",
     ]
     if skipped:

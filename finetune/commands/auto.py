@@ -9,8 +9,15 @@ from pathlib import Path
 from finetune.commands.args import flag, output_dir, parse
 from finetune.errors import ConfigError
 
-OPTIONS = {"time_budget": "10m", "resume": "false", "out": None, "auto.backbones": None, "auto.top": "2",
-           "auto.recipes": None, "auto.folds": "5"}
+OPTIONS = {
+    "time_budget": "10m",
+    "resume": "false",
+    "out": None,
+    "auto.backbones": None,
+    "auto.top": "2",
+    "auto.recipes": None,
+    "auto.folds": "5",
+}
 
 
 def auto_command(args: Sequence[str]) -> int:
@@ -38,22 +45,29 @@ def run_auto(args: Sequence[str]):
     try:
         top, folds = int(opts["auto.top"]), int(opts["auto.folds"])
     except ValueError:
-        raise ConfigError(f"auto.top={opts['auto.top']!r} and auto.folds={opts['auto.folds']!r} must be whole numbers.") from None
+        raise ConfigError(
+            f"auto.top={opts['auto.top']!r} and auto.folds={opts['auto.folds']!r} must be whole numbers."
+        ) from None
     if top < 1 or folds < 2:
         raise ConfigError(f"auto.top={top} must be at least 1 and auto.folds={folds} at least 2.")
     from finetune.commands.rank import backbone_names, name_list, rank_backbones
     from finetune.config import compose_config, recipes_dir
 
-    recipes = (name_list(opts["auto.recipes"], "auto.recipes", "give recipe names, e.g. auto.recipes=[lp_ft,full_finetune]")
-               if opts["auto.recipes"] else list(DEFAULT_RECIPES))
+    recipes = (
+        name_list(opts["auto.recipes"], "auto.recipes", "give recipe names, e.g. auto.recipes=[lp_ft,full_finetune]")
+        if opts["auto.recipes"]
+        else list(DEFAULT_RECIPES)
+    )
     known = sorted(p.stem for p in recipes_dir().glob("*.yaml"))
     unknown = [r for r in recipes if r not in known]
     if unknown:
         raise ConfigError(f"auto.recipes: no recipe {', '.join(unknown)}; the recipes are {', '.join(known)}.")
     cfg = compose_config(overrides)
     if cfg.get("task") == "multilabel":
-        raise ConfigError("finetune auto ranks backbones by one class per image; multi-label data are not "
-                          "supported yet: tune them with finetune -m +hparams_search=optuna task=multilabel.")
+        raise ConfigError(
+            "finetune auto ranks backbones by one class per image; multi-label data are not "
+            "supported yet: tune them with finetune -m +hparams_search=optuna task=multilabel."
+        )
     names = backbone_names(opts["auto.backbones"])
     if opts["out"] is None and resume:
         raise ConfigError("resume=true needs out=DIR: the folder of the search to go on with.")
@@ -69,10 +83,25 @@ def run_auto(args: Sequence[str]):
     result = search(overrides, out, budget, names, top, recipes, resume, int(cfg.seed), rank, cfg.get("logger"))
     rows = result.leaderboard
     print(f"auto: {len(rows)} trials in {result.seconds:.0f} s of a {budget:.0f} s budget; leaderboard, best first:")
-    print(format_table(["trial", "backbone", "recipe", "lr", "weight decay", "score", "state", "epochs", "s"],
-                       [[r["trial"], r["backbone"], r["recipe"], _number(r["lr"]), _number(r["weight_decay"]),
-                         _number(r["score"], ".4f"), r["state"].lower(), r["epochs"] or "-", r["seconds"]]
-                        for r in rows[:15]]))
+    print(
+        format_table(
+            ["trial", "backbone", "recipe", "lr", "weight decay", "score", "state", "epochs", "s"],
+            [
+                [
+                    r["trial"],
+                    r["backbone"],
+                    r["recipe"],
+                    _number(r["lr"]),
+                    _number(r["weight_decay"]),
+                    _number(r["score"], ".4f"),
+                    r["state"].lower(),
+                    r["epochs"] or "-",
+                    r["seconds"],
+                ]
+                for r in rows[:15]
+            ],
+        )
+    )
     if result.checkpoint is None:
         print(f"no trial finished within the budget; the trials' logs are in {out / 'trials'}")
     else:

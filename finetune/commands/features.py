@@ -30,8 +30,10 @@ def embed_command(args: Sequence[str]) -> int:
     embeddings, skipped = _embeddings(opts["ckpt"], overrides)
     path = save(embeddings, output_dir(opts["out"]) / f"embeddings.{opts['format']}")
     counts = {s: int((embeddings.splits == s).sum()) for s in SPLITS if (embeddings.splits == s).any()}
-    print(f"{len(embeddings.features)} images x {embeddings.features.shape[1]} features "
-          f"({', '.join(f'{s} {n}' for s, n in counts.items())}) from {embeddings.backbone}: {path}")
+    print(
+        f"{len(embeddings.features)} images x {embeddings.features.shape[1]} features "
+        f"({', '.join(f'{s} {n}' for s, n in counts.items())}) from {embeddings.backbone}: {path}"
+    )
     if skipped:
         print(f"skipped {len(skipped)} unreadable files")
     return 0
@@ -41,8 +43,7 @@ def probe_command(args: Sequence[str]) -> int:
     """``finetune probe [embeddings=FILE.npz | ckpt=PATH | backbone.name=... data=...] [C=1] [k=5]``."""
     from finetune.use.embed import load_embeddings, probe
 
-    opts, overrides = parse(args, {"embeddings": None, "ckpt": None, "C": "1.0", "k": "5", "out": None}, "probe",
-                            "all")
+    opts, overrides = parse(args, {"embeddings": None, "ckpt": None, "C": "1.0", "k": "5", "out": None}, "probe", "all")
     try:
         c, k = float(opts["C"]), int(opts["k"])
     except ValueError:
@@ -54,10 +55,16 @@ def probe_command(args: Sequence[str]) -> int:
     else:
         embeddings, _ = _embeddings(opts["ckpt"], overrides)
     scores = probe(embeddings, c=c, k=k)
-    print(f"probe on {embeddings.backbone} features ({embeddings.features.shape[1]}-d), "
-          f"{int((embeddings.splits == 'train').sum())} training images")
-    print(format_table(["method", "split", "accuracy", "fit s"],
-                       [[s.method, s.split, f"{s.accuracy:.4f}", f"{s.seconds:.2f}"] for s in scores]))
+    print(
+        f"probe on {embeddings.backbone} features ({embeddings.features.shape[1]}-d), "
+        f"{int((embeddings.splits == 'train').sum())} training images"
+    )
+    print(
+        format_table(
+            ["method", "split", "accuracy", "fit s"],
+            [[s.method, s.split, f"{s.accuracy:.4f}", f"{s.seconds:.2f}"] for s in scores],
+        )
+    )
     out = output_dir(opts["out"])
     (out / "probe.json").write_text(json.dumps([vars(s) for s in scores], indent=2))
     print(f"  {out / 'probe.json'}")
@@ -77,10 +84,16 @@ def _embeddings(ckpt: str | None, overrides: list[str]):
         cfg = compose_config(overrides)
         torch.manual_seed(cfg.seed)  # backbone.weights=random: the same network on every call
         backbone = backbone_from_config(cfg)
-        module, data_config, name = backbone.model, with_input_size(backbone.data_config, cfg.data.image_size), backbone.name
+        module, data_config, name = (
+            backbone.model,
+            with_input_size(backbone.data_config, cfg.data.image_size),
+            backbone.name,
+        )
     if cfg.get("task") == "multilabel" or (ckpt and model.task == "multilabel"):
-        raise ConfigError("finetune embed and probe label points with one class each; multi-label data have no "
-                          "such label. Train with task=multilabel +recipe=freeze_all_but_head: that is the linear probe.")
+        raise ConfigError(
+            "finetune embed and probe label points with one class each; multi-label data have no "
+            "such label. Train with task=multilabel +recipe=freeze_all_but_head: that is the linear probe."
+        )
     splits = load_data(cfg.data, cfg.seed)
     embeddings, unreadable = embed(module, data_config, name, cfg, splits)
     return embeddings, {**dict(splits.skipped), **unreadable}

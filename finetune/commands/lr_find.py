@@ -31,8 +31,10 @@ def lr_find_command(args: Sequence[str]) -> int:
     try:
         steps, min_lr, max_lr = int(opts["steps"]), float(opts["min_lr"]), float(opts["max_lr"])
     except ValueError:
-        raise ConfigError(f"finetune lr-find: steps={opts['steps']}, min_lr={opts['min_lr']}, max_lr={opts['max_lr']}: "
-                          "steps is a whole number, min_lr and max_lr are numbers.") from None
+        raise ConfigError(
+            f"finetune lr-find: steps={opts['steps']}, min_lr={opts['min_lr']}, max_lr={opts['max_lr']}: "
+            "steps is a whole number, min_lr and max_lr are numbers."
+        ) from None
     if steps < 5:
         raise ConfigError(f"finetune lr-find: steps={steps}; the curve needs at least 5 steps (100 is usual).")
     cfg = compose_config(list(overrides))
@@ -44,15 +46,27 @@ def lr_find_command(args: Sequence[str]) -> int:
     with run_log(out):
         prepared = prepare(cfg, config, out, find_lr=False)  # optimizer.lr=auto: the finder sets the lrs
         finding = find_lr(prepared.module, prepared.data, prepared.trainer_kwargs, out, steps, min_lr, max_lr)
-    (out / "lr_find.json").write_text(json.dumps(
-        {"suggestion": finding.suggestion, "steps": len(finding.lrs), "min_lr": min_lr, "max_lr": max_lr,
-         "lr": finding.lrs, "loss": finding.losses}, indent=2))
+    (out / "lr_find.json").write_text(
+        json.dumps(
+            {
+                "suggestion": finding.suggestion,
+                "steps": len(finding.lrs),
+                "min_lr": min_lr,
+                "max_lr": max_lr,
+                "lr": finding.lrs,
+                "loss": finding.losses,
+            },
+            indent=2,
+        )
+    )
     if finding.suggestion is None:
         print(f"lr finder: no suggestion, the loss never fell over {len(finding.lrs)} steps; look at the curve")
     else:
         shown = [a for a in overrides if not a.startswith("optimizer.lr=")]
-        print(f"lr finder: suggested optimizer.lr={finding.suggestion:.3g} (a tenth of the lr of the lowest training "
-              f"loss, {len(finding.lrs)} steps from {min_lr:g} to {max_lr:g})")
+        print(
+            f"lr finder: suggested optimizer.lr={finding.suggestion:.3g} (a tenth of the lr of the lowest training "
+            f"loss, {len(finding.lrs)} steps from {min_lr:g} to {max_lr:g})"
+        )
         print(f"  train with: finetune {shlex.join([*shown, f'optimizer.lr={finding.suggestion:.3g}'])}")
     print(f"  curve: {finding.picture}\n  numbers: {out / 'lr_find.json'}")
     return 0

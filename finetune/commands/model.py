@@ -15,9 +15,9 @@ from finetune.data.images import load_rgb
 from finetune.data.sources import load_data, relabel, scan_class_folders
 from finetune.errors import ConfigError
 from finetune.tables import format_table
+from finetune.use.confidence import format_trust_report, trust_report
 from finetune.use.export import export
 from finetune.use.load import FinetunedModel, expand_inputs, load
-from finetune.use.confidence import format_trust_report, trust_report
 from finetune.use.metrics import classification_report, format_report
 from finetune.use.tta import check_tta, tta_log_probabilities
 
@@ -29,8 +29,19 @@ def predict_command(args: Sequence[str]) -> int:
     Probabilities are calibrated (the checkpoint's temperature); below min_confidence (or the one
     target_precision picks on the validation split) the label is ``unknown``; coverage adds the
     conformal prediction set holding the true class with that probability."""
-    opts, _ = parse(args, {"ckpt": REQUIRED, "input": REQUIRED, "top_k": "5", "batch_size": "32", "tta": "none",
-                           "out": None, **TRUST_OPTIONS}, "predict")
+    opts, _ = parse(
+        args,
+        {
+            "ckpt": REQUIRED,
+            "input": REQUIRED,
+            "top_k": "5",
+            "batch_size": "32",
+            "tta": "none",
+            "out": None,
+            **TRUST_OPTIONS,
+        },
+        "predict",
+    )
     tta = _tta_summary(opts["tta"])
     model = load(opts["ckpt"])
     rule = decision_rule_from(opts, model)  # before any image is decoded
@@ -44,31 +55,65 @@ def predict_command(args: Sequence[str]) -> int:
         _write_label_sets(model, predictions, out, opts["ckpt"], tta, failures)
         return 0
     sets = rule.score is not None
-    rows = [[p.source, p.label, f"{p.probability:.4f}"] + ([_set_text(p.prediction_set)] if sets else [])
-            + [", ".join(f"{label} {prob:.3f}" for label, prob in p.top_k[1:])] for p in predictions]
-    print(format_table(["image", "label", "probability"] + (["set"] if sets else []) + ["next"], rows,
-                       "llr" + ("l" if sets else "") + "l"))
+    rows = [
+        [p.source, p.label, f"{p.probability:.4f}"]
+        + ([_set_text(p.prediction_set)] if sets else [])
+        + [", ".join(f"{label} {prob:.3f}" for label, prob in p.top_k[1:])]
+        for p in predictions
+    ]
+    print(
+        format_table(
+            ["image", "label", "probability"] + (["set"] if sets else []) + ["next"],
+            rows,
+            "llr" + ("l" if sets else "") + "l",
+        )
+    )
     with (out / "predictions.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         k = max((len(p.top_k) for p in predictions), default=0)
         abstains = rule.min_confidence is not None  # the answer column: the label or unknown
-        writer.writerow(["image"] + (["answer"] if abstains else []) + (["prediction_set"] if sets else [])
-                        + [c for i in range(1, k + 1) for c in (f"label_{i}", f"probability_{i}")])
+        writer.writerow(
+            ["image"]
+            + (["answer"] if abstains else [])
+            + (["prediction_set"] if sets else [])
+            + [c for i in range(1, k + 1) for c in (f"label_{i}", f"probability_{i}")]
+        )
         for p in predictions:
-            writer.writerow([p.source] + ([p.label] if abstains else [])
-                            + (["|".join(c for c, _ in p.prediction_set)] if sets else [])
-                            + [v for label, prob in p.top_k for v in (label, f"{prob:.6f}")])
-    (out / "predictions.json").write_text(json.dumps(
-        {"checkpoint": str(Path(opts["ckpt"]).resolve()), "classes": model.classes, "temperature": model.temperature,
-         **rule.describe(), "tta": tta,
-         "predictions": [{"image": p.source, "answer": p.label, "top_k": p.top_k,
-                          **({"prediction_set": p.prediction_set} if sets else {})} for p in predictions],
-         "skipped": failures}, indent=2))
+            writer.writerow(
+                [p.source]
+                + ([p.label] if abstains else [])
+                + (["|".join(c for c, _ in p.prediction_set)] if sets else [])
+                + [v for label, prob in p.top_k for v in (label, f"{prob:.6f}")]
+            )
+    (out / "predictions.json").write_text(
+        json.dumps(
+            {
+                "checkpoint": str(Path(opts["ckpt"]).resolve()),
+                "classes": model.classes,
+                "temperature": model.temperature,
+                **rule.describe(),
+                "tta": tta,
+                "predictions": [
+                    {
+                        "image": p.source,
+                        "answer": p.label,
+                        "top_k": p.top_k,
+                        **({"prediction_set": p.prediction_set} if sets else {}),
+                    }
+                    for p in predictions
+                ],
+                "skipped": failures,
+            },
+            indent=2,
+        )
+    )
     for path, reason in failures.items():
         print(f"skipped {path}: {reason}")
     print(_tta_line(tta))
-    print(f"{len(predictions)} images predicted{_trust_counts(predictions, rule)}, {len(failures)} skipped\n"
-          f"  predictions: {out / 'predictions.csv'}\n  json: {out / 'predictions.json'}")
+    print(
+        f"{len(predictions)} images predicted{_trust_counts(predictions, rule)}, {len(failures)} skipped\n"
+        f"  predictions: {out / 'predictions.csv'}\n  json: {out / 'predictions.json'}"
+    )
     return 0
 
 
@@ -77,7 +122,7 @@ def _set_text(prediction_set: list) -> str:
 
 
 def _trust_counts(predictions: list, rule) -> str:
-    """", 3 unknown (confidence < 0.93), mean set size 1.2 (coverage 0.9)" as the rule applies."""
+    """ ", 3 unknown (confidence < 0.93), mean set size 1.2 (coverage 0.9)" as the rule applies."""
     parts = []
     if rule.min_confidence is not None:
         picked = f" picked for precision {rule.target_precision}" if rule.target_precision is not None else ""
@@ -88,27 +133,45 @@ def _trust_counts(predictions: list, rule) -> str:
     return "".join(f", {part}" for part in parts)
 
 
-def _write_label_sets(model: FinetunedModel, predictions: list, out: Path, ckpt: str, tta: dict,
-                      failures: dict[str, str]) -> None:
+def _write_label_sets(
+    model: FinetunedModel, predictions: list, out: Path, ckpt: str, tta: dict, failures: dict[str, str]
+) -> None:
     """A multi-label model's predictions: the table, ``predictions.csv`` (the label set, then every
     label's probability) and ``predictions.json`` (with the thresholds)."""
-    rows = [[p.source, " ".join(p.names) or "(none)", ", ".join(f"{c} {v:.3f}" for c, v in p.labels)] for p in predictions]
+    rows = [
+        [p.source, " ".join(p.names) or "(none)", ", ".join(f"{c} {v:.3f}" for c, v in p.labels)] for p in predictions
+    ]
     print(format_table(["image", "labels", "probabilities"], rows, "lll"))
     with (out / "predictions.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["image", "labels"] + model.classes)
         for p in predictions:
             writer.writerow([p.source, " ".join(p.names)] + [f"{p.probabilities[c]:.6f}" for c in model.classes])
-    (out / "predictions.json").write_text(json.dumps(
-        {"checkpoint": str(Path(ckpt).resolve()), "task": "multilabel", "classes": model.classes,
-         "thresholds": dict(zip(model.classes, model.thresholds)), "min_labels": model.min_labels, "max_labels": model.max_labels, "tta": tta,
-         "predictions": [{"image": p.source, "labels": p.labels, "probabilities": p.probabilities} for p in predictions],
-         "skipped": failures}, indent=2))
+    (out / "predictions.json").write_text(
+        json.dumps(
+            {
+                "checkpoint": str(Path(ckpt).resolve()),
+                "task": "multilabel",
+                "classes": model.classes,
+                "thresholds": dict(zip(model.classes, model.thresholds)),
+                "min_labels": model.min_labels,
+                "max_labels": model.max_labels,
+                "tta": tta,
+                "predictions": [
+                    {"image": p.source, "labels": p.labels, "probabilities": p.probabilities} for p in predictions
+                ],
+                "skipped": failures,
+            },
+            indent=2,
+        )
+    )
     for path, reason in failures.items():
         print(f"skipped {path}: {reason}")
     print(_tta_line(tta))
-    print(f"{len(predictions)} images predicted (labels at the thresholds tuned on validation), {len(failures)} "
-          f"skipped\n  predictions: {out / 'predictions.csv'}\n  json: {out / 'predictions.json'}")
+    print(
+        f"{len(predictions)} images predicted (labels at the thresholds tuned on validation), {len(failures)} "
+        f"skipped\n  predictions: {out / 'predictions.csv'}\n  json: {out / 'predictions.json'}"
+    )
 
 
 def evaluate_command(args: Sequence[str]) -> int:
@@ -116,8 +179,12 @@ def evaluate_command(args: Sequence[str]) -> int:
     subset is fine) or ``finetune evaluate ckpt=PATH data=folder data.root=DIR`` (its test split,
     else its validation split). Accuracy, loss, per-class metrics and the confusion matrix.
     tta=flip|crops|crops_flip: scores the probabilities averaged over 2, 5 or 10 views per image."""
-    opts, data = parse(args, {"ckpt": REQUIRED, "input": None, "batch_size": "32", "tta": "none", "out": None,
-                              **TRUST_OPTIONS}, "evaluate", "data")
+    opts, data = parse(
+        args,
+        {"ckpt": REQUIRED, "input": None, "batch_size": "32", "tta": "none", "out": None, **TRUST_OPTIONS},
+        "evaluate",
+        "data",
+    )
     if not opts["input"] and not data:
         raise ConfigError("finetune evaluate needs input=DIR (one folder per class) or data=... overrides.")
     tta = _tta_summary(opts["tta"])
@@ -129,8 +196,17 @@ def evaluate_command(args: Sequence[str]) -> int:
     if model.task == "multilabel":
         from finetune.use.multilabel import evaluate_multilabel, format_multilabel_report
 
-        report = evaluate_multilabel(model.model, model.data_config, samples, model.classes, model.thresholds,
-                                     tta["mode"], batch, model.min_labels, model.max_labels)
+        report = evaluate_multilabel(
+            model.model,
+            model.data_config,
+            samples,
+            model.classes,
+            model.thresholds,
+            tta["mode"],
+            batch,
+            model.min_labels,
+            model.max_labels,
+        )
         failures, text = report.pop("skipped"), format_multilabel_report
     else:
         failures, text = {}, format_report
@@ -139,8 +215,9 @@ def evaluate_command(args: Sequence[str]) -> int:
             logits.append(_evaluation_logits(model, images, batch, tta["mode"]))
             labels.append(torch.tensor(batch_labels, dtype=torch.long))
         logits, labels = torch.cat(logits), torch.cat(labels)
-        report = classification_report(logits, labels, model.classes) | trust_report(logits, labels,
-                                                                                      model.temperature, rule)
+        report = classification_report(logits, labels, model.classes) | trust_report(
+            logits, labels, model.temperature, rule
+        )
         report["pictures"] = _trust_pictures(logits, labels, model.temperature, rule, out / "viz")
     report["skipped"] = dict(skipped) | failures
     report["tta"] = tta
@@ -162,8 +239,11 @@ def export_command(args: Sequence[str]) -> int:
     into ``preprocessing.json`` beside the temperature. format=hub: a folder for the Hugging Face
     Hub that ``timm.create_model("local-dir:DIR", pretrained=True)`` loads (parity checked through
     that load), with a model card (README.md) and the run's pictures; ``finetune push`` uploads it."""
-    opts, _ = parse(args, {"ckpt": REQUIRED, "format": REQUIRED, "out": None, "input": None, "tolerance": "1e-4",
-                           **TRUST_OPTIONS}, "export")
+    opts, _ = parse(
+        args,
+        {"ckpt": REQUIRED, "format": REQUIRED, "out": None, "input": None, "tolerance": "1e-4", **TRUST_OPTIONS},
+        "export",
+    )
     model = load(opts["ckpt"])
     rule = decision_rule_from(opts, model)
     images, where = _parity_images(model, opts["input"])
@@ -173,14 +253,18 @@ def export_command(args: Sequence[str]) -> int:
 
         folder = hub_folder(model, opts["ckpt"], out, sample, tolerance, rule)
         result = folder.export
-        print(f"exported hub: {out} ({', '.join(folder.files)})\n"
-              f"  load: timm.create_model('local-dir:{out}', pretrained=True); upload: finetune push ckpt=... repo_id=...")
+        print(
+            f"exported hub: {out} ({', '.join(folder.files)})\n"
+            f"  load: timm.create_model('local-dir:{out}', pretrained=True); upload: finetune push ckpt=... repo_id=..."
+        )
     else:
         result = export(model, opts["format"], out, sample, tolerance, rule)
         print(f"exported {opts['format']}: {result.path}\n  preprocessing: {result.preprocessing}")
     answer = "label set" if model.thresholds else ("answer (class, unknown, set)" if rule.describe() else "class")
-    print(f"  parity on {len(images)} {where}: max |logit difference| = {result.max_abs_diff:.2e}, "
-          f"{result.same_decisions}/{len(images)} images get the same {answer}")
+    print(
+        f"  parity on {len(images)} {where}: max |logit difference| = {result.max_abs_diff:.2e}, "
+        f"{result.same_decisions}/{len(images)} images get the same {answer}"
+    )
     return 0
 
 
@@ -236,8 +320,10 @@ def _labelled_samples(model: FinetunedModel, folder: str | None, data: list[str]
     the `data` overrides describe; or, with neither, the validation split the model was trained
     with."""
     if folder and model.task == "multilabel":
-        raise ConfigError("A multi-label model is evaluated on a manifest (class folders hold one class per "
-                          "image): data=csv data.csv=FILE data.label_sep=' ' (its test split, else its val split).")
+        raise ConfigError(
+            "A multi-label model is evaluated on a manifest (class folders hold one class per "
+            "image): data=csv data.csv=FILE data.label_sep=' ' (its test split, else its val split)."
+        )
     if folder:
         skipped, sizes = [], {}
         found, samples = scan_class_folders(Path(folder).resolve(), skipped, sizes)
@@ -256,4 +342,6 @@ def _parity_images(model: FinetunedModel, spec: str | None) -> tuple[list, str]:
         return [load_rgb(i) if isinstance(i, str) else i for i in items], "validation images of the training data"
     except Exception:  # the training data is not on this machine: random pixels still test parity
         rng = np.random.default_rng(0)
-        return [rng.integers(0, 256, (256, 256, 3), dtype=np.uint8) for _ in range(4)], "random images (training data not found)"
+        return [
+            rng.integers(0, 256, (256, 256, 3), dtype=np.uint8) for _ in range(4)
+        ], "random images (training data not found)"

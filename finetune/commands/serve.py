@@ -10,9 +10,21 @@ from pathlib import Path
 from finetune.commands.args import REQUIRED, TRUST_OPTIONS, decision_rule_from, parse
 from finetune.errors import ConfigError
 
-OPTIONS = {"ckpt": REQUIRED, "host": "127.0.0.1", "port": "8000", "runtime": "auto", "top_k": "5",
-           "max_batch_size": "16", "max_wait_ms": "5", "max_upload_mb": "10", "max_pixels": "40000000",
-           "max_files": "16", "rate_limit": "0", "max_pending": "256", **TRUST_OPTIONS}
+OPTIONS = {
+    "ckpt": REQUIRED,
+    "host": "127.0.0.1",
+    "port": "8000",
+    "runtime": "auto",
+    "top_k": "5",
+    "max_batch_size": "16",
+    "max_wait_ms": "5",
+    "max_upload_mb": "10",
+    "max_pixels": "40000000",
+    "max_files": "16",
+    "rate_limit": "0",
+    "max_pending": "256",
+    **TRUST_OPTIONS,
+}
 
 
 def serve_command(args: Sequence[str]) -> int:
@@ -45,15 +57,34 @@ def serve_command(args: Sequence[str]) -> int:
     rule = decision_rule_from(opts, model) if model.task != "multilabel" else None
     version = checkpoint_digest(ckpt)
     runtime = make_runtime(model, opts["runtime"], ckpt, version, Path(compose_config([]).paths.cache_dir))
-    limits = Limits(numbers["max_upload_mb"], int(numbers["max_pixels"]), int(numbers["max_files"]),
-                    numbers["rate_limit"], int(numbers["max_pending"]))
-    app = create_app(runtime, version, rule, limits, int(numbers["top_k"]), int(numbers["max_batch_size"]),
-                     numbers["max_wait_ms"], str(ckpt))
+    limits = Limits(
+        numbers["max_upload_mb"],
+        int(numbers["max_pixels"]),
+        int(numbers["max_files"]),
+        numbers["rate_limit"],
+        int(numbers["max_pending"]),
+    )
+    app = create_app(
+        runtime,
+        version,
+        rule,
+        limits,
+        int(numbers["top_k"]),
+        int(numbers["max_batch_size"]),
+        numbers["max_wait_ms"],
+        str(ckpt),
+    )
     host, port = sock.getsockname()[:2]
-    print(f"serving {ckpt} ({model.config['backbone']['name']}, {len(model.classes)} classes, runtime "
-          f"{runtime.name}, version {version[:12]}) on http://{host}:{port}", flush=True)
-    print(f"  demo page http://{host}:{port}/ ; POST /predict (curl -F file=@image.jpg "
-          f"http://{host}:{port}/predict), GET /health, GET /metadata; Ctrl-C stops", flush=True)
+    print(
+        f"serving {ckpt} ({model.config['backbone']['name']}, {len(model.classes)} classes, runtime "
+        f"{runtime.name}, version {version[:12]}) on http://{host}:{port}",
+        flush=True,
+    )
+    print(
+        f"  demo page http://{host}:{port}/ ; POST /predict (curl -F file=@image.jpg "
+        f"http://{host}:{port}/predict), GET /health, GET /metadata; Ctrl-C stops",
+        flush=True,
+    )
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5))
     # uvicorn finishes the requests in flight on SIGINT/SIGTERM, then raises the signal again:
     # both end here, as a normal stop (exit 0), not as a traceback or a kill.
@@ -73,8 +104,17 @@ def _interrupt(*_) -> None:
 def _numbers(opts: dict) -> dict[str, float]:
     """The numeric options as numbers, each checked, or one ConfigError naming it."""
     numbers = {}
-    for key in ("port", "top_k", "max_batch_size", "max_wait_ms", "max_upload_mb", "max_pixels", "max_files",
-                "rate_limit", "max_pending"):
+    for key in (
+        "port",
+        "top_k",
+        "max_batch_size",
+        "max_wait_ms",
+        "max_upload_mb",
+        "max_pixels",
+        "max_files",
+        "rate_limit",
+        "max_pending",
+    ):
         try:
             numbers[key] = float(opts[key])
         except ValueError:
@@ -82,8 +122,10 @@ def _numbers(opts: dict) -> dict[str, float]:
         whole = key in ("port", "top_k", "max_batch_size", "max_pixels", "max_files", "max_pending")
         low = 0 if key in ("port", "max_wait_ms", "rate_limit") else 1
         if numbers[key] < low or (whole and not numbers[key].is_integer()) or (key == "port" and numbers[key] > 65535):
-            raise ConfigError(f"finetune serve: {key}={opts[key]!r} must be {'a whole number' if whole else 'a number'} "
-                              f"of at least {low}" + (" and at most 65535" if key == "port" else "") + ".")
+            raise ConfigError(
+                f"finetune serve: {key}={opts[key]!r} must be {'a whole number' if whole else 'a number'} "
+                f"of at least {low}" + (" and at most 65535" if key == "port" else "") + "."
+            )
     return numbers
 
 
@@ -100,7 +142,9 @@ def _listen(host: str, port: int) -> socket.socket:
         sock.bind(address)
     except OSError as err:
         sock.close()
-        raise ConfigError(f"finetune serve: cannot listen on {host}:{port} ({err.strerror}); "
-                          "another server may hold the port: choose another with port=...") from None
+        raise ConfigError(
+            f"finetune serve: cannot listen on {host}:{port} ({err.strerror}); "
+            "another server may hold the port: choose another with port=..."
+        ) from None
     sock.listen(2048)
     return sock

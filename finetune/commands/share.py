@@ -22,8 +22,19 @@ def push_command(args: Sequence[str]) -> int:
     with ``timm.create_model("hf-hub:ORG/NAME", pretrained=True)``."""
     from finetune.use.hub import check_repo_id, hub_token, hub_user
 
-    opts, _ = parse(args, {"ckpt": REQUIRED, "repo_id": REQUIRED, "private": "false", "out": None, "input": None,
-                           "tolerance": "1e-4", **TRUST_OPTIONS}, "push")
+    opts, _ = parse(
+        args,
+        {
+            "ckpt": REQUIRED,
+            "repo_id": REQUIRED,
+            "private": "false",
+            "out": None,
+            "input": None,
+            "tolerance": "1e-4",
+            **TRUST_OPTIONS,
+        },
+        "push",
+    )
     private = flag(opts, "private")
     repo_id = check_repo_id(opts["repo_id"])
     if not Path(opts["ckpt"]).is_file():
@@ -46,10 +57,20 @@ def _push(opts: dict, repo_id: str, token: str, private: bool, out: Path) -> int
     rule = decision_rule_from(opts, model)
     images, where = _parity_images(model, opts["input"])
     folder = hub_folder(model, opts["ckpt"], out, model.preprocess(images), float(opts["tolerance"]), rule, repo_id)
-    print(f"built {out}: {', '.join(folder.files)}\n  parity on {len(images)} {where} through "
-          f"timm.create_model('local-dir:...'): max |logit difference| = {folder.export.max_abs_diff:.2e}")
-    url, commit = upload(folder, repo_id, token, private,
-                         f"Upload {model.config['backbone']['name']} fine-tuned on {len(model.classes)} classes")
-    print(f"pushed {repo_id}: {url}" + (f" (commit {commit[:8]})" if commit else "")
-          + f"\n  load: timm.create_model('hf-hub:{repo_id}', pretrained=True)")
+    print(
+        f"built {out}: {', '.join(folder.files)}\n  parity on {len(images)} {where} through "
+        f"timm.create_model('local-dir:...'): max |logit difference| = {folder.export.max_abs_diff:.2e}"
+    )
+    url, commit = upload(
+        folder,
+        repo_id,
+        token,
+        private,
+        f"Upload {model.config['backbone']['name']} fine-tuned on {len(model.classes)} classes",
+    )
+    print(
+        f"pushed {repo_id}: {url}"
+        + (f" (commit {commit[:8]})" if commit else "")
+        + f"\n  load: timm.create_model('hf-hub:{repo_id}', pretrained=True)"
+    )
     return 0

@@ -42,6 +42,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from finetune.compute.speed import Speed, to_channels_last
 from finetune.data.datamodule import ImageDataModule, ImageDataset, collate_skipping_unreadable, worker_init
 from finetune.data.file_memo import file_digest
 from finetune.data.labels import multi_hot
@@ -51,7 +52,6 @@ from finetune.errors import ConfigError
 from finetune.files import follow_umask
 from finetune.model.classifier import Classifier
 from finetune.model.freeze import batchnorm_layers
-from finetune.compute.speed import Speed, to_channels_last
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class CachedFeatures:
 
     features: dict[str, torch.Tensor]
     labels: dict[str, torch.Tensor]
-    skipped: dict[str, str] = field(default_factory=dict)   # unreadable path -> reason
+    skipped: dict[str, str] = field(default_factory=dict)  # unreadable path -> reason
     path: Path | None = None
     hit: bool = False
     seconds: float = 0.0
@@ -95,18 +95,33 @@ class CachedFeatures:
         return int(self.features["train"].shape[0])
 
 
-def cache_key(backbone: nn.Module, architecture: str, splits: dict[str, Sequence[Sample]],
-              pipelines: dict[str, A.Compose], seed: int, views: int, speed: Speed,
-              num_labels: int | None = None) -> str:
+def cache_key(
+    backbone: nn.Module,
+    architecture: str,
+    splits: dict[str, Sequence[Sample]],
+    pipelines: dict[str, A.Compose],
+    seed: int,
+    views: int,
+    speed: Speed,
+    num_labels: int | None = None,
+) -> str:
     """A hex digest over everything that determines the cached features."""
     digest = hashlib.sha256()
 
     def add(value) -> None:
         digest.update(json.dumps(value, sort_keys=True, default=str).encode())
 
-    add({"format": FORMAT_VERSION, "architecture": architecture, "seed": seed, "views": views,
-         "autocast": str(speed.autocast_dtype), "channels_last": speed.channels_last}
-        | ({"multi_hot": num_labels} if num_labels is not None else {}))
+    add(
+        {
+            "format": FORMAT_VERSION,
+            "architecture": architecture,
+            "seed": seed,
+            "views": views,
+            "autocast": str(speed.autocast_dtype),
+            "channels_last": speed.channels_last,
+        }
+        | ({"multi_hot": num_labels} if num_labels is not None else {})
+    )
     for name, tensor in backbone.state_dict().items():
         add([name, list(tensor.shape), str(tensor.dtype)])
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
@@ -124,9 +139,18 @@ def cache_key(backbone: nn.Module, architecture: str, splits: dict[str, Sequence
     return digest.hexdigest()[:40]
 
 
-def extract(backbone: nn.Module, samples: Sequence[Sample], transform: Callable, batch_size: int,
-            num_workers: int, speed: Speed, seed: int, desc: str, num_labels: int | None = None,
-            full_precision: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict[str, str]]:
+def extract(
+    backbone: nn.Module,
+    samples: Sequence[Sample],
+    transform: Callable,
+    batch_size: int,
+    num_workers: int,
+    speed: Speed,
+    seed: int,
+    desc: str,
+    num_labels: int | None = None,
+    full_precision: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, str]]:
     """(features (N, D) float32, labels (N,), unreadable path -> reason) of one pass over `samples`.
 
     The pass draws its randomness from `seed` only: the global RNG state is left untouched, so a
@@ -134,9 +158,16 @@ def extract(backbone: nn.Module, samples: Sequence[Sample], transform: Callable,
     """
     if hasattr(transform, "set_random_seed"):
         transform.set_random_seed(seed)
-    loader = DataLoader(ImageDataset(list(samples), transform, num_labels=num_labels), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers, worker_init_fn=worker_init, collate_fn=collate_skipping_unreadable,
-                        generator=torch.Generator().manual_seed(seed), pin_memory=speed.device.type == "cuda")
+    loader = DataLoader(
+        ImageDataset(list(samples), transform, num_labels=num_labels),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        worker_init_fn=worker_init,
+        collate_fn=collate_skipping_unreadable,
+        generator=torch.Generator().manual_seed(seed),
+        pin_memory=speed.device.type == "cuda",
+    )
     features, labels, skipped = [], [], {}
     dtype = None if full_precision else speed.autocast_dtype
     autocast = torch.autocast(speed.device.type, dtype=dtype) if dtype is not None else nullcontext()
@@ -161,8 +192,16 @@ def cache_settings(cfg, backbone_name: str) -> tuple[str, Path]:
     return f"{backbone_name}|pool={cfg.head.get('pool')}", Path(cfg.data.cache.dir)
 
 
-def features_for_run(cfg, model: Classifier, backbone_name: str, splits: DataSplits, train_transform: A.Compose,
-                     eval_transform: A.Compose, speed: Speed, num_workers: int) -> CachedFeatures | None:
+def features_for_run(
+    cfg,
+    model: Classifier,
+    backbone_name: str,
+    splits: DataSplits,
+    train_transform: A.Compose,
+    eval_transform: A.Compose,
+    speed: Speed,
+    num_workers: int,
+) -> CachedFeatures | None:
     """The frozen backbone's features for every image of a run, as ``data.cache.features`` says
     (``auto``: whenever :func:`not_cacheable_reason` finds nothing), or None to train on images."""
     cache = cfg.data.cache
@@ -174,27 +213,54 @@ def features_for_run(cfg, model: Classifier, backbone_name: str, splits: DataSpl
     reason = not_cacheable_reason(model)
     if reason is not None:
         if setting is True:
-            raise ConfigError(f"data.cache.features=true needs a frozen backbone, but {reason}. "
-                              f"Use +recipe=freeze_all_but_head, or data.cache.features=auto.")
+            raise ConfigError(
+                f"data.cache.features=true needs a frozen backbone, but {reason}. "
+                f"Use +recipe=freeze_all_but_head, or data.cache.features=auto."
+            )
         log.info("feature cache: off (%s)", reason)
         return None
     augmented = augmentation_is_random(cfg.augment)
     architecture, cache_dir = cache_settings(cfg, backbone_name)
-    cached = cached_features(model.backbone, architecture, {split: getattr(splits, split) for split in SPLITS},
-                             train_transform, eval_transform, augmented, cache["views"], cache_dir,
-                             cfg.data.batch_size, num_workers, speed, cfg.seed,
-                             len(splits.classes) if splits.multilabel else None)
+    cached = cached_features(
+        model.backbone,
+        architecture,
+        {split: getattr(splits, split) for split in SPLITS},
+        train_transform,
+        eval_transform,
+        augmented,
+        cache["views"],
+        cache_dir,
+        cfg.data.batch_size,
+        num_workers,
+        speed,
+        cfg.seed,
+        len(splits.classes) if splits.multilabel else None,
+    )
     how = "loaded" if cached.hit else "computed"
-    views = (f"{cached.views} views per training image (the evaluation view, {cached.views - 1} augmented)" if augmented
-             else "no augmentation: one view")
+    views = (
+        f"{cached.views} views per training image (the evaluation view, {cached.views - 1} augmented)"
+        if augmented
+        else "no augmentation: one view"
+    )
     log.info("feature cache: on, backbone frozen; %s; %s in %.1f s: %s", views, how, cached.seconds, cached.path)
     return cached
 
 
-def cached_features(backbone: nn.Module, architecture: str, splits: dict[str, Sequence[Sample]],
-                    train_transform: A.Compose, eval_transform: A.Compose, augmented: bool, views: int,
-                    cache_dir: Path, batch_size: int, num_workers: int, speed: Speed, seed: int,
-                    num_labels: int | None = None) -> CachedFeatures:
+def cached_features(
+    backbone: nn.Module,
+    architecture: str,
+    splits: dict[str, Sequence[Sample]],
+    train_transform: A.Compose,
+    eval_transform: A.Compose,
+    augmented: bool,
+    views: int,
+    cache_dir: Path,
+    batch_size: int,
+    num_workers: int,
+    speed: Speed,
+    seed: int,
+    num_labels: int | None = None,
+) -> CachedFeatures:
     """`backbone`'s pooled outputs for every sample: loaded from `cache_dir` when this exact setup
     was computed before, else computed (progress bars) and stored.
 
@@ -226,16 +292,35 @@ def cached_features(backbone: nn.Module, architecture: str, splits: dict[str, Se
         for view in range(views):
             desc = f"caching features: train view {view + 1}/{views}" if views > 1 else "caching features: train"
             # View 0 is the evaluation view (the center crop a prediction sees), the others augmented.
-            f, y, bad = extract(backbone, splits["train"], pipelines["train"] if view else eval_transform, batch_size,
-                                num_workers, speed, seed * 1_000 + view, desc, num_labels, full_precision=not view)
+            f, y, bad = extract(
+                backbone,
+                splits["train"],
+                pipelines["train"] if view else eval_transform,
+                batch_size,
+                num_workers,
+                speed,
+                seed * 1_000 + view,
+                desc,
+                num_labels,
+                full_precision=not view,
+            )
             train_views.append(f)
             labels["train"], skipped = y, {**skipped, **bad}
         features["train"] = torch.stack(train_views)
         for split in SPLITS[1:]:
             if splits.get(split):
-                features[split], labels[split], bad = extract(backbone, splits[split], eval_transform, batch_size,
-                                                              num_workers, speed, seed, f"caching features: {split}",
-                                                              num_labels, full_precision=True)
+                features[split], labels[split], bad = extract(
+                    backbone,
+                    splits[split],
+                    eval_transform,
+                    batch_size,
+                    num_workers,
+                    speed,
+                    seed,
+                    f"caching features: {split}",
+                    num_labels,
+                    full_precision=True,
+                )
                 skipped.update(bad)
     finally:
         backbone.train(was_training).to(device_before)
@@ -245,8 +330,9 @@ def cached_features(backbone: nn.Module, architecture: str, splits: dict[str, Se
     try:
         _save(result, path)
     except OSError as err:  # a read-only or full cache folder: the cache is only a speed-up
-        log.warning("feature cache: could not write %s (%s); going on with the features in memory",
-                    path, err.strerror or err)
+        log.warning(
+            "feature cache: could not write %s (%s); going on with the features in memory", path, err.strerror or err
+        )
     result.seconds = time.perf_counter() - started
     return result
 
@@ -271,8 +357,10 @@ def _save(cached: CachedFeatures, path: Path) -> None:
 
 
 def _checksums(tensors: dict[str, torch.Tensor], skipped: str) -> dict[str, str]:
-    sums = {name: hashlib.sha256(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()).hexdigest()
-            for name, t in tensors.items()}
+    sums = {
+        name: hashlib.sha256(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()).hexdigest()
+        for name, t in tensors.items()
+    }
     return sums | {"metadata.skipped": hashlib.sha256(skipped.encode()).hexdigest()}
 
 
@@ -303,11 +391,13 @@ def _load(path: Path, splits: dict[str, Sequence[Sample]], views: int, num_label
     if set(features) != stored or set(labels) != stored:
         raise ValueError(f"holds splits {sorted(features)}, the run has {sorted(stored)}")
     for split in stored:
-        want = [label for item, label in splits[split]
-                if isinstance(item, np.ndarray) or str(item) not in skipped]
+        want = [label for item, label in splits[split] if isinstance(item, np.ndarray) or str(item) not in skipped]
         if num_labels is not None:
             want = [multi_hot(label, num_labels).tolist() for label in want]
-        if labels[split].dtype != (torch.long if num_labels is None else torch.float32) or labels[split].tolist() != want:
+        if (
+            labels[split].dtype != (torch.long if num_labels is None else torch.float32)
+            or labels[split].tolist() != want
+        ):
             raise ValueError(f"the {split} labels are not the data's")
         rows = features[split].shape[:2] if split == "train" else features[split].shape[:1]
         if tuple(rows) != ((views, len(want)) if split == "train" else (len(want),)):
@@ -343,6 +433,7 @@ class FeatureDataModule(ImageDataModule):
     def __init__(self, cached: CachedFeatures, splits: DataSplits, batch_size: int, balance: str, seed: int):
         super().__init__(splits, None, None, batch_size, num_workers=0, balance=balance, seed=seed)
         self.cached = cached
+
     def dataset(self, split: str) -> Dataset:
         return FeatureViews(self.cached.features[split], self.cached.labels[split])
 

@@ -39,16 +39,25 @@ def feature_scale(rows: torch.Tensor) -> float:
     return float(rows.double().pow(2).mean().clamp(min=1e-12))
 
 
-def penalized_loss(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, l2: float,
-                   multilabel: bool = False, class_weights: torch.Tensor | None = None,
-                   label_smoothing: float = 0.0) -> torch.Tensor:
+def penalized_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    weight: torch.Tensor,
+    l2: float,
+    multilabel: bool = False,
+    class_weights: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
     """The objective of the module docstring. `class_weights` weight each row's loss by its class
     (multiclass; a weighted mean, as ``F.cross_entropy`` takes it) or each label's positives
     (multilabel: BCE's ``pos_weight``). `label_smoothing` as the run's loss applies it."""
     if multilabel:
         targets = targets.float() * (1 - label_smoothing) + 0.5 * label_smoothing
-        data = F.binary_cross_entropy_with_logits(logits, targets, pos_weight=class_weights,
-                                                  reduction="none").sum(dim=1).mean()
+        data = (
+            F.binary_cross_entropy_with_logits(logits, targets, pos_weight=class_weights, reduction="none")
+            .sum(dim=1)
+            .mean()
+        )
     else:
         data = F.cross_entropy(logits, targets, weight=class_weights, label_smoothing=label_smoothing)
     return data + 0.5 * l2 * weight.pow(2).sum()
@@ -58,8 +67,15 @@ def lbfgs(params, max_iter: int, tolerance: float = 1e-10, grad_tolerance: float
     """The optimizer of every fit here: strong-Wolfe line search, so no learning rate to tune.
     It stops after `max_iter` iterations, when the loss or the weights change by less than
     `tolerance` in one, or when no gradient entry is larger than `grad_tolerance`."""
-    return torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
-                             tolerance_grad=grad_tolerance, tolerance_change=tolerance)
+    return torch.optim.LBFGS(
+        params,
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=grad_tolerance,
+        tolerance_change=tolerance,
+    )
 
 
 @dataclass(frozen=True)
@@ -75,12 +91,25 @@ class Problem:
     label_smoothing: float = 0.0
 
     def loss(self, weight: torch.Tensor, bias: torch.Tensor, l2: float) -> torch.Tensor:
-        return penalized_loss(self.rows @ weight.T + bias, self.targets, weight, l2, self.multilabel,
-                              self.class_weights, self.label_smoothing)
+        return penalized_loss(
+            self.rows @ weight.T + bias,
+            self.targets,
+            weight,
+            l2,
+            self.multilabel,
+            self.class_weights,
+            self.label_smoothing,
+        )
 
 
-def fit(problem: Problem, l2: float, init: tuple[torch.Tensor, torch.Tensor] | None = None,
-        max_iter: int = 500, tolerance: float = 1e-10, grad_tolerance: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+def fit(
+    problem: Problem,
+    l2: float,
+    init: tuple[torch.Tensor, torch.Tensor] | None = None,
+    max_iter: int = 500,
+    tolerance: float = 1e-10,
+    grad_tolerance: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight (C, D), bias (C,)) minimizing `problem`'s objective at `l2`, from `init` (zeros)."""
     dtype = problem.rows.dtype
     if init is None:
@@ -106,11 +135,14 @@ def fold_indices(targets: torch.Tensor, folds: int, seed: int, multilabel: bool 
     placeholder = np.zeros(len(targets))
     if multilabel:
         return [held for _, held in KFold(folds, shuffle=True, random_state=seed).split(placeholder)]
-    return [held for _, held in StratifiedKFold(folds, shuffle=True, random_state=seed).split(placeholder,
-                                                                                              targets.numpy())]
+    return [
+        held for _, held in StratifiedKFold(folds, shuffle=True, random_state=seed).split(placeholder, targets.numpy())
+    ]
 
 
-def held_out_score(logits: torch.Tensor, targets: torch.Tensor, multilabel: bool, views: int = 1) -> tuple[float, float]:
+def held_out_score(
+    logits: torch.Tensor, targets: torch.Tensor, multilabel: bool, views: int = 1
+) -> tuple[float, float]:
     """(accuracy, or macro average precision over the labels present (multilabel); mean loss) of
     held-out images whose `views` rows each (view-major: row ``v * n + i``) are scored by their
     averaged probabilities, as test-time augmentation averages them: one augmented crop alone is
@@ -125,8 +157,10 @@ def held_out_score(logits: torch.Tensor, targets: torch.Tensor, multilabel: bool
         score = average_precision_score(targets[:, present].numpy(), probabilities[:, present].numpy(), average="macro")
         return float(score), float(F.binary_cross_entropy(probabilities, targets.double()).item())
     probabilities = torch.softmax(logits.double(), dim=1).view(views, n, -1).mean(dim=0)
-    return (float((probabilities.argmax(dim=1) == targets).double().mean()),
-            float(F.nll_loss(probabilities.clamp_min(1e-12).log(), targets).item()))
+    return (
+        float((probabilities.argmax(dim=1) == targets).double().mean()),
+        float(F.nll_loss(probabilities.clamp_min(1e-12).log(), targets).item()),
+    )
 
 
 @dataclass(frozen=True)
@@ -143,8 +177,14 @@ class L2Choice:
     folds: int
 
     def as_dict(self) -> dict:
-        return {"l2": self.l2, "strength": self.strength, "score": self.score, "grid": list(self.grid),
-                "scores": list(self.scores), "folds": self.folds}
+        return {
+            "l2": self.l2,
+            "strength": self.strength,
+            "score": self.score,
+            "grid": list(self.grid),
+            "scores": list(self.scores),
+            "folds": self.folds,
+        }
 
 
 def view_rows(views: torch.Tensor, targets: torch.Tensor, images: np.ndarray | None = None):
@@ -154,14 +194,26 @@ def view_rows(views: torch.Tensor, targets: torch.Tensor, images: np.ndarray | N
     return views.reshape(-1, views.shape[2]), targets.repeat(views.shape[0], *([1] * (targets.ndim - 1)))
 
 
-def choose_l2(views: torch.Tensor, targets: torch.Tensor, outputs: int, grid=DEFAULT_GRID, folds: int = 3,
-              seed: int = 0, multilabel: bool = False, class_weights: torch.Tensor | None = None,
-              label_smoothing: float = 0.0, max_iter: int = 50, tolerance: float = 1e-6, patience: int = 1,
-              refine: bool = True) -> L2Choice:
+def choose_l2(
+    views: torch.Tensor,
+    targets: torch.Tensor,
+    outputs: int,
+    grid=DEFAULT_GRID,
+    folds: int = 3,
+    seed: int = 0,
+    multilabel: bool = False,
+    class_weights: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    max_iter: int = 50,
+    tolerance: float = 1e-6,
+    patience: int = 1,
+    refine: bool = True,
+) -> L2Choice:
     """The L2 strength with the best mean held-out score over `folds` folds of the training images.
 
     `views`: (V, N, D) raw features, V views of each of N images; a fold holds out whole
-    images (every view of them) and scores each by its views' averaged probabilities. The folds walk `grid` from the strongest penalty down, each fit
+    images (every view of them) and scores each by its views' averaged probabilities. The folds walk `grid` from the
+    strongest penalty down, each fit
     starting from the fold's one before (a warm start: the path costs little more than its
     weakest point), and stop once `patience` weaker penalties in a row have scored below the best.
     `refine`: then the points halfway (geometrically) to the best's neighbours are tried too, each
@@ -175,15 +227,20 @@ def choose_l2(views: torch.Tensor, targets: torch.Tensor, outputs: int, grid=DEF
     problems = []
     for held in fold_indices(targets, folds, seed, multilabel):
         train = np.setdiff1d(np.arange(views.shape[1]), held)
-        problems.append((Problem(*view_rows(views, targets, train), outputs, multilabel, class_weights,
-                                 label_smoothing), *view_rows(views, targets, held)))
+        problems.append(
+            (
+                Problem(*view_rows(views, targets, train), outputs, multilabel, class_weights, label_smoothing),
+                *view_rows(views, targets, held),
+            )
+        )
 
     def evaluate(strength: float, starts: list) -> tuple[np.ndarray, list]:
         total, solutions = np.zeros(2), []
         for (problem, held_rows, held_targets), start in zip(problems, starts):
             solutions.append(fit(problem, strength * scale, start, max_iter, tolerance, 100 * tolerance))
-            total += held_out_score(held_rows @ solutions[-1][0].T + solutions[-1][1], held_targets, multilabel,
-                                    views.shape[0])
+            total += held_out_score(
+                held_rows @ solutions[-1][0].T + solutions[-1][1], held_targets, multilabel, views.shape[0]
+            )
         return total / len(problems), solutions
 
     tried, solutions, starts = {}, {}, [None] * len(problems)
@@ -201,8 +258,9 @@ def choose_l2(views: torch.Tensor, targets: torch.Tensor, outputs: int, grid=DEF
             tried[between] = evaluate(between, solutions[best])[0]
     order = sorted(tried, reverse=True)
     best = max(order, key=lambda g: (tried[g][0], -tried[g][1], g))
-    return L2Choice(best * scale, best, float(tried[best][0]), tuple(order),
-                    tuple(float(tried[g][0]) for g in order), folds)
+    return L2Choice(
+        best * scale, best, float(tried[best][0]), tuple(order), tuple(float(tried[g][0]) for g in order), folds
+    )
 
 
 def c_of(l2: float, rows: int) -> float:

@@ -27,10 +27,10 @@ SPEED_KEYS = ("channels_last", "compile")
 
 @dataclass(frozen=True)
 class Speed:
-    precision: str          # a Lightning precision string, never "auto"
+    precision: str  # a Lightning precision string, never "auto"
     channels_last: bool
     compile: bool
-    device: torch.device    # where training (and feature extraction) runs
+    device: torch.device  # where training (and feature extraction) runs
 
     def describe(self) -> str:
         parts = [f"precision {self.precision}", f"channels_last {'on' if self.channels_last else 'off'}"]
@@ -64,7 +64,9 @@ def training_device(accelerator: str) -> torch.device:
     """The device a Lightning ``accelerator`` setting trains on (first GPU for gpu/cuda/auto)."""
     if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise ConfigError("trainer.accelerator asks for a GPU but CUDA is not available; use trainer.accelerator=cpu.")
+            raise ConfigError(
+                "trainer.accelerator asks for a GPU but CUDA is not available; use trainer.accelerator=cpu."
+            )
         return torch.device("cuda")
     if accelerator in ("cpu", "auto"):
         return torch.device("cpu")
@@ -132,8 +134,9 @@ def to_channels_last(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def forward_images_per_second(model: nn.Module, input_size, speed: Speed, seconds: float = 2.0,
-                              batch_size: int = 32) -> float:
+def forward_images_per_second(
+    model: nn.Module, input_size, speed: Speed, seconds: float = 2.0, batch_size: int = 32
+) -> float:
     """Images/s of `model`'s forward pass (eval mode, batches of `batch_size` at `input_size`
     (C, H, W)) on `speed`'s device, precision and layout: one warm-up batch, then `seconds` of batches."""
     import time

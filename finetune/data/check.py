@@ -22,10 +22,10 @@ import numpy as np
 from finetune.data.file_memo import file_digest
 from finetune.data.labels import cardinality, describe_cardinality
 from finetune.data.sources import SPLITS, DataSplits
-
-COUNTED = ("train", "calibration", "val", "test")  # the calibration split is carved from train
 from finetune.errors import DataError
 from finetune.tables import format_table
+
+COUNTED = ("train", "calibration", "val", "test")  # the calibration split is carved from train
 
 # An image whose most common color covers this share of its pixels is reported as near-blank:
 # hymenoptera's "image not found" GIF scores 0.94, its most uniform photo (an ant on white) 0.87.
@@ -73,7 +73,9 @@ class DataReport:
             facts.append(f"image sizes: {w0}x{h0} (smallest) to {w1}x{h1} (largest)")
         facts.append(f"skipped files: {len(self.skipped)}; duplicates across splits: {len(self.duplicates)}")
         lines.append("; ".join(facts))
-        lines += [f"labels per image ({split}): {describe_cardinality(counts)}" for split, counts in self.cardinality.items()]
+        lines += [
+            f"labels per image ({split}): {describe_cardinality(counts)}" for split, counts in self.cardinality.items()
+        ]
         lines += [f"  skipped {path}: {reason}" for path, reason in self.skipped[:20]]
         if len(self.skipped) > 20:
             lines.append(f"  ... and {len(self.skipped) - 20} more (all in summary.json)")
@@ -83,8 +85,9 @@ class DataReport:
     def _counts_table(self, width: int = 100) -> str:
         splits = [s for s in COUNTED if sum(self.counts.get(s, {}).values())]
         totals = [self.images.get(s) or sum(self.counts[s].values()) for s in splits]
-        across = [["class", *self.classes, "total"]] + [[s, *(self.counts[s][c] for c in self.classes), t]
-                                                         for s, t in zip(splits, totals)]
+        across = [["class", *self.classes, "total"]] + [
+            [s, *(self.counts[s][c] for c in self.classes), t] for s, t in zip(splits, totals)
+        ]
         widths = [max(len(str(row[i])) for row in across) for i in range(len(across[0]))]
         if sum(widths) + 2 * len(widths) <= width:
             return format_table(across[0], across[1:], "l" + "r" * (len(widths) - 1))
@@ -117,8 +120,10 @@ def check_data(splits: DataSplits, batch_size: int | None = None) -> DataReport:
         if not getattr(splits, split):
             raise DataError(f"The {split} split is empty ({splits.description}). Add images or change data.*.")
     if len(splits.classes) < 2:
-        raise DataError(f"Classification needs at least 2 classes; {splits.description} has "
-                        f"{len(splits.classes)}: {splits.classes}. Add a folder (or labels) for each other class.")
+        raise DataError(
+            f"Classification needs at least 2 classes; {splits.description} has "
+            f"{len(splits.classes)}: {splits.classes}. Add a folder (or labels) for each other class."
+        )
     counted = [s for s in COUNTED if s != "calibration" or splits.calibration]  # listed only when held out
     counts = {s: splits.counts(s) for s in counted}
     report = DataReport(
@@ -132,15 +137,21 @@ def check_data(splits: DataSplits, batch_size: int | None = None) -> DataReport:
     for c in splits.classes:
         missing = [s for s in ("train", "val") if counts[s][c] == 0]
         if missing and splits.multilabel:
-            report.warnings.append(f"label {c!r} is on no {' and no '.join(missing)} image"
-                                   + (": its AP and threshold cannot be measured (it gets the global threshold)"
-                                      if missing == ["val"] else ""))
+            report.warnings.append(
+                f"label {c!r} is on no {' and no '.join(missing)} image"
+                + (
+                    ": its AP and threshold cannot be measured (it gets the global threshold)"
+                    if missing == ["val"]
+                    else ""
+                )
+            )
         elif missing:
             report.warnings.append(f"class {c!r} has no {' and no '.join(missing)} images")
     report.images = {s: len(getattr(splits, s)) for s in counted}
     if splits.multilabel:
-        report.cardinality = {s: cardinality([label for _, label in getattr(splits, s)]) for s in SPLITS
-                              if getattr(splits, s)}
+        report.cardinality = {
+            s: cardinality([label for _, label in getattr(splits, s)]) for s in SPLITS if getattr(splits, s)
+        }
         empty = sum(counts.get(0, 0) for counts in report.cardinality.values())
         if empty:
             report.warnings.append(f"{empty} images carry no label (kept: 'no label applies' is learned too)")
@@ -158,7 +169,8 @@ def check_data(splits: DataSplits, batch_size: int | None = None) -> DataReport:
     if batch_size is not None and batch_size > len(splits.train):
         report.warnings.append(
             f"data.batch_size={batch_size} is larger than the training set ({len(splits.train)} images): "
-            f"the batch is capped at {len(splits.train)}, one optimizer step per epoch")
+            f"the batch is capped at {len(splits.train)}, one optimizer step per epoch"
+        )
     if splits.skipped:
         report.warnings.append(f"{len(splits.skipped)} files skipped (listed above and in summary.json)")
     return report
@@ -166,7 +178,9 @@ def check_data(splits: DataSplits, batch_size: int | None = None) -> DataReport:
 
 def _size_range(splits: DataSplits) -> tuple[int, int, int, int] | None:
     sizes = list(splits.sizes.values())
-    sizes += [(item.shape[1], item.shape[0]) for s in SPLITS for item, _ in getattr(splits, s) if isinstance(item, np.ndarray)]
+    sizes += [
+        (item.shape[1], item.shape[0]) for s in SPLITS for item, _ in getattr(splits, s) if isinstance(item, np.ndarray)
+    ]
     if not sizes:
         return None
     widths, heights = zip(*sizes)

@@ -43,8 +43,9 @@ class ImageDataset(Dataset):
     nothing else (not the worker, not the samples drawn before it).
     """
 
-    def __init__(self, samples: list[Sample], transform: Callable, seed: int | None = None,
-                 num_labels: int | None = None):
+    def __init__(
+        self, samples: list[Sample], transform: Callable, seed: int | None = None, num_labels: int | None = None
+    ):
         self.samples = samples
         self.transform = transform
         self.seed = seed
@@ -114,14 +115,24 @@ def worker_init(_: int) -> None:
 
 
 class ImageDataModule(L.LightningDataModule):
-    def __init__(self, splits: DataSplits, train_transform: Callable, eval_transform: Callable,
-                 batch_size: int = 32, num_workers: int = 2, balance: str = "none", seed: int = 0):
+    def __init__(
+        self,
+        splits: DataSplits,
+        train_transform: Callable,
+        eval_transform: Callable,
+        batch_size: int = 32,
+        num_workers: int = 2,
+        balance: str = "none",
+        seed: int = 0,
+    ):
         super().__init__()
         if balance not in BALANCE_MODES:
             raise ConfigError(f"data.balance={balance!r}; choose one of {', '.join(BALANCE_MODES)}.")
         if balance == "sampler" and splits.multilabel:
-            raise ConfigError("data.balance=sampler draws one class per image; multi-label images carry several. "
-                              "Use data.balance=weighted_loss (a positive-class weight per label).")
+            raise ConfigError(
+                "data.balance=sampler draws one class per image; multi-label images carry several. "
+                "Use data.balance=weighted_loss (a positive-class weight per label)."
+            )
         self.splits = splits
         self.train_transform = train_transform
         self.eval_transform = eval_transform

@@ -68,6 +68,7 @@ def _decode(item, short_side: int):
 
 def decode_splits(splits: DataSplits, short_side: int, threads: int, failures: dict[str, str]) -> DataSplits:
     """A copy of `splits` whose samples are decoded arrays; unreadable files go to `failures`."""
+
     def one(sample: Sample):
         item, label = sample
         try:
@@ -80,14 +81,23 @@ def decode_splits(splits: DataSplits, short_side: int, threads: int, failures: d
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:  # PIL and OpenCV release the GIL
         for split in SPLITS:
             samples: Sequence[Sample] = getattr(splits, split)
-            results = list(tqdm(pool.map(one, samples), total=len(samples), desc=f"decoding {split} images once",
-                                unit="img", leave=False, disable=None if samples else True))
+            results = list(
+                tqdm(
+                    pool.map(one, samples),
+                    total=len(samples),
+                    desc=f"decoding {split} images once",
+                    unit="img",
+                    leave=False,
+                    disable=None if samples else True,
+                )
+            )
             decoded[split] = [r for r in results if r is not None]
     return replace(splits, **decoded)
 
 
-def decoded_images(cache: Mapping, splits: DataSplits, data_config: Mapping, image_size: int | None,
-                   report: DataReport, threads: int) -> DataSplits | None:
+def decoded_images(
+    cache: Mapping, splits: DataSplits, data_config: Mapping, image_size: int | None, report: DataReport, threads: int
+) -> DataSplits | None:
     """`splits` decoded once into memory as the ``data.cache`` settings say (``decoded: auto``
     when the files fit in ``memory_gb``), or None to decode at every epoch. Files that fail to
     decode are added to `report`."""
@@ -110,6 +120,10 @@ def decoded_images(cache: Mapping, splits: DataSplits, data_config: Mapping, ima
     started, failures = time.perf_counter(), {}
     decoded = decode_splits(splits, short_side, threads, failures)
     report.add_unreadable(failures)
-    log.info("decoded-image cache: on, %.0f MB of uint8 images (short side <= %d px), decoded in %.1f s",
-             needed / 2**20, short_side, time.perf_counter() - started)
+    log.info(
+        "decoded-image cache: on, %.0f MB of uint8 images (short side <= %d px), decoded in %.1f s",
+        needed / 2**20,
+        short_side,
+        time.perf_counter() - started,
+    )
     return decoded

@@ -35,8 +35,9 @@ def _guarded(path, max_pixels: int = MAX_PIXELS):
         try:
             with Image.open(path) as img:
                 if img.width * img.height > max_pixels:
-                    raise ImageTooLarge(f"too large to decode safely ({img.width}x{img.height} pixels, more "
-                                        f"than {max_pixels:,})")
+                    raise ImageTooLarge(
+                        f"too large to decode safely ({img.width}x{img.height} pixels, more than {max_pixels:,})"
+                    )
                 yield img
         except UnreadableImage:
             raise
@@ -120,8 +121,9 @@ def _wide_to_uint8(values: np.ndarray) -> np.ndarray:
     return np.clip(wide / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
-EXPECTED_ARRAY = ("expected an HxWx3 uint8 array (or HxW / HxWx1 grayscale, HxWx4 RGBA; "
-                  "float in [0, 1] or uint16 also accepted)")
+EXPECTED_ARRAY = (
+    "expected an HxWx3 uint8 array (or HxW / HxWx1 grayscale, HxWx4 RGBA; float in [0, 1] or uint16 also accepted)"
+)
 
 
 def _array_to_rgb(array: np.ndarray) -> np.ndarray:
@@ -132,8 +134,10 @@ def _array_to_rgb(array: np.ndarray) -> np.ndarray:
 
     channels = array.shape[2] if array.ndim == 3 else 1
     if array.ndim == 3 and channels not in (1, 3, 4) and array.shape[0] in (1, 3, 4):
-        raise refuse("this looks like channels first (CxHxW, as torch uses); "
-                     "pass image.transpose(1, 2, 0) (and a torch tensor as .numpy())")
+        raise refuse(
+            "this looks like channels first (CxHxW, as torch uses); "
+            "pass image.transpose(1, 2, 0) (and a torch tensor as .numpy())"
+        )
     if array.ndim == 4:
         raise refuse("one array is one image; pass a batch as a list of HxWx3 arrays")
     if array.ndim not in (2, 3) or channels not in (1, 3, 4):
@@ -149,8 +153,10 @@ def _array_to_rgb(array: np.ndarray) -> np.ndarray:
             raise refuse("it holds NaN or infinite values")
         low, high = float(array.min()), float(array.max())
         if low < 0 or high > 1:
-            raise refuse(f"float pixels must be in [0, 1], these span [{low:g}, {high:g}]; "
-                         f"for 0-255 values pass image.astype(np.uint8)")
+            raise refuse(
+                f"float pixels must be in [0, 1], these span [{low:g}, {high:g}]; "
+                f"for 0-255 values pass image.astype(np.uint8)"
+            )
         array = np.clip(array.astype(np.float64) * 255.0 + 0.5, 0, 255).astype(np.uint8)
     elif array.dtype != np.uint8:
         raise refuse(f"{array.dtype} pixels are ambiguous; pass image.astype(np.uint8) for 0-255 values")

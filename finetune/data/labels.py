@@ -42,10 +42,14 @@ def split_cells(cells: Sequence[str], sep: str | None, where: str) -> list[tuple
         other, row = others[0], first[others[0]]
         if first.get(sep) is not None:
             mine = first[sep]
-            raise DataError(f"{where} mixes separators: row {mine + 2} {cells[mine]!r} uses {sep!r}, row {row + 2} "
-                            f"{cells[row]!r} uses {other!r}. Use one separator throughout.")
-        raise DataError(f"{where}: data.label_sep={sep!r}, but row {row + 2} {cells[row]!r} separates labels "
-                        f"with {other!r}. Set data.label_sep={other!r} or fix that row.")
+            raise DataError(
+                f"{where} mixes separators: row {mine + 2} {cells[mine]!r} uses {sep!r}, row {row + 2} "
+                f"{cells[row]!r} uses {other!r}. Use one separator throughout."
+            )
+        raise DataError(
+            f"{where}: data.label_sep={sep!r}, but row {row + 2} {cells[row]!r} separates labels "
+            f"with {other!r}. Set data.label_sep={other!r} or fix that row."
+        )
     return [tuple(dict.fromkeys(p.strip() for p in c.split(sep) if p.strip())) for c in cells]
 
 
@@ -61,8 +65,10 @@ def indicator_sets(rows: Sequence[dict], columns: Sequence[str], where: str) -> 
             if value in TRUE_VALUES:
                 labels.append(column)
             elif value not in FALSE_VALUES:
-                raise DataError(f"{where} row {i + 2}, column {column!r}: {row[column]!r} is not 0 or 1 "
-                                f"(data.label_columns hold one 0/1 indicator per label).")
+                raise DataError(
+                    f"{where} row {i + 2}, column {column!r}: {row[column]!r} is not 0 or 1 "
+                    f"(data.label_columns hold one 0/1 indicator per label)."
+                )
         sets.append(tuple(labels))
     return sets
 

@@ -45,8 +45,10 @@ def load_manifest(
         raise DataError(f"{path} has no rows.")
     label_columns = list(label_columns or [])
     if label_columns and task != "multilabel":
-        raise DataError(f"data.label_columns={label_columns} names one 0/1 column per label: that is multi-label "
-                        f"data; add task=multilabel.")
+        raise DataError(
+            f"data.label_columns={label_columns} names one 0/1 column per label: that is multi-label "
+            f"data; add task=multilabel."
+        )
     needed = [path_column] + (label_columns or [label_column]) + ([split_column] if split_column else [])
     for column in needed:
         if column not in rows[0]:
@@ -72,7 +74,9 @@ def load_manifest(
     classes = label_columns or sorted(names("train"))
     unknown = sorted((names("val") | names("test")) - set(classes))
     if unknown:
-        raise DataError(f"{path}: labels {unknown} appear in val/test but never in train. Fix the labels or add training rows.")
+        raise DataError(
+            f"{path}: labels {unknown} appear in val/test but never in train. Fix the labels or add training rows."
+        )
     index = {c: i for i, c in enumerate(classes)}
 
     def encode(label):
@@ -80,8 +84,9 @@ def load_manifest(
 
     skipped: list[tuple[str, str]] = []
     sizes: dict[str, tuple[int, int]] = {}
-    splits = {split: probe_all([(file, encode(label)) for file, label in by_split[split]], skipped, sizes)
-              for split in SPLITS}
+    splits = {
+        split: probe_all([(file, encode(label)) for file, label in by_split[split]], skipped, sizes) for split in SPLITS
+    }
     description = f"{path} ({len(rows)} rows), images under {base}"
     notes = _manifest_notes(path, base, listed, outside)
     if not split_column:
@@ -92,13 +97,17 @@ def load_manifest(
     return DataSplits(classes, splits["train"], splits["val"], description, skipped, splits["test"], sizes, notes, task)
 
 
-def _row_labels(rows: list[dict], path: Path, label_column: str, task: str, label_sep: str | None,
-                label_columns: list[str]) -> list:
+def _row_labels(
+    rows: list[dict], path: Path, label_column: str, task: str, label_sep: str | None, label_columns: list[str]
+) -> list:
     """Each row's label (multiclass: the stripped cell) or label set (multilabel: a tuple of names)."""
     where = f"{path.name} column {label_column!r}"
     if task == "multilabel":
-        sets = indicator_sets(rows, label_columns, path.name) if label_columns else \
-            split_cells([row[label_column] for row in rows], label_sep, where)
+        sets = (
+            indicator_sets(rows, label_columns, path.name)
+            if label_columns
+            else split_cells([row[label_column] for row in rows], label_sep, where)
+        )
         if not any(sets):
             what = f"columns {label_columns}" if label_columns else f"column {label_column!r}"
             raise DataError(f"{path}: the label {what} is empty in every row: there is nothing to learn.")
@@ -116,8 +125,10 @@ def _manifest_notes(path: Path, base: Path, listed: dict[Path, int], outside: li
     twice = {f: n for f, n in listed.items() if n > 1}
     if twice:
         first, n = next(iter(twice.items()))
-        notes.append(f"{path.name}: {len(twice)} files are listed on more than one row ({sum(twice.values()) - len(twice)} "
-                     f"extra rows; they count as often as they are listed). First: {first} ({n} rows)")
+        notes.append(
+            f"{path.name}: {len(twice)} files are listed on more than one row ({sum(twice.values()) - len(twice)} "
+            f"extra rows; they count as often as they are listed). First: {first} ({n} rows)"
+        )
     if outside:
         notes.append(f"{path.name}: {len(outside)} paths lead outside data.root={base} (e.g. {outside[0]!r})")
     return notes
@@ -130,15 +141,19 @@ def _read_table(path: Path) -> list[dict]:
 
             return pd.read_parquet(path).to_dict("records")
         except ImportError as err:
-            raise DataError(f"Reading {path.name} needs pandas and pyarrow: pip install 'finetune[parquet]' ({err}).") from None
+            raise DataError(
+                f"Reading {path.name} needs pandas and pyarrow: pip install 'finetune[parquet]' ({err})."
+            ) from None
     data = path.read_bytes()
     bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     try:
         text = data[bom:].decode("utf-8")
     except UnicodeDecodeError as err:
         offset = bom + err.start
-        raise DataError(f"{path} is not UTF-8 text (byte 0x{data[offset]:02x} at offset {offset}; Latin-1 or "
-                        f"Windows-1252?): re-save it as UTF-8.") from None
+        raise DataError(
+            f"{path} is not UTF-8 text (byte 0x{data[offset]:02x} at offset {offset}; Latin-1 or "
+            f"Windows-1252?): re-save it as UTF-8."
+        ) from None
     header = text.partition("\n")[0]
     delimiter = max(",;\t|", key=header.count) if any(d in header for d in ",;\t|") else ","
     return list(csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter))
@@ -146,10 +161,15 @@ def _read_table(path: Path) -> list[dict]:
 
 def split_name(value, path: Path) -> str:
     name = str(value).strip().lower()
-    aliases = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
-               "dev": "val", "test": "test"}
+    aliases = {
+        "train": "train",
+        "training": "train",
+        "val": "val",
+        "valid": "val",
+        "validation": "val",
+        "dev": "val",
+        "test": "test",
+    }
     if name not in aliases:
         raise DataError(f"{path}: unknown split value {value!r}; use train, val (valid, validation) or test.")
     return aliases[name]
-
-

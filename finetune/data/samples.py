@@ -48,7 +48,7 @@ class DataSplits:
         """Images per class (multi-label: images carrying each label) in `split`."""
         per_class = defaultdict(int)
         for _, label in getattr(self, split):
-            for index in (label if isinstance(label, tuple) else (label,)):
+            for index in label if isinstance(label, tuple) else (label,):
                 per_class[self.classes[index]] += 1
         return {c: per_class[c] for c in self.classes}
 
@@ -85,8 +85,10 @@ def hold_out_calibration(splits: DataSplits, fraction: float, seed: int) -> None
     if not fraction:
         return
     if splits.multilabel:
-        raise DataError("trust.calibration_fraction holds out images for conformal prediction sets of multi-class "
-                        "models; a multi-label model decides each label at its own threshold: leave it at 0.")
+        raise DataError(
+            "trust.calibration_fraction holds out images for conformal prediction sets of multi-class "
+            "models; a multi-label model decides each label at its own threshold: leave it at 0."
+        )
     splits.train, splits.calibration = split_samples(splits.train, fraction, seed + 7919)
 
 

@@ -14,28 +14,58 @@ from pathlib import Path
 import numpy as np
 
 from finetune.data.manifest import load_manifest
-from finetune.data.samples import (SPLITS, DataSplits, Sample, existing_folder, probe_all, resolve_path,
-                                   split_samples, stratified_split)
+from finetune.data.samples import (
+    SPLITS,
+    DataSplits,
+    Sample,
+    existing_folder,
+    probe_all,
+    resolve_path,
+    split_samples,
+    stratified_split,
+)
 from finetune.errors import ConfigError, DataError
 
-__all__ = ["SPLITS", "DataSplits", "Sample", "load_data", "load_digits", "load_folder", "load_manifest", "relabel",
-           "scan_class_folders", "stratified_split"]
+__all__ = [
+    "SPLITS",
+    "DataSplits",
+    "Sample",
+    "load_data",
+    "load_digits",
+    "load_folder",
+    "load_manifest",
+    "relabel",
+    "scan_class_folders",
+    "stratified_split",
+]
 
 
 def load_data(cfg, seed: int, task: str = "multiclass") -> DataSplits:
     """The samples the ``data`` config group describes (``data=digits|folder|csv``) for `task`
     (``multilabel``: a manifest's label sets; folders and digits hold one class per image)."""
     if task == "multilabel" and cfg.name != "csv":
-        raise ConfigError(f"task=multilabel needs a manifest whose rows list several labels (data=csv "
-                          f"data.label_sep=' ' or data.label_columns=[...]); data={cfg.name} holds one class per image.")
+        raise ConfigError(
+            f"task=multilabel needs a manifest whose rows list several labels (data=csv "
+            f"data.label_sep=' ' or data.label_columns=[...]); data={cfg.name} holds one class per image."
+        )
     if cfg.name == "digits":
         return load_digits(cfg.val_fraction, seed)
     if cfg.name == "folder":
         return load_folder(cfg.root, cfg.train_dir, cfg.val_dir, cfg.val_fraction, seed, cfg.get("test_dir"))
     if cfg.name == "csv":
-        return load_manifest(cfg.csv, cfg.root, cfg.path_column, cfg.label_column, cfg.split_column,
-                             cfg.path_template, cfg.val_fraction, seed, task, cfg.get("label_sep"),
-                             cfg.get("label_columns"))
+        return load_manifest(
+            cfg.csv,
+            cfg.root,
+            cfg.path_column,
+            cfg.label_column,
+            cfg.split_column,
+            cfg.path_template,
+            cfg.val_fraction,
+            seed,
+            task,
+            cfg.get("label_sep"),
+            cfg.get("label_columns"),
+        )
     raise ConfigError(f"data.name={cfg.name!r}; choose data=digits, data=folder or data=csv.")
 
 
@@ -51,7 +81,8 @@ def load_digits(val_fraction: float, seed: int) -> DataSplits:
         classes=[str(d) for d in range(10)],
         train=train,
         val=val,
-        description=f"scikit-learn digits (8x8), stratified {1 - val_fraction:.0%}/{val_fraction:.0%} split, seed {seed}",
+        description=f"scikit-learn digits (8x8), stratified {1 - val_fraction:.0%}/{val_fraction:.0%} split, "
+        f"seed {seed}",
     )
 
 
@@ -98,7 +129,9 @@ def load_folder(
     return DataSplits(classes, train, val, description, skipped, test, sizes)
 
 
-def scan_class_folders(directory: Path, skipped: list, sizes: dict, allow_empty: bool = False) -> tuple[list[str], list[Sample]]:
+def scan_class_folders(
+    directory: Path, skipped: list, sizes: dict, allow_empty: bool = False
+) -> tuple[list[str], list[Sample]]:
     """Classes are the non-hidden subfolders of `directory` (sorted); samples the image files in
     them (recursively). Non-images and files whose header cannot be read go to `skipped`."""
     if not directory.is_dir():
@@ -122,9 +155,11 @@ def scan_class_folders(directory: Path, skipped: list, sizes: dict, allow_empty:
     empty = sorted(set(range(len(classes))) - {label for _, label in samples})
     if empty and not allow_empty:
         names = [str(class_dirs[i]) for i in empty]
-        raise DataError(f"Class folder {names[0]} has no readable training images"
-                        + (f" (nor {len(names) - 1} more: {names[1:4]})" if len(names) > 1 else "")
-                        + ": add images, or move the folder out of the training folder.")
+        raise DataError(
+            f"Class folder {names[0]} has no readable training images"
+            + (f" (nor {len(names) - 1} more: {names[1:4]})" if len(names) > 1 else "")
+            + ": add images, or move the folder out of the training folder."
+        )
     return classes, samples
 
 
@@ -148,5 +183,3 @@ def relabel(samples: list[Sample], found: list[str], classes: list[str], where: 
         )
     index = {c: i for i, c in enumerate(classes)}
     return [(item, index[found[label]]) for item, label in samples]
-
-

@@ -38,8 +38,13 @@ def with_input_size(data_config: Mapping, image_size: int | None = None) -> dict
 def augmentation_is_random(augment: Mapping) -> bool:
     """Whether the training pipeline build_transforms makes from `augment` draws random numbers."""
     augment = with_defaults("augment", "standard", augment)
-    return (bool(augment["random_resized_crop"]) or float(augment["hflip"]) > 0 or augment["policy"] != "none"
-            or float(augment["color_jitter"]) > 0 or float(augment["random_erasing"]) > 0)
+    return (
+        bool(augment["random_resized_crop"])
+        or float(augment["hflip"]) > 0
+        or augment["policy"] != "none"
+        or float(augment["color_jitter"]) > 0
+        or float(augment["random_erasing"]) > 0
+    )
 
 
 def appearance_steps(augment: Mapping) -> list:
@@ -61,7 +66,10 @@ def appearance_steps(augment: Mapping) -> list:
 
 
 def build_transforms(
-    data_config: Mapping, augment: Mapping, image_size: int | None = None, seed: int | None = None,
+    data_config: Mapping,
+    augment: Mapping,
+    image_size: int | None = None,
+    seed: int | None = None,
     normalize: bool = True,
 ) -> tuple[A.Compose, A.Compose]:
     """(train, eval) pipelines taking HxWx3 uint8 RGB arrays to normalized CHW float tensors, or
@@ -72,7 +80,8 @@ def build_transforms(
     Shrinking uses pixel-area averaging (like PIL's antialiased resize): bicubic alone aliases
     when a 2,000 px photo becomes 224 px.
     train: random resized crop (scale, ratio) and horizontal flip with probability hflip, or
-    the eval geometry when augment.random_resized_crop is false; then :func:`appearance_steps`. albumentations draws from its
+    the eval geometry when augment.random_resized_crop is false; then :func:`appearance_steps`. albumentations draws
+    from its
     own generator, which global seeds do not touch: `seed` makes the training pipeline
     reproducible (DataLoader workers re-seed their copy, see the datamodule).
     """
@@ -80,10 +89,14 @@ def build_transforms(
     height, width = input_size(data_config, image_size)
     interpolation = INTERPOLATIONS.get(data_config.get("interpolation", "bilinear"), cv2.INTER_LINEAR)
     crop_pct = data_config.get("crop_pct") or 1.0
-    finish = [
-        A.Normalize(mean=tuple(data_config["mean"]), std=tuple(data_config["std"]), max_pixel_value=255.0),
-        ToTensorV2(),
-    ] if normalize else [ToTensorV2()]
+    finish = (
+        [
+            A.Normalize(mean=tuple(data_config["mean"]), std=tuple(data_config["std"]), max_pixel_value=255.0),
+            ToTensorV2(),
+        ]
+        if normalize
+        else [ToTensorV2()]
+    )
     eval_geometry = [
         A.SmallestMaxSize(
             max_size=int(math.floor(min(height, width) / crop_pct)),
@@ -107,7 +120,9 @@ def build_transforms(
     hflip = float(augment["hflip"])
     if hflip > 0:
         train_geometry.append(A.HorizontalFlip(p=hflip))
-    return A.Compose(train_geometry + appearance_steps(augment) + finish, seed=seed), A.Compose(eval_geometry + finish, seed=seed)
+    return A.Compose(train_geometry + appearance_steps(augment) + finish, seed=seed), A.Compose(
+        eval_geometry + finish, seed=seed
+    )
 
 
 def normalize_on_device(images, mean, std):

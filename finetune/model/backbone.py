@@ -20,8 +20,8 @@ import timm
 import torch
 from torch import nn
 
-from finetune.model import lenet, torchvision_backbones
 from finetune.errors import ConfigError
+from finetune.model import lenet, torchvision_backbones
 from finetune.model.groups import LayerGroup, backbone_groups, feature_modules
 from finetune.model.weights import WeightsReport, create_pretrained_model, load_file_into
 
@@ -38,9 +38,14 @@ class Backbone:
     weights: WeightsReport
 
 
-def build_backbone(name: str, weights: str = "pretrained", drop_rate: float | None = None,
-                   global_pool: str | None = None, image_size: int | None = None,
-                   drop_path_rate: float | None = None) -> Backbone:
+def build_backbone(
+    name: str,
+    weights: str = "pretrained",
+    drop_rate: float | None = None,
+    global_pool: str | None = None,
+    image_size: int | None = None,
+    drop_path_rate: float | None = None,
+) -> Backbone:
     """Create `name` with verified `weights` (see :func:`create_pretrained_model`), drop its head.
 
     global_pool: None keeps the model's pooling; else one timm knows for it, e.g. ``avg``,
@@ -53,8 +58,10 @@ def build_backbone(name: str, weights: str = "pretrained", drop_rate: float | No
     and LeNet have no residual branches to drop, and refuse a rate above 0.
     """
     if drop_path_rate and (name.startswith(torchvision_backbones.PREFIX) or name == "lenet5"):
-        raise ConfigError(f"backbone.drop_path_rate={drop_path_rate}: {name} has no residual branches to drop "
-                          f"(stochastic depth is for timm's residual networks); use backbone.drop_path_rate=null.")
+        raise ConfigError(
+            f"backbone.drop_path_rate={drop_path_rate}: {name} has no residual branches to drop "
+            f"(stochastic depth is for timm's residual networks); use backbone.drop_path_rate=null."
+        )
     if name.startswith(torchvision_backbones.PREFIX):
         return _torchvision_backbone(name, weights, drop_rate, global_pool)
     if name == "lenet5":
@@ -96,8 +103,9 @@ def fixed_size_kwargs(name: str, image_size: int | None) -> dict:
     if error is not None:
         working = _working_size(name, size, native)
         fix = f"{working} (its native size) or null" if working == native else f"{working} (null: its native {native})"
-        raise ConfigError(f"{name} cannot take {size}x{size} px images ({error.rstrip('.')}): "
-                          f"set data.image_size={fix}.")
+        raise ConfigError(
+            f"{name} cannot take {size}x{size} px images ({error.rstrip('.')}): set data.image_size={fix}."
+        )
     return {"img_size": size}
 
 
@@ -135,7 +143,7 @@ def _output_width(model: nn.Module, input_size) -> int:
 
 
 def _torchvision_backbone(name: str, weights: str, drop_rate: float | None, global_pool: str | None) -> Backbone:
-    arch = name[len(torchvision_backbones.PREFIX):]
+    arch = name[len(torchvision_backbones.PREFIX) :]
     model, num_features, report = torchvision_backbones.create_torchvision_model(arch, weights, drop_rate)
     data_config = torchvision_backbones.torchvision_data_config(arch, weights)
     if global_pool is not None:
@@ -153,15 +161,18 @@ def _replace_global_pool(model: nn.Module, name: str, global_pool: str) -> None:
 
     pool = getattr(model, "avgpool", None)
     if not isinstance(pool, nn.AdaptiveAvgPool2d) or pool.output_size not in (1, (1, 1)):
-        raise ConfigError(f"head.pool={global_pool} needs a global average pooling to replace; {name} has none "
-                          f"(AlexNet/VGG features are fc7 activations). Leave head.pool=null.")
+        raise ConfigError(
+            f"head.pool={global_pool} needs a global average pooling to replace; {name} has none "
+            f"(AlexNet/VGG features are fc7 activations). Leave head.pool=null."
+        )
     model.avgpool = SelectAdaptivePool2d(pool_type=global_pool, flatten=False)
 
 
 def _lenet_backbone(weights: str, global_pool: str | None) -> Backbone:
     if global_pool is not None:
-        raise ConfigError(f"head.pool={global_pool}: LeNet-5's features are F6 units, not a pooled map. "
-                          f"Leave head.pool=null.")
+        raise ConfigError(
+            f"head.pool={global_pool}: LeNet-5's features are F6 units, not a pooled map. Leave head.pool=null."
+        )
     model = lenet.LeNet5()
     weights = str(weights)
     if weights == "random":
@@ -189,8 +200,10 @@ class _MinInputSize:
     def __call__(self, module: nn.Module, args) -> None:
         height, width = args[0].shape[-2:]
         if min(height, width) < self.size:
-            raise ConfigError(f"{self.name} needs inputs of at least {self.size}x{self.size} px, got {height}x{width}: "
-                              f"set data.image_size={self.size} or more.")
+            raise ConfigError(
+                f"{self.name} needs inputs of at least {self.size}x{self.size} px, got {height}x{width}: "
+                f"set data.image_size={self.size} or more."
+            )
 
 
 def _require_min_input(model: nn.Module, name: str, size: int) -> None:

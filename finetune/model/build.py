@@ -23,10 +23,14 @@ def backbone_from_config(cfg: Mapping, weights: str | None = None) -> Backbone:
     Built for ``cfg.data.image_size`` (null: the backbone's own size), so that a fixed-size model
     (ViT, Swin, ...) takes the run's images and a checkpoint rebuilds at the size it trained at.
     """
-    return build_backbone(cfg["backbone"]["name"], weights or cfg["backbone"]["weights"],
-                          cfg["backbone"]["drop_rate"], cfg["head"].get("pool"),
-                          image_size=(cfg.get("data") or {}).get("image_size"),
-                          drop_path_rate=cfg["backbone"].get("drop_path_rate"))  # absent in older checkpoints
+    return build_backbone(
+        cfg["backbone"]["name"],
+        weights or cfg["backbone"]["weights"],
+        cfg["backbone"]["drop_rate"],
+        cfg["head"].get("pool"),
+        image_size=(cfg.get("data") or {}).get("image_size"),
+        drop_path_rate=cfg["backbone"].get("drop_path_rate"),
+    )  # absent in older checkpoints
 
 
 def build_model(backbone: Backbone, num_classes: int, head_cfg: Mapping, freeze_cfg: Mapping) -> Classifier:

@@ -56,18 +56,25 @@ class FreezePlan:
     """What trains in one model, for the whole run. Build with :meth:`build` (or
     :meth:`from_config`), then :meth:`apply` it once; :meth:`set_epoch` moves it along."""
 
-    frozen_groups: tuple[str, ...]        # groups whose every parameter is frozen at the start
-    frozen_params: frozenset[str]         # parameter names frozen at the start (groups, until, patterns)
-    unfreeze_at: Mapping[str, int]        # scheduled group -> first epoch (0-based) it trains
+    frozen_groups: tuple[str, ...]  # groups whose every parameter is frozen at the start
+    frozen_params: frozenset[str]  # parameter names frozen at the start (groups, until, patterns)
+    unfreeze_at: Mapping[str, int]  # scheduled group -> first epoch (0-based) it trains
     group_params: Mapping[str, frozenset[str]]  # scheduled group -> its parameter names
-    batchnorm: str                        # eval, train or frozen: for norms whose parameters are frozen
-    frozen_norms: tuple[str, ...]         # BatchNorm layers inside frozen parts
+    batchnorm: str  # eval, train or frozen: for norms whose parameters are frozen
+    frozen_norms: tuple[str, ...]  # BatchNorm layers inside frozen parts
     group_norms: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # scheduled group -> its norms
 
     @classmethod
-    def build(cls, model: Classifier, groups: str | Sequence[str] = (), until: str | None = None,
-              patterns: Sequence[str] = (), batchnorm: str = "eval", unfreeze_every: int | None = None,
-              unfreeze_at: int | None = None) -> FreezePlan:
+    def build(
+        cls,
+        model: Classifier,
+        groups: str | Sequence[str] = (),
+        until: str | None = None,
+        patterns: Sequence[str] = (),
+        batchnorm: str = "eval",
+        unfreeze_every: int | None = None,
+        unfreeze_at: int | None = None,
+    ) -> FreezePlan:
         """groups: ``all`` (every group but ``head``) or group names; until: freeze every group
         from the stem up to and including this one; patterns: regexes matched (``re.search``)
         against parameter names. batchnorm, for norm layers whose parameters are all frozen:
@@ -100,9 +107,15 @@ class FreezePlan:
     def from_config(cls, model: Classifier, cfg: Mapping) -> FreezePlan:
         """From the ``freeze`` config group."""
         groups = cfg.get("groups", ())
-        return cls.build(model, groups if isinstance(groups, str) else list(groups), cfg.get("until"),
-                         list(cfg.get("patterns") or ()), cfg.get("batchnorm", "eval"),
-                         cfg.get("unfreeze_every"), cfg.get("unfreeze_at"))
+        return cls.build(
+            model,
+            groups if isinstance(groups, str) else list(groups),
+            cfg.get("until"),
+            list(cfg.get("patterns") or ()),
+            cfg.get("batchnorm", "eval"),
+            cfg.get("unfreeze_every"),
+            cfg.get("unfreeze_at"),
+        )
 
     def apply(self, model: Classifier) -> FreezePlan:
         """Set ``requires_grad`` on every parameter, apply the BatchNorm policy and attach the

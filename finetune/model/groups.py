@@ -66,8 +66,11 @@ def group_modules(model: nn.Module, group: LayerGroup) -> list[str]:
     for name, module in model.named_modules():
         params = [f"{name}.{p}" if name else p for p, _ in module.named_parameters()]
         qualifies[name] = bool(params) and all(p in members for p in params)
-    return [name for name, ok in qualifies.items()
-            if ok and (name == "" or not qualifies.get(name.rpartition(".")[0], False))]
+    return [
+        name
+        for name, ok in qualifies.items()
+        if ok and (name == "" or not qualifies.get(name.rpartition(".")[0], False))
+    ]
 
 
 def feature_modules(model: nn.Module, groups: list[LayerGroup]) -> list[dict]:

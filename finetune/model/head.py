@@ -7,8 +7,9 @@ from torch import nn
 NORMS = {None: None, "batchnorm": nn.BatchNorm1d, "layernorm": nn.LayerNorm}
 
 
-def build_head(in_features: int, num_classes: int, hidden: int | None = None, dropout: float = 0.0,
-               norm: str | None = None) -> nn.Sequential:
+def build_head(
+    in_features: int, num_classes: int, hidden: int | None = None, dropout: float = 0.0, norm: str | None = None
+) -> nn.Sequential:
     """Dropout -> Linear, or with `hidden`: Linear -> [norm] -> ReLU -> Dropout -> Linear.
 
     norm: None, ``batchnorm`` or ``layernorm``, applied to the hidden layer.

@@ -25,8 +25,13 @@ from finetune.model.groups import LayerGroup
 
 NUM_FEATURES = 84
 MIN_INPUT_SIZE = 32  # below it C5 has nothing left to convolve
-DATA_CONFIG = {"input_size": (3, 32, 32), "interpolation": "bilinear", "mean": (0.5, 0.5, 0.5),
-               "std": (0.5, 0.5, 0.5), "crop_pct": 1.0}
+DATA_CONFIG = {
+    "input_size": (3, 32, 32),
+    "interpolation": "bilinear",
+    "mean": (0.5, 0.5, 0.5),
+    "std": (0.5, 0.5, 0.5),
+    "crop_pct": 1.0,
+}
 LUMA = (0.299, 0.587, 0.114)
 
 # Table I of the paper: the S2 maps (0-5) each C3 map (0-15) reads. Maps 0-5 read three
@@ -120,5 +125,7 @@ class LeNet5(nn.Module):
 
 def lenet_groups(model: LeNet5) -> list[LayerGroup]:
     """One group per layer of the paper: c1, s2, c3, s4, c5, f6."""
-    return [LayerGroup(name, tuple(f"{name}.{p}" for p, _ in getattr(model, name).named_parameters()))
-            for name in ("c1", "s2", "c3", "s4", "c5", "f6")]
+    return [
+        LayerGroup(name, tuple(f"{name}.{p}" for p, _ in getattr(model, name).named_parameters()))
+        for name in ("c1", "s2", "c3", "s4", "c5", "f6")
+    ]

@@ -17,9 +17,15 @@ def groups_table(model: Classifier, group_lrs: dict[str, float]) -> str:
     norm_modes = _norm_modes(model)
     rows = []
     for group in model.groups:
-        count = sum(params[n].numel() if n in params else buffers[n].numel() for n in group.param_names if n in params or n in buffers)
+        count = sum(
+            params[n].numel() if n in params else buffers[n].numel()
+            for n in group.param_names
+            if n in params or n in buffers
+        )
         trainable = sum(params[n].numel() for n in group.param_names if n in params and params[n].requires_grad)
-        state = "trainable" if trainable == count and count else ("frozen" if not trainable else f"partial ({trainable:,})")
+        state = (
+            "trainable" if trainable == count and count else ("frozen" if not trainable else f"partial ({trainable:,})")
+        )
         if group.name in unfreeze_at:
             state = f"from epoch {unfreeze_at[group.name] + 1}"
         lr = group_lrs.get(group.name)
@@ -32,7 +38,8 @@ def groups_table(model: Classifier, group_lrs: dict[str, float]) -> str:
 
 
 def _norm_modes(model: Classifier) -> dict[str, str]:
-    modes = {name: "frozen" for name, module in model.named_modules()
-             if type(module).__name__.startswith("FrozenBatchNorm")}  # timm's and torchvision's
+    modes = {
+        name: "frozen" for name, module in model.named_modules() if type(module).__name__.startswith("FrozenBatchNorm")
+    }  # timm's and torchvision's
     modes.update({name: "eval" if name in model.frozen_norms else "train" for name in batchnorm_layers(model)})
     return modes

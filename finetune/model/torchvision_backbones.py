@@ -43,8 +43,13 @@ PREFIX = "torchvision:"
 _INCEPTION_STYLE = ("googlenet", "inception_v3")
 # For an architecture without weights metadata: timm's ImageNet statistics and crop; 224 px and
 # bilinear as torchvision's own classification weights use.
-_IMAGENET_DEFAULTS = {"input_size": (3, 224, 224), "interpolation": "bilinear", "mean": IMAGENET_DEFAULT_MEAN,
-                      "std": IMAGENET_DEFAULT_STD, "crop_pct": DEFAULT_CROP_PCT}
+_IMAGENET_DEFAULTS = {
+    "input_size": (3, 224, 224),
+    "interpolation": "bilinear",
+    "mean": IMAGENET_DEFAULT_MEAN,
+    "std": IMAGENET_DEFAULT_STD,
+    "crop_pct": DEFAULT_CROP_PCT,
+}
 
 
 def classification_models() -> list[str]:
@@ -52,8 +57,9 @@ def classification_models() -> list[str]:
     return sorted(tv_models.list_models(module=tv_models))
 
 
-def create_torchvision_model(arch: str, weights: str = "pretrained",
-                             drop_rate: float | None = None) -> tuple[nn.Module, int, WeightsReport]:
+def create_torchvision_model(
+    arch: str, weights: str = "pretrained", drop_rate: float | None = None
+) -> tuple[nn.Module, int, WeightsReport]:
     """torchvision `arch` without its last classifier layer, with verified `weights`.
 
     weights: ``pretrained``/``hub`` (the architecture's DEFAULT weights enum, downloaded by
@@ -74,8 +80,10 @@ def create_torchvision_model(arch: str, weights: str = "pretrained",
     if weights == "random":
         return model, num_features, WeightsReport("random initialization (no pretrained weights)", 0)
     if weights == "embedded":
-        raise WeightsError(f"No embedded weights for torchvision:{arch}; use backbone.weights=pretrained "
-                           f"(torchvision's download), a weights enum name, or a local file.")
+        raise WeightsError(
+            f"No embedded weights for torchvision:{arch}; use backbone.weights=pretrained "
+            f"(torchvision's download), a weights enum name, or a local file."
+        )
     path = Path(weights).expanduser()
     if path.suffix in (".pth", ".pt", ".safetensors", ".ckpt", ".bin") or path.is_file():
         if not path.is_file():
@@ -94,11 +102,16 @@ def weights_enum(arch: str, name: str = "pretrained"):
     if name in ("pretrained", "hub"):
         return enum_class.DEFAULT
     member = name.rsplit(".", 1)[-1]
-    if name.count(".") > 1 or (name.count(".") == 1 and not name.startswith(enum_class.__name__ + ".")) \
-            or member not in enum_class.__members__:
+    if (
+        name.count(".") > 1
+        or (name.count(".") == 1 and not name.startswith(enum_class.__name__ + "."))
+        or member not in enum_class.__members__
+    ):
         choices = ", ".join(enum_class.__members__)
-        raise ConfigError(f"backbone.weights={name!r} is neither pretrained|hub|random, an existing file, nor "
-                          f"a weights name of torchvision:{arch} ({choices}).")
+        raise ConfigError(
+            f"backbone.weights={name!r} is neither pretrained|hub|random, an existing file, nor "
+            f"a weights name of torchvision:{arch} ({choices})."
+        )
     return enum_class[member]
 
 
@@ -172,8 +185,10 @@ def _check_arch(arch: str) -> None:
     if arch not in known:
         close = difflib.get_close_matches(arch, known, n=5, cutoff=0.6)
         hint = f" Did you mean: {', '.join(PREFIX + c for c in close)}?" if close else ""
-        raise ConfigError(f"Unknown torchvision classification model {arch!r}.{hint} "
-                          f"torchvision {torchvision.__version__} has: {', '.join(known)}.")
+        raise ConfigError(
+            f"Unknown torchvision classification model {arch!r}.{hint} "
+            f"torchvision {torchvision.__version__} has: {', '.join(known)}."
+        )
 
 
 def _build(arch: str, init: bool) -> nn.Module:
@@ -190,8 +205,10 @@ def _drop_classifier(model: nn.Module, arch: str) -> int:
         if isinstance(module, nn.Linear) and module.out_features == 1000:
             last = name
     if last is None:
-        raise ConfigError(f"torchvision:{arch} has no linear classifier to replace (its logits come from a "
-                          f"convolution); choose another architecture.")
+        raise ConfigError(
+            f"torchvision:{arch} has no linear classifier to replace (its logits come from a "
+            f"convolution); choose another architecture."
+        )
     width = model.get_submodule(last).in_features
     model.set_submodule(last, nn.Identity())
     return width
@@ -213,6 +230,7 @@ def _download(enum, arch: str) -> dict[str, torch.Tensor]:
 
 # --- layer-group keys: parameter name -> group name --------------------------------------------
 
+
 def _chain_keys(model: nn.Module, per_block: bool) -> Callable[[str], str | None]:
     """AlexNet/VGG: conv groups from ``features`` (one per conv, or per block between poolings),
     then fc6, fc7 for the Linear layers left in ``classifier``."""
@@ -232,6 +250,7 @@ def _chain_keys(model: nn.Module, per_block: bool) -> Callable[[str], str | None
 
     def key(param: str) -> str | None:
         return next((group for prefix, group in names.items() if param.startswith(prefix)), None)
+
     return key
 
 
@@ -244,6 +263,7 @@ def _regex_keys(rules: list[tuple[str, str]]) -> Callable[[str], str | None]:
             if match:
                 return match.expand(template)
         return None
+
     return key
 
 
@@ -277,4 +297,5 @@ def _generic_keys(model: nn.Module) -> Callable[[str], str | None]:
 
     def key(param: str) -> str | None:
         return next((group for unit, group in names.items() if param == unit or param.startswith(unit + ".")), None)
+
     return key

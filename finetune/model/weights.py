@@ -97,8 +97,9 @@ def _resized(native: nn.Module, name: str, report: WeightsReport, **kwargs) -> t
     resampled = sum(k in target and target[k].shape != v.shape for k, v in state.items())
     verified = verify_loaded(model, kept)
     size = kwargs["img_size"]
-    return model, WeightsReport(f"{report.source}; {resampled} size-dependent tensor(s) resampled to {size}x{size} px",
-                                verified)
+    return model, WeightsReport(
+        f"{report.source}; {resampled} size-dependent tensor(s) resampled to {size}x{size} px", verified
+    )
 
 
 def _create(name: str, **kwargs) -> nn.Module:
@@ -193,24 +194,31 @@ def read_torch_file(path: Path):
         head = f.read(64)
     # torch.save writes a zip archive (PK\3\4); torch < 1.6 a pickle (protocol 2+: 0x80).
     if not head.startswith((b"PK\x03\x04", b"\x80")):
-        raise WeightsError(f"{path} is not a readable torch file: it is {describe_file(path, head)}; "
-                           f"expected {_EXPECTED}.")
+        raise WeightsError(
+            f"{path} is not a readable torch file: it is {describe_file(path, head)}; expected {_EXPECTED}."
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "Weights only load failed" in str(err):  # a real pickle that names non-tensor globals
-            found = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line),
-                         "it holds Python objects besides tensors").split(" Please use")[0]
+            found = next(
+                (line.strip() for line in str(err).splitlines() if "GLOBAL" in line),
+                "it holds Python objects besides tensors",
+            ).split(" Please use")[0]
             raise WeightsError(
                 f"Refusing to load {path}: it is not a plain tensor file and unpickling it could run code "
                 f"({found}). Re-save it as a state dict (torch.save(model.state_dict(), PATH)) or as "
                 f".safetensors, from code you trust."
             ) from None
-        raise WeightsError(f"{path} is not a readable torch file (a damaged pickle: {err}); expected {_EXPECTED}.") from None
+        raise WeightsError(
+            f"{path} is not a readable torch file (a damaged pickle: {err}); expected {_EXPECTED}."
+        ) from None
     except Exception as err:
         first = next((line for line in str(err).splitlines() if "weights_only" not in line), "")
-        raise WeightsError(f"{path} is not a readable torch file ({type(err).__name__}: {first or 'truncated?'}); "
-                           f"expected {_EXPECTED}.") from None
+        raise WeightsError(
+            f"{path} is not a readable torch file ({type(err).__name__}: {first or 'truncated?'}); "
+            f"expected {_EXPECTED}."
+        ) from None
 
 
 def describe_file(path: Path, head: bytes) -> str:
@@ -271,7 +279,9 @@ def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], origin: st
             + (f" and {len(unexpected)} keys the model does not know" if unexpected else "")
             + ". Is it for another architecture (backbone.name)?"
         )
-    wrong = [(k, tuple(source[k].shape), tuple(target[k].shape)) for k in required if source[k].shape != target[k].shape]
+    wrong = [
+        (k, tuple(source[k].shape), tuple(target[k].shape)) for k in required if source[k].shape != target[k].shape
+    ]
     if wrong:
         raise WeightsError(f"{origin}: tensors with the wrong shape for this backbone, e.g. {wrong[:3]}.")
     # Everything the file has for this model: required tensors, bookkeeping, a same-shape classifier.
@@ -289,14 +299,16 @@ def strip_prefix(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor
         for source_key in source:
             if source_key.endswith("." + target_key):
                 prefix = source_key[: -len(target_key)]
-                return {k[len(prefix):]: v for k, v in source.items() if k.startswith(prefix)}
+                return {k[len(prefix) :]: v for k, v in source.items() if k.startswith(prefix)}
     return source
 
 
 def verify_loaded(model: nn.Module, source: dict[str, torch.Tensor]) -> int:
     """Assert that each tensor of `source` now equals the model's; return how many were checked."""
     state = model.state_dict()
-    differing = [k for k, v in source.items() if k not in state or not torch.equal(state[k].cpu(), v.to(state[k].dtype))]
+    differing = [
+        k for k, v in source.items() if k not in state or not torch.equal(state[k].cpu(), v.to(state[k].dtype))
+    ]
     if differing or not source:
         raise WeightsError(
             f"Weights did not load: {len(differing)} of {len(source)} tensors differ from the source after "
@@ -321,8 +333,11 @@ def offline_backbones() -> list[str]:
     try:
         from huggingface_hub import scan_cache_dir
 
-        cached = sorted(repo.repo_id.split("/", 1)[1] for repo in scan_cache_dir().repos
-                        if repo.repo_type == "model" and repo.repo_id.startswith("timm/"))
+        cached = sorted(
+            repo.repo_id.split("/", 1)[1]
+            for repo in scan_cache_dir().repos
+            if repo.repo_type == "model" and repo.repo_id.startswith("timm/")
+        )
     except Exception:  # noqa: BLE001 - no cache folder yet, or one this huggingface_hub cannot read
         cached = []
     return found + [name for name in cached if timm.is_model(name) and name not in found]

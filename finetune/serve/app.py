@@ -30,12 +30,21 @@ from finetune.serve.guards import BodyLimit, Limits, RateLimiter, Refused, decod
 from finetune.serve.runtime import Runtime
 from finetune.use.confidence import DecisionRule
 
-URL_REFUSAL = ("image URLs are refused: this server makes no outbound requests; upload the file itself "
-               "(curl -F file=@image.jpg)")
+URL_REFUSAL = (
+    "image URLs are refused: this server makes no outbound requests; upload the file itself (curl -F file=@image.jpg)"
+)
 
 
-def create_app(runtime: Runtime, version: str, rule: DecisionRule | None = None, limits: Limits = Limits(),
-               top_k: int = 5, max_batch_size: int = 16, max_wait_ms: float = 5.0, checkpoint: str = "") -> FastAPI:
+def create_app(
+    runtime: Runtime,
+    version: str,
+    rule: DecisionRule | None = None,
+    limits: Limits = Limits(),
+    top_k: int = 5,
+    max_batch_size: int = 16,
+    max_wait_ms: float = 5.0,
+    checkpoint: str = "",
+) -> FastAPI:
     """The server for `runtime`'s model; `version` (the checkpoint's SHA-256) names it in /metadata."""
     model = runtime.model
     rule = rule or DecisionRule()
@@ -52,14 +61,26 @@ def create_app(runtime: Runtime, version: str, rule: DecisionRule | None = None,
     app = FastAPI(title="finetune", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.batcher = batcher
     metadata = {
-        "model": Path(checkpoint).name, "version": version[:12], "architecture": model.config["backbone"]["name"],
-        "task": model.task, "classes": model.classes, "input_size": list(model.data_config["input_size"]),
-        "mean": list(model.data_config["mean"]), "std": list(model.data_config["std"]),
-        "interpolation": model.data_config["interpolation"], "crop_pct": model.data_config["crop_pct"],
-        "temperature": None if model.task == "multilabel" else model.temperature, "runtime": runtime.name,
-        "top_k": top_k, **rule.describe(),
-        "limits": {"max_upload_mb": limits.max_upload_mb, "max_pixels": limits.max_pixels,
-                   "max_files": limits.max_files, "rate_limit_per_minute": limits.rate_limit or None},
+        "model": Path(checkpoint).name,
+        "version": version[:12],
+        "architecture": model.config["backbone"]["name"],
+        "task": model.task,
+        "classes": model.classes,
+        "input_size": list(model.data_config["input_size"]),
+        "mean": list(model.data_config["mean"]),
+        "std": list(model.data_config["std"]),
+        "interpolation": model.data_config["interpolation"],
+        "crop_pct": model.data_config["crop_pct"],
+        "temperature": None if model.task == "multilabel" else model.temperature,
+        "runtime": runtime.name,
+        "top_k": top_k,
+        **rule.describe(),
+        "limits": {
+            "max_upload_mb": limits.max_upload_mb,
+            "max_pixels": limits.max_pixels,
+            "max_files": limits.max_files,
+            "rate_limit_per_minute": limits.rate_limit or None,
+        },
     }
 
     @app.exception_handler(Refused)
@@ -72,8 +93,13 @@ def create_app(runtime: Runtime, version: str, rule: DecisionRule | None = None,
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "runtime": runtime.name, "pending": batcher.pending,
-                "batches": batcher.batches, "images": batcher.images}
+        return {
+            "status": "ok",
+            "runtime": runtime.name,
+            "pending": batcher.pending,
+            "batches": batcher.batches,
+            "images": batcher.images,
+        }
 
     @app.get("/metadata")
     async def get_metadata():
@@ -84,14 +110,19 @@ def create_app(runtime: Runtime, version: str, rule: DecisionRule | None = None,
         if limiter is not None:
             wait = limiter.retry_after(request.client.host if request.client else "?")
             if wait:
-                return JSONResponse({"detail": f"rate limit: {limits.rate_limit:g} requests a minute per client"},
-                                    status_code=429, headers={"Retry-After": str(int(wait) + 1)})
+                return JSONResponse(
+                    {"detail": f"rate limit: {limits.rate_limit:g} requests a minute per client"},
+                    status_code=429,
+                    headers={"Retry-After": str(int(wait) + 1)},
+                )
         k = metadata["top_k"] if top_k is None else top_k
         if not 1 <= k <= 100:
             raise Refused(422, f"top_k={k}: a whole number from 1 to the number of classes")
         uploads = await _uploads(request, limits.max_files)
-        images = await asyncio.gather(*(asyncio.to_thread(_prepare, runtime, data, limits.max_pixels)
-                                        for _, data in uploads), return_exceptions=True)
+        images = await asyncio.gather(
+            *(asyncio.to_thread(_prepare, runtime, data, limits.max_pixels) for _, data in uploads),
+            return_exceptions=True,
+        )
         for (name, _), image in zip(uploads, images):
             if isinstance(image, Refused):
                 raise Refused(image.status, f"{name}: {image.detail}")
@@ -100,9 +131,12 @@ def create_app(runtime: Runtime, version: str, rule: DecisionRule | None = None,
         try:
             probabilities = await batcher.predict(list(images))
         except Overloaded as err:
-            return JSONResponse({"detail": f"busy: {err}; retry shortly"}, status_code=503, headers={"Retry-After": "1"})
-        answers = model.predictions(torch.from_numpy(np.asarray(probabilities, np.float32)),
-                                    [name for name, _ in uploads], k, rule)
+            return JSONResponse(
+                {"detail": f"busy: {err}; retry shortly"}, status_code=503, headers={"Retry-After": "1"}
+            )
+        answers = model.predictions(
+            torch.from_numpy(np.asarray(probabilities, np.float32)), [name for name, _ in uploads], k, rule
+        )
         return {"predictions": [_as_json(answer, k) for answer in answers]}
 
     return BodyLimit(app, limits.max_upload_bytes)
@@ -121,8 +155,11 @@ async def _uploads(request: Request, max_files: int) -> list[tuple[str, bytes]]:
         body = await request.body()
         if re.search(rb"(https?|ftp)://", unquote_to_bytes(body[:4096].replace(b"+", b" ")), re.IGNORECASE):
             raise Refused(400, URL_REFUSAL)
-        raise Refused(415 if body else 400, "send images as multipart/form-data (curl -F file=@image.jpg) or one "
-                      "image as the body with Content-Type: image/jpeg" + ("" if body else "; the body was empty"))
+        raise Refused(
+            415 if body else 400,
+            "send images as multipart/form-data (curl -F file=@image.jpg) or one "
+            "image as the body with Content-Type: image/jpeg" + ("" if body else "; the body was empty"),
+        )
     try:
         form = await request.form(max_files=max_files, max_fields=max_files)
     except HTTPException as err:  # starlette: malformed multipart, too many parts
@@ -146,8 +183,13 @@ def _as_json(answer, k: int) -> dict:
     if hasattr(answer, "labels"):  # multi-label: its top k from every label's probability
         top = sorted(answer.probabilities.items(), key=lambda item: -item[1])[:k]
         return {"file": answer.source, "labels": _pairs(answer.labels), "top_k": _pairs(top)}
-    result = {"file": answer.source, "label": answer.label, "probability": round(answer.probability, 6),
-              "unknown": answer.unknown, "top_k": _pairs(answer.top_k)}
+    result = {
+        "file": answer.source,
+        "label": answer.label,
+        "probability": round(answer.probability, 6),
+        "unknown": answer.unknown,
+        "top_k": _pairs(answer.top_k),
+    }
     if answer.prediction_set is not None:
         result["prediction_set"] = _pairs(answer.prediction_set)
     return result

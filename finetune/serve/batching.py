@@ -27,9 +27,19 @@ class DynamicBatcher:
     arrival order. Start with :meth:`start` inside the event loop; :meth:`stop` cancels it.
     """
 
-    def __init__(self, forward: Callable[[np.ndarray], np.ndarray], max_batch_size: int = 16,
-                 max_wait_s: float = 0.005, max_pending: int = 256):
-        self.forward, self.max_batch_size, self.max_wait_s, self.max_pending = forward, max_batch_size, max_wait_s, max_pending
+    def __init__(
+        self,
+        forward: Callable[[np.ndarray], np.ndarray],
+        max_batch_size: int = 16,
+        max_wait_s: float = 0.005,
+        max_pending: int = 256,
+    ):
+        self.forward, self.max_batch_size, self.max_wait_s, self.max_pending = (
+            forward,
+            max_batch_size,
+            max_wait_s,
+            max_pending,
+        )
         self.batches = self.images = 0  # what has been served: mean batch size = images / batches
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None

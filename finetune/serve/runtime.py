@@ -85,8 +85,9 @@ def make_runtime(model: FinetunedModel, choice: str, ckpt: Path, version: str, c
     if choice == "torch" or (choice == "auto" and not onnx_installed()):
         return Runtime(model)
     if not onnx_installed():
-        raise ConfigError("runtime=onnx needs: pip install 'finetune[serve]' (onnxruntime, onnx, onnxscript); "
-                          "or runtime=torch.")
+        raise ConfigError(
+            "runtime=onnx needs: pip install 'finetune[serve]' (onnxruntime, onnx, onnxscript); or runtime=torch."
+        )
     folder = cache_dir.expanduser() / "serve" / version[:16]
     path = folder / "model.onnx"
     if not path.is_file():

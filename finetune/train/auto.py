@@ -39,8 +39,18 @@ from finetune.errors import ConfigError
 log = logging.getLogger(__name__)
 
 DEFAULT_RECIPES = ("freeze_all_but_head", "lp_ft", "gradual_unfreeze", "discriminative_lr", "full_finetune")
-LEADERBOARD_FIELDS = ("trial", "backbone", "recipe", "lr", "weight_decay", "score", "state", "epochs", "seconds",
-                      "checkpoint")
+LEADERBOARD_FIELDS = (
+    "trial",
+    "backbone",
+    "recipe",
+    "lr",
+    "weight_decay",
+    "score",
+    "state",
+    "epochs",
+    "seconds",
+    "checkpoint",
+)
 
 
 @dataclass(frozen=True)
@@ -68,8 +78,18 @@ def parse_budget(text: str) -> float:
     return seconds
 
 
-def search(overrides: Sequence[str], out: Path, budget: float, backbones: Sequence[str], top: int,
-           recipes: Sequence[str], resume: bool, seed: int, rank, logger_cfg=None) -> AutoResult:
+def search(
+    overrides: Sequence[str],
+    out: Path,
+    budget: float,
+    backbones: Sequence[str],
+    top: int,
+    recipes: Sequence[str],
+    resume: bool,
+    seed: int,
+    rank,
+    logger_cfg=None,
+) -> AutoResult:
     """Run the search of the module docstring in `out`; `rank(backbones)` gives the ranking rows
     (dicts with ``backbone`` and ``linear``), called once per folder. With W&B on in `logger_cfg`
     (the ``logger`` config) the leaderboard is also a W&B table."""
@@ -84,9 +104,14 @@ def search(overrides: Sequence[str], out: Path, budget: float, backbones: Sequen
     if resume and not exists:
         raise ConfigError(f"resume=true: {out} holds no auto search (auto.db) to go on with.")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name="auto", storage=storage, direction="maximize", load_if_exists=True,
-                                sampler=optuna.samplers.TPESampler(seed=seed),
-                                pruner=optuna.pruners.HyperbandPruner(min_resource=1))
+    study = optuna.create_study(
+        study_name="auto",
+        storage=storage,
+        direction="maximize",
+        load_if_exists=True,
+        sampler=optuna.samplers.TPESampler(seed=seed),
+        pruner=optuna.pruners.HyperbandPruner(min_resource=1),
+    )
     started = time.time() - float(study.user_attrs.get("seconds", 0.0))
     for trial in study.get_trials(states=(TrialState.RUNNING,)):  # killed while it ran
         study.tell(trial.number, state=TrialState.FAIL)
@@ -100,8 +125,13 @@ def search(overrides: Sequence[str], out: Path, budget: float, backbones: Sequen
         # what a user would have run by hand, so that it can only add to it.
         for recipe in recipes[:2]:
             study.enqueue_trial({"backbone": kept[0], "recipe": recipe, "lr_scale": 1.0, "wd_scale": 1.0})
-    log.info("auto: trying %s with %s; budget %.0f s, %.0f s left", ", ".join(kept), ", ".join(recipes), budget,
-             budget - (time.time() - started))
+    log.info(
+        "auto: trying %s with %s; budget %.0f s, %.0f s left",
+        ", ".join(kept),
+        ", ".join(recipes),
+        budget,
+        budget - (time.time() - started),
+    )
     while True:
         left = budget - (time.time() - started)
         epoch_estimate = _epoch_seconds(study)
@@ -114,8 +144,13 @@ def search(overrides: Sequence[str], out: Path, budget: float, backbones: Sequen
     _write_leaderboard(board, out / "leaderboard.csv")
     from finetune.train.loggers import log_table
 
-    log_table(logger_cfg, out, "leaderboard", list(LEADERBOARD_FIELDS),
-              [[row[field] for field in LEADERBOARD_FIELDS] for row in board])
+    log_table(
+        logger_cfg,
+        out,
+        "leaderboard",
+        list(LEADERBOARD_FIELDS),
+        [[row[field] for field in LEADERBOARD_FIELDS] for row in board],
+    )
     best = next((row for row in board if row["state"] == "COMPLETE" and row["checkpoint"]), None)
     checkpoint = None
     if best is not None:
@@ -124,8 +159,9 @@ def search(overrides: Sequence[str], out: Path, budget: float, backbones: Sequen
     return AutoResult(checkpoint, best["score"] if best else None, board, out, time.time() - started)
 
 
-def _run_trial(trial, study, overrides: Sequence[str], out: Path, backbones: Sequence[str], recipes: Sequence[str],
-               left: float) -> None:
+def _run_trial(
+    trial, study, overrides: Sequence[str], out: Path, backbones: Sequence[str], recipes: Sequence[str], left: float
+) -> None:
     from omegaconf import open_dict
     from optuna.trial import TrialState
 
@@ -140,9 +176,17 @@ def _run_trial(trial, study, overrides: Sequence[str], out: Path, backbones: Seq
     folder = out / "trials" / str(trial.number)
     # Lightning stops at max_time; what follows training (the best epoch's metrics, calibration) needs a little more.
     max_time = max(1, int(left * 0.9 - 5))
-    cfg = compose_config([*overrides, f"+recipe={recipe}", f"backbone.name={backbone}", "viz=none",
-                          "callbacks.progress_bar=false",
-                          f"+trainer.max_time={{seconds: {max_time}}}", f"paths.output_dir={folder}"])
+    cfg = compose_config(
+        [
+            *overrides,
+            f"+recipe={recipe}",
+            f"backbone.name={backbone}",
+            "viz=none",
+            "callbacks.progress_bar=false",
+            f"+trainer.max_time={{seconds: {max_time}}}",
+            f"paths.output_dir={folder}",
+        ]
+    )
     with open_dict(cfg):
         if isinstance(cfg.optimizer.lr, (int, float)):  # optimizer.lr=auto (the lr finder) stays auto
             cfg.optimizer.lr = float(cfg.optimizer.lr) * lr_scale
@@ -174,10 +218,19 @@ def _run_trial(trial, study, overrides: Sequence[str], out: Path, backbones: Seq
     else:
         study.tell(trial, score)
     state = "pruned" if reporter.pruned else ""
-    log.info("trial %d: %-22s %-20s lr %.2g wd %.1e -> %s %.4f after %d epochs%s, %.0f s", trial.number, backbone,
-             recipe, trial.user_attrs["lr"] if isinstance(trial.user_attrs["lr"], float) else float("nan"),
-             weight_decay, result.objective, score if score is not None else float("nan"), reporter.epochs,
-             f" ({state})" if state else "", seconds)
+    log.info(
+        "trial %d: %-22s %-20s lr %.2g wd %.1e -> %s %.4f after %d epochs%s, %.0f s",
+        trial.number,
+        backbone,
+        recipe,
+        trial.user_attrs["lr"] if isinstance(trial.user_attrs["lr"], float) else float("nan"),
+        weight_decay,
+        result.objective,
+        score if score is not None else float("nan"),
+        reporter.epochs,
+        f" ({state})" if state else "",
+        seconds,
+    )
 
 
 class _Reporter(Callback):
@@ -199,8 +252,11 @@ class _Reporter(Callback):
 
 def _epoch_seconds(study) -> float:
     """The shortest seconds per epoch a finished trial took (0 before any)."""
-    rates = [t.user_attrs["seconds"] / t.user_attrs["epochs"] for t in study.trials
-             if t.user_attrs.get("epochs") and t.user_attrs.get("seconds")]
+    rates = [
+        t.user_attrs["seconds"] / t.user_attrs["epochs"]
+        for t in study.trials
+        if t.user_attrs.get("epochs") and t.user_attrs.get("seconds")
+    ]
     return min(rates, default=0.0)
 
 
@@ -228,11 +284,23 @@ def leaderboard(study) -> list[dict]:
 
     rows = []
     for t in study.get_trials(deepcopy=False, states=[s for s in TrialState if s != TrialState.WAITING]):
-        score = t.value if t.value is not None else (max(t.intermediate_values.values()) if t.intermediate_values else None)
-        rows.append({"trial": t.number, "backbone": t.params.get("backbone"), "recipe": t.params.get("recipe"),
-                     "lr": t.user_attrs.get("lr"), "weight_decay": t.user_attrs.get("weight_decay"), "score": score,
-                     "state": t.state.name, "epochs": t.user_attrs.get("epochs"),
-                     "seconds": round(t.user_attrs.get("seconds", 0.0), 1), "checkpoint": t.user_attrs.get("checkpoint", "")})
+        score = (
+            t.value if t.value is not None else (max(t.intermediate_values.values()) if t.intermediate_values else None)
+        )
+        rows.append(
+            {
+                "trial": t.number,
+                "backbone": t.params.get("backbone"),
+                "recipe": t.params.get("recipe"),
+                "lr": t.user_attrs.get("lr"),
+                "weight_decay": t.user_attrs.get("weight_decay"),
+                "score": score,
+                "state": t.state.name,
+                "epochs": t.user_attrs.get("epochs"),
+                "seconds": round(t.user_attrs.get("seconds", 0.0), 1),
+                "checkpoint": t.user_attrs.get("checkpoint", ""),
+            }
+        )
     order = {"COMPLETE": 0, "PRUNED": 1}
     return sorted(rows, key=lambda r: (order.get(r["state"], 2), -(r["score"] if r["score"] is not None else -1)))
 

@@ -86,7 +86,8 @@ def atomic_save(obj: Any, path: Path) -> None:
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint IO with :func:`atomic_save` for local paths, and paced writes for the
-    run's own files (those in `paced_dir`, ``last.ckpt`` before the others): see the module docstring. Other paths (the batch-size
+    run's own files (those in `paced_dir`, ``last.ckpt`` before the others): see the module docstring. Other paths
+    (the batch-size
     finder's scratch checkpoint, which it reads back at once) are always written immediately.
     """
 
@@ -130,8 +131,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         super().teardown()
 
     def _ours(self, path) -> bool:
-        return (self.paced_dir is not None and "://" not in str(path)
-                and Path(path).resolve().parent == self.paced_dir)
+        return self.paced_dir is not None and "://" not in str(path) and Path(path).resolve().parent == self.paced_dir
 
     def _write(self, checkpoint: dict, path, storage_options: Any | None) -> None:
         if "://" in str(path):  # remote filesystems: Lightning's own transactional write
@@ -184,8 +184,10 @@ def resume_source(cfg: Mapping, output_dir: Path) -> Path | None:
     if ckpt_path:
         path = Path(str(ckpt_path)).expanduser().resolve()
         if not path.is_file():
-            raise ConfigError(f"ckpt_path={ckpt_path} does not exist: nothing to resume from. "
-                              f"Give a checkpoint file, e.g. ckpt_path=RUN_DIR/checkpoints/{LAST}.")
+            raise ConfigError(
+                f"ckpt_path={ckpt_path} does not exist: nothing to resume from. "
+                f"Give a checkpoint file, e.g. ckpt_path=RUN_DIR/checkpoints/{LAST}."
+            )
         return path
     if not resume:
         return None
@@ -198,7 +200,8 @@ def resume_source(cfg: Mapping, output_dir: Path) -> Path | None:
         raise ConfigError(
             f"resume=true but the run in {output_dir} stopped before it wrote checkpoints/{LAST} (its first epoch "
             f"did not end): nothing to resume in that folder. Start it again without resume=true (add "
-            f"overwrite=true if it refuses the folder).")
+            f"overwrite=true if it refuses the folder)."
+        )
     hint = _latest_unfinished(output_dir)
     raise ConfigError(
         f"resume=true but {output_dir} has no checkpoints/{LAST}: nothing to resume from (a run writes it at "
@@ -211,8 +214,9 @@ def resume_source(cfg: Mapping, output_dir: Path) -> Path | None:
 def _latest_unfinished(output_dir: Path) -> Path | None:
     """The newest run folder near `output_dir` with a last.ckpt and no summary.json (unfinished)."""
     root = output_dir.parent.parent  # outputs/DATE/TIME -> outputs
-    candidates = [p.parent.parent for p in root.glob(f"*/*/checkpoints/{LAST}")
-                  if not (p.parent.parent / "summary.json").exists()]
+    candidates = [
+        p.parent.parent for p in root.glob(f"*/*/checkpoints/{LAST}") if not (p.parent.parent / "summary.json").exists()
+    ]
     return max(candidates, key=lambda p: (p / "checkpoints" / LAST).stat().st_mtime, default=None)
 
 
@@ -222,8 +226,10 @@ def read_resume_checkpoint(path: Path, config: Mapping, classes: list[str]) -> t
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same advice
-        raise ConfigError(f"Cannot resume from {path}: it does not load with torch.load(weights_only=True) "
-                          f"({str(err).splitlines()[0]}).") from None
+        raise ConfigError(
+            f"Cannot resume from {path}: it does not load with torch.load(weights_only=True) "
+            f"({str(err).splitlines()[0]})."
+        ) from None
     stored = checkpoint.get("finetune") if isinstance(checkpoint, dict) else None
     if not stored or "loops" not in checkpoint:
         raise ConfigError(f"Cannot resume from {path}: it is not a finetune training checkpoint.")
@@ -235,8 +241,11 @@ def read_resume_checkpoint(path: Path, config: Mapping, classes: list[str]) -> t
         if then != now:
             differences.append(f"{key}={then} (this run: {now})")
     if differences:
-        raise ConfigError(f"Cannot resume from {path}: it was trained with " + "; ".join(differences)
-                          + ". Resume with the checkpoint's settings, or start a new run without resume/ckpt_path.")
+        raise ConfigError(
+            f"Cannot resume from {path}: it was trained with "
+            + "; ".join(differences)
+            + ". Resume with the checkpoint's settings, or start a new run without resume/ckpt_path."
+        )
     return (checkpoint.get(RUN_KEY) or {}).get("wandb_id"), int(checkpoint.get("epoch", -1))
 
 
@@ -278,15 +287,24 @@ class Resume:
     epochs' logged rows the output folder keeps (``logged_through_epoch``, counted from 1; 0: none),
     the W&B run id to (re)use, the callbacks and the checkpoint-IO plugin."""
 
-    def __init__(self, path: Path | None, output_dir: Path, seed: int, config: Mapping, classes: list[str],
-                 min_write_interval_s: float = 0.0):
+    def __init__(
+        self,
+        path: Path | None,
+        output_dir: Path,
+        seed: int,
+        config: Mapping,
+        classes: list[str],
+        min_write_interval_s: float = 0.0,
+    ):
         self.path = path
         wandb_id, epoch = read_resume_checkpoint(path, config, classes) if path else (None, -1)
         max_epochs = (config.get("trainer") or {}).get("max_epochs")
         if isinstance(max_epochs, int) and 0 < max_epochs < epoch + 1:
-            raise ConfigError(f"{path} already finished epoch {epoch + 1}, beyond trainer.max_epochs={max_epochs}: "
-                              f"resume with trainer.max_epochs={epoch + 1} or more (the run's own value), or "
-                              f"start a new run.")
+            raise ConfigError(
+                f"{path} already finished epoch {epoch + 1}, beyond trainer.max_epochs={max_epochs}: "
+                f"resume with trainer.max_epochs={epoch + 1} or more (the run's own value), or "
+                f"start a new run."
+            )
         self.wandb_id = wandb_id or new_run_id()
         # resume=true continues in the checkpoint's own folder: what it logged through `epoch` stays
         in_place = path is not None and Path(path).resolve().parent == checkpoint_dir(output_dir).resolve()
@@ -298,7 +316,14 @@ class Resume:
 def last_checkpoint(output_dir: Path) -> ModelCheckpoint:
     """``checkpoints/last.ckpt`` after every training epoch, paced by :class:`AtomicCheckpointIO`.
     (ModelCheckpoint's own ``save_last`` writes it only in epochs where the monitored metric
-    improved.) Saved at the end of the training epoch, after validation and the metrics history, which Lightning resumes from as a
+    improved.) Saved at the end of the training epoch, after validation and the metrics history, which Lightning
+    resumes from as a
     finished epoch: the next one starts with all its hooks."""
-    return ModelCheckpoint(dirpath=checkpoint_dir(output_dir), filename=Path(LAST).stem, monitor=None,
-                           save_top_k=1, save_on_train_epoch_end=True, enable_version_counter=False)
+    return ModelCheckpoint(
+        dirpath=checkpoint_dir(output_dir),
+        filename=Path(LAST).stem,
+        monitor=None,
+        save_top_k=1,
+        save_on_train_epoch_end=True,
+        enable_version_counter=False,
+    )

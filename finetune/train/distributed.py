@@ -36,8 +36,12 @@ def relaunchable_job(overrides: Sequence[str], output_dir: str, sweep: bool) -> 
     saved = {key: os.environ.get(key) for key in (JOB_ENV, *LAUNCHER_ENV)}
     if JOB_ENV not in os.environ:  # a child keeps what its parent gave it
         # The children share the parent's folder; they write no .hydra/ copy of their own.
-        args = [*overrides, f"hydra.run.dir={hydra_value(output_dir)}", "hydra.output_subdir=null",
-                "hydra.job.name=finetune_ddp_rank"]
+        args = [
+            *overrides,
+            f"hydra.run.dir={hydra_value(output_dir)}",
+            "hydra.output_subdir=null",
+            "hydra.job.name=finetune_ddp_rank",
+        ]
         os.environ[JOB_ENV] = json.dumps({"args": args, "sweep": sweep})
     try:
         yield

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from lightning.pytorch.utilities.memory import is_oom_error
 
-from finetune.train.checkpoints import last_good_checkpoint
 from finetune.data.datamodule import explain_worker_failure
 from finetune.errors import FinetuneError, NonFiniteLossError, OutOfMemoryError
+from finetune.train.checkpoints import last_good_checkpoint
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -65,15 +65,18 @@ def disk_full(err: BaseException, output_dir: Path) -> FinetuneError:
     return FinetuneError(
         f"Writing to {output_dir} failed: the disk is full ({free}). The checkpoints written before are intact "
         f"(writes are atomic). Free some space, then continue with resume=true (same overrides), or run "
-        f"elsewhere with hydra.run.dir=DIR.")
+        f"elsewhere with hydra.run.dir=DIR."
+    )
 
 
 def out_of_memory(err: BaseException, batch_size) -> OutOfMemoryError:
     first_line = (str(err).splitlines() or [type(err).__name__])[0]
     if isinstance(batch_size, int) and batch_size > 1:
         half = batch_size // 2
-        fix = (f"Try data.batch_size={half} (half of {batch_size}); +trainer.accumulate_grad_batches=2 keeps the "
-               f"effective batch at {batch_size}. On a GPU, data.find_batch_size=true finds the largest batch that fits.")
+        fix = (
+            f"Try data.batch_size={half} (half of {batch_size}); +trainer.accumulate_grad_batches=2 keeps the "
+            f"effective batch at {batch_size}. On a GPU, data.find_batch_size=true finds the largest batch that fits."
+        )
     else:
         fix = "The batch is already 1: use a smaller backbone or data.image_size, or precision=bf16-mixed."
     return OutOfMemoryError(f"Out of memory with data.batch_size={batch_size} ({first_line}). {fix}")
@@ -91,12 +94,16 @@ def find_batch_size(trainer, module, datamodule, device, resuming: bool) -> int:
     from finetune.errors import ConfigError
 
     if device.type != "cuda":
-        raise ConfigError("data.find_batch_size=true needs a GPU (on a CPU memory is not the limit): "
-                          "set data.batch_size instead.")
+        raise ConfigError(
+            "data.find_batch_size=true needs a GPU (on a CPU memory is not the limit): set data.batch_size instead."
+        )
     if resuming:
-        raise ConfigError("data.find_batch_size=true cannot be combined with resume: the resumed run must keep "
-                          "its batch size. Drop data.find_batch_size and set data.batch_size to the run's.")
-    found = Tuner(trainer).scale_batch_size(module, datamodule=datamodule, mode="power", steps_per_trial=2,
-                                            init_val=datamodule.batch_size)
+        raise ConfigError(
+            "data.find_batch_size=true cannot be combined with resume: the resumed run must keep "
+            "its batch size. Drop data.find_batch_size and set data.batch_size to the run's."
+        )
+    found = Tuner(trainer).scale_batch_size(
+        module, datamodule=datamodule, mode="power", steps_per_trial=2, init_val=datamodule.batch_size
+    )
     datamodule.batch_size = int(found)
     return int(found)

@@ -53,8 +53,9 @@ def _has_credentials(host: str) -> bool:
         return False
 
 
-def build_loggers(cfg: Mapping, output_dir: Path, config: Mapping, run_id: str | None = None,
-                  keep_csv_through_epoch: int = 0) -> list[Logger]:
+def build_loggers(
+    cfg: Mapping, output_dir: Path, config: Mapping, run_id: str | None = None, keep_csv_through_epoch: int = 0
+) -> list[Logger]:
     """CSV logger at ``output_dir/csv`` when ``cfg.csv``; a W&B logger when ``cfg.wandb`` is set.
     `run_id`: the W&B run id; a resumed run passes its first run's id to continue that W&B run.
     `keep_csv_through_epoch`: a run resumed in its own folder passes the number of epochs its
@@ -189,9 +190,16 @@ def log_table(cfg: Mapping, output_dir: Path, name: str, columns: list[str], row
         return None
     import wandb
 
-    run = wandb.init(project=wandb_cfg.get("project", "finetune"), entity=wandb_cfg.get("entity"), job_type=name,
-                     name=name, tags=list(wandb_cfg.get("tags") or []), dir=str(output_dir), mode=mode,
-                     settings=wandb.Settings(init_timeout=30, console="off", silent=True))
+    run = wandb.init(
+        project=wandb_cfg.get("project", "finetune"),
+        entity=wandb_cfg.get("entity"),
+        job_type=name,
+        name=name,
+        tags=list(wandb_cfg.get("tags") or []),
+        dir=str(output_dir),
+        mode=mode,
+        settings=wandb.Settings(init_timeout=30, console="off", silent=True),
+    )
     try:
         run.log({name: wandb.Table(columns=columns, data=rows)})
         return Path(run.dir).parent

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
-import torch
 from lightning.pytorch.tuner import Tuner
 from torchmetrics import Metric
 
@@ -66,8 +65,15 @@ class LRFinding:
     picture: Path | None
 
 
-def find_lr(module: L.LightningModule, data: L.LightningDataModule, trainer_kwargs: dict, out_dir: Path,
-            steps: int = STEPS, min_lr: float = MIN_LR, max_lr: float = MAX_LR) -> LRFinding:
+def find_lr(
+    module: L.LightningModule,
+    data: L.LightningDataModule,
+    trainer_kwargs: dict,
+    out_dir: Path,
+    steps: int = STEPS,
+    min_lr: float = MIN_LR,
+    max_lr: float = MAX_LR,
+) -> LRFinding:
     """Run the range test on `module` and `data` for `steps` optimizer steps from `min_lr` to
     `max_lr`; draw the curve to ``out_dir/lr_find.png``. `trainer_kwargs`: the run's resolved
     Trainer arguments (device, precision); the rest of the run's Trainer (loggers, checkpoints) is
@@ -75,24 +81,39 @@ def find_lr(module: L.LightningModule, data: L.LightningDataModule, trainer_kwar
     if not 0 < min_lr < max_lr:
         raise ConfigError(f"lr finder: min_lr={min_lr:g} and max_lr={max_lr:g} must satisfy 0 < min_lr < max_lr.")
     if "ddp" in str(trainer_kwargs.get("strategy", "")):
-        raise ConfigError("The lr finder runs in one process: find the lr with `finetune lr-find` on one device "
-                          "(same overrides, without trainer=ddp), then train with optimizer.lr=THE_LR.")
+        raise ConfigError(
+            "The lr finder runs in one process: find the lr with `finetune lr-find` on one device "
+            "(same overrides, without trainer=ddp), then train with optimizer.lr=THE_LR."
+        )
     kept = {k: v for k, v in trainer_kwargs.items() if k in ("accelerator", "precision")}
     callbacks = [KeepGroupRatios()] + [c for c in [gradual_unfreezing(module.model)] if c is not None]
     with tempfile.TemporaryDirectory(prefix="finetune-lr-find-") as scratch:
-        trainer = L.Trainer(**kept, devices=1, max_epochs=-1, logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
-                            default_root_dir=scratch, num_sanity_val_steps=0, limit_val_batches=0)
-        finder = Tuner(trainer).lr_find(module, datamodule=data, min_lr=min_lr, max_lr=max_lr,
-                                        num_training=steps, update_attr=False)
+        trainer = L.Trainer(
+            **kept,
+            devices=1,
+            max_epochs=-1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=callbacks,
+            default_root_dir=scratch,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+        )
+        finder = Tuner(trainer).lr_find(
+            module, datamodule=data, min_lr=min_lr, max_lr=max_lr, num_training=steps, update_attr=False
+        )
     # The finder restores the weights, not torchmetrics' accumulators: the run's first epoch
     # must not count the finder's batches.
     for metric in module.modules():
         if isinstance(metric, Metric):
             metric.reset()
     lrs = [float(lr) for lr in finder.results["lr"]]
-    losses = [loss * (1 - BETA ** (step + 2)) / (1 - BETA ** (step + 1))  # step + 1 samples were averaged
-              for step, loss in enumerate(finder.results["loss"])]
+    losses = [
+        loss * (1 - BETA ** (step + 2)) / (1 - BETA ** (step + 1))  # step + 1 samples were averaged
+        for step, loss in enumerate(finder.results["loss"])
+    ]
     finder.results["loss"] = losses  # what the picture shows
     suggestion = suggest_lr(lrs, losses)
     index = min(range(len(lrs)), key=lambda i: abs(math.log10(lrs[i] / suggestion))) if suggestion else None
@@ -126,8 +147,10 @@ def _draw(finder, index: int | None, suggestion: float | None, path: Path) -> Pa
     axis = figure.axes[0]
     if index is not None:
         axis.plot(finder.results["lr"][index], finder.results["loss"][index], "o", color="red", markersize=10)
-    axis.set_title("lr finder: training loss while the lr grows" +
-                   (f"; suggestion {suggestion:.2g}" if suggestion else "; no suggestion (the loss never fell)"))
+    axis.set_title(
+        "lr finder: training loss while the lr grows"
+        + (f"; suggestion {suggestion:.2g}" if suggestion else "; no suggestion (the loss never fell)")
+    )
     axis.set_xlabel("learning rate of the head (layer groups keep their ratios)")
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100, bbox_inches="tight")
@@ -135,8 +158,13 @@ def _draw(finder, index: int | None, suggestion: float | None, path: Path) -> Pa
     return path
 
 
-def lr_for_run(module: L.LightningModule, data: L.LightningDataModule, trainer_kwargs: dict, out_dir: Path,
-               resumed_lr: float | None) -> float:
+def lr_for_run(
+    module: L.LightningModule,
+    data: L.LightningDataModule,
+    trainer_kwargs: dict,
+    out_dir: Path,
+    resumed_lr: float | None,
+) -> float:
     """``optimizer.lr=auto``: the lr the run trains with. A resumed run takes the lr its checkpoint
     was started with (`resumed_lr`); a new one runs the finder first and refuses to guess when it
     has no suggestion."""
@@ -145,8 +173,14 @@ def lr_for_run(module: L.LightningModule, data: L.LightningDataModule, trainer_k
         return resumed_lr
     finding = find_lr(module, data, trainer_kwargs, out_dir)
     if finding.suggestion is None:
-        raise ConfigError("optimizer.lr=auto: the lr finder found no lr where the loss falls (see "
-                          f"{finding.picture}); set optimizer.lr to a number.")
-    log.info("lr finder: optimizer.lr=%.3g (a tenth of the lr of the lowest loss over %d steps; curve: %s)",
-             finding.suggestion, len(finding.lrs), finding.picture)
+        raise ConfigError(
+            "optimizer.lr=auto: the lr finder found no lr where the loss falls (see "
+            f"{finding.picture}); set optimizer.lr to a number."
+        )
+    log.info(
+        "lr finder: optimizer.lr=%.3g (a tenth of the lr of the lowest loss over %d steps; curve: %s)",
+        finding.suggestion,
+        len(finding.lrs),
+        finding.picture,
+    )
     return finding.suggestion

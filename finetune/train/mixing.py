@@ -53,7 +53,6 @@ class BatchMixer:
             targets = torch.cat([targets, clean.to(targets.device)])
         return inputs, targets
 
-
     def _mix_multi_hot(self, inputs: torch.Tensor, labels: torch.Tensor, even: int) -> torch.Tensor:
         """Multi-hot targets mixed with the images' ratio. timm's Mixup (before 1.0.31) only builds
         one-hot targets, so it mixes the sample indices instead (num_classes = the pair count):
@@ -66,8 +65,14 @@ class BatchMixer:
         return targets
 
 
-def batch_mixer(mixup: Mapping, cutmix: Mapping, num_classes: int, label_smoothing: float,
-                on_features: bool, multi_label: bool = False) -> BatchMixer | None:
+def batch_mixer(
+    mixup: Mapping,
+    cutmix: Mapping,
+    num_classes: int,
+    label_smoothing: float,
+    on_features: bool,
+    multi_label: bool = False,
+) -> BatchMixer | None:
     """The run's mixer from the ``mixup`` and ``cutmix`` config blocks, or None when both alphas
     are 0. `on_features`: the batches hold cached feature vectors, not images. `multi_label`: the
     labels are multi-hot rows, mixed unsmoothed (the loss smooths them)."""
@@ -75,7 +80,9 @@ def batch_mixer(mixup: Mapping, cutmix: Mapping, num_classes: int, label_smoothi
         label_smoothing = 0.0
     mix_alpha, cut_alpha = float(mixup.get("alpha") or 0), float((cutmix or {}).get("alpha") or 0)
     if mix_alpha < 0 or cut_alpha < 0:
-        raise ConfigError(f"mixup.alpha={mix_alpha}, cutmix.alpha={cut_alpha}: Beta-distribution alphas are >= 0 (0: off).")
+        raise ConfigError(
+            f"mixup.alpha={mix_alpha}, cutmix.alpha={cut_alpha}: Beta-distribution alphas are >= 0 (0: off)."
+        )
     if not mix_alpha and not cut_alpha:
         return None
     prob, switch = float(mixup.get("prob", 1.0)), float(mixup.get("switch_prob", 0.5))
@@ -87,14 +94,27 @@ def batch_mixer(mixup: Mapping, cutmix: Mapping, num_classes: int, label_smoothi
         raise ConfigError(f"mixup.off_epoch={off_epoch!r}: an epoch number from 1 (mixing stops there), or null.")
     if on_features:
         alpha = mix_alpha or cut_alpha
-        mixer = Mixup(mixup_alpha=alpha, cutmix_alpha=0.0, prob=prob, mode="batch",
-                      label_smoothing=label_smoothing, num_classes=num_classes)
+        mixer = Mixup(
+            mixup_alpha=alpha,
+            cutmix_alpha=0.0,
+            prob=prob,
+            mode="batch",
+            label_smoothing=label_smoothing,
+            num_classes=num_classes,
+        )
         what = f"mixup of cached features (manifold mixup), alpha {alpha:g}"
         if cut_alpha:
             what += ": cutmix needs images, it is mixup here" if not mix_alpha else ", no cutmix (it needs images)"
     else:
-        mixer = Mixup(mixup_alpha=mix_alpha, cutmix_alpha=cut_alpha, prob=prob, switch_prob=switch, mode="batch",
-                      label_smoothing=label_smoothing, num_classes=num_classes)
+        mixer = Mixup(
+            mixup_alpha=mix_alpha,
+            cutmix_alpha=cut_alpha,
+            prob=prob,
+            switch_prob=switch,
+            mode="batch",
+            label_smoothing=label_smoothing,
+            num_classes=num_classes,
+        )
         parts = [f"mixup alpha {mix_alpha:g}"] * bool(mix_alpha) + [f"cutmix alpha {cut_alpha:g}"] * bool(cut_alpha)
         what = " + ".join(parts) + (f" (switch prob {switch:g})" if mix_alpha and cut_alpha else "")
     what += f", batches mixed with prob {prob:g}" if prob < 1 else ""
@@ -102,8 +122,9 @@ def batch_mixer(mixup: Mapping, cutmix: Mapping, num_classes: int, label_smoothi
     return BatchMixer(mixer, off_epoch, what, multi_label)
 
 
-def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
-                              weight: torch.Tensor | None = None) -> torch.Tensor:
+def soft_target_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
     """Cross-entropy against soft targets (N, C). Without `weight` it is timm's
     SoftTargetCrossEntropy; with per-class weights, each sample counts ``targets @ weight``, and the
     mean divides by the summed counts: for one-hot targets exactly ``F.cross_entropy(..., weight=)``

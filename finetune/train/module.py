@@ -15,15 +15,14 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MultilabelExactMatch, MultilabelF1Score
 
+from finetune.compute.speed import to_channels_last
 from finetune.data.transforms import normalize_on_device
 from finetune.errors import NonFiniteLossError
 from finetune.model.build import CHECKPOINT_KEY
 from finetune.model.classifier import Classifier
 from finetune.train.mixing import BatchMixer, soft_target_cross_entropy
-from finetune.use.multilabel import PresentLabelsAveragePrecision
 from finetune.train.optim import build_optimizer, build_scheduler, optimizer_settings, param_groups
-from finetune.compute.speed import to_channels_last
-
+from finetune.use.multilabel import PresentLabelsAveragePrecision
 
 
 class ClassifierModule(L.LightningModule):
@@ -31,7 +30,8 @@ class ClassifierModule(L.LightningModule):
     (and ``val/acc_top5`` with 5+ classes; ``test/*`` likewise) per epoch, and the lr of every
     optimizer group. Steps only update torchmetrics accumulators (exact over the epoch and across
     DDP ranks); each epoch's values are logged once, after its last training batch and at the end
-    of each evaluation: ``self.log`` costs about 0.4 ms a call, more than a head's whole step. `class_weights` weight the training loss (``data.balance=weighted_loss``).
+    of each evaluation: ``self.log`` costs about 0.4 ms a call, more than a head's whole step. `class_weights` weight
+    the training loss (``data.balance=weighted_loss``).
     ``inputs="features"``: batches carry the frozen backbone's cached outputs (see
     :mod:`finetune.compute.features`) and only the head runs; the model stays whole for checkpoints.
     `mixer` (:mod:`finetune.train.mixing`): training batches are mixed (mixup / cutmix, or the
@@ -42,11 +42,21 @@ class ClassifierModule(L.LightningModule):
     lists, dicts and strings, so they load with ``torch.load(weights_only=True)``.
     """
 
-    def __init__(self, model: Classifier, classes: list[str], optimizer: Mapping, scheduler: Mapping,
-                 config: Mapping | None = None, label_smoothing: float = 0.0,
-                 class_weights: torch.Tensor | None = None, inputs: str = "images", channels_last: bool = False,
-                 pixel_stats: tuple[Sequence[float], Sequence[float]] | None = None, mixer: BatchMixer | None = None,
-                 task: str = "multiclass"):
+    def __init__(
+        self,
+        model: Classifier,
+        classes: list[str],
+        optimizer: Mapping,
+        scheduler: Mapping,
+        config: Mapping | None = None,
+        label_smoothing: float = 0.0,
+        class_weights: torch.Tensor | None = None,
+        inputs: str = "images",
+        channels_last: bool = False,
+        pixel_stats: tuple[Sequence[float], Sequence[float]] | None = None,
+        mixer: BatchMixer | None = None,
+        task: str = "multiclass",
+    ):
         super().__init__()
         if inputs not in ("images", "features"):
             raise ValueError(f"inputs={inputs!r}; expected 'images' or 'features'")
@@ -69,8 +79,11 @@ class ClassifierModule(L.LightningModule):
         self.class_weights = class_weights
         self.task = task
         self.multilabel = task == "multilabel"
-        self.epoch_columns = (("train/loss", "train/f1_micro", "val/loss", "val/map") if self.multilabel
-                              else ("train/loss", "train/acc", "val/loss", "val/acc"))
+        self.epoch_columns = (
+            ("train/loss", "train/f1_micro", "val/loss", "val/map")
+            if self.multilabel
+            else ("train/loss", "train/acc", "val/loss", "val/acc")
+        )
         self.unreadable: dict[str, str] = {}  # files that failed to decode mid-run: path -> reason
         for split in ("train", "val", "test"):  # self.train_metrics, ... (a ModuleDict key cannot be "train")
             setattr(self, f"{split}_metrics", torch.nn.ModuleDict({"loss": MeanMetric(), **self._metrics(split)}))
@@ -78,17 +91,28 @@ class ClassifierModule(L.LightningModule):
     def _metrics(self, split: str) -> dict:
         n = len(self.classes)
         if self.multilabel:  # thresholds 0.5 here; the run tunes per-label thresholds at the end
-            evaluation = {} if split == "train" else {
-                "map": PresentLabelsAveragePrecision(n),
-                "f1_macro": MultilabelF1Score(num_labels=n, average="macro"),
-                "exact": MultilabelExactMatch(num_labels=n)}
+            evaluation = (
+                {}
+                if split == "train"
+                else {
+                    "map": PresentLabelsAveragePrecision(n),
+                    "f1_macro": MultilabelF1Score(num_labels=n, average="macro"),
+                    "exact": MultilabelExactMatch(num_labels=n),
+                }
+            )
             return {"f1_micro": MultilabelF1Score(num_labels=n, average="micro"), **evaluation}
-        return {"acc": MulticlassAccuracy(num_classes=n, top_k=1, average="micro"),
-                **({"acc_top5": MulticlassAccuracy(num_classes=n, top_k=5, average="micro")}
-                   if n >= 5 and split != "train" else {})}
+        return {
+            "acc": MulticlassAccuracy(num_classes=n, top_k=1, average="micro"),
+            **(
+                {"acc_top5": MulticlassAccuracy(num_classes=n, top_k=5, average="micro")}
+                if n >= 5 and split != "train"
+                else {}
+            ),
+        }
 
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None,
-             smoothing: float = 0.0) -> torch.Tensor:
+    def loss(
+        self, logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None, smoothing: float = 0.0
+    ) -> torch.Tensor:
         """The task's loss for class indices or soft targets (multiclass), multi-hot rows (multilabel:
         smoothing pulls each target toward 0.5, as timm's BinaryCrossEntropy does). Multi-label
         BCE is summed over the labels and averaged over the images: a mean over the labels too
@@ -135,7 +159,8 @@ class ClassifierModule(L.LightningModule):
         if not torch.isfinite(loss):
             lr = max(g["lr"] for g in self.optimizers().optimizer.param_groups)
             raise NonFiniteLossError(
-                f"The training loss became {loss.item()} at epoch {self.current_epoch + 1}, step {self.global_step + 1}. "
+                f"The training loss became {loss.item()} at epoch {self.current_epoch + 1}, step "
+                f"{self.global_step + 1}. "
                 f"Lower the learning rate (optimizer.lr; the largest group lr is {lr:g}) or clip gradients "
                 f"(+trainer.gradient_clip_val=1.0)."  # the run adds where its last good checkpoint is
             )
@@ -190,8 +215,15 @@ class ClassifierModule(L.LightningModule):
         for name, metric in metrics.items():
             shown = f"{split}/{name}" in self.epoch_columns[::2] + self.epoch_columns[3:]  # not the train metric
             # compute() already synced the ranks: sync_dist only tells Lightning so, batch_size=1: one value
-            self.log(f"{split}/{name}", metric.compute(), on_step=False, on_epoch=True, prog_bar=shown,
-                     sync_dist=True, batch_size=1)
+            self.log(
+                f"{split}/{name}",
+                metric.compute(),
+                on_step=False,
+                on_epoch=True,
+                prog_bar=shown,
+                sync_dist=True,
+                batch_size=1,
+            )
             metric.reset()
 
     def configure_optimizers(self):

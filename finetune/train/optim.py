@@ -25,11 +25,25 @@ def param_groups(model: Classifier, lr: float, weight_decay: float, layer_decay:
         no_decay = [p for p in trainable if p.ndim <= 1]
         group_lr = lr * layer_decay**depth
         if decay:
-            result.append({"name": group.name, "params": decay, "lr": group_lr, "weight_decay": weight_decay,
-                           "lr_scale": layer_decay**depth})
+            result.append(
+                {
+                    "name": group.name,
+                    "params": decay,
+                    "lr": group_lr,
+                    "weight_decay": weight_decay,
+                    "lr_scale": layer_decay**depth,
+                }
+            )
         if no_decay:
-            result.append({"name": f"{group.name}/no_decay", "params": no_decay, "lr": group_lr, "weight_decay": 0.0,
-                           "lr_scale": layer_decay**depth})
+            result.append(
+                {
+                    "name": f"{group.name}/no_decay",
+                    "params": no_decay,
+                    "lr": group_lr,
+                    "weight_decay": 0.0,
+                    "lr_scale": layer_decay**depth,
+                }
+            )
     grouped = {id(p) for g in result for p in g["params"]}
     orphans = [n for n, p in params.items() if p.requires_grad and id(p) not in grouped]
     if orphans:  # a parameter outside every group would silently never train
@@ -76,18 +90,22 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Mapping, max_epochs: 
     per_unit = steps_per_epoch if interval == "step" else 1
     warmup_epochs = float(cfg["warmup_epochs"] or 0)
     if warmup_epochs < 0 or (interval == "epoch" and not warmup_epochs.is_integer()):
-        raise ConfigError(f"scheduler.warmup_epochs={cfg['warmup_epochs']}: a whole number of epochs >= 0 "
-                          f"(fractions need scheduler.interval=step).")
+        raise ConfigError(
+            f"scheduler.warmup_epochs={cfg['warmup_epochs']}: a whole number of epochs >= 0 "
+            f"(fractions need scheduler.interval=step)."
+        )
     warmup = round(warmup_epochs * per_unit)
     total = max(1, max_epochs) * per_unit
     if name == "none":
         main = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0) if warmup else None
     elif name == "step":
-        main = torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, round(cfg["step_size"] * per_unit)),
-                                               gamma=cfg["gamma"])
+        main = torch.optim.lr_scheduler.StepLR(
+            optimizer, step_size=max(1, round(cfg["step_size"] * per_unit)), gamma=cfg["gamma"]
+        )
     else:
-        main = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total - warmup),
-                                                          eta_min=cfg["min_lr"])
+        main = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=max(1, total - warmup), eta_min=cfg["min_lr"]
+        )
     if warmup <= 0 or main is None:
         return main, interval
     ramp = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / (warmup + 1), total_iters=warmup)

@@ -38,8 +38,12 @@ DEFAULT_STRENGTH = 1e-4  # when cross-validation cannot run (a class with a sing
 def fit_settings(head_cfg: Mapping) -> dict:
     """``head.fit`` with its defaults (configs and checkpoints from before it existed: sgd)."""
     fit = dict(head_cfg.get("fit") or {})
-    settings = {"solver": fit.get("solver", "sgd"), "l2": fit.get("l2", "auto"), "folds": fit.get("folds", 3),
-                "iterations": fit.get("iterations", 200)}
+    settings = {
+        "solver": fit.get("solver", "sgd"),
+        "l2": fit.get("l2", "auto"),
+        "folds": fit.get("folds", 3),
+        "iterations": fit.get("iterations", 200),
+    }
     if settings["solver"] not in SOLVERS:
         raise ConfigError(f"head.fit.solver={settings['solver']!r}; choose auto, lbfgs or sgd.")
     l2 = settings["l2"]
@@ -86,8 +90,10 @@ def solver_for_run(cfg, on_features: bool, head: nn.Module, mixer, trainer_kwarg
     if not obstacles:
         return "lbfgs", f"head.fit.solver={asked}"
     if asked == "lbfgs":
-        raise ConfigError(f"head.fit.solver=lbfgs fits a linear head on a frozen backbone's cached features, but "
-                          f"{'; '.join(obstacles)}. Use head.fit.solver=auto (SGD when L-BFGS cannot run).")
+        raise ConfigError(
+            f"head.fit.solver=lbfgs fits a linear head on a frozen backbone's cached features, but "
+            f"{'; '.join(obstacles)}. Use head.fit.solver=auto (SGD when L-BFGS cannot run)."
+        )
     return "sgd", "; ".join(obstacles)
 
 
@@ -100,8 +106,14 @@ def loss_weights(splits: DataSplits, balance: str) -> torch.Tensor | None:
     return None
 
 
-def chosen_l2(cached: CachedFeatures, splits: DataSplits, settings: Mapping, seed: int,
-              weights: torch.Tensor | None, label_smoothing: float) -> tuple[float, str]:
+def chosen_l2(
+    cached: CachedFeatures,
+    splits: DataSplits,
+    settings: Mapping,
+    seed: int,
+    weights: torch.Tensor | None,
+    label_smoothing: float,
+) -> tuple[float, str]:
     """(the absolute L2 of the objective, a line for the start of the run). ``auto``: k-fold
     cross-validation, remembered beside the cached features (a sweep's trials share it)."""
     views, targets = cached.features["train"], cached.labels["train"]
@@ -117,38 +129,57 @@ def chosen_l2(cached: CachedFeatures, splits: DataSplits, settings: Mapping, see
         folds = min(folds, int(counts[counts > 0].min()))  # StratifiedKFold: every class in every fold
     if folds < 2 or len(targets) < 2 * settings["folds"]:
         l2 = DEFAULT_STRENGTH * scale
-        return l2, (f"L2 strength {DEFAULT_STRENGTH:g}: too few training images per class for cross-validation "
-                    f"(head.fit.l2=NUMBER to choose)")
+        return l2, (
+            f"L2 strength {DEFAULT_STRENGTH:g}: too few training images per class for cross-validation "
+            f"(head.fit.l2=NUMBER to choose)"
+        )
     started = time.perf_counter()
     memo = _memo_path(cached, splits.multilabel, folds, seed, weights, label_smoothing)
     choice = _read_memo(memo)
     remembered = choice is not None
     if choice is None:
-        choice = choose_l2(views, targets, outputs, DEFAULT_GRID, folds, seed, splits.multilabel, weights,
-                           label_smoothing)
+        choice = choose_l2(
+            views, targets, outputs, DEFAULT_GRID, folds, seed, splits.multilabel, weights, label_smoothing
+        )
         _write_memo(memo, choice)
     metric = "mAP" if splits.multilabel else "accuracy"
-    line = (f"L2 strength {choice.strength:.2g} (scikit-learn C {c_of(choice.l2, rows):.3g}) chosen by {folds}-fold "
-            f"cross-validation on the training split: held-out {metric} {choice.score:.4f}, "
-            f"{'remembered' if remembered else 'computed'} in "
-            f"{time.perf_counter() - started:.1f} s")
+    line = (
+        f"L2 strength {choice.strength:.2g} (scikit-learn C {c_of(choice.l2, rows):.3g}) chosen by {folds}-fold "
+        f"cross-validation on the training split: held-out {metric} {choice.score:.4f}, "
+        f"{'remembered' if remembered else 'computed'} in "
+        f"{time.perf_counter() - started:.1f} s"
+    )
     return choice.l2, line
 
 
 def _memo_path(cached: CachedFeatures, multilabel: bool, folds: int, seed: int, weights, smoothing: float):
     if cached.path is None:
         return None
-    key = json.dumps({"grid": DEFAULT_GRID, "folds": folds, "seed": seed, "multilabel": multilabel, "version": 1,
-                      "weights": None if weights is None else [round(float(w), 6) for w in weights],
-                      "label_smoothing": smoothing})
+    key = json.dumps(
+        {
+            "grid": DEFAULT_GRID,
+            "folds": folds,
+            "seed": seed,
+            "multilabel": multilabel,
+            "version": 1,
+            "weights": None if weights is None else [round(float(w), 6) for w in weights],
+            "label_smoothing": smoothing,
+        }
+    )
     return cached.path.with_name(f"{cached.path.stem}.l2-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json")
 
 
 def _read_memo(path) -> L2Choice | None:
     try:
         stored = json.loads(path.read_text())
-        return L2Choice(float(stored["l2"]), float(stored["strength"]), float(stored["score"]),
-                        tuple(stored["grid"]), tuple(stored["scores"]), int(stored["folds"]))
+        return L2Choice(
+            float(stored["l2"]),
+            float(stored["strength"]),
+            float(stored["score"]),
+            tuple(stored["grid"]),
+            tuple(stored["scores"]),
+            int(stored["folds"]),
+        )
     except (AttributeError, OSError, ValueError, KeyError, TypeError):  # none yet, or damaged: compute it
         return None
 
@@ -212,8 +243,10 @@ class OptimalHeadModule(ClassifierModule):
         def closure():
             optimizer.zero_grad()
             with torch.autocast(features.device.type, enabled=False):  # the optimum at full precision
-                loss = (self.loss(self(features), labels, weight, self.label_smoothing)
-                        + 0.5 * self.l2 * self.linear.weight.pow(2).sum())
+                loss = (
+                    self.loss(self(features), labels, weight, self.label_smoothing)
+                    + 0.5 * self.l2 * self.linear.weight.pow(2).sum()
+                )
             self.manual_backward(loss)
             return loss
 
@@ -231,9 +264,11 @@ def optimal_head_parts(cached: CachedFeatures, splits: DataSplits, cfg, seed: in
     epochs = int(cfg.trainer.max_epochs) if int(cfg.trainer.max_epochs) > 0 else 10  # -1: no limit
     per_epoch = max(1, math.ceil(settings["iterations"] / epochs))
     views = cached.features["train"]
-    line = (f"head: fitted to the optimum of its L2-regularized loss by full-batch L-BFGS ({per_epoch} iterations "
-            f"an epoch, every epoch over {views.shape[0]} view{'s' if views.shape[0] > 1 else ''} x "
-            f"{views.shape[1]} training images); {how}")
+    line = (
+        f"head: fitted to the optimum of its L2-regularized loss by full-batch L-BFGS ({per_epoch} iterations "
+        f"an epoch, every epoch over {views.shape[0]} view{'s' if views.shape[0] > 1 else ''} x "
+        f"{views.shape[1]} training images); {how}"
+    )
     return {"l2": l2, "iterations": per_epoch, "class_weights": weights}, line
 
 
@@ -250,20 +285,35 @@ def probe_first(cfg, model, backbone_name: str, splits: DataSplits, train_tf, ev
 
     linear = single_linear(model.head)
     if linear is None:
-        raise ConfigError("head.init=probe fits a linear head on the frozen backbone's features; this head is an MLP "
-                          "(head=linear, or head.init=random).")
+        raise ConfigError(
+            "head.init=probe fits a linear head on the frozen backbone's features; this head is an MLP "
+            "(head=linear, or head.init=random)."
+        )
     started = time.perf_counter()
     architecture, cache_dir = cache_settings(cfg, backbone_name)
     augmented = augmentation_is_random(cfg.augment)
-    cached = cached_features(model.backbone, architecture, {split: getattr(splits, split) for split in SPLITS},
-                             train_tf, eval_tf, augmented, cfg.data.cache.views, cache_dir, cfg.data.batch_size,
-                             num_workers, speed, cfg.seed, len(splits.classes) if splits.multilabel else None)
+    cached = cached_features(
+        model.backbone,
+        architecture,
+        {split: getattr(splits, split) for split in SPLITS},
+        train_tf,
+        eval_tf,
+        augmented,
+        cfg.data.cache.views,
+        cache_dir,
+        cfg.data.batch_size,
+        num_workers,
+        speed,
+        cfg.seed,
+        len(splits.classes) if splits.multilabel else None,
+    )
     settings, weights = fit_settings(cfg.head), loss_weights(splits, cfg.data.balance)
     l2, how = chosen_l2(cached, splits, settings, cfg.seed, weights, cfg.loss.label_smoothing)
     rows, targets = view_rows(cached.features["train"], cached.labels["train"])
     problem = Problem(rows, targets, len(splits.classes), splits.multilabel, weights, cfg.loss.label_smoothing)
-    weight, bias = fit(problem, l2, (linear.weight.detach().cpu(), linear.bias.detach().cpu()),
-                       max_iter=settings["iterations"])
+    weight, bias = fit(
+        problem, l2, (linear.weight.detach().cpu(), linear.bias.detach().cpu()), max_iter=settings["iterations"]
+    )
     with torch.no_grad():
         linear.weight.copy_(weight)
         linear.bias.copy_(bias)
@@ -271,8 +321,20 @@ def probe_first(cfg, model, backbone_name: str, splits: DataSplits, train_tf, ev
     score = ""
     if logits is not None and not splits.multilabel:
         score = f", val/acc {float((logits.argmax(dim=1) == cached.labels['val']).float().mean()):.4f}"
-    log.info("LP-FT: probe head fitted to the optimum on the frozen backbone's features (%s)%s, in %.1f s; "
-             "every layer trains from it", how, score, time.perf_counter() - started)
+    log.info(
+        "LP-FT: probe head fitted to the optimum on the frozen backbone's features (%s)%s, in %.1f s; "
+        "every layer trains from it",
+        how,
+        score,
+        time.perf_counter() - started,
+    )
 
 
-__all__ = ["FullBatchFeatureDataModule", "OptimalHeadModule", "fit_settings", "optimal_head_parts", "probe_first", "solver_for_run"]
+__all__ = [
+    "FullBatchFeatureDataModule",
+    "OptimalHeadModule",
+    "fit_settings",
+    "optimal_head_parts",
+    "probe_first",
+    "solver_for_run",
+]

@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep, Transformer
@@ -88,8 +89,10 @@ def distribution(override: Override) -> Any:
         choices = list(override.sweep_iterator(transformer=Transformer.encode))
         wrong = [c for c in choices if not isinstance(c, (str, int, float, bool, type(None)))]
         if wrong:
-            raise ConfigError(f"{override.input_line}: a choice for Optuna is a number, a string, a boolean or "
-                              f"null, not {wrong[0]!r}; list such values under {key} instead.")
+            raise ConfigError(
+                f"{override.input_line}: a choice for Optuna is a number, a string, a boolean or "
+                f"null, not {wrong[0]!r}; list such values under {key} instead."
+            )
         return CategoricalDistribution(choices)
     raise ConfigError(f"{override.input_line}: Optuna takes interval(...), range(...) or choice(...) sweeps.")
 
@@ -103,14 +106,25 @@ def trial_overrides(params: dict[str, Any], fixed: dict[str, str]) -> list[str]:
 class OptunaSweeper(Sweeper):
     """Hydra sweeper over an Optuna study (the module docstring has the contract)."""
 
-    def __init__(self, sampler: DictConfig, direction: Any = "minimize", storage: str | None = None,
-                 study_name: str | None = None, n_trials: int = 20, n_jobs: int = 2,
-                 max_failure_rate: float = 0.0, params: DictConfig | None = None) -> None:
-        directions = list(direction) if OmegaConf.is_list(direction) or isinstance(direction, (list, tuple)) \
-            else [direction]
+    def __init__(
+        self,
+        sampler: DictConfig,
+        direction: Any = "minimize",
+        storage: str | None = None,
+        study_name: str | None = None,
+        n_trials: int = 20,
+        n_jobs: int = 2,
+        max_failure_rate: float = 0.0,
+        params: DictConfig | None = None,
+    ) -> None:
+        directions = (
+            list(direction) if OmegaConf.is_list(direction) or isinstance(direction, (list, tuple)) else [direction]
+        )
         if len(directions) != 1 or str(directions[0]) not in ("maximize", "minimize"):
-            raise ConfigError(f"hydra.sweeper.direction={direction}: set maximize or minimize. The sweeper "
-                              "optimizes one objective, the number each run returns.")
+            raise ConfigError(
+                f"hydra.sweeper.direction={direction}: set maximize or minimize. The sweeper "
+                "optimizes one objective, the number each run returns."
+            )
         if not 0.0 <= float(max_failure_rate) <= 1.0:
             raise ConfigError(f"hydra.sweeper.max_failure_rate={max_failure_rate}: a share between 0.0 and 1.0.")
         if int(n_trials) < 1 or int(n_jobs) < 1:
@@ -133,7 +147,8 @@ class OptunaSweeper(Sweeper):
         self.config = config
         self.hydra_context = hydra_context
         self.launcher = Plugins.instance().instantiate_launcher(
-            hydra_context=hydra_context, task_function=task_function, config=config)
+            hydra_context=hydra_context, task_function=task_function, config=config
+        )
 
     def sweep(self, arguments: list[str]) -> None:
         import optuna
@@ -147,13 +162,25 @@ class OptunaSweeper(Sweeper):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
 
-        study = optuna.create_study(study_name=self.study_name, storage=self.storage, sampler=sampler,
-                                    direction=self.direction, load_if_exists=True)
+        study = optuna.create_study(
+            study_name=self.study_name,
+            storage=self.storage,
+            sampler=sampler,
+            direction=self.direction,
+            load_if_exists=True,
+        )
         _check_continues(study, distributions)
         log = setup()
-        log.info("Optuna study %s (%s, %s, %d trials before this sweep): %d trials, %d at a time, %s",
-                 study.study_name, _hide_password(self.storage) if self.storage else "in memory",
-                 type(study.sampler).__name__, len(study.trials), self.n_trials, self.n_jobs, self.direction)
+        log.info(
+            "Optuna study %s (%s, %s, %d trials before this sweep): %d trials, %d at a time, %s",
+            study.study_name,
+            _hide_password(self.storage) if self.storage else "in memory",
+            type(study.sampler).__name__,
+            len(study.trials),
+            self.n_trials,
+            self.n_jobs,
+            self.direction,
+        )
         to_go = self.n_trials
         while to_go > 0:
             trials = [study.ask(distributions) for _ in range(min(self.n_jobs, to_go))]
@@ -162,8 +189,13 @@ class OptunaSweeper(Sweeper):
             # process's trials interleave go one launch each.
             contiguous = numbers == list(range(numbers[0], numbers[0] + len(numbers)))
             batches = [trials] if contiguous else [[t] for t in trials]
-            returns = [ret for batch in batches for ret in self.launcher.launch(
-                [trial_overrides(t.params, fixed) for t in batch], initial_job_idx=batch[0].number)]
+            returns = [
+                ret
+                for batch in batches
+                for ret in self.launcher.launch(
+                    [trial_overrides(t.params, fixed) for t in batch], initial_job_idx=batch[0].number
+                )
+            ]
             failures = [error for trial, ret in zip(trials, returns) if (error := self._tell(study, trial, ret))]
             if len(failures) / len(returns) > self.max_failure_rate:
                 first = failures[0]
@@ -182,11 +214,15 @@ class OptunaSweeper(Sweeper):
 
         target = str(OmegaConf.select(self.sampler_config, "_target_", default=""))
         if not target.startswith(SAMPLERS):
-            raise ConfigError(f"hydra.sweeper.sampler._target_={target or '(none)'}: name one of Optuna's samplers "
-                              f"({SAMPLERS}TPESampler, RandomSampler, CmaEsSampler, ...).")
+            raise ConfigError(
+                f"hydra.sweeper.sampler._target_={target or '(none)'}: name one of Optuna's samplers "
+                f"({SAMPLERS}TPESampler, RandomSampler, CmaEsSampler, ...)."
+            )
         if target == SAMPLERS + "GridSampler":
-            raise ConfigError("GridSampler: for a grid use Hydra's own sweeper, without +hparams_search: "
-                              "finetune -m optimizer.lr=0.001,0.01 head.dropout=0,0.2")
+            raise ConfigError(
+                "GridSampler: for a grid use Hydra's own sweeper, without +hparams_search: "
+                "finetune -m optimizer.lr=0.001,0.01 head.dropout=0,0.2"
+            )
         return instantiate(self.sampler_config)
 
     def _tell(self, study: Any, trial: Any, ret: JobReturn) -> Any:
@@ -223,14 +259,25 @@ class OptunaSweeper(Sweeper):
         import optuna
 
         if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
-            raise SweepFailed(f"No trial of study {study.study_name} completed: {sweep_dir / 'summary.csv'} "
-                              "lists each trial's error.")
+            raise SweepFailed(
+                f"No trial of study {study.study_name} completed: {sweep_dir / 'summary.csv'} lists each trial's error."
+            )
         best = study.best_trial
-        results = {"name": "optuna", "study_name": study.study_name, "best_trial": best.number,
-                   "best_params": best.params, "best_value": best.value}
+        results = {
+            "name": "optuna",
+            "study_name": study.study_name,
+            "best_trial": best.number,
+            "best_params": best.params,
+            "best_value": best.value,
+        }
         OmegaConf.save(OmegaConf.create(results), sweep_dir / RESULTS_FILE)
-        setup().info("best trial of study %s: %d, value %s, %s", study.study_name, best.number, best.value,
-                     " ".join(trial_overrides(best.params, {})))
+        setup().info(
+            "best trial of study %s: %d, value %s, %s",
+            study.study_name,
+            best.number,
+            best.value,
+            " ".join(trial_overrides(best.params, {})),
+        )
 
 
 def _check_continues(study: Any, distributions: dict[str, Any]) -> None:
@@ -243,9 +290,11 @@ def _check_continues(study: Any, distributions: dict[str, Any]) -> None:
         try:
             check_distribution_compatibility(known.get(key, new), new)
         except ValueError as err:
-            raise ConfigError(f"{key}: study {study.study_name} searched it as {known[key]}, this sweep as {new} "
-                              f"({err}). Search it as before, or start a study of its own: "
-                              "hydra.sweeper.study_name=NEW_NAME.") from None
+            raise ConfigError(
+                f"{key}: study {study.study_name} searched it as {known[key]}, this sweep as {new} "
+                f"({err}). Search it as before, or start a study of its own: "
+                "hydra.sweeper.study_name=NEW_NAME."
+            ) from None
 
 
 def _flat(params: Any, prefix: str = "") -> dict[str, Any]:

@@ -36,8 +36,11 @@ class EpochTable(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # The module names its four metrics (multi-label runs show train/f1_micro and val/map).
         self.columns = ("epoch", *getattr(pl_module, "epoch_columns", COLUMNS[1:5]), *COLUMNS[5:])
-        log.info("%s\n%s", _row(self.columns, self.columns),
-                 _row(("-" * max(w, len(c)) for w, c in zip(WIDTHS, self.columns)), self.columns))
+        log.info(
+            "%s\n%s",
+            _row(self.columns, self.columns),
+            _row(("-" * max(w, len(c)) for w, c in zip(WIDTHS, self.columns)), self.columns),
+        )
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._started = time.perf_counter()

@@ -9,8 +9,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import DictConfig
 import torch
+from omegaconf import DictConfig
 from torch import nn
 
 from finetune.compute.speed import Speed
@@ -66,14 +66,23 @@ def log_start(cfg: DictConfig, backbone: Backbone, model: Classifier, speed: Spe
     data_config = backbone.data_config
     auto = cfg.optimizer.lr == "auto"
     optimizer = {**cfg.optimizer, "lr": 1.0} if auto else cfg.optimizer
-    log.info("\n".join([
-        f"backbone: {backbone.name}, weights: {backbone.weights}",
-        f"  input {height}x{width}, {data_config['interpolation']}, mean {tuple(round(m, 3) for m in data_config['mean'])},"
-        f" std {tuple(round(s, 3) for s in data_config['std'])}, crop_pct {data_config['crop_pct']}",
-        groups_table(model, group_lrs(model, optimizer)),
-        *(["  optimizer.lr=auto: the lr finder runs first; lrs above are multiples of what it finds"] if auto else []),
-        speed.describe(),
-    ]))
+    log.info(
+        "\n".join(
+            [
+                f"backbone: {backbone.name}, weights: {backbone.weights}",
+                f"  input {height}x{width}, {data_config['interpolation']}, mean "
+                f"{tuple(round(m, 3) for m in data_config['mean'])},"
+                f" std {tuple(round(s, 3) for s in data_config['std'])}, crop_pct {data_config['crop_pct']}",
+                groups_table(model, group_lrs(model, optimizer)),
+                *(
+                    ["  optimizer.lr=auto: the lr finder runs first; lrs above are multiples of what it finds"]
+                    if auto
+                    else []
+                ),
+                speed.describe(),
+            ]
+        )
+    )
 
 
 def log_techniques(cfg: DictConfig, mixer) -> None:
@@ -101,8 +110,10 @@ def log_techniques(cfg: DictConfig, mixer) -> None:
         lines.append(f"stochastic depth: drop_path_rate {cfg.backbone.drop_path_rate:g}")
     if cfg.scheduler.get("warmup_epochs"):
         n = cfg.scheduler.warmup_epochs
-        lines.append(f"lr warm-up: {n:g} epoch{'' if n == 1 else 's'}, then {cfg.scheduler.name} "
-                     f"(stepped every {cfg.scheduler.get('interval', 'epoch')})")
+        lines.append(
+            f"lr warm-up: {n:g} epoch{'' if n == 1 else 's'}, then {cfg.scheduler.name} "
+            f"(stepped every {cfg.scheduler.get('interval', 'epoch')})"
+        )
     if cfg.get("tta", "none") != "none":
         from finetune.use.tta import TTA_MODES
 
@@ -111,8 +122,9 @@ def log_techniques(cfg: DictConfig, mixer) -> None:
         log.info("techniques:\n" + "\n".join(f"  {line}" for line in lines))
 
 
-def score_with_tta(cfg: DictConfig, model: Classifier, splits: DataSplits, backbone: Backbone,
-                   evaluation: dict | None = None) -> dict[str, float]:
+def score_with_tta(
+    cfg: DictConfig, model: Classifier, splits: DataSplits, backbone: Backbone, evaluation: dict | None = None
+) -> dict[str, float]:
     """The test split (else the validation split) scored with ``cfg.tta``'s views, logged with
     the number of views: ``{split}/acc_tta``, ``{split}/loss_tta``, ``tta_views`` (multi-label:
     ``{split}/map_tta`` and ``{split}/f1_micro_tta`` by the decision rule of `evaluation`)."""
@@ -124,23 +136,55 @@ def score_with_tta(cfg: DictConfig, model: Classifier, splits: DataSplits, backb
     if splits.multilabel:
         from finetune.use.multilabel import evaluate_multilabel
 
-        scored = evaluate_multilabel(model, data_config, getattr(splits, split), splits.classes,
-                                     list(evaluation["thresholds"].values()), cfg.tta, cfg.data.batch_size,
-                                     evaluation["min_labels"], evaluation["max_labels"])
-        log.info("test-time augmentation (%s, %d views per image) on the %s split: %s/map %.4f",
-                 cfg.tta, scored["views"], split, split, scored["map"])
-        return {f"{split}/map_tta": scored["map"], f"{split}/f1_micro_tta": scored["f1_micro"],
-                f"{split}/loss_tta": scored["loss"], "tta_views": float(scored["views"])}
-    scores = evaluate_with_tta(model, data_config, getattr(splits, split), splits.classes, cfg.tta,
-                               cfg.data.batch_size)
-    log.info("test-time augmentation (%s, %d views per image) on the %s split: %s/acc %.4f",
-             cfg.tta, scores["views"], split, split, scores["acc"])
+        scored = evaluate_multilabel(
+            model,
+            data_config,
+            getattr(splits, split),
+            splits.classes,
+            list(evaluation["thresholds"].values()),
+            cfg.tta,
+            cfg.data.batch_size,
+            evaluation["min_labels"],
+            evaluation["max_labels"],
+        )
+        log.info(
+            "test-time augmentation (%s, %d views per image) on the %s split: %s/map %.4f",
+            cfg.tta,
+            scored["views"],
+            split,
+            split,
+            scored["map"],
+        )
+        return {
+            f"{split}/map_tta": scored["map"],
+            f"{split}/f1_micro_tta": scored["f1_micro"],
+            f"{split}/loss_tta": scored["loss"],
+            "tta_views": float(scored["views"]),
+        }
+    scores = evaluate_with_tta(model, data_config, getattr(splits, split), splits.classes, cfg.tta, cfg.data.batch_size)
+    log.info(
+        "test-time augmentation (%s, %d views per image) on the %s split: %s/acc %.4f",
+        cfg.tta,
+        scores["views"],
+        split,
+        split,
+        scores["acc"],
+    )
     return {f"{split}/acc_tta": scores["acc"], f"{split}/loss_tta": scores["loss"], "tta_views": float(scores["views"])}
 
 
-def draw_pictures(cfg: DictConfig, model: Classifier, splits: DataSplits, eval_tf, backbone: Backbone,
-                  history: list[dict], output_dir: Path, loggers, evaluation: dict | None = None,
-                  temperature: float = 1.0) -> list:
+def draw_pictures(
+    cfg: DictConfig,
+    model: Classifier,
+    splits: DataSplits,
+    eval_tf,
+    backbone: Backbone,
+    history: list[dict],
+    output_dir: Path,
+    loggers,
+    evaluation: dict | None = None,
+    temperature: float = 1.0,
+) -> list:
     """The run's pictures (config group viz), also sent to W&B when it is on. Multi-label runs
     draw theirs at the tuned thresholds of `evaluation`; multi-class runs' reliability diagram
     compares the softmax with the calibrated one at `temperature`."""
@@ -150,10 +194,25 @@ def draw_pictures(cfg: DictConfig, model: Classifier, splits: DataSplits, eval_t
 
     data_config = with_input_size(backbone.data_config, cfg.data.image_size)
     thresholds = list(evaluation["thresholds"].values()) if evaluation else None
-    pictures = write_pictures(model, splits.classes, splits.val, eval_tf, data_config, output_dir / "viz", history,
-                              cfg.viz.layers, cfg.viz.channels, cfg.viz.top_k, cfg.viz.max_images,
-                              cfg.data.batch_size, cfg.seed, thresholds, splits.train if splits.multilabel else None,
-                              temperature, page={"summary_path": output_dir / "summary.json"})
+    pictures = write_pictures(
+        model,
+        splits.classes,
+        splits.val,
+        eval_tf,
+        data_config,
+        output_dir / "viz",
+        history,
+        cfg.viz.layers,
+        cfg.viz.channels,
+        cfg.viz.top_k,
+        cfg.viz.max_images,
+        cfg.data.batch_size,
+        cfg.seed,
+        thresholds,
+        splits.train if splits.multilabel else None,
+        temperature,
+        page={"summary_path": output_dir / "summary.json"},
+    )
     for logger in loggers:
         if hasattr(logger, "log_image"):  # WandbLogger
             for picture in pictures:
@@ -220,14 +279,29 @@ def log_end(result: FitResult) -> None:
     best_epoch = int(m["epoch"]) if "epoch" in m else "?"
     shown = ("val/acc", "val/loss", "val/acc_top5", "train/loss", "train/acc", "test/acc")
     if result.headline == "val/map":
-        shown = ("val/map", "val/loss", "val/f1_micro", "val/f1_micro_tuned", "val/exact", "val/exact_tuned",
-                 "train/loss", "test/map", "test/f1_micro_tuned")
-    lines = [f"best epoch {best_epoch} of {len(result.history)}: " + ", ".join(
-        f"{k}={m[k]:.4f}" for k in shown if k in m)]
+        shown = (
+            "val/map",
+            "val/loss",
+            "val/f1_micro",
+            "val/f1_micro_tuned",
+            "val/exact",
+            "val/exact_tuned",
+            "train/loss",
+            "test/map",
+            "test/f1_micro_tuned",
+        )
+    lines = [
+        f"best epoch {best_epoch} of {len(result.history)}: " + ", ".join(f"{k}={m[k]:.4f}" for k in shown if k in m)
+    ]
     if result.data_report and result.data_report.skipped:
-        lines.append(f"skipped {len(result.data_report.skipped)} unreadable or non-image files (listed in summary.json)")
-    lines += [f"  {name}: {path}" + (f" (offline runs upload with: wandb sync {path}/offline-run-*)"
-                                     if name == "wandb" else "") for name, path in result.outputs.items()]
+        lines.append(
+            f"skipped {len(result.data_report.skipped)} unreadable or non-image files (listed in summary.json)"
+        )
+    lines += [
+        f"  {name}: {path}"
+        + (f" (offline runs upload with: wandb sync {path}/offline-run-*)" if name == "wandb" else "")
+        for name, path in result.outputs.items()
+    ]
     if result.headline in m:
         lines.append(f"{result.headline}={m[result.headline]:.4f}")
     log.info("\n".join(lines))

@@ -40,13 +40,19 @@ from finetune.train.loggers import finish_wandb, log_best
 from finetune.train.lr_find import lr_for_run
 from finetune.train.mixing import batch_mixer
 from finetune.train.module import ClassifierModule
-from finetune.train.optimal_head import FullBatchFeatureDataModule, OptimalHeadModule, fit_settings, optimal_head_parts, \
-    probe_first, solver_for_run
+from finetune.train.optimal_head import (
+    FullBatchFeatureDataModule,
+    OptimalHeadModule,
+    fit_settings,
+    optimal_head_parts,
+    probe_first,
+    solver_for_run,
+)
 from finetune.train.report import FitResult
-from finetune.train.thresholds import label_count_bounds, tune_and_store
-from finetune.train.trust import calibrate_and_store
 from finetune.train.run_folder import RunFolder, make_folder
+from finetune.train.thresholds import label_count_bounds, tune_and_store
 from finetune.train.trainer import build_trainer
+from finetune.train.trust import calibrate_and_store
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +88,18 @@ def run(cfg: DictConfig, callbacks: Sequence = ()) -> FitResult:
     with RunFolder(cfg, output_dir) as folder, run_log(output_dir):
         p = prepare(cfg, config, output_dir, resume_from=folder.resume_from)
         splits, module, data = p.splits, p.module, p.data
-        resume = Resume(folder.resume_from, output_dir, cfg.seed, config, splits.classes,
-                        cfg.callbacks.checkpoint.min_write_interval_s)
+        resume = Resume(
+            folder.resume_from,
+            output_dir,
+            cfg.seed,
+            config,
+            splits.classes,
+            cfg.callbacks.checkpoint.min_write_interval_s,
+        )
         history = MetricsHistory()
-        trainer, checkpoint, loggers = build_trainer(cfg, p.trainer_kwargs, module.model, history, resume,
-                                                     output_dir, config, callbacks)
+        trainer, checkpoint, loggers = build_trainer(
+            cfg, p.trainer_kwargs, module.model, history, resume, output_dir, config, callbacks
+        )
         data.starting_epoch = lambda: epochs_begun(trainer)  # exact resume with DataLoader workers
         try:
             if cfg.data.find_batch_size:
@@ -98,9 +111,22 @@ def run(cfg: DictConfig, callbacks: Sequence = ()) -> FitResult:
             if trainer.is_global_zero:
                 log_best(loggers, best)
             model = module.model.cpu().eval().to(memory_format=torch.contiguous_format)
-            pictures = report.draw_pictures(cfg, model, splits, p.eval_tf, p.backbone, history.epochs, output_dir,
-                                            loggers, evaluation, best.get("temperature", 1.0)) \
-                if trainer.is_global_zero else []
+            pictures = (
+                report.draw_pictures(
+                    cfg,
+                    model,
+                    splits,
+                    p.eval_tf,
+                    p.backbone,
+                    history.epochs,
+                    output_dir,
+                    loggers,
+                    evaluation,
+                    best.get("temperature", 1.0),
+                )
+                if trainer.is_global_zero
+                else []
+            )
         except Exception as err:
             explained = explain_failure(err, cfg.data.batch_size, output_dir)
             if explained is err:
@@ -110,8 +136,18 @@ def run(cfg: DictConfig, callbacks: Sequence = ()) -> FitResult:
             finish_wandb()
 
         p.data_report.add_unreadable(module.unreadable)
-        result = FitResult(best, best_path, list(splits.classes), model, output_dir, config, history.epochs,
-                           report.outputs(output_dir, best_path, loggers, pictures), p.data_report, evaluation)
+        result = FitResult(
+            best,
+            best_path,
+            list(splits.classes),
+            model,
+            output_dir,
+            config,
+            history.epochs,
+            report.outputs(output_dir, best_path, loggers, pictures),
+            p.data_report,
+            evaluation,
+        )
         if trainer.is_global_zero:
             report.write_summary(result, time.perf_counter() - started)
             report.write_page(result, pictures)
@@ -119,8 +155,9 @@ def run(cfg: DictConfig, callbacks: Sequence = ()) -> FitResult:
     return result
 
 
-def prepare(cfg: DictConfig, config: dict, output_dir: Path, resume_from: Path | None = None,
-            find_lr: bool = True) -> Prepared:
+def prepare(
+    cfg: DictConfig, config: dict, output_dir: Path, resume_from: Path | None = None, find_lr: bool = True
+) -> Prepared:
     """Data (checked), model, speed settings, data module and LightningModule, with the start table
     logged. ``optimizer.lr=auto`` runs the lr finder here (unless `find_lr` is false) and writes
     the lr it found into `config`, which the checkpoints carry."""
@@ -138,20 +175,26 @@ def prepare(cfg: DictConfig, config: dict, output_dir: Path, resume_from: Path |
     probe = cfg.head.get("init", "random") == "probe" and resume_from is None  # a resumed run has its weights
     data, eval_tf = _datamodule(cfg, model, backbone, splits, data_report, speed, probe)
     on_features = isinstance(data, FeatureDataModule)
-    mixer = batch_mixer(cfg.mixup, cfg.cutmix, len(splits.classes), cfg.loss.label_smoothing, on_features,
-                        splits.multilabel)
+    mixer = batch_mixer(
+        cfg.mixup, cfg.cutmix, len(splits.classes), cfg.loss.label_smoothing, on_features, splits.multilabel
+    )
     report.log_techniques(cfg, mixer)
     solver, why = solver_for_run(cfg, on_features, model.head, mixer, trainer_kwargs)
-    module_kwargs = dict(label_smoothing=cfg.loss.label_smoothing,
-                         class_weights=class_weights(splits) if cfg.data.balance == "weighted_loss" else None,
-                         inputs="features" if on_features else "images", channels_last=speed.channels_last,
-                         pixel_stats=(backbone.data_config["mean"], backbone.data_config["std"]), mixer=mixer,
-                         task=splits.task)
+    module_kwargs = dict(
+        label_smoothing=cfg.loss.label_smoothing,
+        class_weights=class_weights(splits) if cfg.data.balance == "weighted_loss" else None,
+        inputs="features" if on_features else "images",
+        channels_last=speed.channels_last,
+        pixel_stats=(backbone.data_config["mean"], backbone.data_config["std"]),
+        mixer=mixer,
+        task=splits.task,
+    )
     if solver == "lbfgs":
         parts, line = optimal_head_parts(data.cached, splits, cfg, cfg.seed)
         log.info(line)
-        module = OptimalHeadModule(model, splits.classes, cfg.optimizer, cfg.scheduler, config,
-                                   **(module_kwargs | parts))
+        module = OptimalHeadModule(
+            model, splits.classes, cfg.optimizer, cfg.scheduler, config, **(module_kwargs | parts)
+        )
         data = FullBatchFeatureDataModule(data.cached, splits, cfg.data.batch_size, cfg.data.balance, cfg.seed)
         trainer_kwargs["log_every_n_steps"] = 1  # one step an epoch
         return Prepared(splits, data_report, backbone, module, data, eval_tf, speed, trainer_kwargs)
@@ -166,8 +209,15 @@ def prepare(cfg: DictConfig, config: dict, output_dir: Path, resume_from: Path |
     return Prepared(splits, data_report, backbone, module, data, eval_tf, speed, trainer_kwargs)
 
 
-def _datamodule(cfg: DictConfig, model: Classifier, backbone: Backbone, splits: DataSplits, data_report: DataReport,
-                speed, probe: bool = False) -> tuple[L.LightningDataModule, object]:
+def _datamodule(
+    cfg: DictConfig,
+    model: Classifier,
+    backbone: Backbone,
+    splits: DataSplits,
+    data_report: DataReport,
+    speed,
+    probe: bool = False,
+) -> tuple[L.LightningDataModule, object]:
     """(the run's data module, the evaluation pipeline): the frozen backbone's cached features
     when nothing below the head trains, else images (decoded once into memory when they fit),
     as uint8 batches normalized on the training device by the module. `probe`: on images, the
@@ -181,13 +231,16 @@ def _datamodule(cfg: DictConfig, model: Classifier, backbone: Backbone, splits: 
     else:
         if probe:
             probe_first(cfg, model, backbone.name, splits, train_tf, eval_tf, speed, file_workers)
-        uint8_train_tf, uint8_eval_tf = build_transforms(backbone.data_config, cfg.augment, cfg.data.image_size,
-                                                         seed=cfg.seed, normalize=False)
-        decoded = decoded_images(cfg.data.cache, splits, backbone.data_config, cfg.data.image_size, data_report,
-                                 usable_cores())  # decoding threads: all cores
+        uint8_train_tf, uint8_eval_tf = build_transforms(
+            backbone.data_config, cfg.augment, cfg.data.image_size, seed=cfg.seed, normalize=False
+        )
+        decoded = decoded_images(
+            cfg.data.cache, splits, backbone.data_config, cfg.data.image_size, data_report, usable_cores()
+        )  # decoding threads: all cores
         workers = resolve_num_workers(cfg.data.num_workers, speed.device, in_memory=decoded is not None)
-        data = ImageDataModule(decoded or splits, uint8_train_tf, uint8_eval_tf, cfg.data.batch_size, workers,
-                               cfg.data.balance, cfg.seed)
+        data = ImageDataModule(
+            decoded or splits, uint8_train_tf, uint8_eval_tf, cfg.data.batch_size, workers, cfg.data.balance, cfg.seed
+        )
         if speed.channels_last:
             model.to(memory_format=torch.channels_last)
     if speed.compile:
@@ -195,8 +248,16 @@ def _datamodule(cfg: DictConfig, model: Classifier, backbone: Backbone, splits: 
     return data, eval_tf
 
 
-def _best_metrics(cfg: DictConfig, trainer: L.Trainer, module: ClassifierModule, data, history: MetricsHistory,
-                  best_path: Path | None, splits: DataSplits, backbone: Backbone) -> tuple[dict[str, float], dict | None]:
+def _best_metrics(
+    cfg: DictConfig,
+    trainer: L.Trainer,
+    module: ClassifierModule,
+    data,
+    history: MetricsHistory,
+    best_path: Path | None,
+    splits: DataSplits,
+    backbone: Backbone,
+) -> tuple[dict[str, float], dict | None]:
     """(the best epoch's metrics, the multi-label evaluation or None), with the best weights loaded
     into `module` and, when the data have a held-out test split, its ``test/*`` scores (computed
     once, here). Multi-label runs tune their thresholds here (:mod:`finetune.train.thresholds`),
@@ -212,13 +273,26 @@ def _best_metrics(cfg: DictConfig, trainer: L.Trainer, module: ClassifierModule,
         best.update({k: float(v) for k, v in trainer.test(module, datamodule=data, verbose=False)[0].items()})
     evaluation = None
     if splits.multilabel and trainer.is_global_zero:
-        tuned, evaluation = tune_and_store(module, data, best_path, bool(splits.test), cfg.multilabel.thresholds,
-                                           *label_count_bounds(cfg.multilabel.label_count, splits))
+        tuned, evaluation = tune_and_store(
+            module,
+            data,
+            best_path,
+            bool(splits.test),
+            cfg.multilabel.thresholds,
+            *label_count_bounds(cfg.multilabel.label_count, splits),
+        )
         best.update(tuned)
     elif trainer.is_global_zero:
         data_config = with_input_size(backbone.data_config, cfg.data.image_size)
-        calibrated, _ = calibrate_and_store(module, splits, data_config, best_path, cfg.trust, cfg.data.batch_size,
-                                            data.cached if isinstance(data, FeatureDataModule) else None)
+        calibrated, _ = calibrate_and_store(
+            module,
+            splits,
+            data_config,
+            best_path,
+            cfg.trust,
+            cfg.data.batch_size,
+            data.cached if isinstance(data, FeatureDataModule) else None,
+        )
         best.update(calibrated)
     if cfg.tta != "none" and trainer.is_global_zero:
         best.update(report.score_with_tta(cfg, module.model, splits, backbone, evaluation))

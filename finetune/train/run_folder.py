@@ -142,8 +142,10 @@ class RunFolder:
 
 
 def _busy(output_dir: Path, holder: str) -> str:
-    return (f"Another finetune run (pid {holder}) is writing to {output_dir}: two runs in one folder overwrite "
-            f"each other's checkpoints. Wait for it to end, or give this run its own folder with hydra.run.dir=DIR.")
+    return (
+        f"Another finetune run (pid {holder}) is writing to {output_dir}: two runs in one folder overwrite "
+        f"each other's checkpoints. Wait for it to end, or give this run its own folder with hydra.run.dir=DIR."
+    )
 
 
 def busy_refusal(output_dir: Path) -> str | None:
@@ -190,15 +192,19 @@ def reuse_refusal(cfg: DictConfig, output_dir: Path) -> str | None:
     if overwrite not in (True, False, None):
         return f"overwrite={overwrite!r}: it must be true or false."
     if overwrite and (resume is True or cfg.get("ckpt_path")):
-        return ("overwrite=true deletes the folder's checkpoints, and resume=true / ckpt_path continues "
-                "from one: give one of them, not both.")
+        return (
+            "overwrite=true deletes the folder's checkpoints, and resume=true / ckpt_path continues "
+            "from one: give one of them, not both."
+        )
     if overwrite or resume is True or _inside(cfg.get("ckpt_path"), output_dir) or not used(output_dir):
         return None
     if any(output_dir.glob("hpc_ckpt_*.ckpt")):  # a requeued SLURM job: Lightning continues from that file
         return None
-    return (f"{output_dir} holds a run already (summary.json or checkpoints); a new run there would replace its "
-            f"checkpoints and metrics. Continue it with resume=true, replace it with overwrite=true, or give this "
-            f"run its own folder with hydra.run.dir=DIR.")
+    return (
+        f"{output_dir} holds a run already (summary.json or checkpoints); a new run there would replace its "
+        f"checkpoints and metrics. Continue it with resume=true, replace it with overwrite=true, or give this "
+        f"run its own folder with hydra.run.dir=DIR."
+    )
 
 
 def make_folder(output_dir: Path) -> Path:
@@ -211,8 +217,10 @@ def make_folder(output_dir: Path) -> Path:
         probe.touch()
         probe.unlink()
     except OSError as err:
-        raise ConfigError(f"Cannot write the run's outputs to {output_dir} ({err.strerror or err}): choose a folder "
-                          f"you can write to with hydra.run.dir=DIR.") from None
+        raise ConfigError(
+            f"Cannot write the run's outputs to {output_dir} ({err.strerror or err}): choose a folder "
+            f"you can write to with hydra.run.dir=DIR."
+        ) from None
     return output_dir
 
 

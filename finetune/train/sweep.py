@@ -91,12 +91,25 @@ class SweepSummary(Callback):
             return
         # The table shows what varies between trials; the CSV keeps every override.
         shared = set.intersection(*(set(r["overrides"].split()) for r in rows))
-        table = [[r["rank"] or "-", r["job"], r["status"], "-" if r[self.objective] is None else f"{r[self.objective]:.4f}",
-                  " ".join(o for o in r["overrides"].split() if o not in shared) or "(none)"] for r in rows]
-        setup().info("\n".join([
-            f"\nsweep of {len(rows)} trials, ranked by {self.objective} ({self.mode}):",
-            format_table(["rank", "job", "status", self.objective, "overrides"], table, "rrlrl"),
-            f"  summary: {Path(config.hydra.sweep.dir) / 'summary.csv'}"]))
+        table = [
+            [
+                r["rank"] or "-",
+                r["job"],
+                r["status"],
+                "-" if r[self.objective] is None else f"{r[self.objective]:.4f}",
+                " ".join(o for o in r["overrides"].split() if o not in shared) or "(none)",
+            ]
+            for r in rows
+        ]
+        setup().info(
+            "\n".join(
+                [
+                    f"\nsweep of {len(rows)} trials, ranked by {self.objective} ({self.mode}):",
+                    format_table(["rank", "job", "status", self.objective, "overrides"], table, "rrlrl"),
+                    f"  summary: {Path(config.hydra.sweep.dir) / 'summary.csv'}",
+                ]
+            )
+        )
         if config.get("viz", {}).get("enabled") and not config.viz.get("sweep_trials", False):
             _draw_best(rows)
 
@@ -106,7 +119,9 @@ class SweepSummary(Callback):
         if not rows:
             return []
         sign = -1.0 if self.mode == "max" else 1.0
-        done = sorted((r for r in rows if r["status"] == "completed"), key=lambda r: (sign * r[self.objective], r["job"]))
+        done = sorted(
+            (r for r in rows if r["status"] == "completed"), key=lambda r: (sign * r[self.objective], r["job"])
+        )
         for rank, row in enumerate(done, 1):
             row["rank"] = rank
         rows = done + sorted((r for r in rows if r["status"] != "completed"), key=lambda r: r["job"])
@@ -135,10 +150,15 @@ def _draw_best(rows: list[dict]) -> None:
     log = setup()
     try:
         pictures = checkpoint_pictures(load(checkpoint), checkpoint, checkpoint.parent.parent / "viz")
-        log.info("pictures of the best trial (job %s): %s", best["job"], checkpoint.parent.parent / "viz" / "index.md"
-                 if pictures else "none")
+        log.info(
+            "pictures of the best trial (job %s): %s",
+            best["job"],
+            checkpoint.parent.parent / "viz" / "index.md" if pictures else "none",
+        )
     except Exception as err:  # noqa: BLE001 - the sweep's results are written; pictures are extra
-        log.info("no pictures of the best trial: %s: %s", type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+        log.info(
+            "no pictures of the best trial: %s: %s", type(err).__name__, str(err).splitlines()[0] if str(err) else ""
+        )
 
 
 def _write_atomic(path: Path, text: str) -> None:

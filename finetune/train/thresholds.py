@@ -44,12 +44,21 @@ def split_probabilities(module, loader) -> tuple[np.ndarray, np.ndarray]:
     finally:
         module.train(was_training)
     n = len(module.classes)
-    return (torch.cat(probabilities).numpy() if probabilities else np.zeros((0, n)),
-            torch.cat(targets).numpy() if targets else np.zeros((0, n)))
+    return (
+        torch.cat(probabilities).numpy() if probabilities else np.zeros((0, n)),
+        torch.cat(targets).numpy() if targets else np.zeros((0, n)),
+    )
 
 
-def tune_and_store(module, data, best_path: Path | None, has_test: bool, objective: str = "f1", min_labels: int = 0,
-                   max_labels: int | None = None) -> tuple[dict[str, float], dict]:
+def tune_and_store(
+    module,
+    data,
+    best_path: Path | None,
+    has_test: bool,
+    objective: str = "f1",
+    min_labels: int = 0,
+    max_labels: int | None = None,
+) -> tuple[dict[str, float], dict]:
     """Tune thresholds for `objective` on the validation split, write them (and the fewest and most
     labels an answer has, see :func:`finetune.use.multilabel.decisions`) into `best_path`'s
     finetune entry, and
@@ -62,10 +71,14 @@ def tune_and_store(module, data, best_path: Path | None, has_test: bool, objecti
     rule = (min_labels, max_labels)
     reports = {"val": multilabel_report(probabilities, targets, classes, thresholds, *rule)}
     if has_test:
-        reports["test"] = multilabel_report(*split_probabilities(module, data.test_dataloader()), classes, thresholds,
-                                            *rule)
-    metrics = {f"{split}/{name}_tuned": report[name] for split, report in reports.items()
-               for name in ("f1_micro", "f1_macro", "exact")}
+        reports["test"] = multilabel_report(
+            *split_probabilities(module, data.test_dataloader()), classes, thresholds, *rule
+        )
+    metrics = {
+        f"{split}/{name}_tuned": report[name]
+        for split, report in reports.items()
+        for name in ("f1_micro", "f1_macro", "exact")
+    }
     stored = {c: float(t) for c, t in zip(classes, thresholds)}
     if best_path is not None:
         checkpoint = torch.load(best_path, map_location="cpu", weights_only=True)
@@ -75,9 +88,24 @@ def tune_and_store(module, data, best_path: Path | None, has_test: bool, objecti
         atomic_save(checkpoint, best_path)
     val = reports["val"]
     count = f"{min_labels} to {max_labels}" if max_labels is not None else f"at least {min_labels}"
-    log.info("thresholds tuned for %s on the validation split (global %.2f, per label %.2f to %.2f), %s labels "
-             "per image: f1_micro %.4f (at 0.5: %.4f), exact-set accuracy %.4f (at 0.5: %.4f)", objective,
-             global_threshold, thresholds.min(), thresholds.max(), count, val["f1_micro"], val["at_0.5"]["f1_micro"],
-             val["exact"], val["at_0.5"]["exact"])
-    return metrics, {"objective": objective, "thresholds": stored, "global_threshold": global_threshold,
-                     "min_labels": min_labels, "max_labels": max_labels, **reports}
+    log.info(
+        "thresholds tuned for %s on the validation split (global %.2f, per label %.2f to %.2f), %s labels "
+        "per image: f1_micro %.4f (at 0.5: %.4f), exact-set accuracy %.4f (at 0.5: %.4f)",
+        objective,
+        global_threshold,
+        thresholds.min(),
+        thresholds.max(),
+        count,
+        val["f1_micro"],
+        val["at_0.5"]["f1_micro"],
+        val["exact"],
+        val["at_0.5"]["exact"],
+    )
+    return metrics, {
+        "objective": objective,
+        "thresholds": stored,
+        "global_threshold": global_threshold,
+        "min_labels": min_labels,
+        "max_labels": max_labels,
+        **reports,
+    }

@@ -22,8 +22,16 @@ from finetune.train.run_folder import StopNotice
 from finetune.train.unfreeze import gradual_unfreezing
 
 
-def build_trainer(cfg: DictConfig, trainer_kwargs: dict, model: Classifier, history: MetricsHistory, resume: Resume,
-                  output_dir: Path, config: dict, extra: Sequence = ()) -> tuple[L.Trainer, ModelCheckpoint, list]:
+def build_trainer(
+    cfg: DictConfig,
+    trainer_kwargs: dict,
+    model: Classifier,
+    history: MetricsHistory,
+    resume: Resume,
+    output_dir: Path,
+    config: dict,
+    extra: Sequence = (),
+) -> tuple[L.Trainer, ModelCheckpoint, list]:
     """(the Trainer, the best-checkpoint callback, the loggers). `trainer_kwargs` are the
     ``trainer`` group's Lightning arguments, resolved for this machine."""
     monitor, mode = cfg.callbacks.checkpoint.monitor, cfg.callbacks.checkpoint.mode
@@ -49,8 +57,9 @@ def build_trainer(cfg: DictConfig, trainer_kwargs: dict, model: Classifier, hist
     live_bar = bool(cfg.callbacks.progress_bar) and live_bar_wanted()
     if live_bar:
         callbacks.append(EpochBar())
-    loggers = build_loggers(cfg.logger, output_dir, config, run_id=resume.wandb_id,
-                            keep_csv_through_epoch=resume.logged_through_epoch)
+    loggers = build_loggers(
+        cfg.logger, output_dir, config, run_id=resume.wandb_id, keep_csv_through_epoch=resume.logged_through_epoch
+    )
     try:
         trainer = L.Trainer(
             **trainer_kwargs,

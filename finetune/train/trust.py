@@ -27,8 +27,9 @@ from finetune.use.tta import labelled_log_probabilities
 log = logging.getLogger(__name__)
 
 
-def calibrate_and_store(module, splits, data_config: dict, best_path: Path | None, settings,
-                        batch_size: int, cached=None) -> tuple[dict[str, float], dict]:
+def calibrate_and_store(
+    module, splits, data_config: dict, best_path: Path | None, settings, batch_size: int, cached=None
+) -> tuple[dict[str, float], dict]:
     """Fit, score and store as the module docstring says. Returns (metrics: ``temperature``,
     ``val/ece``, ``val/ece_calibrated``, ``val/nll``, ``val/nll_calibrated`` and ``test/...``
     likewise when there is a test split; the checkpoint's ``trust`` entry).
@@ -38,6 +39,7 @@ def calibrate_and_store(module, splits, data_config: dict, best_path: Path | Non
     (:class:`~finetune.compute.features.CachedFeatures`, whose evaluation splits are computed at
     full precision through the same pipeline): the head alone, no second pass over the images.
     (log-softmax of the logits: softmax, argmax and the temperature's fit are the same on them)"""
+
     def _outputs(split: str):
         if cached is not None and split in cached.features:
             return _head_outputs(module, cached, split)
@@ -47,36 +49,54 @@ def calibrate_and_store(module, splits, data_config: dict, best_path: Path | Non
     temperature = fit_temperature(logits, labels) if settings.temperature else 1.0
     probabilities = (logits / temperature).softmax(dim=1)
     confidence, predicted = probabilities.max(dim=1)
-    trust = {"temperature": temperature, "temperature_split": f"val ({len(labels)} images)",
-             "val": {"confidence": confidence.tolist(), "correct": (predicted == labels).tolist()}}
+    trust = {
+        "temperature": temperature,
+        "temperature_split": f"val ({len(labels)} images)",
+        "val": {"confidence": confidence.tolist(), "correct": (predicted == labels).tolist()},
+    }
     metrics = {"temperature": temperature, **_scores("val", logits, labels, temperature)}
     if splits.test:
         metrics.update(_scores("test", *_outputs("test")[:2], temperature))
     if splits.calibration:
         cal_logits, cal_labels, skipped = _outputs("calibration")
         cal_probabilities = (cal_logits / temperature).softmax(dim=1).numpy()
-        trust["calibration"] = {"images": len(cal_labels), "skipped": len(skipped), "score": settings.conformal,
-                                "scores": {s: conformal_scores(cal_probabilities, cal_labels.numpy(), s).tolist()
-                                           for s in CONFORMAL_SCORES}}
+        trust["calibration"] = {
+            "images": len(cal_labels),
+            "skipped": len(skipped),
+            "score": settings.conformal,
+            "scores": {
+                s: conformal_scores(cal_probabilities, cal_labels.numpy(), s).tolist() for s in CONFORMAL_SCORES
+            },
+        }
     if best_path is not None:
         checkpoint = torch.load(best_path, map_location="cpu", weights_only=True)
         checkpoint[CHECKPOINT_KEY]["trust"] = trust
         atomic_save(checkpoint, best_path)
     flawless = bool((logits.argmax(dim=1) == labels).all())
-    log.info("calibration: temperature %.3f %s (%d images): ECE %.4f -> %.4f, "
-             "NLL %.4f -> %.4f%s", temperature, "kept: no mistake on the validation split to fit it on" if flawless
-             else "fitted on the validation split", len(labels), metrics["val/ece"], metrics["val/ece_calibrated"],
-             metrics["val/nll"], metrics["val/nll_calibrated"],
-             f"; calibration split for prediction sets: {len(trust['calibration']['scores']['lac'])} images"
-             if splits.calibration else "")
+    log.info(
+        "calibration: temperature %.3f %s (%d images): ECE %.4f -> %.4f, NLL %.4f -> %.4f%s",
+        temperature,
+        "kept: no mistake on the validation split to fit it on" if flawless else "fitted on the validation split",
+        len(labels),
+        metrics["val/ece"],
+        metrics["val/ece_calibrated"],
+        metrics["val/nll"],
+        metrics["val/nll_calibrated"],
+        f"; calibration split for prediction sets: {len(trust['calibration']['scores']['lac'])} images"
+        if splits.calibration
+        else "",
+    )
     return metrics, trust
 
 
 def _scores(split: str, logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> dict[str, float]:
     before = calibration_scores(logits.softmax(dim=1), labels.long())
     after = calibration_scores((logits / temperature).softmax(dim=1), labels.long())
-    return {f"{split}/{name}{suffix}": value for suffix, scores in (("", before), ("_calibrated", after))
-            for name, value in scores.items()}
+    return {
+        f"{split}/{name}{suffix}": value
+        for suffix, scores in (("", before), ("_calibrated", after))
+        for name, value in scores.items()
+    }
 
 
 @torch.no_grad()

@@ -50,8 +50,9 @@ class GradualUnfreezing(L.Callback):
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.apply(pl_module.model, trainer.current_epoch)
-        pl_module.log("unfrozen_groups", float(len(self.schedule) - len(self.gated)), on_step=False, on_epoch=True,
-                      sync_dist=True)
+        pl_module.log(
+            "unfrozen_groups", float(len(self.schedule) - len(self.gated)), on_step=False, on_epoch=True, sync_dist=True
+        )
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for param in self.gated_params:  # the returned model's parameters are as the plan made them

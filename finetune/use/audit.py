@@ -79,30 +79,50 @@ class Audit:
         flagged = np.concatenate([self.suspects(), self.outliers()])
         rest = np.setdiff1d(np.arange(len(self.labels)), flagged)
         order = np.concatenate([flagged, rest[np.argsort(self.label_quality[rest], kind="stable")]]).astype(int)
-        return [{
-            "path": str(self.paths[i]), "split": str(self.splits[i]),
-            "given": self.classes[self.labels[i]], "suggested": self.classes[self.suggested[i]],
-            "label_quality": round(float(self.label_quality[i]), 5), "is_label_issue": bool(self.label_issue[i]),
-            "outlier_score": round(float(self.outlier_score[i]), 5), "is_outlier": bool(self.outlier[i]),
-            "duplicate_of": str(self.paths[self.duplicate_of[i]]) if self.duplicate_of[i] >= 0 else "",
-        } for i in order]
+        return [
+            {
+                "path": str(self.paths[i]),
+                "split": str(self.splits[i]),
+                "given": self.classes[self.labels[i]],
+                "suggested": self.classes[self.suggested[i]],
+                "label_quality": round(float(self.label_quality[i]), 5),
+                "is_label_issue": bool(self.label_issue[i]),
+                "outlier_score": round(float(self.outlier_score[i]), 5),
+                "is_outlier": bool(self.outlier[i]),
+                "duplicate_of": str(self.paths[self.duplicate_of[i]]) if self.duplicate_of[i] >= 0 else "",
+            }
+            for i in order
+        ]
 
     def summary(self) -> dict:
         """The audit's facts as plain JSON values (audit.json)."""
         return {
-            "images": len(self.labels), "classes": self.classes, "backbone": self.backbone, "folds": self.folds,
+            "images": len(self.labels),
+            "classes": self.classes,
+            "backbone": self.backbone,
+            "folds": self.folds,
             "images_per_split": {str(s): int((self.splits == s).sum()) for s in dict.fromkeys(self.splits)},
-            "kfold_accuracy": self.accuracy, "kfold_accuracy_95ci": list(self.interval), "probe_C": self.c,
+            "kfold_accuracy": self.accuracy,
+            "kfold_accuracy_95ci": list(self.interval),
+            "probe_C": self.c,
             "probe_log_loss": {f"{c:g}": round(v, 5) for c, v in self.log_loss.items()},
-            "label_issues": int(self.label_issue.sum()), "outliers": int(self.outlier.sum()),
-            "duplicate_similarity": self.similarity, "duplicate_pairs": len(self.pairs),
+            "label_issues": int(self.label_issue.sum()),
+            "outliers": int(self.outlier.sum()),
+            "duplicate_similarity": self.similarity,
+            "duplicate_pairs": len(self.pairs),
             "duplicate_pairs_across_splits": sum(self.splits[p.first] != self.splits[p.second] for p in self.pairs),
             "leaks": sum(p.leak for p in self.pairs),
-            "pairs": [{"first": str(self.paths[p.first]), "second": str(self.paths[p.second]),
-                       "splits": [str(self.splits[p.first]), str(self.splits[p.second])],
-                       "cosine": round(p.cosine, 5),
-                       "similarity": round(p.similarity, 5) if p.similarity is not None else None,
-                       "leak": p.leak} for p in self.pairs],
+            "pairs": [
+                {
+                    "first": str(self.paths[p.first]),
+                    "second": str(self.paths[p.second]),
+                    "splits": [str(self.splits[p.first]), str(self.splits[p.second])],
+                    "cosine": round(p.cosine, 5),
+                    "similarity": round(p.similarity, 5) if p.similarity is not None else None,
+                    "leak": p.leak,
+                }
+                for p in self.pairs
+            ],
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
         }
 
@@ -122,8 +142,10 @@ def check_folds(folds: object, labels: np.ndarray, classes: list[str]) -> int:
     small = [i for i in present if counts[i] < k]
     if small:
         listed = ", ".join(f"{classes[i]!r} ({counts[i]})" for i in small)
-        raise ConfigError(f"folds={k}, but classes {listed} have fewer images than folds: every fold needs an image "
-                          f"of every class. Lower folds= to {max(2, int(counts[small].min()))} or add images.")
+        raise ConfigError(
+            f"folds={k}, but classes {listed} have fewer images than folds: every fold needs an image "
+            f"of every class. Lower folds= to {max(2, int(counts[small].min()))} or add images."
+        )
     return k
 
 
@@ -148,8 +170,9 @@ def out_of_fold(features: np.ndarray, labels: np.ndarray, folds: int, seed: int,
     return probabilities
 
 
-def calibrated_out_of_fold(features: np.ndarray, labels: np.ndarray, folds: int, seed: int,
-                           cs: tuple[float, ...] = CS) -> tuple[np.ndarray, float, dict[float, float]]:
+def calibrated_out_of_fold(
+    features: np.ndarray, labels: np.ndarray, folds: int, seed: int, cs: tuple[float, ...] = CS
+) -> tuple[np.ndarray, float, dict[float, float]]:
     """(out-of-fold probabilities, the C they came from, mean out-of-fold log loss per C tried).
 
     Cs go in increasing order until the log loss worsens; the one kept is the most regularized
@@ -197,8 +220,13 @@ def outlier_scores(features: np.ndarray, fence: float = FENCE) -> tuple[np.ndarr
     return scores, distance > q3 + fence * (q3 - q1)
 
 
-def audit(embeddings: Embeddings, folds: int | str = 5, seed: int = 0, similarity: float = SIMILARITY,
-          cs: tuple[float, ...] = CS) -> Audit:
+def audit(
+    embeddings: Embeddings,
+    folds: int | str = 5,
+    seed: int = 0,
+    similarity: float = SIMILARITY,
+    cs: tuple[float, ...] = CS,
+) -> Audit:
     """Audit `embeddings` (features from a backbone not trained on their labels): see :class:`Audit`.
     Raises :class:`ConfigError` when `folds` is not an integer >= 2 or a class has fewer images."""
     from cleanlab.filter import find_label_issues
@@ -230,9 +258,24 @@ def audit(embeddings: Embeddings, folds: int | str = 5, seed: int = 0, similarit
     suggested = probabilities.argmax(axis=1)
     correct = int((suggested == labels).sum())
     return Audit(
-        paths=embeddings.paths, splits=embeddings.splits, labels=labels, classes=list(embeddings.classes),
-        backbone=embeddings.backbone, probabilities=probabilities, suggested=suggested, label_quality=quality,
-        label_issue=issues, outlier_score=outlier_score, outlier=outlier,
-        duplicate_of=closest_duplicate(pairs, len(labels)), pairs=pairs, folds=folds,
-        accuracy=correct / len(labels), interval=wilson(correct, len(labels)), similarity=similarity, c=c,
-        log_loss=losses, seconds=seconds)
+        paths=embeddings.paths,
+        splits=embeddings.splits,
+        labels=labels,
+        classes=list(embeddings.classes),
+        backbone=embeddings.backbone,
+        probabilities=probabilities,
+        suggested=suggested,
+        label_quality=quality,
+        label_issue=issues,
+        outlier_score=outlier_score,
+        outlier=outlier,
+        duplicate_of=closest_duplicate(pairs, len(labels)),
+        pairs=pairs,
+        folds=folds,
+        accuracy=correct / len(labels),
+        interval=wilson(correct, len(labels)),
+        similarity=similarity,
+        c=c,
+        log_loss=losses,
+        seconds=seconds,
+    )

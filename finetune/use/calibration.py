@@ -76,9 +76,15 @@ def reliability_bins(probabilities: torch.Tensor, labels: torch.Tensor, bins: in
     for i in range(bins):
         mask = index == i
         count = int(mask.sum())
-        rows.append({"low": float(edges[i]), "high": float(edges[i + 1]), "count": count,
-                     "confidence": float(confidence[mask].double().mean()) if count else float("nan"),
-                     "accuracy": float(correct[mask].mean()) if count else float("nan")})
+        rows.append(
+            {
+                "low": float(edges[i]),
+                "high": float(edges[i + 1]),
+                "count": count,
+                "confidence": float(confidence[mask].double().mean()) if count else float("nan"),
+                "accuracy": float(correct[mask].mean()) if count else float("nan"),
+            }
+        )
     return rows
 
 

@@ -64,7 +64,7 @@ def precision_lower_bounds(confidence: np.ndarray, correct: np.ndarray) -> tuple
     n = np.arange(1, len(correct) + 1)
     share = np.cumsum(correct) / n
     z2 = 1.0  # z = 1: one standard error
-    bounds = (share + z2 / (2 * n) - np.sqrt(share * (1 - share) / n + z2 / (4 * n ** 2))) / (1 + z2 / n)
+    bounds = (share + z2 / (2 * n) - np.sqrt(share * (1 - share) / n + z2 / (4 * n**2))) / (1 + z2 / n)
     # Only the last image of a run of equal confidences is a threshold (the run goes in whole).
     last_of_tie = np.r_[confidence[1:] != confidence[:-1], True] if len(confidence) else np.zeros(0, bool)
     return confidence[last_of_tie], bounds[last_of_tie]
@@ -119,8 +119,9 @@ def _images_needed(target: float) -> int:
 
 def check_coverage(coverage: float) -> None:
     if not 0.0 < coverage < 1.0:
-        raise ConfigError(f"coverage={coverage}: the share of images whose set holds the true class, between 0 and 1 "
-                          f"(e.g. 0.9).")
+        raise ConfigError(
+            f"coverage={coverage}: the share of images whose set holds the true class, between 0 and 1 (e.g. 0.9)."
+        )
 
 
 @dataclass(frozen=True)
@@ -151,32 +152,56 @@ class DecisionRule:
     def describe(self) -> dict:
         rule = {}
         if self.min_confidence is not None:
-            rule["abstain"] = {"min_confidence": self.min_confidence, "target_precision": self.target_precision,
-                               "rule": f"answer {UNKNOWN!r} when the top probability < min_confidence"}
+            rule["abstain"] = {
+                "min_confidence": self.min_confidence,
+                "target_precision": self.target_precision,
+                "rule": f"answer {UNKNOWN!r} when the top probability < min_confidence",
+            }
         if self.score is not None:
-            rule["conformal"] = {"score": self.score, "coverage": self.coverage, "threshold": self.threshold,
-                                 "rule": "the classes with 1 - p <= threshold" if self.score == "lac" else
-                                 "classes by falling p while the mass of those before < threshold"}
+            rule["conformal"] = {
+                "score": self.score,
+                "coverage": self.coverage,
+                "threshold": self.threshold,
+                "rule": "the classes with 1 - p <= threshold"
+                if self.score == "lac"
+                else "classes by falling p while the mass of those before < threshold",
+            }
         return rule
 
 
-def decision_rule(trust: dict, task: str, min_confidence: float | None = None, target_precision: float | None = None,
-                  coverage: float | None = None, score: str | None = None) -> DecisionRule:
+def decision_rule(
+    trust: dict,
+    task: str,
+    min_confidence: float | None = None,
+    target_precision: float | None = None,
+    coverage: float | None = None,
+    score: str | None = None,
+) -> DecisionRule:
     """The rule for a model whose checkpoint stored `trust` (``temperature``; ``val``: the
     validation images' calibrated ``confidence`` and whether each was ``correct``;
     ``calibration``: conformity ``scores`` per score name of the calibration split, and the
     default ``score``). No option: a rule that always answers and makes no sets. Every way an
     option cannot be honoured is a ConfigError saying what to do instead."""
-    asked = [name for name, value in (("min_confidence", min_confidence), ("target_precision", target_precision),
-                                      ("coverage", coverage)) if value is not None]
+    asked = [
+        name
+        for name, value in (
+            ("min_confidence", min_confidence),
+            ("target_precision", target_precision),
+            ("coverage", coverage),
+        )
+        if value is not None
+    ]
     if not asked:
         return DecisionRule()
     if task != "multiclass":
-        raise ConfigError(f"{asked[0]}= applies to multi-class models; a multi-label model decides each label at its "
-                          f"own threshold (tuned on the validation split).")
+        raise ConfigError(
+            f"{asked[0]}= applies to multi-class models; a multi-label model decides each label at its "
+            f"own threshold (tuned on the validation split)."
+        )
     if min_confidence is not None and target_precision is not None:
-        raise ConfigError("Give min_confidence= or target_precision= (which picks min_confidence on the validation "
-                          "split), not both.")
+        raise ConfigError(
+            "Give min_confidence= or target_precision= (which picks min_confidence on the validation split), not both."
+        )
     if min_confidence is not None and not 0.0 <= min_confidence <= 1.0:
         raise ConfigError(f"min_confidence={min_confidence}: a probability between 0 and 1.")
     if target_precision is not None:
@@ -186,9 +211,11 @@ def decision_rule(trust: dict, task: str, min_confidence: float | None = None, t
         check_coverage(coverage)
         calibration = trust.get("calibration")
         if not calibration:
-            raise ConfigError("coverage= needs a calibration split the model was neither trained nor selected on; "
-                              "this model has none: train with trust.calibration_fraction=0.1 (a stratified tenth of "
-                              "the training images held out for it).")
+            raise ConfigError(
+                "coverage= needs a calibration split the model was neither trained nor selected on; "
+                "this model has none: train with trust.calibration_fraction=0.1 (a stratified tenth of "
+                "the training images held out for it)."
+            )
         score = score or calibration["score"]
         if score not in calibration["scores"]:
             raise ConfigError(f"conformal score {score!r}; choose {' or '.join(calibration['scores'])}.")
@@ -196,9 +223,11 @@ def decision_rule(trust: dict, task: str, min_confidence: float | None = None, t
         threshold = conformal_threshold(scores, coverage)
         if math.isinf(threshold):
             needed = next(n for n in range(len(scores) + 1, 10**7) if math.ceil((n + 1) * coverage) <= n)
-            raise ConfigError(f"coverage={coverage} needs at least {needed} calibration images, this model has "
-                              f"{len(scores)}: every class would be in every set. Give a lower coverage, or train with "
-                              f"a larger trust.calibration_fraction.")
+            raise ConfigError(
+                f"coverage={coverage} needs at least {needed} calibration images, this model has "
+                f"{len(scores)}: every class would be in every set. Give a lower coverage, or train with "
+                f"a larger trust.calibration_fraction."
+            )
     return DecisionRule(min_confidence, score if coverage is not None else None, threshold, coverage, target_precision)
 
 
@@ -207,17 +236,21 @@ def _confidence_for(trust: dict, target: float) -> float:
         raise ConfigError(f"target_precision={target}: the share of answered images that are right, e.g. 0.99.")
     val = trust.get("val")
     if not val or not val["confidence"]:
-        raise ConfigError("target_precision= picks its threshold on the validation split's predictions, which this "
-                          "checkpoint lacks (written before calibration or without a validation split): give "
-                          "min_confidence= instead.")
+        raise ConfigError(
+            "target_precision= picks its threshold on the validation split's predictions, which this "
+            "checkpoint lacks (written before calibration or without a validation split): give "
+            "min_confidence= instead."
+        )
     confidence, correct = np.asarray(val["confidence"]), np.asarray(val["correct"])
     found = precision_threshold(confidence, correct, target)
     if found is None:
         bounds = precision_lower_bounds(confidence, correct)[1]
-        raise ConfigError(f"target_precision={target} cannot be shown on the {len(confidence)} validation images "
-                          f"(with one standard error to spare, {target} needs {_images_needed(target)} answered "
-                          f"without a mistake); the most they support is {bounds.max(initial=0.0):.3f}: give that "
-                          f"or lower, or min_confidence=.")
+        raise ConfigError(
+            f"target_precision={target} cannot be shown on the {len(confidence)} validation images "
+            f"(with one standard error to spare, {target} needs {_images_needed(target)} answered "
+            f"without a mistake); the most they support is {bounds.max(initial=0.0):.3f}: give that "
+            f"or lower, or min_confidence=."
+        )
     return found
 
 
@@ -229,23 +262,37 @@ def trust_report(logits, labels, temperature: float, rule: DecisionRule) -> dict
     from finetune.use.calibration import calibration_scores
 
     calibrated = (logits / temperature).softmax(dim=1)
-    report = {"calibration": {"temperature": temperature, "before": calibration_scores(logits.softmax(dim=1), labels),
-                              "after": calibration_scores(calibrated, labels)}}
+    report = {
+        "calibration": {
+            "temperature": temperature,
+            "before": calibration_scores(logits.softmax(dim=1), labels),
+            "after": calibration_scores(calibrated, labels),
+        }
+    }
     probabilities, truth = calibrated.numpy(), labels.numpy()
     if rule.min_confidence is not None:
         answers = rule.answers(probabilities)
         answered = answers >= 0
-        report["abstain"] = {"min_confidence": rule.min_confidence, "target_precision": rule.target_precision,
-                             "answered": int(answered.sum()), "unknown": int((~answered).sum()),
-                             "coverage": float(answered.mean()) if len(truth) else 0.0,
-                             "precision": float((answers[answered] == truth[answered]).mean()) if answered.any() else 0.0}
+        report["abstain"] = {
+            "min_confidence": rule.min_confidence,
+            "target_precision": rule.target_precision,
+            "answered": int(answered.sum()),
+            "unknown": int((~answered).sum()),
+            "coverage": float(answered.mean()) if len(truth) else 0.0,
+            "precision": float((answers[answered] == truth[answered]).mean()) if answered.any() else 0.0,
+        }
     sets = rule.sets(probabilities)
     if sets is not None:
         sizes = sets.sum(axis=1)
-        report["sets"] = {"score": rule.score, "target": rule.coverage, "threshold": rule.threshold,
-                          "coverage": float(sets[np.arange(len(truth)), truth].mean()) if len(truth) else 0.0,
-                          "mean_size": float(sizes.mean()) if len(truth) else 0.0, "empty": int((sizes == 0).sum()),
-                          "sizes": {int(k): int(v) for k, v in zip(*np.unique(sizes, return_counts=True))}}
+        report["sets"] = {
+            "score": rule.score,
+            "target": rule.coverage,
+            "threshold": rule.threshold,
+            "coverage": float(sets[np.arange(len(truth)), truth].mean()) if len(truth) else 0.0,
+            "mean_size": float(sizes.mean()) if len(truth) else 0.0,
+            "empty": int((sizes == 0).sum()),
+            "sizes": {int(k): int(v) for k, v in zip(*np.unique(sizes, return_counts=True))},
+        }
     return report
 
 
@@ -253,22 +300,44 @@ def format_trust_report(report: dict) -> list[str]:
     """One line per fact of :func:`trust_report`."""
     calibration = report["calibration"]
     before, after = calibration["before"], calibration["after"]
-    lines = [f"calibration (temperature {calibration['temperature']:.3f}, fitted on the validation split): "
-             + ", ".join(f"{name.upper() if name != 'brier' else 'Brier'} {before[name]:.4f} -> {after[name]:.4f}"
-                         for name in ("ece", "nll", "brier"))]
+    lines = [
+        f"calibration (temperature {calibration['temperature']:.3f}, fitted on the validation split): "
+        + ", ".join(
+            f"{name.upper() if name != 'brier' else 'Brier'} {before[name]:.4f} -> {after[name]:.4f}"
+            for name in ("ece", "nll", "brier")
+        )
+    ]
     if "abstain" in report:
         a = report["abstain"]
-        picked = f", picked for target precision {a['target_precision']} on the validation split" \
-            if a["target_precision"] is not None else ""
-        lines.append(f"abstain below confidence {a['min_confidence']:.4f}{picked}: {a['answered']} answered "
-                     f"({a['coverage']:.1%}) with precision {a['precision']:.4f}, {a['unknown']} {UNKNOWN}")
+        picked = (
+            f", picked for target precision {a['target_precision']} on the validation split"
+            if a["target_precision"] is not None
+            else ""
+        )
+        lines.append(
+            f"abstain below confidence {a['min_confidence']:.4f}{picked}: {a['answered']} answered "
+            f"({a['coverage']:.1%}) with precision {a['precision']:.4f}, {a['unknown']} {UNKNOWN}"
+        )
     if "sets" in report:
         s = report["sets"]
-        lines.append(f"prediction sets ({s['score']}, coverage {s['target']}): hold the true class for "
-                     f"{s['coverage']:.1%} of images, mean size {s['mean_size']:.2f}, {s['empty']} empty")
+        lines.append(
+            f"prediction sets ({s['score']}, coverage {s['target']}): hold the true class for "
+            f"{s['coverage']:.1%} of images, mean size {s['mean_size']:.2f}, {s['empty']} empty"
+        )
     return lines
 
 
-__all__ = ["CONFORMAL_SCORES", "UNKNOWN", "DecisionRule", "check_coverage", "conformal_scores", "conformal_threshold",
-           "decision_rule", "format_trust_report", "precision_lower_bounds", "precision_threshold", "prediction_sets",
-           "trust_report"]
+__all__ = [
+    "CONFORMAL_SCORES",
+    "UNKNOWN",
+    "DecisionRule",
+    "check_coverage",
+    "conformal_scores",
+    "conformal_threshold",
+    "decision_rule",
+    "format_trust_report",
+    "precision_lower_bounds",
+    "precision_threshold",
+    "prediction_sets",
+    "trust_report",
+]

@@ -62,7 +62,7 @@ def candidates(features: np.ndarray, cosine: float = CANDIDATE, neighbours: int 
     found = {}
     k = min(neighbours, len(unit) - 1)
     for start in range(0, len(unit), BLOCK):
-        block = unit[start:start + BLOCK] @ unit.T
+        block = unit[start : start + BLOCK] @ unit.T
         for r in range(len(block)):
             i = start + r
             block[r, i] = -np.inf
@@ -86,8 +86,9 @@ def thumbnails(path: str) -> list[np.ndarray] | None:
     views = []
     for keep in CROPS:
         dx, dy = image.width * (1 - keep) / 2, image.height * (1 - keep) / 2
-        view = image.crop((dx, dy, image.width - dx, image.height - dy)).resize((THUMBNAIL, THUMBNAIL),
-                                                                               Image.Resampling.BOX)
+        view = image.crop((dx, dy, image.width - dx, image.height - dy)).resize(
+            (THUMBNAIL, THUMBNAIL), Image.Resampling.BOX
+        )
         array = np.asarray(view, np.float64)
         array = array - array.mean()
         views.append(array / max(np.linalg.norm(array), 1e-9))
@@ -99,8 +100,13 @@ def pixel_similarity(a: list[np.ndarray], b: list[np.ndarray]) -> float:
     return max(max(float((a[0] * v).sum()) for v in b), max(float((b[0] * v).sum()) for v in a))
 
 
-def near_duplicates(features: np.ndarray, splits: np.ndarray, paths: np.ndarray, similarity: float = SIMILARITY,
-                    thumbs: Callable[[str], list[np.ndarray] | None] = thumbnails) -> list[DuplicatePair]:
+def near_duplicates(
+    features: np.ndarray,
+    splits: np.ndarray,
+    paths: np.ndarray,
+    similarity: float = SIMILARITY,
+    thumbs: Callable[[str], list[np.ndarray] | None] = thumbnails,
+) -> list[DuplicatePair]:
     """Near-duplicate pairs among the rows, most similar first: feature candidates (see
     :func:`candidates`) whose thumbnails correlate at `similarity` or more; rows without a
     readable file need a feature cosine of FEATURES_ONLY instead."""

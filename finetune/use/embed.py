@@ -17,11 +17,11 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from finetune.compute.features import cache_settings, cached_features
+from finetune.compute.speed import resolve_num_workers, resolve_speed
 from finetune.data.sources import DataSplits
 from finetune.data.transforms import build_transforms
 from finetune.errors import ConfigError
-from finetune.compute.features import cache_settings, cached_features
-from finetune.compute.speed import resolve_num_workers, resolve_speed
 
 FORMATS = ("npz", "parquet")
 
@@ -42,16 +42,29 @@ class Embeddings:
         return self.features[mask], self.labels[mask]
 
 
-def embed(backbone: nn.Module, data_config: dict, backbone_name: str, cfg: DictConfig,
-          splits: DataSplits) -> tuple[Embeddings, dict[str, str]]:
+def embed(
+    backbone: nn.Module, data_config: dict, backbone_name: str, cfg: DictConfig, splits: DataSplits
+) -> tuple[Embeddings, dict[str, str]]:
     """(embeddings, unreadable path -> reason) of `splits` under `backbone` (returning pooled
     features) with the evaluation pipeline of `data_config`, and `cfg`'s data and trainer settings."""
     _, eval_tf = build_transforms(data_config, {"random_resized_crop": False}, cfg.data.image_size, seed=cfg.seed)
     _, speed = resolve_speed(OmegaConf.to_container(cfg.trainer, resolve=True), backbone)
     by_split = {"train": splits.train, "val": splits.val, "test": splits.test}
     architecture, cache_dir = cache_settings(cfg, backbone_name)
-    cached = cached_features(backbone, architecture, by_split, eval_tf, eval_tf, False, 1, cache_dir, cfg.data.batch_size,
-                             resolve_num_workers(cfg.data.num_workers, speed.device, in_memory=False), speed, cfg.seed)
+    cached = cached_features(
+        backbone,
+        architecture,
+        by_split,
+        eval_tf,
+        eval_tf,
+        False,
+        1,
+        cache_dir,
+        cfg.data.batch_size,
+        resolve_num_workers(cfg.data.num_workers, speed.device, in_memory=False),
+        speed,
+        cfg.seed,
+    )
     parts = {"features": [], "labels": [], "paths": [], "splits": []}
     for split, samples in by_split.items():
         if not samples:
@@ -61,8 +74,9 @@ def embed(backbone: nn.Module, data_config: dict, backbone_name: str, cfg: DictC
         kept = [item for item, _ in samples if not (isinstance(item, str) and item in cached.skipped)]
         parts["features"].append(features.numpy())
         parts["labels"].append(cached.labels[split].numpy())
-        parts["paths"].append(np.array([item if isinstance(item, str) else f"{split}[{i}]"
-                                        for i, item in enumerate(kept)]))
+        parts["paths"].append(
+            np.array([item if isinstance(item, str) else f"{split}[{i}]" for i, item in enumerate(kept)])
+        )
         parts["splits"].append(np.array([split] * len(kept)))
     arrays = {k: np.concatenate(v) for k, v in parts.items()}
     return Embeddings(**arrays, classes=list(splits.classes), backbone=backbone_name), cached.skipped
@@ -73,20 +87,33 @@ def save(embeddings: Embeddings, path: Path) -> Path:
     label, class, feature list); the format follows the suffix."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".npz":
-        np.savez_compressed(path, features=embeddings.features, labels=embeddings.labels, paths=embeddings.paths,
-                            splits=embeddings.splits, classes=np.array(embeddings.classes),
-                            backbone=np.array(embeddings.backbone))
+        np.savez_compressed(
+            path,
+            features=embeddings.features,
+            labels=embeddings.labels,
+            paths=embeddings.paths,
+            splits=embeddings.splits,
+            classes=np.array(embeddings.classes),
+            backbone=np.array(embeddings.backbone),
+        )
     elif path.suffix == ".parquet":
         try:
             import pandas as pd
             import pyarrow  # noqa: F401  (pandas writes Parquet through it)
         except ImportError:
-            raise ConfigError("format=parquet needs pandas and pyarrow: pip install 'finetune[parquet]'; "
-                              "format=npz needs nothing more.") from None
-        pd.DataFrame({
-            "split": embeddings.splits, "path": embeddings.paths, "label": embeddings.labels,
-            "class": [embeddings.classes[i] for i in embeddings.labels], "feature": list(embeddings.features),
-        }).to_parquet(path)
+            raise ConfigError(
+                "format=parquet needs pandas and pyarrow: pip install 'finetune[parquet]'; "
+                "format=npz needs nothing more."
+            ) from None
+        pd.DataFrame(
+            {
+                "split": embeddings.splits,
+                "path": embeddings.paths,
+                "label": embeddings.labels,
+                "class": [embeddings.classes[i] for i in embeddings.labels],
+                "feature": list(embeddings.features),
+            }
+        ).to_parquet(path)
     else:
         raise ConfigError(f"Cannot write embeddings as {path.suffix!r}; use one of {', '.join(FORMATS)}.")
     return path
@@ -97,8 +124,9 @@ def load_embeddings(path: Path) -> Embeddings:
     if not Path(path).is_file():
         raise ConfigError(f"embeddings={str(path)!r} does not exist; write one with `finetune embed`.")
     with np.load(path, allow_pickle=False) as f:
-        return Embeddings(f["features"], f["labels"], f["paths"], f["splits"], [str(c) for c in f["classes"]],
-                          str(f["backbone"]))
+        return Embeddings(
+            f["features"], f["labels"], f["paths"], f["splits"], [str(c) for c in f["classes"]], str(f["backbone"])
+        )
 
 
 @dataclass(frozen=True)
@@ -122,7 +150,8 @@ def probe(embeddings: Embeddings, c: float = 1.0, k: int = 5, seed: int = 0) -> 
         raise ConfigError("The training split has fewer than 2 classes: nothing to probe.")
     methods = {
         f"logistic regression (C={c:g})": make_pipeline(
-            StandardScaler(), LogisticRegression(C=c, max_iter=2000, random_state=seed)),
+            StandardScaler(), LogisticRegression(C=c, max_iter=2000, random_state=seed)
+        ),
         f"k-NN (k={k}, cosine)": make_pipeline(Normalizer(), KNeighborsClassifier(n_neighbors=min(k, len(y_train)))),
     }
     scores = []

@@ -61,8 +61,14 @@ class WithProbabilities(torch.nn.Module):
         return logits, (logits.sigmoid() if self.multilabel else (logits / self.temperature).softmax(dim=1))
 
 
-def export(model: FinetunedModel, fmt: str, out_dir: Path, sample: torch.Tensor, tolerance: float = 1e-4,
-           rule: DecisionRule | None = None) -> ExportResult:
+def export(
+    model: FinetunedModel,
+    fmt: str,
+    out_dir: Path,
+    sample: torch.Tensor,
+    tolerance: float = 1e-4,
+    rule: DecisionRule | None = None,
+) -> ExportResult:
     """Write `model` in format `fmt` to `out_dir`; verify parity on `sample` (N, 3, H, W) under
     `rule` (abstain and prediction sets, multi-class; default: none), which ``preprocessing.json``
     carries."""
@@ -72,8 +78,10 @@ def export(model: FinetunedModel, fmt: str, out_dir: Path, sample: torch.Tensor,
     if fmt == "hub":  # refused before anything is written
         timm_model, reason = timm_layout(model)
         if reason:
-            raise ConfigError(f"format=hub needs a model that timm.create_model('local-dir:DIR') loads, and {reason}: "
-                              f"use format=safetensors (finetune's layout) or format=onnx.")
+            raise ConfigError(
+                f"format=hub needs a model that timm.create_model('local-dir:DIR') loads, and {reason}: "
+                f"use format=safetensors (finetune's layout) or format=onnx."
+            )
     out_dir.mkdir(parents=True, exist_ok=True)
     net = model.model.eval()
     with torch.no_grad():
@@ -81,14 +89,18 @@ def export(model: FinetunedModel, fmt: str, out_dir: Path, sample: torch.Tensor,
     if fmt == "hub":
         path, exported = _hub(model, timm_model, out_dir, sample)
     else:
-        path, exported = {"onnx": _onnx, "torchscript": _torchscript, "safetensors": _safetensors}[fmt](model, out_dir, sample)
+        path, exported = {"onnx": _onnx, "torchscript": _torchscript, "safetensors": _safetensors}[fmt](
+            model, out_dir, sample
+        )
     diff = float((exported - reference).abs().max())
     if diff > tolerance:
         raise ParityError(f"{path}: exported logits differ from PyTorch's by {diff:.2e} (> {tolerance:.0e}).")
     same = int((decisions(model, exported, rule) == decisions(model, reference, rule)).all(dim=1).sum())
     if same < len(sample):
-        raise ParityError(f"{path}: {len(sample) - same} of {len(sample)} images get another "
-                          f"{'label set' if model.thresholds else 'answer'} from the exported model.")
+        raise ParityError(
+            f"{path}: {len(sample) - same} of {len(sample)} images get another "
+            f"{'label set' if model.thresholds else 'answer'} from the exported model."
+        )
     preprocessing = out_dir / "preprocessing.json"
     preprocessing.write_text(json.dumps(_preprocessing(model) | rule.describe(), indent=2))
     return ExportResult(path, preprocessing, diff, same)
@@ -102,8 +114,9 @@ def decisions(model: FinetunedModel, logits: torch.Tensor, rule: DecisionRule) -
     if model.thresholds is not None:
         from finetune.use.multilabel import decisions as label_decisions
 
-        return torch.from_numpy(label_decisions(torch.sigmoid(logits).numpy(), model.thresholds, model.min_labels,
-                                                model.max_labels))
+        return torch.from_numpy(
+            label_decisions(torch.sigmoid(logits).numpy(), model.thresholds, model.min_labels, model.max_labels)
+        )
     probabilities = (logits / model.temperature).softmax(dim=1).numpy()
     answers = torch.from_numpy(rule.answers(probabilities)).long()[:, None]
     sets = rule.sets(probabilities)
@@ -122,13 +135,23 @@ def _preprocessing(model: FinetunedModel) -> dict:
         "resize": "shorter side to floor(min(input_size) / crop_pct), then center crop",
         "pixel_range": "RGB uint8 / 255, then (x - mean) / std",
         "classes": model.classes,
-        **({"task": "multilabel", "output": "sigmoid(logits) per label; a label applies when its probability "
-            ">= its threshold, but at least min_labels and at most max_labels (null: any) of the most probable",
-            "min_labels": model.min_labels, "max_labels": model.max_labels,
-            "thresholds": dict(zip(model.classes, model.thresholds))}
-           if model.thresholds is not None else
-           {"task": "multiclass", "output": "softmax(logits / temperature): calibrated probabilities",
-            "temperature": model.temperature, "temperature_split": model.trust.get("temperature_split")}),
+        **(
+            {
+                "task": "multilabel",
+                "output": "sigmoid(logits) per label; a label applies when its probability "
+                ">= its threshold, but at least min_labels and at most max_labels (null: any) of the most probable",
+                "min_labels": model.min_labels,
+                "max_labels": model.max_labels,
+                "thresholds": dict(zip(model.classes, model.thresholds)),
+            }
+            if model.thresholds is not None
+            else {
+                "task": "multiclass",
+                "output": "softmax(logits / temperature): calibrated probabilities",
+                "temperature": model.temperature,
+                "temperature_split": model.trust.get("temperature_split"),
+            }
+        ),
     }
 
 
@@ -136,13 +159,21 @@ def _onnx(model: FinetunedModel, out_dir: Path, sample: torch.Tensor):
     try:
         import onnxruntime as ort
     except ImportError:
-        raise ConfigError("ONNX export needs: pip install 'finetune[export]' (onnx, onnxscript, onnxruntime).") from None
+        raise ConfigError(
+            "ONNX export needs: pip install 'finetune[export]' (onnx, onnxscript, onnxruntime)."
+        ) from None
     path = out_dir / "model.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            _with_probabilities(model), (sample,), str(path), dynamo=True, external_data=False, verbose=False,
-            input_names=["images"], output_names=["logits", "probabilities"],
+            _with_probabilities(model),
+            (sample,),
+            str(path),
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+            input_names=["images"],
+            output_names=["logits", "probabilities"],
             dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}},
         )
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -206,9 +237,15 @@ def _hub(model: FinetunedModel, timm_model: torch.nn.Module, out_dir: Path, samp
     from timm.models import save_for_hf
 
     dc = model.data_config
-    save_for_hf(timm_model, str(out_dir), model_config={"label_names": model.classes}, safe_serialization=True,
-                data_config={k: dc[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
-                             if k in dc})
+    save_for_hf(
+        timm_model,
+        str(out_dir),
+        model_config={"label_names": model.classes},
+        safe_serialization=True,
+        data_config={
+            k: dc[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode") if k in dc
+        },
+    )
     path = out_dir / "model.safetensors"
     follow_umask(path)  # safetensors writes 0600
     check = timm.create_model(f"local-dir:{out_dir}", pretrained=True).eval()
@@ -230,19 +267,31 @@ def _safetensors(model: FinetunedModel, out_dir: Path, sample: torch.Tensor):
         size = fixed_size_kwargs(name, model.config["data"].get("image_size"))
         save_file({k: v.contiguous() for k, v in timm_model.state_dict().items()}, str(path))
         follow_umask(path)  # safetensors writes 0600
-        config = {"architecture": name, "num_classes": len(model.classes), "label_names": model.classes,
-                  "pretrained_cfg": {k: model.data_config[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct")},
-                  "load": f"timm.create_model({name!r}, pretrained=True, num_classes={n}, "
-                          + "".join(f"{k}={v!r}, " for k, v in size.items())
-                          + f"pretrained_cfg_overlay=dict(file='model.safetensors', num_classes={n}))"}
+        config = {
+            "architecture": name,
+            "num_classes": len(model.classes),
+            "label_names": model.classes,
+            "pretrained_cfg": {
+                k: model.data_config[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct")
+            },
+            "load": f"timm.create_model({name!r}, pretrained=True, num_classes={n}, "
+            + "".join(f"{k}={v!r}, " for k, v in size.items())
+            + f"pretrained_cfg_overlay=dict(file='model.safetensors', num_classes={n}))",
+        }
         # The overlay's num_classes must match: otherwise timm drops the classifier as a mismatch.
-        check = timm.create_model(name, pretrained=True, num_classes=n, **size,
-                                  pretrained_cfg_overlay=dict(file=str(path), num_classes=n)).eval()
+        check = timm.create_model(
+            name, pretrained=True, num_classes=n, **size, pretrained_cfg_overlay=dict(file=str(path), num_classes=n)
+        ).eval()
     else:  # an MLP head or special pooling is not a timm classifier: keep finetune's layout
         save_file({k: v.contiguous() for k, v in model.model.state_dict().items()}, str(path))
         follow_umask(path)  # safetensors writes 0600
-        config = {"architecture": name, "format": "finetune Classifier state dict (backbone.*, head.*)",
-                  "num_classes": len(model.classes), "label_names": model.classes, "config": model.config}
+        config = {
+            "architecture": name,
+            "format": "finetune Classifier state dict (backbone.*, head.*)",
+            "num_classes": len(model.classes),
+            "label_names": model.classes,
+            "config": model.config,
+        }
         check = model.model
         from safetensors.torch import load_file
 

@@ -51,8 +51,15 @@ class HubFolder:
         return [p.name for p in written + self.card.pictures]
 
 
-def hub_folder(model: FinetunedModel, ckpt: str | Path, out_dir: Path, sample: torch.Tensor, tolerance: float = 1e-4,
-               rule: DecisionRule | None = None, repo_id: str | None = None) -> HubFolder:
+def hub_folder(
+    model: FinetunedModel,
+    ckpt: str | Path,
+    out_dir: Path,
+    sample: torch.Tensor,
+    tolerance: float = 1e-4,
+    rule: DecisionRule | None = None,
+    repo_id: str | None = None,
+) -> HubFolder:
     """Write the Hub folder of `model` (read from checkpoint `ckpt`, whose run folder the card
     describes) into `out_dir`, parity checked on `sample` within `tolerance`; a model timm cannot
     load from a folder is refused (ConfigError) before anything is written."""
@@ -74,8 +81,10 @@ def check_repo_id(repo_id: str) -> str:
     except ValueError:  # HFValidationError
         valid = False
     if not valid:
-        raise ConfigError(f"repo_id={repo_id!r}: give ORG/NAME (a user or organization, a slash, the model's name; "
-                          f"letters, digits, '-', '_' and '.'), e.g. repo_id=alice/ants-vs-bees.")
+        raise ConfigError(
+            f"repo_id={repo_id!r}: give ORG/NAME (a user or organization, a slash, the model's name; "
+            f"letters, digits, '-', '_' and '.'), e.g. repo_id=alice/ants-vs-bees."
+        )
     return repo_id
 
 
@@ -88,8 +97,10 @@ def hub_token() -> str:
     except Exception as err:  # an OIDC exchange the environment asked for failed
         raise ConfigError(f"no Hugging Face token: {_one_line(err)}") from None
     if not token:
-        raise ConfigError("no Hugging Face token: set HF_TOKEN to a token with write access "
-                          "(https://huggingface.co/settings/tokens) or run `hf auth login`; nothing was pushed.")
+        raise ConfigError(
+            "no Hugging Face token: set HF_TOKEN to a token with write access "
+            "(https://huggingface.co/settings/tokens) or run `hf auth login`; nothing was pushed."
+        )
     return token
 
 
@@ -105,8 +116,13 @@ def hub_user(token: str) -> str:
         raise HubError(_failure(err, None, api.endpoint)) from None
 
 
-def upload(folder: HubFolder, repo_id: str, token: str, private: bool = False,
-           message: str = "Upload the model with finetune push") -> tuple[str, str]:
+def upload(
+    folder: HubFolder,
+    repo_id: str,
+    token: str,
+    private: bool = False,
+    message: str = "Upload the model with finetune push",
+) -> tuple[str, str]:
     """Create `repo_id` if needed (private when `private`; an existing public repository is
     refused then, rather than published to) and commit ``folder.files`` in one commit.
     Returns (the repository's URL, the commit's id)."""
@@ -116,10 +132,13 @@ def upload(folder: HubFolder, repo_id: str, token: str, private: bool = False,
     try:
         repo = api.create_repo(repo_id, private=True if private else None, exist_ok=True)
         if private and not api.repo_info(repo.repo_id).private:
-            raise HubError(f"{repo.repo_id} exists and is public: private=true cannot make it private; change its "
-                           f"visibility on the Hub or choose another repo_id; nothing was pushed.")
-        commit = api.upload_folder(repo_id=repo.repo_id, folder_path=str(folder.path), allow_patterns=folder.files,
-                                   commit_message=message)
+            raise HubError(
+                f"{repo.repo_id} exists and is public: private=true cannot make it private; change its "
+                f"visibility on the Hub or choose another repo_id; nothing was pushed."
+            )
+        commit = api.upload_folder(
+            repo_id=repo.repo_id, folder_path=str(folder.path), allow_patterns=folder.files, commit_message=message
+        )
     except HubError:
         raise
     except Exception as err:
@@ -138,16 +157,22 @@ def _failure(err: Exception, repo_id: str | None, endpoint: str) -> str:
         status = err.response.status_code if getattr(err, "response", None) is not None else None
         said = _one_line(getattr(err, "server_message", None) or err)
         if status == 401:
-            return (f"the Hub refused the token (401: {said}): set HF_TOKEN to a valid token with write access "
-                    f"(https://huggingface.co/settings/tokens) or run `hf auth login`; nothing was pushed.")
+            return (
+                f"the Hub refused the token (401: {said}): set HF_TOKEN to a valid token with write access "
+                f"(https://huggingface.co/settings/tokens) or run `hf auth login`; nothing was pushed."
+            )
         if status == 403 and repo_id:
-            return (f"the token may not write to {repo_id} (403: {said}): use a token with write access to "
-                    f"{repo_id.split('/')[0]}; nothing was pushed.")
+            return (
+                f"the token may not write to {repo_id} (403: {said}): use a token with write access to "
+                f"{repo_id.split('/')[0]}; nothing was pushed."
+            )
         return f"the Hub answered {status}{f' for {repo_id}' if repo_id else ''} ({said}); nothing was pushed."
     root = type(err).__module__.split(".")[0]
     if isinstance(err, OSError) or root in _NETWORK_MODULES:
-        return (f"cannot reach the Hugging Face Hub at {endpoint} ({type(err).__name__}: {_one_line(err)}): check "
-                f"the network, or HF_ENDPOINT; nothing was pushed.")
+        return (
+            f"cannot reach the Hugging Face Hub at {endpoint} ({type(err).__name__}: {_one_line(err)}): check "
+            f"the network, or HF_ENDPOINT; nothing was pushed."
+        )
     raise err
 
 

@@ -64,7 +64,7 @@ class Prediction:
 
 
 class FinetunedModel:
-    """A trained classifier with its classes and preprocessing.
+    r"""A trained classifier with its classes and preprocessing.
 
     ``model`` is the ``nn.Module`` (eval mode, logits out); ``classes`` the names in label order;
     ``data_config`` input size, mean, std, interpolation and crop as used in training. Multi-label
@@ -75,16 +75,25 @@ class FinetunedModel:
     ``trust``: what abstaining and prediction sets are chosen from (:meth:`decision_rule`).
     """
 
-    def __init__(self, model: nn.Module, classes: list[str], data_config: dict, config: dict,
-                 thresholds: dict[str, float] | None = None, min_labels: int = 0, max_labels: int | None = None,
-                 trust: dict | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        classes: list[str],
+        data_config: dict,
+        config: dict,
+        thresholds: dict[str, float] | None = None,
+        min_labels: int = 0,
+        max_labels: int | None = None,
+        trust: dict | None = None,
+    ):
         self.model = model.eval()
         self.classes = list(classes)
         self.data_config = dict(data_config)
         self.config = config
         self.task = config.get("task", "multiclass")
-        self.thresholds = [float((thresholds or {}).get(c, 0.5)) for c in self.classes] \
-            if self.task == "multilabel" else None
+        self.thresholds = (
+            [float((thresholds or {}).get(c, 0.5)) for c in self.classes] if self.task == "multilabel" else None
+        )
         # multi-label: the fewest and most labels an answer has (see finetune.use.multilabel.decisions)
         self.min_labels, self.max_labels = int(min_labels), max_labels
         self.trust = dict(trust or {})
@@ -121,15 +130,25 @@ class FinetunedModel:
         checkpoint = read_torch_file(path)  # says what a wrong file is (empty, JSON, ONNX, ...)
         meta = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
         if not meta:
-            raise WeightsError(f"{path} is not a finetune checkpoint (no {CHECKPOINT_KEY!r} entry with classes and config).")
+            raise WeightsError(
+                f"{path} is not a finetune checkpoint (no {CHECKPOINT_KEY!r} entry with classes and config)."
+            )
         cfg = OmegaConf.create(meta["config"])
         backbone = backbone_from_config(cfg, weights="random")  # the checkpoint holds every weight
         model = build_model(backbone, len(meta["classes"]), cfg.head, cfg.freeze)
         state = {k.removeprefix("model."): v for k, v in read_state_dict(path).items() if k.startswith("model.")}
         model.load_state_dict(state, strict=True)
         data_config = with_input_size(backbone.data_config, cfg.data.get("image_size"))
-        return cls(model, meta["classes"], data_config, meta["config"], meta.get("thresholds"), meta.get("min_labels", 0),
-                   meta.get("max_labels"), meta.get("trust"))
+        return cls(
+            model,
+            meta["classes"],
+            data_config,
+            meta["config"],
+            meta.get("thresholds"),
+            meta.get("min_labels", 0),
+            meta.get("max_labels"),
+            meta.get("trust"),
+        )
 
     def preprocess(self, images: Iterable) -> torch.Tensor:
         """The exact input batch (N, 3, H, W) for paths, PIL images or arrays, each converted by
@@ -141,8 +160,10 @@ class FinetunedModel:
     @torch.no_grad()
     def logits(self, images: Sequence, batch_size: int = 32) -> torch.Tensor:
         device = next(self.model.parameters()).device
-        chunks = [self.model(self.preprocess(images[i:i + batch_size]).to(device)).float().cpu()
-                  for i in range(0, len(images), batch_size)]
+        chunks = [
+            self.model(self.preprocess(images[i : i + batch_size]).to(device)).float().cpu()
+            for i in range(0, len(images), batch_size)
+        ]
         return torch.cat(chunks) if chunks else torch.empty(0, len(self.classes))
 
     def probabilities(self, images: Sequence, batch_size: int = 32, tta: str = "none") -> torch.Tensor:
@@ -153,19 +174,39 @@ class FinetunedModel:
         check_tta(tta)
         if not len(images):
             return torch.empty(0, len(self.classes))
-        return tta_probabilities(self.model, images, self.data_config, tta, batch_size,
-                                 multilabel=self.task == "multilabel", temperature=self.temperature)
+        return tta_probabilities(
+            self.model,
+            images,
+            self.data_config,
+            tta,
+            batch_size,
+            multilabel=self.task == "multilabel",
+            temperature=self.temperature,
+        )
 
-    def decision_rule(self, min_confidence: float | None = None, target_precision: float | None = None,
-                      coverage: float | None = None, score: str | None = None) -> DecisionRule:
+    def decision_rule(
+        self,
+        min_confidence: float | None = None,
+        target_precision: float | None = None,
+        coverage: float | None = None,
+        score: str | None = None,
+    ) -> DecisionRule:
         """The rule :meth:`predict` applies: :func:`finetune.use.confidence.decision_rule` over
         what this model's checkpoint stored from its validation and calibration splits."""
         return decision_rule(self.trust, self.task, min_confidence, target_precision, coverage, score)
 
-    def predict(self, images: Sequence, top_k: int = 1, batch_size: int = 32,
-                names: Sequence[str] | None = None, tta: str = "none", min_confidence: float | None = None,
-                target_precision: float | None = None, coverage: float | None = None,
-                rule: DecisionRule | None = None) -> list[Prediction] | list[LabelSet]:
+    def predict(
+        self,
+        images: Sequence,
+        top_k: int = 1,
+        batch_size: int = 32,
+        names: Sequence[str] | None = None,
+        tta: str = "none",
+        min_confidence: float | None = None,
+        target_precision: float | None = None,
+        coverage: float | None = None,
+        rule: DecisionRule | None = None,
+    ) -> list[Prediction] | list[LabelSet]:
         """Top-k (label, probability) per image, in input order; multi-label models: the label set
         at the thresholds (`top_k` unused). `names` label the results (default: the paths, or the
         type of in-memory images); `tta` as :meth:`probabilities`. Multi-class only:
@@ -180,8 +221,9 @@ class FinetunedModel:
         names = list(names) if names is not None else [_describe(image) for image in images]
         return self.predictions(self.probabilities(images, batch_size, tta), names, top_k, rule)
 
-    def predictions(self, probabilities: torch.Tensor, names: Sequence[str], top_k: int = 1,
-                    rule: DecisionRule | None = None) -> list[Prediction] | list[LabelSet]:
+    def predictions(
+        self, probabilities: torch.Tensor, names: Sequence[str], top_k: int = 1, rule: DecisionRule | None = None
+    ) -> list[Prediction] | list[LabelSet]:
         """:meth:`predict`'s answers for (N, C) `probabilities` already computed (calibrated, in
         class order; a server computes them in batches of its own), one per name."""
         rule = rule or DecisionRule()
@@ -233,8 +275,13 @@ def expand_inputs(spec: str) -> list[str]:
     if path.is_file():
         return [str(path)]
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file()
+            and p.suffix.lower() in IMAGE_EXTENSIONS
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
     else:
         files = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
         files = [p for p in files if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]

@@ -27,13 +27,19 @@ def classification_report(logits: torch.Tensor, labels: torch.Tensor, classes: l
     if len(labels):
         truth, guess = labels.cpu().numpy(), predicted.cpu().numpy()
         confusion = confusion_matrix(truth, guess, labels=range(n)).tolist()
-        precision, recall, f1, support = precision_recall_fscore_support(truth, guess, labels=range(n),
-                                                                         zero_division=0)
+        precision, recall, f1, support = precision_recall_fscore_support(truth, guess, labels=range(n), zero_division=0)
     else:  # scikit-learn refuses empty input
         confusion = [[0] * n for _ in range(n)]
         precision = recall = f1 = support = [0] * n
-    per_class = {c: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
-                     "support": int(support[i])} for i, c in enumerate(classes)}
+    per_class = {
+        c: {
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "f1": float(f1[i]),
+            "support": int(support[i]),
+        }
+        for i, c in enumerate(classes)
+    }
     return {
         "images": len(labels),
         "accuracy": float((predicted == labels).float().mean()) if len(labels) else 0.0,
@@ -47,12 +53,19 @@ def classification_report(logits: torch.Tensor, labels: torch.Tensor, classes: l
 def format_report(report: dict) -> str:
     """The report as text: a summary line, the per-class table, the confusion matrix."""
     classes = report["classes"]
-    rows = [[c, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", m["support"]]
-            for c, m in report["per_class"].items()]
-    lines = [f"accuracy={report['accuracy']:.4f} loss={report['loss']:.4f} on {report['images']} images"
-             + (f" ({len(report['skipped'])} skipped)" if report.get("skipped") else ""),
-             format_table(["class", "precision", "recall", "f1", "support"], rows, "lrrrr"),
-             "confusion matrix (rows: true, columns: predicted)",
-             format_table(["true \\ pred"] + classes, [[c] + row for c, row in zip(classes, report["confusion"])],
-                          "l" + "r" * len(classes))]
+    rows = [
+        [c, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", m["support"]]
+        for c, m in report["per_class"].items()
+    ]
+    lines = [
+        f"accuracy={report['accuracy']:.4f} loss={report['loss']:.4f} on {report['images']} images"
+        + (f" ({len(report['skipped'])} skipped)" if report.get("skipped") else ""),
+        format_table(["class", "precision", "recall", "f1", "support"], rows, "lrrrr"),
+        "confusion matrix (rows: true, columns: predicted)",
+        format_table(
+            ["true \\ pred"] + classes,
+            [[c] + row for c, row in zip(classes, report["confusion"])],
+            "l" + "r" * len(classes),
+        ),
+    ]
     return "\n".join(lines)

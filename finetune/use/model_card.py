@@ -34,8 +34,12 @@ PICTURES = {
     "risk_coverage": ("Risk-coverage: the error among the images answered when only the most confident are.", True),
 }
 CALIBRATION_KEYS = {"ece": "ECE", "nll": "NLL", "brier": "Brier"}
-METRIC_NAMES = {"acc": "accuracy", "acc_top5": "top-5 accuracy", "loss": "loss (cross-entropy)",
-                "map": "mean average precision"}
+METRIC_NAMES = {
+    "acc": "accuracy",
+    "acc_top5": "top-5 accuracy",
+    "loss": "loss (cross-entropy)",
+    "map": "mean average precision",
+}
 ACCURACIES = ("acc", "acc_top5")
 SHOWN_CLASSES = 30
 _FOLDERS = re.compile(r"(?<![\w.~])(?:[A-Za-z]:)?(?:[/\\][^/\\\s,;:'\"]+)+[/\\]")  # the directories of an absolute path
@@ -102,12 +106,22 @@ def model_card(model: FinetunedModel, run: RunFiles, repo_id: str | None, pictur
     classes = ", ".join(f"`{c}`" for c in model.classes[:SHOWN_CLASSES])
     if len(model.classes) > SHOWN_CLASSES:
         classes += f" and {len(model.classes) - SHOWN_CLASSES} more (all in `config.json`, `label_names`)"
-    kind = "which of its labels apply to an image (multi-label)" if model.task == "multilabel" else "one class per image"
-    parts = [front_matter(model), f"# {title}\n",
-             f"An image classifier fine-tuned with finetune from timm's `{arch}`. It predicts "
-             f"{kind} among {len(model.classes)}: {classes}.\n",
-             *_data(run), *_recipe(model, run), *_metrics(model, run), *_calibration(model, run),
-             *_pictures(pictures), *_limitations(model, run), *_usage(model, repo_id)]
+    kind = (
+        "which of its labels apply to an image (multi-label)" if model.task == "multilabel" else "one class per image"
+    )
+    parts = [
+        front_matter(model),
+        f"# {title}\n",
+        f"An image classifier fine-tuned with finetune from timm's `{arch}`. It predicts "
+        f"{kind} among {len(model.classes)}: {classes}.\n",
+        *_data(run),
+        *_recipe(model, run),
+        *_metrics(model, run),
+        *_calibration(model, run),
+        *_pictures(pictures),
+        *_limitations(model, run),
+        *_usage(model, repo_id),
+    ]
     return "\n".join(parts)
 
 
@@ -115,8 +129,15 @@ def front_matter(model: FinetunedModel) -> str:
     """YAML the Hub reads: timm as the library, tags, the pipeline, and ``base_model`` when the
     backbone started from timm's Hub weights (not from an embedded package, a file or random).
     No license: the owner of the data and the model decides it."""
-    lines = ["---", "library_name: timm", "tags:", "- image-classification", "- timm", "- finetune",
-             "pipeline_tag: image-classification"]
+    lines = [
+        "---",
+        "library_name: timm",
+        "tags:",
+        "- image-classification",
+        "- timm",
+        "- finetune",
+        "pipeline_tag: image-classification",
+    ]
     base = base_model(model.config)
     if base:
         lines += ["base_model:", f"- {base}"]
@@ -147,7 +168,11 @@ def _weights(config: dict) -> str:
         return f"ImageNet weights from the pip package {EMBEDDED_PACKAGES[name][1]}"
     if weights in ("pretrained", "hub"):
         base = base_model(config)
-        return f"timm's pretrained weights [{base}](https://huggingface.co/{base})" if base else "timm's pretrained weights"
+        return (
+            f"timm's pretrained weights [{base}](https://huggingface.co/{base})"
+            if base
+            else "timm's pretrained weights"
+        )
     return f"weights from a local file ({Path(weights).name})"
 
 
@@ -158,21 +183,39 @@ def _data(run: RunFiles) -> list[str]:
         return ["## Data\n", f"Not stated: {why}.\n"]
     counts = {s: c for s, c in data.get("counts", {}).items() if sum(c.values()) or s in ("train", "val")}
     each = " (an image counts under each of its labels)" if data.get("cardinality") else ""
-    lines = ["## Data\n", f"Images per class and split, as the run counted them{each}:\n",
-             "| class | " + " | ".join(counts) + " |", "|---|" + "---:|" * len(counts)]
-    lines += [f"| {c} | " + " | ".join(str(counts[s].get(c, 0)) for s in counts) + " |" for c in data.get("classes", [])]
+    lines = [
+        "## Data\n",
+        f"Images per class and split, as the run counted them{each}:\n",
+        "| class | " + " | ".join(counts) + " |",
+        "|---|" + "---:|" * len(counts),
+    ]
+    lines += [
+        f"| {c} | " + " | ".join(str(counts[s].get(c, 0)) for s in counts) + " |" for c in data.get("classes", [])
+    ]
     lines += ["| **images** | " + " | ".join(str(run.images(s)) for s in counts) + " |", ""]
     if "calibration" in counts:
         lines.append("- The calibration images were held out of training, for conformal prediction sets.")
     size = data.get("size_range")
     if size:
         lines.append(f"- Image sizes: {size[0]}x{size[1]} px (smallest) to {size[2]}x{size[3]} px (largest).")
-    lines.append(_listed("Skipped files (unreadable or not images)",
-                         [f"{Path(p).name}: {_local(r)}" for p, r in data.get("skipped", [])]))
-    lines.append(_listed("Duplicates across splits (a training image with an identical copy in val/test)",
-                         [f"{Path(a).name} = {Path(b).name}" for a, b in data.get("duplicates", [])]))
-    lines.append(_listed("Identical training images with different labels",
-                         [f"{Path(a).name} = {Path(b).name}" for a, b in data.get("conflicts", [])]))
+    lines.append(
+        _listed(
+            "Skipped files (unreadable or not images)",
+            [f"{Path(p).name}: {_local(r)}" for p, r in data.get("skipped", [])],
+        )
+    )
+    lines.append(
+        _listed(
+            "Duplicates across splits (a training image with an identical copy in val/test)",
+            [f"{Path(a).name} = {Path(b).name}" for a, b in data.get("duplicates", [])],
+        )
+    )
+    lines.append(
+        _listed(
+            "Identical training images with different labels",
+            [f"{Path(a).name} = {Path(b).name}" for a, b in data.get("conflicts", [])],
+        )
+    )
     lines += [f"- warning: {_local(w)}" for w in data.get("warnings", [])]
     return lines + [""]
 
@@ -189,25 +232,45 @@ def _listed(what: str, items: list[str], shown: int = 5) -> str:
 
 def _recipe(model: FinetunedModel, run: RunFiles) -> list[str]:
     c = model.config
-    opt, sched, aug, head, freeze = c["optimizer"], c.get("scheduler") or {}, c.get("augment") or {}, c["head"], c["freeze"]
+    opt, sched, aug, head, freeze = (
+        c["optimizer"],
+        c.get("scheduler") or {},
+        c.get("augment") or {},
+        c["head"],
+        c["freeze"],
+    )
     dc = model.data_config
     epochs = f"{c['trainer']['max_epochs']} at most"
     if run.summary and run.is_best and "epoch" in run.summary.get("metrics", {}):
         epochs += f"; best epoch {int(run.summary['metrics']['epoch'])} by {_monitor(c)}"
-    crop = "random resized crop (scale {}, ratio {})".format(aug.get("scale"), aug.get("ratio")) \
-        if aug.get("random_resized_crop") else "resize and center crop"
-    rows = [("backbone", f"`{c['backbone']['name']}`, {_weights(c)}"),
-            ("head", f"linear (dropout {head.get('dropout')})" if not head.get("hidden") else f"MLP ({head['hidden']})"),
-            ("frozen", f"groups={freeze.get('groups') or 'none'}, BatchNorm {freeze.get('batchnorm')}"),
-            ("optimizer", f"{opt.get('name')}, lr {opt.get('lr')}, weight decay {opt.get('weight_decay')}"
-                          + "".join(f", {k} {opt[k]}" for k in ("momentum", "layer_decay") if k in opt)),
-            ("schedule", ", ".join([str(sched.get("name"))] + [f"{k} {v}" for k, v in sched.items() if k != "name"])),
-            ("epochs", epochs),
-            ("batch size", c["data"].get("batch_size")),
-            ("image size", f"{dc['input_size'][-1]}x{dc['input_size'][-2]} px, {dc['interpolation']}, crop_pct {dc['crop_pct']}"),
-            ("augmentation", f"{crop}, horizontal flip p={aug.get('hflip')}, policy {aug.get('policy')}, "
-                             f"color jitter {aug.get('color_jitter')}, random erasing {aug.get('random_erasing')}"),
-            ("seed", c.get("seed"))]
+    crop = (
+        "random resized crop (scale {}, ratio {})".format(aug.get("scale"), aug.get("ratio"))
+        if aug.get("random_resized_crop")
+        else "resize and center crop"
+    )
+    rows = [
+        ("backbone", f"`{c['backbone']['name']}`, {_weights(c)}"),
+        ("head", f"linear (dropout {head.get('dropout')})" if not head.get("hidden") else f"MLP ({head['hidden']})"),
+        ("frozen", f"groups={freeze.get('groups') or 'none'}, BatchNorm {freeze.get('batchnorm')}"),
+        (
+            "optimizer",
+            f"{opt.get('name')}, lr {opt.get('lr')}, weight decay {opt.get('weight_decay')}"
+            + "".join(f", {k} {opt[k]}" for k in ("momentum", "layer_decay") if k in opt),
+        ),
+        ("schedule", ", ".join([str(sched.get("name"))] + [f"{k} {v}" for k, v in sched.items() if k != "name"])),
+        ("epochs", epochs),
+        ("batch size", c["data"].get("batch_size")),
+        (
+            "image size",
+            f"{dc['input_size'][-1]}x{dc['input_size'][-2]} px, {dc['interpolation']}, crop_pct {dc['crop_pct']}",
+        ),
+        (
+            "augmentation",
+            f"{crop}, horizontal flip p={aug.get('hflip')}, policy {aug.get('policy')}, "
+            f"color jitter {aug.get('color_jitter')}, random erasing {aug.get('random_erasing')}",
+        ),
+        ("seed", c.get("seed")),
+    ]
     if run.summary and "seconds" in run.summary:
         rows.append(("training time", f"{run.summary['seconds']} s"))
     return ["## Training recipe\n", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), ""]
@@ -231,8 +294,11 @@ def _metrics(model: FinetunedModel, run: RunFiles) -> list[str]:
             if name.startswith(tuple(CALIBRATION_KEYS)) or not isinstance(metrics[key], (int, float)):
                 continue
             value, interval = metrics[key], ""
-            label = "loss (binary cross-entropy)" if name == "loss" and model.task == "multilabel" else \
-                METRIC_NAMES.get(name, name)
+            label = (
+                "loss (binary cross-entropy)"
+                if name == "loss" and model.task == "multilabel"
+                else METRIC_NAMES.get(name, name)
+            )
             if name in ACCURACIES and split != "train" and n:
                 right = round(value * n)
                 low, high = wilson(right, n)
@@ -241,35 +307,55 @@ def _metrics(model: FinetunedModel, run: RunFiles) -> list[str]:
                 value = f"{value:.4f}"
             rows.append(f"| {split} | {label} | {value} | {n if n is not None else '?'} | {interval} |")
     epoch = f" at epoch {int(metrics['epoch'])}" if "epoch" in metrics else ""
-    return ["## Metrics\n",
-            f"From the run's summary.json{epoch}, the epoch chosen by {_monitor(model.config)}. Train scores are "
-            f"measured on augmented batches while training.\n",
-            "| split | metric | value | images | 95% interval (Wilson) |", "|---|---|---:|---:|---|", *rows, ""]
+    return [
+        "## Metrics\n",
+        f"From the run's summary.json{epoch}, the epoch chosen by {_monitor(model.config)}. Train scores are "
+        f"measured on augmented batches while training.\n",
+        "| split | metric | value | images | 95% interval (Wilson) |",
+        "|---|---|---:|---:|---|",
+        *rows,
+        "",
+    ]
 
 
 def _calibration(model: FinetunedModel, run: RunFiles) -> list[str]:
     lines = ["## Calibration\n"]
     if model.task == "multilabel":
         thresholds = ", ".join(f"`{c}` {t:.3f}" for c, t in zip(model.classes, model.thresholds))
-        return ["## Decision thresholds\n", f"A label applies when its sigmoid probability reaches its threshold (tuned on the "
-                        f"validation split): {thresholds}; at least {model.min_labels} and at most "
-                        f"{model.max_labels if model.max_labels is not None else 'any number of'} labels per image.\n"]
+        return [
+            "## Decision thresholds\n",
+            f"A label applies when its sigmoid probability reaches its threshold (tuned on the "
+            f"validation split): {thresholds}; at least {model.min_labels} and at most "
+            f"{model.max_labels if model.max_labels is not None else 'any number of'} labels per image.\n",
+        ]
     if "temperature" not in model.trust:
         return lines + ["Not calibrated: the checkpoint holds no temperature; probabilities are the plain softmax.\n"]
-    lines.append(f"Probabilities are `softmax(logits / T)` with T = {model.temperature:.4f}, fitted on "
-                 f"{model.trust.get('temperature_split', 'the validation split')} by minimizing the log-loss.")
+    lines.append(
+        f"Probabilities are `softmax(logits / T)` with T = {model.temperature:.4f}, fitted on "
+        f"{model.trust.get('temperature_split', 'the validation split')} by minimizing the log-loss."
+    )
     metrics = (run.summary or {}).get("metrics", {}) if run.is_best else {}
-    rows = [f"| {label} | {metrics[f'val/{k}']:.4f} | {metrics[f'val/{k}_calibrated']:.4f} |"
-            for k, label in CALIBRATION_KEYS.items() if f"val/{k}" in metrics and f"val/{k}_calibrated" in metrics]
+    rows = [
+        f"| {label} | {metrics[f'val/{k}']:.4f} | {metrics[f'val/{k}_calibrated']:.4f} |"
+        for k, label in CALIBRATION_KEYS.items()
+        if f"val/{k}" in metrics and f"val/{k}_calibrated" in metrics
+    ]
     if rows:
-        lines += [f"On the same validation images (ECE over {ECE_BINS} bins; these images also fitted T, so the "
-                  "after column is optimistic):\n", "| score | before | after |", "|---|---:|---:|", *rows]
+        lines += [
+            f"On the same validation images (ECE over {ECE_BINS} bins; these images also fitted T, so the "
+            "after column is optimistic):\n",
+            "| score | before | after |",
+            "|---|---:|---:|",
+            *rows,
+        ]
     else:
         lines.append("Calibration scores before and after: not stated (no summary.json metrics for this checkpoint).")
     calibration = model.trust.get("calibration") or {}
     if calibration.get("images"):
-        lines.append(f"\nConformal prediction sets (`coverage=` in `finetune predict`) are calibrated on "
-                     f"{calibration['images']} held-out images.")
+        lines.append(
+            f"\nConformal prediction sets (`coverage=` in `finetune predict`) are calibrated on "
+            f"{calibration['images']} held-out images."
+        )
     return lines + [""]
 
 
@@ -289,24 +375,45 @@ def _limitations(model: FinetunedModel, run: RunFiles) -> list[str]:
     n = run.images("val")
     if n and "val/acc" in metrics:
         low, high = wilson(round(metrics["val/acc"] * n), n)
-        lines.append(f"- The validation split holds {n} images: the accuracy's 95% interval runs from {low:.3f} to "
-                     f"{high:.3f}; differences between models smaller than that are not evidence.")
+        lines.append(
+            f"- The validation split holds {n} images: the accuracy's 95% interval runs from {low:.3f} to "
+            f"{high:.3f}; differences between models smaller than that are not evidence."
+        )
     test = run.images("test")
-    fitted = " and the thresholds were" if model.task == "multilabel" else \
-        " and the temperature were" if str(model.trust.get("temperature_split", "")).startswith("val") else " was"
-    lines.append(f"- The best epoch{fitted} chosen on the validation split, "
-                 "so the validation scores are optimistic; "
-                 + (f"the test split ({test} images) chose nothing." if test else "no separate test split was scored."))
+    fitted = (
+        " and the thresholds were"
+        if model.task == "multilabel"
+        else " and the temperature were"
+        if str(model.trust.get("temperature_split", "")).startswith("val")
+        else " was"
+    )
+    lines.append(
+        f"- The best epoch{fitted} chosen on the validation split, "
+        "so the validation scores are optimistic; "
+        + (f"the test split ({test} images) chose nothing." if test else "no separate test split was scored.")
+    )
     duplicates = len(((run.summary or {}).get("data") or {}).get("duplicates", []))
     if duplicates:
-        lines.append(f"- {duplicates} validation or test images have an identical copy in training: scores on them "
-                     f"measure memory, not generalization.")
-    every = "" if model.task == "multilabel" else (" and answers one of them for any image unless told to abstain "
-                                                  "(`min_confidence` / `target_precision` in `finetune predict`)")
-    lines.append(f"- It knows only its {len(model.classes)} classes{every}. Images unlike the training data (other "
-                 "cameras, lighting, places, subjects) were not measured.")
-    lines.append("- Not measured: robustness to corruptions or distribution shift, out-of-distribution detection, "
-                 "performance per subgroup, speed.")
+        lines.append(
+            f"- {duplicates} validation or test images have an identical copy in training: scores on them "
+            f"measure memory, not generalization."
+        )
+    every = (
+        ""
+        if model.task == "multilabel"
+        else (
+            " and answers one of them for any image unless told to abstain "
+            "(`min_confidence` / `target_precision` in `finetune predict`)"
+        )
+    )
+    lines.append(
+        f"- It knows only its {len(model.classes)} classes{every}. Images unlike the training data (other "
+        "cameras, lighting, places, subjects) were not measured."
+    )
+    lines.append(
+        "- Not measured: robustness to corruptions or distribution shift, out-of-distribution detection, "
+        "performance per subgroup, speed."
+    )
     return lines + [""]
 
 
@@ -318,22 +425,31 @@ def _usage(model: FinetunedModel, repo_id: str | None) -> list[str]:
     else:
         decide = f"probabilities = (logits / {model.temperature:.4f}).softmax(dim=1)  # calibrated (temperature T)"
     name = repo_id or "ORG/NAME"
-    return ["## How to use\n", "```python", "import timm, torch", "from PIL import Image", "",
-            f'model = timm.create_model("hf-hub:{name}", pretrained=True).eval()  # or "local-dir:FOLDER"',
-            "transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model), is_training=False)",
-            "with torch.no_grad():",
-            '    logits = model(transform(Image.open("image.jpg").convert("RGB")).unsqueeze(0))',
-            decide, 'labels = model.pretrained_cfg["label_names"]', "```", "",
-            f"Preprocessing (`preprocessing.json` holds it exactly, with the temperature and the decision rule): "
-            f"resize the shorter side to {resize} px ({dc['interpolation']}), center-crop "
-            f"{dc['input_size'][-1]}x{dc['input_size'][-2]}, RGB / 255, then (x - mean) / std with mean "
-            f"{_numbers(dc['mean'])} and std {_numbers(dc['std'])}. Training and validation resized with OpenCV's "
-            f"{dc['interpolation']} interpolation, which does not antialias; timm's eval transform "
-            f"resizes with PIL, which antialiases: on images much larger than {resize} px the pixels differ, enough to "
-            f"change some answers near the decision boundary. To reproduce the validation numbers, resize as training "
-            f"did.\n",
-            "The training checkpoint (not in this folder) loads with `finetune.load(\"best.ckpt\")`, which "
-            "`finetune predict` and `finetune evaluate` use.\n"]
+    return [
+        "## How to use\n",
+        "```python",
+        "import timm, torch",
+        "from PIL import Image",
+        "",
+        f'model = timm.create_model("hf-hub:{name}", pretrained=True).eval()  # or "local-dir:FOLDER"',
+        "transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model), is_training=False)",
+        "with torch.no_grad():",
+        '    logits = model(transform(Image.open("image.jpg").convert("RGB")).unsqueeze(0))',
+        decide,
+        'labels = model.pretrained_cfg["label_names"]',
+        "```",
+        "",
+        f"Preprocessing (`preprocessing.json` holds it exactly, with the temperature and the decision rule): "
+        f"resize the shorter side to {resize} px ({dc['interpolation']}), center-crop "
+        f"{dc['input_size'][-1]}x{dc['input_size'][-2]}, RGB / 255, then (x - mean) / std with mean "
+        f"{_numbers(dc['mean'])} and std {_numbers(dc['std'])}. Training and validation resized with OpenCV's "
+        f"{dc['interpolation']} interpolation, which does not antialias; timm's eval transform "
+        f"resizes with PIL, which antialiases: on images much larger than {resize} px the pixels differ, enough to "
+        f"change some answers near the decision boundary. To reproduce the validation numbers, resize as training "
+        f"did.\n",
+        'The training checkpoint (not in this folder) loads with `finetune.load("best.ckpt")`, which '
+        "`finetune predict` and `finetune evaluate` use.\n",
+    ]
 
 
 def _numbers(values) -> str:

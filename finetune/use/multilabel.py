@@ -79,8 +79,12 @@ def tune_thresholds(probabilities: np.ndarray, targets: np.ndarray, objective: s
     return thresholds, global_threshold
 
 
-def decisions(probabilities: torch.Tensor | np.ndarray, thresholds: Sequence[float], min_labels: int = 0,
-              max_labels: int | None = None) -> np.ndarray:
+def decisions(
+    probabilities: torch.Tensor | np.ndarray,
+    thresholds: Sequence[float],
+    min_labels: int = 0,
+    max_labels: int | None = None,
+) -> np.ndarray:
     """(N, C) bool: which labels each image gets: those at or above their thresholds, but at least
     the `min_labels` and at most the `max_labels` most probable (a run sets them to the fewest and
     most labels a training image has: an empty answer is always wrong when every image has a
@@ -99,12 +103,21 @@ def decisions(probabilities: torch.Tensor | np.ndarray, thresholds: Sequence[flo
 def decision_scores(predicted: np.ndarray, targets: np.ndarray) -> dict:
     """Micro F1, macro F1 (mean over labels) and exact-set accuracy of (N, C) bool decisions."""
     y = np.asarray(targets) > 0.5
-    return {"f1_micro": float(_f1(predicted, y)), "f1_macro": float(_f1(predicted, y, axis=0).mean()),
-            "exact": float((predicted == y).all(axis=1).mean()) if len(y) else 0.0}
+    return {
+        "f1_micro": float(_f1(predicted, y)),
+        "f1_macro": float(_f1(predicted, y, axis=0).mean()),
+        "exact": float((predicted == y).all(axis=1).mean()) if len(y) else 0.0,
+    }
 
 
-def multilabel_report(probabilities, targets, classes: Sequence[str], thresholds: Sequence[float],
-                      min_labels: int = 0, max_labels: int | None = None) -> dict:
+def multilabel_report(
+    probabilities,
+    targets,
+    classes: Sequence[str],
+    thresholds: Sequence[float],
+    min_labels: int = 0,
+    max_labels: int | None = None,
+) -> dict:
     """mAP, micro/macro F1 and exact-set accuracy at `thresholds` (with `min_labels` and
     `max_labels`, see :func:`decisions`) and at a plain 0.5, the mean binary cross-entropy, and per label:
     threshold, precision, recall, F1, AP (None without positives), support. Plain Python numbers
@@ -131,10 +144,17 @@ def multilabel_report(probabilities, targets, classes: Sequence[str], thresholds
         "classes": list(classes),
         "min_labels": min_labels,
         "max_labels": max_labels,
-        "per_label": {c: {"threshold": thresholds[j], "precision": float(tp[j] / npred[j]) if npred[j] else 0.0,
-                          "recall": float(tp[j] / npos[j]) if npos[j] else 0.0,
-                          "f1": float(2 * tp[j] / (npred[j] + npos[j])) if npred[j] + npos[j] else 0.0,
-                          "ap": ap[j], "support": int(npos[j])} for j, c in enumerate(classes)},
+        "per_label": {
+            c: {
+                "threshold": thresholds[j],
+                "precision": float(tp[j] / npred[j]) if npred[j] else 0.0,
+                "recall": float(tp[j] / npos[j]) if npos[j] else 0.0,
+                "f1": float(2 * tp[j] / (npred[j] + npos[j])) if npred[j] + npos[j] else 0.0,
+                "ap": ap[j],
+                "support": int(npos[j]),
+            }
+            for j, c in enumerate(classes)
+        },
     }
 
 
@@ -142,20 +162,40 @@ def format_multilabel_report(report: dict) -> str:
     """A summary line (tuned thresholds, then 0.5) and the per-label table, best AP first."""
     half = report["at_0.5"]
     rows = sorted(report["per_label"].items(), key=lambda kv: -1 if kv[1]["ap"] is None else kv[1]["ap"], reverse=True)
-    table = [[c, f"{m['threshold']:.2f}", f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}",
-              "-" if m["ap"] is None else f"{m['ap']:.3f}", m["support"]] for c, m in rows]
-    return "\n".join([
-        f"mAP={report['map']:.4f} f1_micro={report['f1_micro']:.4f} f1_macro={report['f1_macro']:.4f} "
-        f"exact={report['exact']:.4f} at the tuned thresholds, loss={report['loss']:.4f} on {report['images']} images"
-        + (f" ({len(report['skipped'])} skipped)" if report.get("skipped") else ""),
-        f"at 0.5: f1_micro={half['f1_micro']:.4f} f1_macro={half['f1_macro']:.4f} exact={half['exact']:.4f}",
-        format_table(["label", "threshold", "precision", "recall", "f1", "AP", "positives"], table, "lrrrrrr"),
-    ])
+    table = [
+        [
+            c,
+            f"{m['threshold']:.2f}",
+            f"{m['precision']:.3f}",
+            f"{m['recall']:.3f}",
+            f"{m['f1']:.3f}",
+            "-" if m["ap"] is None else f"{m['ap']:.3f}",
+            m["support"],
+        ]
+        for c, m in rows
+    ]
+    return "\n".join(
+        [
+            f"mAP={report['map']:.4f} f1_micro={report['f1_micro']:.4f} f1_macro={report['f1_macro']:.4f} "
+            f"exact={report['exact']:.4f} at the tuned thresholds, loss={report['loss']:.4f} on "
+            f"{report['images']} images" + (f" ({len(report['skipped'])} skipped)" if report.get("skipped") else ""),
+            f"at 0.5: f1_micro={half['f1_micro']:.4f} f1_macro={half['f1_macro']:.4f} exact={half['exact']:.4f}",
+            format_table(["label", "threshold", "precision", "recall", "f1", "AP", "positives"], table, "lrrrrrr"),
+        ]
+    )
 
 
-def evaluate_multilabel(model, data_config, samples, classes: Sequence[str], thresholds: Sequence[float] | None,
-                        mode: str = "none", batch_size: int = 32, min_labels: int = 0,
-                        max_labels: int | None = None) -> dict:
+def evaluate_multilabel(
+    model,
+    data_config,
+    samples,
+    classes: Sequence[str],
+    thresholds: Sequence[float] | None,
+    mode: str = "none",
+    batch_size: int = 32,
+    min_labels: int = 0,
+    max_labels: int | None = None,
+) -> dict:
     """:func:`multilabel_report` of `model` on labelled `samples` ((path or array, tuple of label
     indices) pairs) with test-time augmentation `mode`, plus ``views`` and ``skipped``; files
     that do not decode are skipped. Thresholds default to 0.5."""
@@ -168,10 +208,14 @@ def evaluate_multilabel(model, data_config, samples, classes: Sequence[str], thr
     decoded = readable(samples, skipped)
     probabilities, targets = [np.zeros((0, len(classes)))], [np.zeros((0, len(classes)))]
     while chunk := list(islice(decoded, max(1, batch_size // views))):
-        probabilities.append(tta_probabilities(model, [image for image, _ in chunk], data_config, mode, batch_size,
-                                               multilabel=True).numpy())
+        probabilities.append(
+            tta_probabilities(
+                model, [image for image, _ in chunk], data_config, mode, batch_size, multilabel=True
+            ).numpy()
+        )
         targets.append(np.stack([multi_hot(label, len(classes)) for _, label in chunk]))
     thresholds = thresholds if thresholds is not None else [0.5] * len(classes)
-    report = multilabel_report(np.concatenate(probabilities), np.concatenate(targets), classes, thresholds,
-                               min_labels, max_labels)
+    report = multilabel_report(
+        np.concatenate(probabilities), np.concatenate(targets), classes, thresholds, min_labels, max_labels
+    )
     return {**report, "views": views, "skipped": skipped}

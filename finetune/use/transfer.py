@@ -44,7 +44,7 @@ def logme(features: np.ndarray, labels: np.ndarray) -> float:
     f = np.asarray(features, np.float64)
     n, d = f.shape
     u, s, _ = np.linalg.svd(f, full_matrices=False)
-    sigma = s ** 2  # eigenvalues of F^T F (the other D - r are 0)
+    sigma = s**2  # eigenvalues of F^T F (the other D - r are 0)
     evidences = []
     for k in np.unique(labels):
         y = (labels == k).astype(np.float64)
@@ -65,14 +65,21 @@ def logme(features: np.ndarray, labels: np.ndarray) -> float:
         m2 = float(((beta * s * z / (alpha + beta * sigma)) ** 2).sum())
         residual = outside + float(((z * alpha / (alpha + beta * sigma)) ** 2).sum())
         log_det = float(np.log(alpha + beta * sigma).sum()) + (d - len(sigma)) * math.log(alpha)
-        evidence = (d / 2 * math.log(alpha) + n / 2 * math.log(beta) - beta / 2 * residual - alpha / 2 * m2
-                    - log_det / 2 - n / 2 * math.log(2 * math.pi))
+        evidence = (
+            d / 2 * math.log(alpha)
+            + n / 2 * math.log(beta)
+            - beta / 2 * residual
+            - alpha / 2 * m2
+            - log_det / 2
+            - n / 2 * math.log(2 * math.pi)
+        )
         evidences.append(evidence / n)
     return float(np.mean(evidences))
 
 
-def transfer_scores(features: np.ndarray, labels: np.ndarray, folds: int = 5, seed: int = 0, k: int = 10,
-                    c: float = 1.0) -> TransferScores:
+def transfer_scores(
+    features: np.ndarray, labels: np.ndarray, folds: int = 5, seed: int = 0, k: int = 10, c: float = 1.0
+) -> TransferScores:
     """The k-fold probe accuracies and LogME of `features` (N, D) for `labels` (N,)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_score
@@ -86,8 +93,10 @@ def transfer_scores(features: np.ndarray, labels: np.ndarray, folds: int = 5, se
     if len(counts) < 2:
         raise ConfigError("Ranking backbones needs images of at least 2 classes.")
     if counts.min() < folds:
-        raise ConfigError(f"folds={folds}: the smallest class has {counts.min()} images; every fold needs one "
-                          f"of each class. Use folds={max(2, int(counts.min()))} or fewer.")
+        raise ConfigError(
+            f"folds={folds}: the smallest class has {counts.min()} images; every fold needs one "
+            f"of each class. Use folds={max(2, int(counts.min()))} or fewer."
+        )
     started = time.perf_counter()
     split = StratifiedKFold(folds, shuffle=True, random_state=seed)
     linear = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=1000))
@@ -95,8 +104,15 @@ def transfer_scores(features: np.ndarray, labels: np.ndarray, folds: int = 5, se
     linear_acc = cross_val_score(linear, features, labels, cv=split)
     knn_acc = cross_val_score(knn, features, labels, cv=split)
     evidence = logme(features, labels)
-    return TransferScores(float(linear_acc.mean()), float(linear_acc.std()), float(knn_acc.mean()),
-                          float(knn_acc.std()), evidence, len(labels), time.perf_counter() - started)
+    return TransferScores(
+        float(linear_acc.mean()),
+        float(linear_acc.std()),
+        float(knn_acc.mean()),
+        float(knn_acc.std()),
+        evidence,
+        len(labels),
+        time.perf_counter() - started,
+    )
 
 
 def kendall_tau(a, b) -> float:

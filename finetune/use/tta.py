@@ -41,8 +41,10 @@ def check_tta(mode: str) -> int:
     if mode not in TTA_MODES:
         *first, last = TTA_MODES
         counts = [str(v) for v in TTA_MODES.values()]
-        raise ConfigError(f"tta={mode!r}: choose {', '.join(first)} or {last} "
-                          f"({', '.join(counts[:-1])} or {counts[-1]} views per image).")
+        raise ConfigError(
+            f"tta={mode!r}: choose {', '.join(first)} or {last} "
+            f"({', '.join(counts[:-1])} or {counts[-1]} views per image)."
+        )
     return TTA_MODES[mode]
 
 
@@ -87,21 +89,29 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def _view_logits(model: nn.Module, images: Sequence, tta: TestTimeAugmentation, batch_size: int,
-                 device: torch.device | None) -> Iterator[torch.Tensor]:
+def _view_logits(
+    model: nn.Module, images: Sequence, tta: TestTimeAugmentation, batch_size: int, device: torch.device | None
+) -> Iterator[torch.Tensor]:
     """(n, V, C) float32 CPU logits, chunk by chunk: each forward pass holds at most
     max(batch_size, V) views, and images are converted only when their chunk runs."""
     device = device or _device_of(model)
     per_pass = max(1, batch_size // tta.views_per_image)
     for start in range(0, len(images), per_pass):
-        chunk = [tta.views(image) for image in images[start:start + per_pass]]
+        chunk = [tta.views(image) for image in images[start : start + per_pass]]
         logits = model(torch.cat(chunk).to(device)).float().cpu()
         yield logits.view(len(chunk), tta.views_per_image, -1)
 
 
-def tta_probabilities(model: nn.Module, images: Sequence, data_config: Mapping, mode: str = "none",
-                      batch_size: int = 32, device: torch.device | str | None = None,
-                      multilabel: bool = False, temperature: float = 1.0) -> torch.Tensor:
+def tta_probabilities(
+    model: nn.Module,
+    images: Sequence,
+    data_config: Mapping,
+    mode: str = "none",
+    batch_size: int = 32,
+    device: torch.device | str | None = None,
+    multilabel: bool = False,
+    temperature: float = 1.0,
+) -> torch.Tensor:
     """(N, C) class probabilities: softmax of each view's logits, averaged over the views of
     each image (probabilities are averaged, not logits). `model` returns logits and is in eval
     mode; `images` are HxWx3 uint8 arrays (or what ``as_rgb_array`` takes: paths, PIL images);
@@ -110,21 +120,31 @@ def tta_probabilities(model: nn.Module, images: Sequence, data_config: Mapping, 
     batches). No images: an empty (0, 0) tensor. `multilabel`: each label's sigmoid, averaged.
     `temperature`: each view's softmax is of its logits / temperature (calibration)."""
     tta = TestTimeAugmentation(data_config, mode)
-    chunks = [(logits.sigmoid() if multilabel else (logits / temperature).softmax(dim=2)).mean(dim=1)
-              for logits in _view_logits(model, images, tta, batch_size, device)]
+    chunks = [
+        (logits.sigmoid() if multilabel else (logits / temperature).softmax(dim=2)).mean(dim=1)
+        for logits in _view_logits(model, images, tta, batch_size, device)
+    ]
     return torch.cat(chunks) if chunks else torch.empty(0, 0)
 
 
-def tta_log_probabilities(model: nn.Module, images: Sequence, data_config: Mapping, mode: str = "none",
-                          batch_size: int = 32, device: torch.device | str | None = None,
-                          temperature: float = 1.0) -> torch.Tensor:
+def tta_log_probabilities(
+    model: nn.Module,
+    images: Sequence,
+    data_config: Mapping,
+    mode: str = "none",
+    batch_size: int = 32,
+    device: torch.device | str | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
     """(N, C) log of the averaged probabilities of :func:`tta_probabilities`, computed in log
     space (logsumexp of the views' log-softmax, minus log V), so a probability that underflows
     to 0 in float32 still has a finite log. Usable as logits: their softmax gives back the
     averaged probabilities, so argmax and cross-entropy are those of the averaged prediction."""
     tta = TestTimeAugmentation(data_config, mode)
-    chunks = [(logits / temperature).log_softmax(dim=2).logsumexp(dim=1) - math.log(tta.views_per_image)
-              for logits in _view_logits(model, images, tta, batch_size, device)]
+    chunks = [
+        (logits / temperature).log_softmax(dim=2).logsumexp(dim=1) - math.log(tta.views_per_image)
+        for logits in _view_logits(model, images, tta, batch_size, device)
+    ]
     return torch.cat(chunks) if chunks else torch.empty(0, 0)
 
 
@@ -140,8 +160,14 @@ def readable(samples: Iterable, skipped: dict[str, str]) -> Iterator[tuple[np.nd
         yield item, label
 
 
-def evaluate_with_tta(model: nn.Module, data_config: Mapping, samples: Sequence, classes: list[str],
-                      mode: str = "none", batch_size: int = 32) -> dict:
+def evaluate_with_tta(
+    model: nn.Module,
+    data_config: Mapping,
+    samples: Sequence,
+    classes: list[str],
+    mode: str = "none",
+    batch_size: int = 32,
+) -> dict:
     """Accuracy and mean cross-entropy of the averaged prediction (:func:`tta_probabilities`) on
     labelled `samples` ((path or HxWx3 uint8 array, label index) pairs), e.g. the end-of-run test
     split: ``{"acc", "loss", "views", "skipped": {path: reason}}``. Files that do not decode are
@@ -155,8 +181,14 @@ def evaluate_with_tta(model: nn.Module, data_config: Mapping, samples: Sequence,
     return {"acc": report["accuracy"], "loss": report["loss"], "views": check_tta(mode), "skipped": skipped}
 
 
-def labelled_log_probabilities(model: nn.Module, data_config: Mapping, samples: Sequence, num_classes: int,
-                               mode: str = "none", batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def labelled_log_probabilities(
+    model: nn.Module,
+    data_config: Mapping,
+    samples: Sequence,
+    num_classes: int,
+    mode: str = "none",
+    batch_size: int = 32,
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(:func:`tta_log_probabilities` (N, C), labels (N,), skipped: path -> reason) of labelled
     `samples`, decoded a chunk at a time; files that do not decode are skipped. With mode
     ``none`` the rows are the log-softmax of the plain logits: usable as logits (softmax,
@@ -171,6 +203,12 @@ def labelled_log_probabilities(model: nn.Module, data_config: Mapping, samples: 
     return torch.cat(log_probs), torch.cat(labels), skipped
 
 
-__all__ = ["TTA_MODES", "TestTimeAugmentation", "check_tta", "evaluate_with_tta", "labelled_log_probabilities",
-           "tta_log_probabilities",
-           "tta_probabilities"]
+__all__ = [
+    "TTA_MODES",
+    "TestTimeAugmentation",
+    "check_tta",
+    "evaluate_with_tta",
+    "labelled_log_probabilities",
+    "tta_log_probabilities",
+    "tta_probabilities",
+]

@@ -30,11 +30,11 @@ from finetune.viz.receptive import GLOBAL, Field, first_tensor, output_field, tr
 @dataclass(frozen=True)
 class GroupAnatomy:
     name: str
-    module: str                  # the module whose output is the group's output
-    shape: tuple[int, ...]       # output shape without the batch dimension
-    field: Field | None          # None: the output does not depend on the input image
+    module: str  # the module whose output is the group's output
+    shape: tuple[int, ...]  # output shape without the batch dimension
+    field: Field | None  # None: the output does not depend on the input image
     params: int
-    macs: int                    # multiply-adds of this group (since the previous group's output)
+    macs: int  # multiply-adds of this group (since the previous group's output)
 
     @property
     def stride(self) -> str:
@@ -80,8 +80,16 @@ def anatomy(model: nn.Module, groups: Sequence[LayerGroup], input_size: Sequence
         last = max(ran, key=lambda m: finished[m][0])
         _, output, flops = finished[last]
         tensor = first_tensor(output)
-        rows.append(GroupAnatomy(group.name, last, tuple(tensor.shape[1:]) if tensor is not None else (),
-                                 output_field(output), params, round((flops - previous) / 2)))
+        rows.append(
+            GroupAnatomy(
+                group.name,
+                last,
+                tuple(tensor.shape[1:]) if tensor is not None else (),
+                output_field(output),
+                params,
+                round((flops - previous) / 2),
+            )
+        )
         previous = max(previous, flops)
     total_params = sum(p.numel() for p in model.parameters())
     return Anatomy(input_size, rows, total_params, round(counter.get_total_flops() / 2), tracer.checked)
@@ -89,14 +97,19 @@ def anatomy(model: nn.Module, groups: Sequence[LayerGroup], input_size: Sequence
 
 def anatomy_table(result: Anatomy) -> str:
     """Group, output shape, stride, receptive field, parameters, multiply-adds."""
-    rows = [[g.name, "x".join(map(str, g.shape)) or "-", g.stride, g.receptive_field, f"{g.params:,}", format_count(g.macs)]
-            for g in result.groups]
+    rows = [
+        [g.name, "x".join(map(str, g.shape)) or "-", g.stride, g.receptive_field, f"{g.params:,}", format_count(g.macs)]
+        for g in result.groups
+    ]
     c, h, w = result.input_size
     table = format_table(["group", "output", "stride", "receptive field", "params", "mult-adds"], rows, "lrrrrr")
-    return (f"{table}\ntotal {result.params:,} parameters, {format_count(result.macs)} multiply-adds per {c}x{h}x{w} image\n"
-            f"(receptive fields and strides in input pixels, by convolution arithmetic, a field larger than the "
-            f"image reaching into the padding;\n output sizes checked against the forward pass at "
-            f"{result.checked_ops} convolutions/poolings)")
+    return (
+        f"{table}\ntotal {result.params:,} parameters, {format_count(result.macs)} multiply-adds per "
+        f"{c}x{h}x{w} image\n"
+        f"(receptive fields and strides in input pixels, by convolution arithmetic, a field larger than the "
+        f"image reaching into the padding;\n output sizes checked against the forward pass at "
+        f"{result.checked_ops} convolutions/poolings)"
+    )
 
 
 def _per_axis(field: Field | None, value) -> str:

@@ -69,8 +69,11 @@ def suspects(audit: Audit, path: Path, top: int = 24, cols: int = 6) -> Path | N
         else:
             title = f"outlier, given {given}\nscore {audit.outlier_score[i]:.3f} ({audit.splits[i]})"
             _show(ax, str(audit.paths[i]), title, "darkorange")
-    fig.suptitle(f"Top suspects: given -> suggested label ({int(audit.label_issue.sum())} likely label errors, "
-                 f"{int(audit.outlier.sum())} outliers)", fontsize=9)
+    fig.suptitle(
+        f"Top suspects: given -> suggested label ({int(audit.label_issue.sum())} likely label errors, "
+        f"{int(audit.outlier.sum())} outliers)",
+        fontsize=9,
+    )
     fig.tight_layout()
     return _save(fig, path)
 
@@ -88,7 +91,9 @@ def duplicates(audit: Audit, path: Path, top: int = 8) -> Path | None:
             _show(ax, str(audit.paths[i]), f"{audit.splits[i]}, {audit.classes[audit.labels[i]]}\n{name[:28]}", color)
         score = f"pixels {pair.similarity:.3f}" if pair.similarity is not None else f"features {pair.cosine:.3f}"
         left.set_ylabel(score + ("\nLEAK" if pair.leak else ""), fontsize=7, color=color)
-    fig.suptitle(f"Near-duplicates ({len(audit.pairs)} pairs, {sum(p.leak for p in audit.pairs)} across train and "
-                 "val/test)", fontsize=9)
+    fig.suptitle(
+        f"Near-duplicates ({len(audit.pairs)} pairs, {sum(p.leak for p in audit.pairs)} across train and val/test)",
+        fontsize=9,
+    )
     fig.tight_layout()
     return _save(fig, path)

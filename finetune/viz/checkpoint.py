@@ -10,8 +10,9 @@ from finetune.use.load import FinetunedModel
 from finetune.viz.report import Picture, write_pictures
 
 
-def checkpoint_pictures(model: FinetunedModel, checkpoint: str | Path, out_dir: Path, samples: Sequence | None = None,
-                        max_images: int = 500) -> list[Picture]:
+def checkpoint_pictures(
+    model: FinetunedModel, checkpoint: str | Path, out_dir: Path, samples: Sequence | None = None, max_images: int = 500
+) -> list[Picture]:
     """Every picture of `model` (loaded from `checkpoint`) into `out_dir`, on `samples`
     ((image, label) pairs; default: :meth:`FinetunedModel.evaluation_samples`), with the curves
     of the run's ``summary.json`` when it lies beside the checkpoint folder (``index.html`` then
@@ -21,9 +22,20 @@ def checkpoint_pictures(model: FinetunedModel, checkpoint: str | Path, out_dir: 
     summary_path = Path(checkpoint).resolve().parent.parent / "summary.json"
     summary = _read_summary(summary_path)
     page = {"summary": summary, "summary_path": summary_path, "config": model.config}
-    return write_pictures(model.model, model.classes, samples, model.transform, model.data_config, Path(out_dir),
-                          (summary or {}).get("history", []), model.run_config().viz.layers, max_images=max_images,
-                          thresholds=model.thresholds, temperature=model.temperature, page=page)
+    return write_pictures(
+        model.model,
+        model.classes,
+        samples,
+        model.transform,
+        model.data_config,
+        Path(out_dir),
+        (summary or {}).get("history", []),
+        model.run_config().viz.layers,
+        max_images=max_images,
+        thresholds=model.thresholds,
+        temperature=model.temperature,
+        page=page,
+    )
 
 
 def _read_summary(path: Path) -> dict | None:

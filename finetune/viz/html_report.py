@@ -37,7 +37,7 @@ HALF = ' class="half"'
 # Pictures a run may leave in viz/ that index.md does not list: file stem -> caption.
 EXTRA_PICTURES = {
     "lr_find": "The lr finder (optimizer.lr=auto): the training loss while the lr grows over a short sweep; the run "
-               "trains with a tenth of the lr of the lowest loss (the red dot).",
+    "trains with a tenth of the lr of the lowest loss (the red dot)."
 }
 
 STYLE = """
@@ -80,9 +80,15 @@ code{font:13px ui-monospace,Menlo,Consolas,monospace}
 """
 
 
-def write_page(out_dir: Path, pictures: Sequence = (), model=None, summary: Mapping | None = None,
-               config: Mapping | None = None, group_lrs: Mapping | None = None,
-               summary_path: Path | None = None) -> Path:
+def write_page(
+    out_dir: Path,
+    pictures: Sequence = (),
+    model=None,
+    summary: Mapping | None = None,
+    config: Mapping | None = None,
+    group_lrs: Mapping | None = None,
+    summary_path: Path | None = None,
+) -> Path:
     """Write ``out_dir/index.html`` and return its path. `pictures`: objects with ``name``,
     ``path`` (a file in `out_dir`) and ``caption`` (:class:`finetune.viz.report.Picture`);
     `model`: the Classifier whose layer groups are listed, with the lrs of `group_lrs` (None:
@@ -94,8 +100,11 @@ def write_page(out_dir: Path, pictures: Sequence = (), model=None, summary: Mapp
     run = out_dir.resolve().parent.name if out_dir.name == "viz" else out_dir.resolve().name
     backbone = (config or {}).get("backbone")
     backbone = backbone.get("name") if isinstance(backbone, Mapping) else None
-    shown = list(pictures) + [_Extra(p.stem, p, EXTRA_PICTURES[p.stem]) for p in sorted(out_dir.glob("*.png"))
-                              if p.stem in EXTRA_PICTURES and p.name not in {Path(q.path).name for q in pictures}]
+    shown = list(pictures) + [
+        _Extra(p.stem, p, EXTRA_PICTURES[p.stem])
+        for p in sorted(out_dir.glob("*.png"))
+        if p.stem in EXTRA_PICTURES and p.name not in {Path(q.path).name for q in pictures}
+    ]
     sections = [
         ("metrics", "Metrics", _metrics(summary, config, summary_path)),
         ("data", "Data", _data(summary, summary_path)),
@@ -105,23 +114,32 @@ def write_page(out_dir: Path, pictures: Sequence = (), model=None, summary: Mapp
     ]
     nav = "<b>Sections</b> " + " ".join(f'<a href="#{key}">{_e(title)}</a>' for key, title, _ in sections)
     if shown:
-        nav += "<br>\n<b>Pictures</b> " + " ".join(f'<a href="#picture-{_anchor(p.name)}">{_e(p.name)}</a>'
-                                                   for p in shown)
-    subtitle = " · ".join(_e(part) for part in [
-        f"backbone {backbone}" if backbone else "",
-        f"{len(summary['classes'])} classes" if summary and summary.get("classes") else "",
-        _headline_text(summary),
-    ] if part)
+        nav += "<br>\n<b>Pictures</b> " + " ".join(
+            f'<a href="#picture-{_anchor(p.name)}">{_e(p.name)}</a>' for p in shown
+        )
+    subtitle = " · ".join(
+        _e(part)
+        for part in [
+            f"backbone {backbone}" if backbone else "",
+            f"{len(summary['classes'])} classes" if summary and summary.get("classes") else "",
+            _headline_text(summary),
+        ]
+        if part
+    )
     boxes = [f'<section id="{key}">\n<h2>{_e(title)}</h2>\n{content}\n</section>' for key, title, content in sections]
     # Metrics beside the data report and the layer groups; pictures and config below, full width.
-    body = f'<div class="top">\n<div>{boxes[0]}</div>\n<div>{boxes[1]}\n{boxes[2]}</div>\n</div>\n' + "\n".join(boxes[3:])
-    page = (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-            f"<title>finetune report: {_e(run)}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n<main>\n"
-            f'<header>\n<h1>Run report: {_e(run)}</h1>\n<p class="sub">{subtitle}</p>\n'
-            f"<nav>{nav}</nav>\n</header>\n{body}\n"
-            f'<p class="sub">Written by finetune into {_e(str(out_dir.resolve()))}; the pictures are the PNG files '
-            f"beside this page (index.md lists them too).</p>\n</main>\n</body>\n</html>\n")
+    body = f'<div class="top">\n<div>{boxes[0]}</div>\n<div>{boxes[1]}\n{boxes[2]}</div>\n</div>\n' + "\n".join(
+        boxes[3:]
+    )
+    page = (
+        f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>finetune report: {_e(run)}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n<main>\n"
+        f'<header>\n<h1>Run report: {_e(run)}</h1>\n<p class="sub">{subtitle}</p>\n'
+        f"<nav>{nav}</nav>\n</header>\n{body}\n"
+        f'<p class="sub">Written by finetune into {_e(str(out_dir.resolve()))}; the pictures are the PNG files '
+        f"beside this page (index.md lists them too).</p>\n</main>\n</body>\n</html>\n"
+    )
     path = out_dir / PAGE
     path.write_text(page, encoding="utf-8")
     return path
@@ -169,8 +187,13 @@ def _headline_text(summary: Mapping | None) -> str:
     return f"{key} {_number(metrics[key])}" + (f" on {images} validation images" if images is not None else "")
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence], numeric: Sequence[bool],
-           row_classes: Sequence[str] = (), table_id: str = "") -> str:
+def _table(
+    header: Sequence[str],
+    rows: Sequence[Sequence],
+    numeric: Sequence[bool],
+    row_classes: Sequence[str] = (),
+    table_id: str = "",
+) -> str:
     def cells(tag, row):
         return "".join(f"<{tag}{numeric_mark if n else ''}>{_e(c)}</{tag}>" for c, n in zip(row, numeric))
 
@@ -183,8 +206,10 @@ def _table(header: Sequence[str], rows: Sequence[Sequence], numeric: Sequence[bo
 
 def _no_summary(summary_path: Path | None, what: str) -> str:
     where = f" (looked for {summary_path})" if summary_path else ""
-    return _missing(f"Not available: no summary.json{where}, so there is no {what} here. A training run writes "
-                    f"RUN/summary.json when it ends; finetune viz reads it for a checkpoint in RUN/checkpoints/.")
+    return _missing(
+        f"Not available: no summary.json{where}, so there is no {what} here. A training run writes "
+        f"RUN/summary.json when it ends; finetune viz reads it for a checkpoint in RUN/checkpoints/."
+    )
 
 
 def _metrics(summary: Mapping | None, config: Mapping | None, summary_path: Path | None) -> str:
@@ -194,18 +219,32 @@ def _metrics(summary: Mapping | None, config: Mapping | None, summary_path: Path
     headline = _headline(metrics)
     splits = ("val/", "test/", "train/")
     keys = [k for k in metrics if k != "epoch"]
-    keys.sort(key=lambda k: (k != headline, next((i for i, s in enumerate(splits) if k.startswith(s)), len(splits)),
-                             k.startswith("lr/")))
+    keys.sort(
+        key=lambda k: (
+            k != headline,
+            next((i for i, s in enumerate(splits) if k.startswith(s)), len(splits)),
+            k.startswith("lr/"),
+        )
+    )
     monitor = ((config or {}).get("callbacks") or {}).get("checkpoint", {}).get("monitor") or headline
     epochs = len(summary.get("history") or [])
     epoch = f"{_number(metrics['epoch'])} of {epochs}" if "epoch" in metrics else "?"
     images = split_images(summary.get("data") or {}, "val")
-    facts = [f"Best epoch {epoch} (chosen by {monitor})",
-             f"validation: {images} images" if images is not None else "validation size: not recorded",
-             *([f"wall time {summary['seconds']:g} s"] if isinstance(summary.get("seconds"), (int, float)) else [])]
-    parts = [f'<p>{_e("; ".join(facts))}.</p>',
-             _table(["metric", "value"], [[k, _number(metrics[k])] for k in keys], [False, True],
-                    ["headline" if k == headline else "" for k in keys], "metrics-table")]
+    facts = [
+        f"Best epoch {epoch} (chosen by {monitor})",
+        f"validation: {images} images" if images is not None else "validation size: not recorded",
+        *([f"wall time {summary['seconds']:g} s"] if isinstance(summary.get("seconds"), (int, float)) else []),
+    ]
+    parts = [
+        f"<p>{_e('; '.join(facts))}.</p>",
+        _table(
+            ["metric", "value"],
+            [[k, _number(metrics[k])] for k in keys],
+            [False, True],
+            ["headline" if k == headline else "" for k in keys],
+            "metrics-table",
+        ),
+    ]
     if summary.get("best_checkpoint"):
         parts.append(f'<p class="sub">best checkpoint: <code>{_e(summary["best_checkpoint"])}</code></p>')
     thresholds = (summary.get("multilabel") or {}).get("thresholds")
@@ -226,10 +265,12 @@ def _pictures(pictures: Sequence, out_dir: Path) -> str:
             link = path.resolve().relative_to(out_dir.resolve()).as_posix()
         except ValueError:
             link = path.name  # every picture is written into out_dir
-        figures.append(f'<figure id="picture-{_anchor(picture.name)}"{HALF if half else ""}>\n'
-                       f"<h3>{_e(picture.name)}</h3>\n"
-                       f"<figcaption>{_e(picture.caption)}</figcaption>\n"
-                       f'<img src="{_e(quote(link))}" alt="{_e(picture.name)}">\n</figure>')
+        figures.append(
+            f'<figure id="picture-{_anchor(picture.name)}"{HALF if half else ""}>\n'
+            f"<h3>{_e(picture.name)}</h3>\n"
+            f"<figcaption>{_e(picture.caption)}</figcaption>\n"
+            f'<img src="{_e(quote(link))}" alt="{_e(picture.name)}">\n</figure>'
+        )
     return '<div class="figures">\n' + "\n".join(figures) + "\n</div>"
 
 
@@ -246,40 +287,56 @@ def _width(path: Path) -> int:
 def _data(summary: Mapping | None, summary_path: Path | None) -> str:
     data = (summary or {}).get("data")
     if not data:
-        return _no_summary(summary_path, "data report") if summary is None else _missing(
-            "summary.json holds no data report.")
+        return (
+            _no_summary(summary_path, "data report")
+            if summary is None
+            else _missing("summary.json holds no data report.")
+        )
     classes = list(data.get("classes") or (summary or {}).get("classes") or [])
     counts = data.get("counts") or {}
     splits = [s for s in COUNTED if sum((counts.get(s) or {}).values())]
     rows = [[c, *((counts[s] or {}).get(c, 0) for s in splits)] for c in classes]
     rows.append(["total", *(split_images(data, s) for s in splits)])
-    parts = [f"<p>{_e(data.get('description', ''))}</p>",
-             _table(["class", *splits], rows, [False, *[True] * len(splits)], [""] * len(classes) + ["total"],
-                    "counts-table")]
+    parts = [
+        f"<p>{_e(data.get('description', ''))}</p>",
+        _table(
+            ["class", *splits], rows, [False, *[True] * len(splits)], [""] * len(classes) + ["total"], "counts-table"
+        ),
+    ]
     facts = []
     if data.get("size_range"):
         w0, h0, w1, h1 = data["size_range"]
         facts.append(f"image sizes: {w0}×{h0} (smallest) to {w1}×{h1} (largest)")
-    for key, label in (("skipped", "skipped files (unreadable or not images)"), ("duplicates",
-                       "images of val/test identical to a training image"), ("conflicts",
-                       "identical training images under different classes"), ("near_blank", "near-blank images")):
+    for key, label in (
+        ("skipped", "skipped files (unreadable or not images)"),
+        ("duplicates", "images of val/test identical to a training image"),
+        ("conflicts", "identical training images under different classes"),
+        ("near_blank", "near-blank images"),
+    ):
         facts.append(f"{label}: {len(data.get(key) or [])}")
     for split, table in (data.get("cardinality") or {}).items():  # JSON made the label counts strings
         counts = dict(sorted((int(k), n) for k, n in table.items()))
         facts.append(f"labels per image ({split}): {describe_cardinality(counts)}")
     parts.append('<ul class="facts">' + "".join(f"<li>{_e(f)}</li>" for f in facts) + "</ul>")
     parts += [f'<p class="warn">warning: {_e(w)}</p>' for w in data.get("warnings") or []]
-    for key, header, title in (("skipped", ["file", "reason"], "Skipped files"),
-                               ("duplicates", ["training image", "val/test image"], "Duplicates across splits"),
-                               ("conflicts", ["training image", "same file, other class"], "Label conflicts")):
+    for key, header, title in (
+        ("skipped", ["file", "reason"], "Skipped files"),
+        ("duplicates", ["training image", "val/test image"], "Duplicates across splits"),
+        ("conflicts", ["training image", "same file, other class"], "Label conflicts"),
+    ):
         listed = [list(row) if isinstance(row, (list, tuple)) else [row, ""] for row in data.get(key) or []]
         if listed:
             more = f" (first 200 of {len(listed)}; all in summary.json)" if len(listed) > 200 else ""
-            parts.append(f"<details{' open' if len(listed) <= 10 else ''}><summary>{_e(title)}: "
-                         f"{len(listed)}{_e(more)}</summary>\n{_table(header, listed[:200], [False, False])}</details>")
+            parts.append(
+                f"<details{' open' if len(listed) <= 10 else ''}><summary>{_e(title)}: "
+                f"{len(listed)}{_e(more)}</summary>\n{_table(header, listed[:200], [False, False])}</details>"
+            )
     if data.get("near_blank"):
-        parts.append(f"<details><summary>Near-blank images: {len(data['near_blank'])}</summary><ul>" +
-                     "".join(f"<li>{_e(n)}</li>" for n in data["near_blank"]) + "</ul></details>")
+        parts.append(
+            f"<details><summary>Near-blank images: {len(data['near_blank'])}</summary><ul>"
+            + "".join(f"<li>{_e(n)}</li>" for n in data["near_blank"])
+            + "</ul></details>"
+        )
     return "\n".join(parts)
 
 
@@ -288,12 +345,19 @@ def _groups(model, group_lrs: Mapping | None) -> str:
         return _missing("Not available: the model has no layer groups.")
     from finetune.model.summary import groups_table
 
-    note = "" if group_lrs is not None else _missing(
-        "Learning rates (lr) are not known from a checkpoint alone: shown as -. The training run's own report "
-        "(RUN/viz/index.html) lists them.")
+    note = (
+        ""
+        if group_lrs is not None
+        else _missing(
+            "Learning rates (lr) are not known from a checkpoint alone: shown as -. The training run's own report "
+            "(RUN/viz/index.html) lists them."
+        )
+    )
     table = _e(groups_table(model, dict(group_lrs or {})))
-    return ("<p>The table the run prints at its start: parameters, trainable or frozen, lr and BatchNorm mode "
-            f'of each layer group.</p>\n<pre id="groups-table">{table}</pre>{note}')
+    return (
+        "<p>The table the run prints at its start: parameters, trainable or frozen, lr and BatchNorm mode "
+        f'of each layer group.</p>\n<pre id="groups-table">{table}</pre>{note}'
+    )
 
 
 def _config(config: Mapping | None) -> str:
@@ -307,5 +371,7 @@ def _config(config: Mapping | None) -> str:
         import json
 
         text = json.dumps(config, indent=2, default=str)
-    return ("<p>The resolved config of the run (what its checkpoints carry).</p>\n"
-            f'<pre id="config-yaml" class="config">{_e(text)}</pre>')
+    return (
+        "<p>The resolved config of the run (what its checkpoints carry).</p>\n"
+        f'<pre id="config-yaml" class="config">{_e(text)}</pre>'
+    )

@@ -25,8 +25,9 @@ def ap_bars(report: dict, path: Path) -> Path:
     bars marked "no positives"; the dashed line is the macro mAP over the other labels.
     """
     per_label = report["per_label"]
-    defined = sorted((c for c in report["classes"] if per_label[c]["ap"] is not None),
-                     key=lambda c: -per_label[c]["ap"])  # stable: ties keep the report's order
+    defined = sorted(
+        (c for c in report["classes"] if per_label[c]["ap"] is not None), key=lambda c: -per_label[c]["ap"]
+    )  # stable: ties keep the report's order
     names = defined + [c for c in report["classes"] if per_label[c]["ap"] is None]
     fig, ax = plt.subplots(figsize=(7, max(2.2, 0.22 * len(names) + 1.2)))
     for y, name in enumerate(names):
@@ -37,8 +38,15 @@ def ap_bars(report: dict, path: Path) -> Path:
         else:
             ax.barh(y, ap, color="tab:blue")
             inside = ap > 0.85  # no room right of the bar: the value goes inside it, in white
-            ax.text(ap - 0.01 if inside else ap + 0.01, y, f"{ap:.3f}", va="center", fontsize=7,
-                    ha="right" if inside else "left", color="white" if inside else "black")
+            ax.text(
+                ap - 0.01 if inside else ap + 0.01,
+                y,
+                f"{ap:.3f}",
+                va="center",
+                fontsize=7,
+                ha="right" if inside else "left",
+                color="white" if inside else "black",
+            )
     mean_ap = report.get("map")
     if mean_ap is not None and np.isfinite(mean_ap):
         ax.axvline(mean_ap, color="tab:red", linestyle="--", linewidth=1, label=f"mAP {mean_ap:.3f}")
@@ -61,8 +69,9 @@ def cooccurrence_counts(targets: np.ndarray) -> np.ndarray:
     return present.T @ present
 
 
-def cooccurrence(targets: np.ndarray, classes: Sequence[str], path: Path,
-                 title: str = "label co-occurrence") -> Path | None:
+def cooccurrence(
+    targets: np.ndarray, classes: Sequence[str], path: Path, title: str = "label co-occurrence"
+) -> Path | None:
     """Counts of images carrying both labels (diagonal: each label's count), and the same rows
     normalized by the row label's count (P(column | row)). None when there are no images."""
     targets = np.asarray(targets)
@@ -76,8 +85,10 @@ def cooccurrence(targets: np.ndarray, classes: Sequence[str], path: Path,
     # Room for the names beside and below each matrix, so both matrices are square in their slots
     # (no gap between them); constrained layout places the labels and titles without overlap.
     fig, axes = plt.subplots(1, 2, figsize=(2 * (size + names), size + names + 1.0), layout="constrained")
-    panels = ((axes[0], counts, "images with both labels\n(diagonal: images with the label)", "d"),
-              (axes[1], normalized, "P(column | row)", ".2f"))
+    panels = (
+        (axes[0], counts, "images with both labels\n(diagonal: images with the label)", "d"),
+        (axes[1], normalized, "P(column | row)", ".2f"),
+    )
     for ax, matrix, panel_title, fmt in panels:
         ax.imshow(matrix, cmap="Blues")
         ax.set(title=panel_title, xticks=range(n), yticks=range(n))
@@ -87,8 +98,15 @@ def cooccurrence(targets: np.ndarray, classes: Sequence[str], path: Path,
             top = matrix.max() or 1
             for (i, j), v in np.ndenumerate(matrix):
                 if v:
-                    ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=7,
-                            color="white" if v > top / 2 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        format(v, fmt),
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if v > top / 2 else "black",
+                    )
     spread = describe_cardinality(cardinality([tuple(np.flatnonzero(row)) for row in _present(targets)]))
     fig.suptitle(f"{title}\n{len(targets)} images: {spread}", fontsize=10)
     return _save(fig, path)
@@ -105,8 +123,9 @@ def _worst_per_image(errors: torch.Tensor, probabilities: torch.Tensor, lowest: 
     return [(int(i), int(label[i]), float(probabilities[i, label[i]])) for i in images]
 
 
-def rank_mistakes(targets: torch.Tensor, probabilities: torch.Tensor, thresholds: torch.Tensor,
-                  count: int) -> tuple[list[tuple[int, int, float]], list[tuple[int, int, float]]]:
+def rank_mistakes(
+    targets: torch.Tensor, probabilities: torch.Tensor, thresholds: torch.Tensor, count: int
+) -> tuple[list[tuple[int, int, float]], list[tuple[int, int, float]]]:
     """The `count` most confident misses and false alarms as (image, label, probability).
 
     A miss is a true label with probability < its threshold, lowest probability first; a false
@@ -116,8 +135,10 @@ def rank_mistakes(targets: torch.Tensor, probabilities: torch.Tensor, thresholds
     probabilities = probabilities.detach().float().cpu()
     present = targets.detach().cpu() > 0.5
     predicted = probabilities >= thresholds.detach().float().cpu()
-    return (_worst_per_image(present & ~predicted, probabilities, True, count),
-            _worst_per_image(~present & predicted, probabilities, False, count))
+    return (
+        _worst_per_image(present & ~predicted, probabilities, True, count),
+        _worst_per_image(~present & predicted, probabilities, False, count),
+    )
 
 
 def _names(names: Sequence[str], width: int = 26) -> str:
@@ -126,8 +147,15 @@ def _names(names: Sequence[str], width: int = 26) -> str:
     return text if len(text) <= width else text[: width - 1].rstrip() + "…"
 
 
-def label_mistakes(images: np.ndarray, targets: torch.Tensor, probabilities: torch.Tensor, thresholds: torch.Tensor,
-                   classes: Sequence[str], path: Path, count: int = 8) -> Path | None:
+def label_mistakes(
+    images: np.ndarray,
+    targets: torch.Tensor,
+    probabilities: torch.Tensor,
+    thresholds: torch.Tensor,
+    classes: Sequence[str],
+    path: Path,
+    count: int = 8,
+) -> Path | None:
     """The most confident misses (a true label whose probability is furthest below its threshold)
     and false alarms (an absent label furthest above its threshold): the multi-label mistakes.png.
 
@@ -160,12 +188,19 @@ def label_mistakes(images: np.ndarray, targets: torch.Tensor, probabilities: tor
         r, c = divmod(slot, cols)
         true = [classes[j] for j in torch.nonzero(present[i]).flatten().tolist()]
         pred = [classes[j] for j in torch.nonzero(predicted[i]).flatten().tolist()]
-        ax.text(pad + c * (cell + pad) + cell / 2, pad + above + r * (cell + pad + above) - 4,
-                f"{kind}: {_names([classes[label]], 20)} {probability:.2f}\n"
-                f"true: {_names(true)}\npred: {_names(pred)}",
-                ha="center", va="bottom", fontsize=7.5, color="tab:red" if kind == "missed" else "black")
+        ax.text(
+            pad + c * (cell + pad) + cell / 2,
+            pad + above + r * (cell + pad + above) - 4,
+            f"{kind}: {_names([classes[label]], 20)} {probability:.2f}\ntrue: {_names(true)}\npred: {_names(pred)}",
+            ha="center",
+            va="bottom",
+            fontsize=7.5,
+            color="tab:red" if kind == "missed" else "black",
+        )
     n_missed = int((present & ~predicted).sum())
     n_alarms = int((~present & predicted).sum())
-    fig.suptitle(f"most confident mistakes: {n_missed} missed labels, {n_alarms} false alarms "
-                 f"on {len(probabilities)} images", fontsize=10)
+    fig.suptitle(
+        f"most confident mistakes: {n_missed} missed labels, {n_alarms} false alarms on {len(probabilities)} images",
+        fontsize=10,
+    )
     return _save(fig, path)

@@ -47,7 +47,7 @@ def mosaic(tiles: Sequence[np.ndarray], cols: int, cell: int = 48, pad: int = 2,
         resized = np.asarray(Image.fromarray(tile).resize((cell, cell), Image.Resampling.NEAREST), np.float32) / 255
         r, c = divmod(i, cols)
         top = pad + above + r * row_height
-        grid[top: top + cell, pad + c * (cell + pad): pad + c * (cell + pad) + cell] = resized
+        grid[top : top + cell, pad + c * (cell + pad) : pad + c * (cell + pad) + cell] = resized
     return grid
 
 
@@ -77,8 +77,10 @@ def curves(history: Sequence[dict], path: Path) -> Path | None:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     multilabel = any("val/map" in h for h in history)
     scores = ("train/f1_micro", "val/f1_micro", "val/map") if multilabel else ("train/acc", "val/acc")
-    for ax, keys, title in ((axes[0], ("train/loss", "val/loss"), "loss"),
-                            (axes[1], scores, "mAP and F1 at 0.5" if multilabel else "acc")):
+    for ax, keys, title in (
+        (axes[0], ("train/loss", "val/loss"), "loss"),
+        (axes[1], scores, "mAP and F1 at 0.5" if multilabel else "acc"),
+    ):
         for key, style in zip(keys, ("-o", "-s", "-^")):
             values = [h.get(key) for h in history]
             if any(v is not None for v in values):
@@ -103,25 +105,47 @@ def confusion(report: dict, path: Path) -> Path:
     normalized = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     size = max(4.0, 0.45 * len(classes) + 2)
     fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size))
-    for ax, matrix, title, fmt in ((axes[0], counts, "counts", "d"), (axes[1], normalized, "normalized by true class", ".2f")):
+    for ax, matrix, title, fmt in (
+        (axes[0], counts, "counts", "d"),
+        (axes[1], normalized, "normalized by true class", ".2f"),
+    ):
         ax.imshow(matrix, cmap="Blues")
         ax.set(title=title, xlabel="predicted", ylabel="true", xticks=range(len(classes)), yticks=range(len(classes)))
         ax.set_xticklabels(classes, rotation=90, fontsize=7)
         ax.set_yticklabels(
-            [f"{c}  P={report['per_class'][c]['precision']:.2f} R={report['per_class'][c]['recall']:.2f}" for c in classes]
-            if ax is axes[0] else classes, fontsize=7)
+            [
+                f"{c}  P={report['per_class'][c]['precision']:.2f} R={report['per_class'][c]['recall']:.2f}"
+                for c in classes
+            ]
+            if ax is axes[0]
+            else classes,
+            fontsize=7,
+        )
         if len(classes) <= 20:
             top = matrix.max() or 1
             for (i, j), v in np.ndenumerate(matrix):
                 if v:  # empty cells stay blank: easier to read, and far fewer artists to draw
-                    ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=7,
-                            color="white" if v > top / 2 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        format(v, fmt),
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if v > top / 2 else "black",
+                    )
     fig.suptitle(f"accuracy {report['accuracy']:.3f} on {report['images']} images", fontsize=10)
     return _save(fig, path)
 
 
-def mistakes(images: np.ndarray, labels: torch.Tensor, probabilities: torch.Tensor, classes: Sequence[str],
-             path: Path, count: int = 16) -> Path | None:
+def mistakes(
+    images: np.ndarray,
+    labels: torch.Tensor,
+    probabilities: torch.Tensor,
+    classes: Sequence[str],
+    path: Path,
+    count: int = 16,
+) -> Path | None:
     """The most confident wrong predictions, with true and predicted labels."""
     confidence, predicted = probabilities.max(dim=1)
     wrong = torch.nonzero(predicted != labels).flatten()
@@ -136,15 +160,21 @@ def mistakes(images: np.ndarray, labels: torch.Tensor, probabilities: torch.Tens
     ax.axis("off")
     for n, i in enumerate(order):
         r, c = divmod(n, cols)
-        ax.text(pad + c * (cell + pad) + cell / 2, pad + above + r * (cell + pad + above) - 4,
-                f"true: {classes[labels[i]]}\npred: {classes[predicted[i]]} ({confidence[i]:.2f})",
-                ha="center", va="bottom", fontsize=8)
+        ax.text(
+            pad + c * (cell + pad) + cell / 2,
+            pad + above + r * (cell + pad + above) - 4,
+            f"true: {classes[labels[i]]}\npred: {classes[predicted[i]]} ({confidence[i]:.2f})",
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
     fig.suptitle(f"most confident mistakes ({len(wrong)} wrong of {len(labels)})", fontsize=10)
     return _save(fig, path)
 
 
-def top_patch_crops(images: np.ndarray, peaks: torch.Tensor, positions: torch.Tensor, field: ReceptiveField,
-                    channels: int, top_k: int) -> tuple[torch.Tensor, list[np.ndarray]]:
+def top_patch_crops(
+    images: np.ndarray, peaks: torch.Tensor, positions: torch.Tensor, field: ReceptiveField, channels: int, top_k: int
+) -> tuple[torch.Tensor, list[np.ndarray]]:
     """The strongest channels (by the mean of their top-k peaks) and, channel by channel, the
     crops of the `top_k` images that excite each most: the channel's receptive field around
     its peak (the whole image when the field is larger than the image)."""
@@ -161,8 +191,16 @@ def top_patch_crops(images: np.ndarray, peaks: torch.Tensor, positions: torch.Te
     return strongest, crops
 
 
-def top_patches(images: np.ndarray, peaks: torch.Tensor, positions: torch.Tensor, field: ReceptiveField,
-                layer: str, path: Path, channels: int = 8, top_k: int = 6) -> Path:
+def top_patches(
+    images: np.ndarray,
+    peaks: torch.Tensor,
+    positions: torch.Tensor,
+    field: ReceptiveField,
+    layer: str,
+    path: Path,
+    channels: int = 8,
+    top_k: int = 6,
+) -> Path:
     """For the `channels` channels with the strongest top-k responses, the `top_k` image crops
     (each channel's receptive field around its peak) that excite it most.
 
@@ -177,6 +215,9 @@ def top_patches(images: np.ndarray, peaks: torch.Tensor, positions: torch.Tensor
     ax.set_yticks([2 + (cell + 2) * r + cell / 2 for r in range(len(strongest))])
     ax.set_yticklabels([f"ch {ch}" for ch in strongest.tolist()], fontsize=7)
     size = f"{field.size}+ px (whole image)" if field.clipped else f"{field.size} px"
-    ax.set_title(f"{layer}: top-{top_k} patches of its {len(strongest)} strongest channels\n"
-                 f"receptive field {size}, stride {field.stride}", fontsize=8)
+    ax.set_title(
+        f"{layer}: top-{top_k} patches of its {len(strongest)} strongest channels\n"
+        f"receptive field {size}, stride {field.stride}",
+        fontsize=8,
+    )
     return _save(fig, path)

@@ -61,8 +61,8 @@ Field = tuple[Axis, Axis] | str  # (rows, columns) or GLOBAL
 class ReceptiveField:
     """A layer's field as the patch pictures crop it, for a square image."""
 
-    size: int      # side of the (square) field, in input pixels
-    stride: int    # input pixels between neighbouring output units ("jump")
+    size: int  # side of the (square) field, in input pixels
+    stride: int  # input pixels between neighbouring output units ("jump")
     offset: float  # input coordinate of output unit 0's field center
     clipped: bool = False  # the middle unit's field reaches the image border: `size` is what lies inside
 
@@ -122,14 +122,21 @@ def _on_image(field: Field | None, units: int, side: int) -> ReceptiveField:
     return ReceptiveField(last - first + 1, rows.jump, (first + last) / 2 - unit * rows.jump, clipped=True)
 
 
-def traced_forward(model: nn.Module, input_size: tuple[int, ...], watch: Sequence[str],
-                   record: Callable[[str, object], None], *contexts) -> FieldTracer:
+def traced_forward(
+    model: nn.Module,
+    input_size: tuple[int, ...],
+    watch: Sequence[str],
+    record: Callable[[str, object], None],
+    *contexts,
+) -> FieldTracer:
     """One forward pass of a zero image under a :class:`FieldTracer` (and `contexts`), in eval
     mode without gradients; ``record(name, output)`` runs as each module named in `watch` finishes
     (:func:`output_field` reads the output's field)."""
     lookup = dict(model.named_modules())
-    handles = [lookup[name].register_forward_hook(lambda module, inputs, output, name=name: record(name, output))
-               for name in dict.fromkeys(watch)]
+    handles = [
+        lookup[name].register_forward_hook(lambda module, inputs, output, name=name: record(name, output))
+        for name in dict.fromkeys(watch)
+    ]
     tracer = FieldTracer()
     was_training = model.training
     model.eval()
@@ -201,9 +208,11 @@ class FieldTracer(TorchFunctionMode):
             size_in = source.shape[-2 + axis]
             expected = _window_output(size_in, k, s, p_lo, p_hi, d, ceil)
             if expected != out.shape[-2 + axis]:
-                raise FieldTraceError(f"{name}: arithmetic gives {expected} for input {size_in} (kernel {k}, stride "
-                                      f"{s}, padding {p_lo}/{p_hi}, dilation {d}), the forward pass "
-                                      f"{out.shape[-2 + axis]}.")
+                raise FieldTraceError(
+                    f"{name}: arithmetic gives {expected} for input {size_in} (kernel {k}, stride "
+                    f"{s}, padding {p_lo}/{p_hi}, dilation {d}), the forward pass "
+                    f"{out.shape[-2 + axis]}."
+                )
             a = field[axis]
             axes.append(Axis(a.lo - p_lo * a.jump, a.hi + (d * (k - 1) - p_lo) * a.jump, a.jump * s))
         self.checked += 1
@@ -319,8 +328,7 @@ def _merge(fields: list[tuple[torch.Tensor, Field]], out: torch.Tensor) -> tuple
     if len(dims) != 1:
         return GLOBAL, (-2, -1)
     [(h, w)] = dims
-    if out.ndim < -h or any(f == GLOBAL or (t.shape[h], t.shape[w]) != (out.shape[h], out.shape[w])
-                            for t, f in fields):
+    if out.ndim < -h or any(f == GLOBAL or (t.shape[h], t.shape[w]) != (out.shape[h], out.shape[w]) for t, f in fields):
         return GLOBAL, (-2, -1)
     axes = []
     for axis in range(2):

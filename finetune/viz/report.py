@@ -75,30 +75,46 @@ def write_pictures(
         if path is not None:
             results.append(Picture(name, path, caption))
 
-    add("filters", pictures.filters(model, out_dir / "filters.png"),
-        "First-layer filters: the colors and edge orientations the network looks for first.")
-    add("curves", pictures.curves(history, out_dir / "curves.png"),
-        "Learning curves: train vs validation loss and accuracy per epoch (a widening gap means over-fitting), and the lr.")
+    add(
+        "filters",
+        pictures.filters(model, out_dir / "filters.png"),
+        "First-layer filters: the colors and edge orientations the network looks for first.",
+    )
+    add(
+        "curves",
+        pictures.curves(history, out_dir / "curves.png"),
+        "Learning curves: train vs validation loss and accuracy per epoch (a widening gap means over-fitting), "
+        "and the lr.",
+    )
 
     if len(samples) > max_images:
         samples = random.Random(seed).sample(list(samples), max_images)
     layers = list(layers) if layers is not None else default_layers(model.backbone)
     spatial = _spatial_layers(model.backbone, layers, data_config)
     num_labels = len(classes) if thresholds is not None else None
-    images, labels, logits, peaks, positions = _evaluate(model, samples, transform, data_config, spatial, batch_size,
-                                                         num_labels)
+    images, labels, logits, peaks, positions = _evaluate(
+        model, samples, transform, data_config, spatial, batch_size, num_labels
+    )
     if not len(labels):
         return _finish(results, out_dir, model, page)
     if thresholds is not None:
-        for name, path, caption in _multilabel_pictures(classes, images, labels, logits, thresholds,
-                                                        train_samples or samples, out_dir):
+        for name, path, caption in _multilabel_pictures(
+            classes, images, labels, logits, thresholds, train_samples or samples, out_dir
+        ):
             add(name, path, caption)
     else:
         report = classification_report(logits, labels, list(classes))
-        add("confusion", pictures.confusion(report, out_dir / "confusion.png"),
-            f"Confusion matrix on {report['images']} validation images (counts, and normalized by true class), with per-class precision/recall.")
-        add("mistakes", pictures.mistakes(images, labels, logits.softmax(1), classes, out_dir / "mistakes.png"),
-            "The most confident mistakes: wrong labels, ambiguous images or a real weakness.")
+        add(
+            "confusion",
+            pictures.confusion(report, out_dir / "confusion.png"),
+            f"Confusion matrix on {report['images']} validation images (counts, and normalized by true class), "
+            f"with per-class precision/recall.",
+        )
+        add(
+            "mistakes",
+            pictures.mistakes(images, labels, logits.softmax(1), classes, out_dir / "mistakes.png"),
+            "The most confident mistakes: wrong labels, ambiguous images or a real weakness.",
+        )
         for name, path, caption in trust_pictures(logits, labels, temperature, out_dir):
             add(name, path, caption)
     fields = patch_fields(model.backbone, spatial, data_config["input_size"][1]) if spatial else {}
@@ -106,27 +122,44 @@ def write_pictures(
         group = _group_of(model, name)  # files and captions say stage3, as every table does
         safe = group or name.replace(".", "_")
         title = f"{group} ({name})" if group else name
-        add(f"patches_{safe}", pictures.top_patches(images, peaks[name], positions[name], field, title,
-                                                    out_dir / f"patches_{safe}.png", channels, top_k),
+        add(
+            f"patches_{safe}",
+            pictures.top_patches(
+                images, peaks[name], positions[name], field, title, out_dir / f"patches_{safe}.png", channels, top_k
+            ),
             f"{title}: the image patches (its receptive field, {field.size}{'+' if field.clipped else ''} px) "
-            f"that excite its strongest channels most.")
+            f"that excite its strongest channels most.",
+        )
     return _finish(results, out_dir, model, page)
 
 
-def trust_pictures(logits: torch.Tensor, labels: torch.Tensor, temperature: float, out_dir: Path,
-                   min_confidence: float | None = None, split: str = "validation") -> list[tuple]:
+def trust_pictures(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float,
+    out_dir: Path,
+    min_confidence: float | None = None,
+    split: str = "validation",
+) -> list[tuple]:
     """(name, path, caption) of the reliability diagram and the risk-coverage curve."""
     from finetune.viz import trust
 
     return [
-        ("reliability", trust.reliability(logits, labels, temperature, out_dir / "reliability.png", split),
-         f"Reliability: how often the model is right against how sure it says it is, before and after temperature "
-         f"scaling (T = {temperature:.2f}, fitted on the validation split). On the diagonal: confidence you can "
-         f"take at its word."),
-        ("risk_coverage", trust.risk_coverage((logits / temperature).softmax(1), labels, out_dir / "risk_coverage.png",
-                                              min_confidence),
-         "Risk-coverage: answering only the most confident images, the error among the answered against the share "
-         "answered (predict min_confidence= or target_precision= picks a point on it; the rest are 'unknown')."),
+        (
+            "reliability",
+            trust.reliability(logits, labels, temperature, out_dir / "reliability.png", split),
+            f"Reliability: how often the model is right against how sure it says it is, before and after temperature "
+            f"scaling (T = {temperature:.2f}, fitted on the validation split). On the diagonal: confidence you can "
+            f"take at its word.",
+        ),
+        (
+            "risk_coverage",
+            trust.risk_coverage(
+                (logits / temperature).softmax(1), labels, out_dir / "risk_coverage.png", min_confidence
+            ),
+            "Risk-coverage: answering only the most confident images, the error among the answered against the share "
+            "answered (predict min_confidence= or target_precision= picks a point on it; the rest are 'unknown').",
+        ),
     ]
 
 
@@ -141,15 +174,25 @@ def _multilabel_pictures(classes, images, targets, logits, thresholds, label_sam
     label_sets = np.stack([multi_hot(label, len(classes)) for _, label in label_samples])
     threshold_tensor = torch.tensor(list(thresholds), dtype=torch.float32)
     return [
-        ("average_precision", multilabel.ap_bars(report, out_dir / "average_precision.png"),
-         f"Average precision per label on {report['images']} validation images (mAP {report['map']:.3f}): "
-         f"the labels the network ranks well, and those it does not."),
-        ("cooccurrence", multilabel.cooccurrence(label_sets, classes, out_dir / "cooccurrence.png"),
-         f"Which labels come together in the {len(label_sets)} images the model learned from (counts, and "
-         f"normalized by the row label), with the number of labels per image."),
-        ("label_mistakes", multilabel.label_mistakes(images, targets, probabilities, threshold_tensor, classes,
-                                                     out_dir / "label_mistakes.png"),
-         "The most confident mistakes at the tuned thresholds: labels missed, and labels given that do not apply."),
+        (
+            "average_precision",
+            multilabel.ap_bars(report, out_dir / "average_precision.png"),
+            f"Average precision per label on {report['images']} validation images (mAP {report['map']:.3f}): "
+            f"the labels the network ranks well, and those it does not.",
+        ),
+        (
+            "cooccurrence",
+            multilabel.cooccurrence(label_sets, classes, out_dir / "cooccurrence.png"),
+            f"Which labels come together in the {len(label_sets)} images the model learned from (counts, and "
+            f"normalized by the row label), with the number of labels per image.",
+        ),
+        (
+            "label_mistakes",
+            multilabel.label_mistakes(
+                images, targets, probabilities, threshold_tensor, classes, out_dir / "label_mistakes.png"
+            ),
+            "The most confident mistakes at the tuned thresholds: labels missed, and labels given that do not apply.",
+        ),
     ]
 
 
@@ -189,6 +232,7 @@ def _spatial_layers(backbone: nn.Module, layers: Sequence[str], data_config: Map
 def _store(captured: dict, name: str):
     def hook(module, inputs, output):
         captured[name] = output if isinstance(output, torch.Tensor) else None
+
     return hook
 
 
@@ -200,8 +244,11 @@ def _evaluate(model, samples, transform, data_config, layers, batch_size, num_la
     std = torch.tensor(data_config["std"]).view(1, 3, 1, 1)
     captured = {}
     handles = [model.backbone.get_submodule(n).register_forward_hook(_store(captured, n)) for n in layers]
-    loader = DataLoader(ImageDataset(list(samples), transform, num_labels=num_labels), batch_size=batch_size,
-                        collate_fn=collate_skipping_unreadable)
+    loader = DataLoader(
+        ImageDataset(list(samples), transform, num_labels=num_labels),
+        batch_size=batch_size,
+        collate_fn=collate_skipping_unreadable,
+    )
     images, labels, logits = [], [], []
     peaks = {n: [] for n in layers}
     positions = {n: [] for n in layers}
@@ -224,5 +271,10 @@ def _evaluate(model, samples, transform, data_config, layers, batch_size, num_la
             h.remove()
     if not labels:
         return np.zeros((0, 1, 1, 3), np.uint8), torch.zeros(0, dtype=torch.long), torch.zeros(0), {}, {}
-    return (np.concatenate(images), torch.cat(labels), torch.cat(logits),
-            {n: torch.cat(v) for n, v in peaks.items()}, {n: torch.cat(v) for n, v in positions.items()})
+    return (
+        np.concatenate(images),
+        torch.cat(labels),
+        torch.cat(logits),
+        {n: torch.cat(v) for n, v in peaks.items()},
+        {n: torch.cat(v) for n, v in positions.items()},
+    )

@@ -30,7 +30,9 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def reliability(logits: torch.Tensor, labels: torch.Tensor, temperature: float, path: Path, split: str = "validation") -> Path:
+def reliability(
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float, path: Path, split: str = "validation"
+) -> Path:
     """Two reliability diagrams side by side: softmax(logits) and softmax(logits / temperature)."""
     panels = [("softmax", logits.softmax(dim=1))]
     if temperature != 1.0:
@@ -44,25 +46,48 @@ def reliability(logits: torch.Tensor, labels: torch.Tensor, temperature: float, 
         accuracy = np.array([b["accuracy"] for b in bins])
         confidence = np.array([b["confidence"] for b in bins])
         filled = ~np.isnan(accuracy)
-        ax.bar(lows[filled], accuracy[filled], width=width, align="edge", color="#4c72b0", edgecolor="white",
-               label="accuracy")
+        ax.bar(
+            lows[filled],
+            accuracy[filled],
+            width=width,
+            align="edge",
+            color="#4c72b0",
+            edgecolor="white",
+            label="accuracy",
+        )
         # the gap between accuracy and confidence: above the bar over-confident, inside it under-confident
-        ax.bar(lows[filled], np.abs(confidence - accuracy)[filled], bottom=np.minimum(confidence, accuracy)[filled],
-               width=width, align="edge", color="#dd8452", alpha=0.6, edgecolor="white", label="gap to confidence")
+        ax.bar(
+            lows[filled],
+            np.abs(confidence - accuracy)[filled],
+            bottom=np.minimum(confidence, accuracy)[filled],
+            width=width,
+            align="edge",
+            color="#dd8452",
+            alpha=0.6,
+            edgecolor="white",
+            label="gap to confidence",
+        )
         ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="calibrated")
         for low, bin_ in zip(lows, bins):
             if bin_["count"]:
                 ax.text(low + width / 2, 0.02, str(bin_["count"]), ha="center", fontsize=6, color="white", rotation=90)
-        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top-class probability)", ylabel="accuracy",
-               title=f"{name}\nECE {scores['ece']:.3f}, NLL {scores['nll']:.3f}, Brier {scores['brier']:.3f}")
+        ax.set(
+            xlim=(0, 1),
+            ylim=(0, 1),
+            xlabel="confidence (top-class probability)",
+            ylabel="accuracy",
+            title=f"{name}\nECE {scores['ece']:.3f}, NLL {scores['nll']:.3f}, Brier {scores['brier']:.3f}",
+        )
         ax.legend(loc="upper left", fontsize=7)
-    fig.suptitle(f"Reliability on {len(labels)} {split} images ({ECE_BINS} bins; white: images per bin)", fontsize=10,
-                 y=1.04)
+    fig.suptitle(
+        f"Reliability on {len(labels)} {split} images ({ECE_BINS} bins; white: images per bin)", fontsize=10, y=1.04
+    )
     return _save(fig, path)
 
 
-def risk_coverage(probabilities: torch.Tensor, labels: torch.Tensor, path: Path,
-                  min_confidence: float | None = None) -> Path:
+def risk_coverage(
+    probabilities: torch.Tensor, labels: torch.Tensor, path: Path, min_confidence: float | None = None
+) -> Path:
     """Error among the answered images against the share answered, answering the most confident first."""
     confidence, predicted = probabilities.max(dim=1)
     order = torch.argsort(confidence, descending=True)
@@ -76,12 +101,21 @@ def risk_coverage(probabilities: torch.Tensor, labels: torch.Tensor, path: Path,
         accepted = confidence >= min_confidence
         share = float(accepted.double().mean())
         error = float((predicted != labels)[accepted].double().mean()) if accepted.any() else 0.0
-        ax.scatter([share], [error], color="#c44e52", zorder=3,
-                   label=f"min_confidence {min_confidence:.3f}: {share:.0%} answered, {error:.1%} wrong")
+        ax.scatter(
+            [share],
+            [error],
+            color="#c44e52",
+            zorder=3,
+            label=f"min_confidence {min_confidence:.3f}: {share:.0%} answered, {error:.1%} wrong",
+        )
         ax.legend(loc="upper left", fontsize=8)
-    ax.set(xlim=(0, 1), ylim=(0, max(0.05, float(risk.max()) * 1.1) if len(risk) else 1),
-           xlabel="coverage (share of images answered, most confident first)", ylabel="error among answered",
-           title=f"Risk-coverage on {len(labels)} images (full coverage: {risk[-1] if len(risk) else 0:.1%} wrong)")
+    ax.set(
+        xlim=(0, 1),
+        ylim=(0, max(0.05, float(risk.max()) * 1.1) if len(risk) else 1),
+        xlabel="coverage (share of images answered, most confident first)",
+        ylabel="error among answered",
+        title=f"Risk-coverage on {len(labels)} images (full coverage: {risk[-1] if len(risk) else 0:.1%} wrong)",
+    )
     ax.grid(alpha=0.3)
     return _save(fig, path)
 
