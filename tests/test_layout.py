@@ -1,5 +1,6 @@
 """The package's shape: rooms by purpose, imports that only point down, no cycle, small modules,
-every module on the README's map, and nothing installed into a notebook by ``import finetune``."""
+every module on the module map of docs/development.md, and nothing installed into a notebook by
+``import finetune``."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "finetune"
-README = PACKAGE.parent / "README.md"
+DEVELOPMENT = PACKAGE.parent / "docs" / "development.md"
 MAX_LINES = 350
 
 # room -> rooms it may import (besides itself and the foundations). Top-level modules that are
@@ -111,11 +112,11 @@ def test_modules_stay_small(name):
     assert lines <= MAX_LINES, f"{name} has {lines} lines; split it by job (limit {MAX_LINES})"
 
 
-def readme_map() -> set[str]:
-    """Module paths (relative to finetune/) named in the README's development map: a line of
-    ``room/`` opens a room, the deeper-indented lines below it name its modules."""
-    text = README.read_text()
-    block = text[text.index("## Development") :].split("```")[1]
+def development_map() -> set[str]:
+    """Module paths (relative to finetune/) named in the development map of docs/development.md: a
+    line of ``room/`` opens a room, the deeper-indented lines below it name its modules."""
+    text = DEVELOPMENT.read_text()
+    block = text[text.index("# Development") :].split("```")[1]
     listed, room_name = set(), ""
     for line in block.splitlines():
         indent = len(line) - len(line.lstrip())
@@ -130,11 +131,11 @@ def readme_map() -> set[str]:
     return listed
 
 
-def test_readme_development_map_lists_every_module():
+def test_development_map_lists_every_module():
     modules = {str(p.relative_to(PACKAGE)) for p in MODULES.values() if p.name not in ("__init__.py", "__main__.py")}
-    listed = readme_map()
-    assert sorted(modules - listed) == [], "README's development map misses these modules"
-    assert sorted(listed - modules) == [], "README's development map lists modules that do not exist"
+    listed = development_map()
+    assert sorted(modules - listed) == [], "docs/development.md's module map misses these modules"
+    assert sorted(listed - modules) == [], "docs/development.md's module map lists modules that do not exist"
 
 
 def test_import_finetune_installs_no_warning_filter_or_log_handler():
