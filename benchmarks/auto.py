@@ -6,10 +6,10 @@
 The data, image size, epochs and batch size are benchmarks/techniques.py's (its subsets of
 flowers5 and dtd10, 128 px, 6 epochs of batch 16; hymenoptera as it is, 5 epochs of batch 32), so
 that auto is compared with the recipes' 3-seed means measured there (--reference, default the
-README's table). Per dataset: one `+recipe=full_finetune` run (seed 0) is timed here, the budget is
-3x its wall time, then `fit("auto", ..., time_budget=...)` runs per seed with an empty auto folder
-(warm feature caches after the first seed). Reports auto's best val/acc, the search's wall time
-against the budget, the trials and what won. Results in benchmarks/results/auto.json.
+table of docs/benchmarks/techniques.md). Per dataset: one `+recipe=full_finetune` run (seed 0) is
+timed here, the budget is 3x its wall time, then `fit("auto", ..., time_budget=...)` runs per seed
+with an empty auto folder (warm feature caches after the first seed). Reports auto's best val/acc,
+the search's wall time against the budget, the trials and what won. Results in benchmarks/results/auto.json.
 
 Auto's figure is the best of its trials on the same validation split that chose it, so it is
 optimistic by the selection; the recipes' figures are single runs.
@@ -27,7 +27,7 @@ from pathlib import Path
 from common import RESULTS
 from techniques import data_overrides
 
-# Best 3-seed mean among today's recipes in README "What they are worth, measured" (techniques.py).
+# Best 3-seed mean among today's recipes in docs/benchmarks/techniques.md (techniques.py).
 REFERENCE = {
     "hymenoptera": ("lp_ft", 0.930),
     "flowers5": ("freeze_all_but_head", 0.667),
