@@ -22,7 +22,16 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from finetune.compute.features import SPLITS, CachedFeatures, FeatureDataModule
-from finetune.compute.linear_probe import DEFAULT_GRID, L2Choice, c_of, choose_l2, feature_scale, lbfgs, view_rows
+from finetune.compute.linear_probe import (
+    DEFAULT_GRID,
+    L2Choice,
+    c_of,
+    choose_l2,
+    feature_scale,
+    lbfgs,
+    penalized_loss,
+    view_rows,
+)
 from finetune.data.datamodule import class_weights
 from finetune.data.sources import DataSplits
 from finetune.errors import ConfigError
@@ -243,9 +252,14 @@ class OptimalHeadModule(ClassifierModule):
         def closure():
             optimizer.zero_grad()
             with torch.autocast(features.device.type, enabled=False):  # the optimum at full precision
-                loss = (
-                    self.loss(self(features), labels, weight, self.label_smoothing)
-                    + 0.5 * self.l2 * self.linear.weight.pow(2).sum()
+                loss = penalized_loss(
+                    self(features),
+                    labels,
+                    self.linear.weight,
+                    self.l2,
+                    self.task.multilabel,
+                    weight,
+                    self.label_smoothing,
                 )
             self.manual_backward(loss)
             return loss
@@ -253,7 +267,8 @@ class OptimalHeadModule(ClassifierModule):
         optimizer.step(closure=closure)
         with torch.no_grad(), torch.autocast(features.device.type, enabled=False):
             logits = self(features)
-            self._update("train", logits, labels, self.loss(logits, labels, weight, self.label_smoothing))
+            loss = self.task.loss(logits, labels, class_weights=weight, label_smoothing=self.label_smoothing)
+            self._update("train", logits, labels, loss)
 
 
 def optimal_head_parts(cached: CachedFeatures, splits: DataSplits, cfg, seed: int) -> tuple[dict, str]:
@@ -281,6 +296,7 @@ def probe_first(cfg, model, backbone_name: str, splits: DataSplits, train_tf, ev
     the probe continue alike."""
     from finetune.compute.features import cache_settings, cached_features
     from finetune.compute.linear_probe import Problem, fit
+    from finetune.compute.task import task_for
     from finetune.data.transforms import augmentation_is_random
 
     linear = single_linear(model.head)
@@ -320,7 +336,8 @@ def probe_first(cfg, model, backbone_name: str, splits: DataSplits, train_tf, ev
         logits = linear(cached.features["val"]) if "val" in cached.features else None
     score = ""
     if logits is not None and not splits.multilabel:
-        score = f", val/acc {float((logits.argmax(dim=1) == cached.labels['val']).float().mean()):.4f}"
+        right = task_for(False).predict(logits) == cached.labels["val"]
+        score = f", val/acc {float(right.float().mean()):.4f}"
     log.info(
         "LP-FT: probe head fitted to the optimum on the frozen backbone's features (%s)%s, in %.1f s; "
         "every layer trains from it",
