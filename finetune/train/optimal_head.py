@@ -248,19 +248,12 @@ class OptimalHeadModule(ClassifierModule):
         weight = self.class_weights.to(labels.device) if self.class_weights is not None else None
         optimizer = self.optimizers()
         features = features.float()
+        settings = (self.task.multilabel, weight, self.label_smoothing)  # the loss's: task, class weights, smoothing
 
         def closure():
             optimizer.zero_grad()
             with torch.autocast(features.device.type, enabled=False):  # the optimum at full precision
-                loss = penalized_loss(
-                    self(features),
-                    labels,
-                    self.linear.weight,
-                    self.l2,
-                    self.task.multilabel,
-                    weight,
-                    self.label_smoothing,
-                )
+                loss = penalized_loss(self(features), labels, self.linear.weight, self.l2, *settings)
             self.manual_backward(loss)
             return loss
 
@@ -296,7 +289,6 @@ def probe_first(cfg, model, backbone_name: str, splits: DataSplits, train_tf, ev
     the probe continue alike."""
     from finetune.compute.features import cache_settings, cached_features
     from finetune.compute.linear_probe import Problem, fit
-    from finetune.compute.task import task_for
     from finetune.data.transforms import augmentation_is_random
 
     linear = single_linear(model.head)
@@ -336,8 +328,7 @@ def probe_first(cfg, model, backbone_name: str, splits: DataSplits, train_tf, ev
         logits = linear(cached.features["val"]) if "val" in cached.features else None
     score = ""
     if logits is not None and not splits.multilabel:
-        right = task_for(False).predict(logits) == cached.labels["val"]
-        score = f", val/acc {float(right.float().mean()):.4f}"
+        score = f", val/acc {float((logits.argmax(dim=1) == cached.labels['val']).float().mean()):.4f}"
     log.info(
         "LP-FT: probe head fitted to the optimum on the frozen backbone's features (%s)%s, in %.1f s; "
         "every layer trains from it",
