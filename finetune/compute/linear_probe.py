@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from finetune.compute.task import task_for
+
 # Strengths tried by cross-validation (times the features' mean square): decades from 10 down to
 # 1e-6, then the half decades on either side of the best. The strongest matter on small data
 # (hymenoptera's 245 photos: 1 to 3), the weakest on easy data (digits: 1e-4).
@@ -50,16 +52,9 @@ def penalized_loss(
 ) -> torch.Tensor:
     """The objective of the module docstring. `class_weights` weight each row's loss by its class
     (multiclass; a weighted mean, as ``F.cross_entropy`` takes it) or each label's positives
-    (multilabel: BCE's ``pos_weight``). `label_smoothing` as the run's loss applies it."""
-    if multilabel:
-        targets = targets.float() * (1 - label_smoothing) + 0.5 * label_smoothing
-        data = (
-            F.binary_cross_entropy_with_logits(logits, targets, pos_weight=class_weights, reduction="none")
-            .sum(dim=1)
-            .mean()
-        )
-    else:
-        data = F.cross_entropy(logits, targets, weight=class_weights, label_smoothing=label_smoothing)
+    (multilabel: BCE's ``pos_weight``). `label_smoothing` as the run's loss applies it: the data
+    term is the task's own loss (:mod:`finetune.compute.task`), the one a training run minimizes."""
+    data = task_for(multilabel).loss(logits, targets, class_weights=class_weights, label_smoothing=label_smoothing)
     return data + 0.5 * l2 * weight.pow(2).sum()
 
 

@@ -1,5 +1,5 @@
-"""Mixup and CutMix of training batches (timm's :class:`~timm.data.Mixup`) and the loss on the soft
-targets they make.
+"""Mixup and CutMix of training batches (timm's :class:`~timm.data.Mixup`). The loss on the soft
+targets they make is the task's (:func:`finetune.compute.task.soft_target_cross_entropy`).
 
 On images the batch is mixed as timm's ``train.py`` does (``mode="batch"``: one ratio per batch,
 each image blended with the batch reversed). On cached features (a frozen backbone, see
@@ -17,10 +17,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from timm.data import Mixup
 from timm.data.mixup import mixup_target
 
+from finetune.compute.task import soft_target_cross_entropy
 from finetune.errors import ConfigError
 
 
@@ -122,15 +122,4 @@ def batch_mixer(
     return BatchMixer(mixer, off_epoch, what, multi_label)
 
 
-def soft_target_cross_entropy(
-    logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Cross-entropy against soft targets (N, C). Without `weight` it is timm's
-    SoftTargetCrossEntropy; with per-class weights, each sample counts ``targets @ weight``, and the
-    mean divides by the summed counts: for one-hot targets exactly ``F.cross_entropy(..., weight=)``
-    (timm's loss has no class weights, hence these lines)."""
-    per_class = -targets * F.log_softmax(logits.float(), dim=-1)
-    if weight is None:
-        return per_class.sum(dim=-1).mean()
-    weight = weight.to(logits.device, torch.float)
-    return (per_class * weight).sum() / (targets * weight).sum()
+__all__ = ["BatchMixer", "batch_mixer", "soft_target_cross_entropy"]

@@ -1,7 +1,8 @@
 """The LightningModule: the task's loss and metrics, per-group optimizer, the lr schedule.
 
-``task="multiclass"``: cross-entropy, accuracy. ``task="multilabel"``: binary cross-entropy on
-multi-hot targets, mAP (macro average precision), F1 (micro, macro) and exact-set accuracy at 0.5.
+The task (:mod:`finetune.train.task`) holds what differs between ``task="multiclass"``
+(cross-entropy, accuracy) and ``task="multilabel"`` (binary cross-entropy on multi-hot targets,
+mAP, F1 and exact-set accuracy at 0.5): the module asks it for its loss, metrics and columns.
 """
 
 from __future__ import annotations
@@ -11,18 +12,16 @@ from collections.abc import Mapping, Sequence
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy, MultilabelExactMatch, MultilabelF1Score
 
 from finetune.compute.speed import to_channels_last
 from finetune.data.transforms import normalize_on_device
 from finetune.errors import NonFiniteLossError
 from finetune.model.build import CHECKPOINT_KEY
 from finetune.model.classifier import Classifier
-from finetune.train.mixing import BatchMixer, soft_target_cross_entropy
+from finetune.train.mixing import BatchMixer
 from finetune.train.optim import build_optimizer, build_scheduler, optimizer_settings, param_groups
-from finetune.use.multilabel import PresentLabelsAveragePrecision
+from finetune.train.task import Task, task_named
 
 
 class ClassifierModule(L.LightningModule):
@@ -37,6 +36,8 @@ class ClassifierModule(L.LightningModule):
     `mixer` (:mod:`finetune.train.mixing`): training batches are mixed (mixup / cutmix, or the
     cached features) and the loss is cross-entropy on its soft targets, which carry the label
     smoothing; ``train/acc`` still compares predictions with each sample's own label.
+    `task`: ``"multiclass"``, ``"multilabel"`` or a task object of :mod:`finetune.train.task`;
+    every option after `config` is keyword-only.
 
     Checkpoints carry ``checkpoint["finetune"] = {"classes": [...], "config": {...}}``: plain
     lists, dicts and strings, so they load with ``torch.load(weights_only=True)``.
@@ -49,13 +50,14 @@ class ClassifierModule(L.LightningModule):
         optimizer: Mapping,
         scheduler: Mapping,
         config: Mapping | None = None,
+        *,
         label_smoothing: float = 0.0,
         class_weights: torch.Tensor | None = None,
         inputs: str = "images",
         channels_last: bool = False,
         pixel_stats: tuple[Sequence[float], Sequence[float]] | None = None,
         mixer: BatchMixer | None = None,
-        task: str = "multiclass",
+        task: str | Task = "multiclass",
     ):
         super().__init__()
         if inputs not in ("images", "features"):
@@ -77,54 +79,12 @@ class ClassifierModule(L.LightningModule):
         self.mixer = mixer
         # training loss only, evaluation stays comparable; multilabel: BCE's positive-class weights
         self.class_weights = class_weights
-        self.task = task
-        self.multilabel = task == "multilabel"
-        self.epoch_columns = (
-            ("train/loss", "train/f1_micro", "val/loss", "val/map")
-            if self.multilabel
-            else ("train/loss", "train/acc", "val/loss", "val/acc")
-        )
+        self.task = task_named(task) if isinstance(task, str) else task
+        self.epoch_columns = self.task.columns  # (train loss, train metric, val loss, val metric)
         self.unreadable: dict[str, str] = {}  # files that failed to decode mid-run: path -> reason
         for split in ("train", "val", "test"):  # self.train_metrics, ... (a ModuleDict key cannot be "train")
-            setattr(self, f"{split}_metrics", torch.nn.ModuleDict({"loss": MeanMetric(), **self._metrics(split)}))
-
-    def _metrics(self, split: str) -> dict:
-        n = len(self.classes)
-        if self.multilabel:  # thresholds 0.5 here; the run tunes per-label thresholds at the end
-            evaluation = (
-                {}
-                if split == "train"
-                else {
-                    "map": PresentLabelsAveragePrecision(n),
-                    "f1_macro": MultilabelF1Score(num_labels=n, average="macro"),
-                    "exact": MultilabelExactMatch(num_labels=n),
-                }
-            )
-            return {"f1_micro": MultilabelF1Score(num_labels=n, average="micro"), **evaluation}
-        return {
-            "acc": MulticlassAccuracy(num_classes=n, top_k=1, average="micro"),
-            **(
-                {"acc_top5": MulticlassAccuracy(num_classes=n, top_k=5, average="micro")}
-                if n >= 5 and split != "train"
-                else {}
-            ),
-        }
-
-    def loss(
-        self, logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None, smoothing: float = 0.0
-    ) -> torch.Tensor:
-        """The task's loss for class indices or soft targets (multiclass), multi-hot rows (multilabel:
-        smoothing pulls each target toward 0.5, as timm's BinaryCrossEntropy does). Multi-label
-        BCE is summed over the labels and averaged over the images: a mean over the labels too
-        would shrink every gradient by the number of labels, and the recipes' learning rates,
-        set for cross-entropy, would no longer fit."""
-        if self.multilabel:
-            targets = targets.float() * (1 - smoothing) + 0.5 * smoothing
-            per_label = F.binary_cross_entropy_with_logits(logits.float(), targets, pos_weight=weight, reduction="none")
-            return per_label.sum(dim=1).mean()
-        if targets.ndim == 2:  # mixed: the smoothing is in the targets already
-            return soft_target_cross_entropy(logits, targets, weight)
-        return F.cross_entropy(logits, targets, weight=weight, label_smoothing=smoothing)
+            metrics = {"loss": MeanMetric(), **self.task.metrics(split, len(self.classes))}
+            setattr(self, f"{split}_metrics", torch.nn.ModuleDict(metrics))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.inputs == "features":
@@ -149,13 +109,11 @@ class ClassifierModule(L.LightningModule):
         if not len(labels):
             return None  # every file of this batch was unreadable: skip the step
         weight = self.class_weights.to(labels.device) if self.class_weights is not None else None
+        targets = labels
         if self.mixer is not None and self.mixer.active(self.current_epoch):
-            images, targets = self.mixer(images, labels)
-            logits = self(images)
-            loss = self.loss(logits, targets, weight, self.label_smoothing if self.multilabel else 0.0)
-        else:
-            logits = self(images)
-            loss = self.loss(logits, labels, weight, self.label_smoothing)
+            images, targets = self.mixer(images, labels)  # soft targets; multiclass: smoothed already
+        logits = self(images)
+        loss = self.task.loss(logits, targets, class_weights=weight, label_smoothing=self.label_smoothing)
         if not torch.isfinite(loss):
             lr = max(g["lr"] for g in self.optimizers().optimizer.param_groups)
             raise NonFiniteLossError(
@@ -191,14 +149,14 @@ class ClassifierModule(L.LightningModule):
         if not len(labels):
             return
         logits = self(images)
-        self._update(split, logits, labels, self.loss(logits, labels))
+        self._update(split, logits, labels, self.task.loss(logits, labels))
 
     def _update(self, split: str, logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor) -> None:
         for name, metric in getattr(self, f"{split}_metrics").items():
             if name == "loss":
                 metric.update(loss.detach(), len(labels))
-            else:  # multi-label metrics take integer targets
-                metric.update(logits.detach(), labels.long() if self.multilabel else labels)
+            else:
+                metric.update(logits.detach(), self.task.metric_targets(labels))
 
     def _log_epoch_number(self) -> None:
         """``epoch`` counted from 1, with every logging call: CSV, W&B and the console agree
@@ -262,4 +220,4 @@ class ClassifierModule(L.LightningModule):
             self.log(f"lr/{group['name']}", group["lr"], on_step=False, on_epoch=True, sync_dist=True)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint[CHECKPOINT_KEY] = {"classes": self.classes, "config": self.config, "task": self.task}
+        checkpoint[CHECKPOINT_KEY] = {"classes": self.classes, "config": self.config, "task": self.task.name}

@@ -22,7 +22,16 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from finetune.compute.features import SPLITS, CachedFeatures, FeatureDataModule
-from finetune.compute.linear_probe import DEFAULT_GRID, L2Choice, c_of, choose_l2, feature_scale, lbfgs, view_rows
+from finetune.compute.linear_probe import (
+    DEFAULT_GRID,
+    L2Choice,
+    c_of,
+    choose_l2,
+    feature_scale,
+    lbfgs,
+    penalized_loss,
+    view_rows,
+)
 from finetune.data.datamodule import class_weights
 from finetune.data.sources import DataSplits
 from finetune.errors import ConfigError
@@ -239,21 +248,20 @@ class OptimalHeadModule(ClassifierModule):
         weight = self.class_weights.to(labels.device) if self.class_weights is not None else None
         optimizer = self.optimizers()
         features = features.float()
+        settings = (self.task.multilabel, weight, self.label_smoothing)  # the loss's: task, class weights, smoothing
 
         def closure():
             optimizer.zero_grad()
             with torch.autocast(features.device.type, enabled=False):  # the optimum at full precision
-                loss = (
-                    self.loss(self(features), labels, weight, self.label_smoothing)
-                    + 0.5 * self.l2 * self.linear.weight.pow(2).sum()
-                )
+                loss = penalized_loss(self(features), labels, self.linear.weight, self.l2, *settings)
             self.manual_backward(loss)
             return loss
 
         optimizer.step(closure=closure)
         with torch.no_grad(), torch.autocast(features.device.type, enabled=False):
             logits = self(features)
-            self._update("train", logits, labels, self.loss(logits, labels, weight, self.label_smoothing))
+            loss = self.task.loss(logits, labels, class_weights=weight, label_smoothing=self.label_smoothing)
+            self._update("train", logits, labels, loss)
 
 
 def optimal_head_parts(cached: CachedFeatures, splits: DataSplits, cfg, seed: int) -> tuple[dict, str]:

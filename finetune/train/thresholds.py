@@ -28,8 +28,8 @@ def label_count_bounds(setting: str, splits) -> tuple[int, int | None]:
 
 @torch.no_grad()
 def split_probabilities(module, loader) -> tuple[np.ndarray, np.ndarray]:
-    """(sigmoid probabilities (N, C), multi-hot targets (N, C)) of `module` over `loader`'s
-    batches, normalized as in training (images or cached features alike)."""
+    """(probabilities (N, C), the task's sigmoids; multi-hot targets (N, C)) of `module` over
+    `loader`'s batches, normalized as in training (images or cached features alike)."""
     was_training = module.training
     module.eval()
     probabilities, targets = [], []
@@ -39,7 +39,7 @@ def split_probabilities(module, loader) -> tuple[np.ndarray, np.ndarray]:
             if not len(labels):
                 continue
             inputs = module.on_after_batch_transfer((inputs.to(module.device), labels), 0)[0]
-            probabilities.append(torch.sigmoid(module(inputs).float()).cpu())
+            probabilities.append(module.task.probabilities(module(inputs).float()).cpu())
             targets.append(labels.float())
     finally:
         module.train(was_training)
