@@ -8,6 +8,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from omegaconf import DictConfig
@@ -22,6 +23,9 @@ from finetune.model.classifier import Classifier
 from finetune.model.summary import groups_table
 from finetune.train.history import task_metric
 from finetune.train.optim import group_lrs
+
+if TYPE_CHECKING:
+    from finetune.train.run import Prepared
 
 log = logging.getLogger(__name__)
 
@@ -176,41 +180,42 @@ def score_with_tta(
 def draw_pictures(
     cfg: DictConfig,
     model: Classifier,
-    splits: DataSplits,
-    eval_tf,
-    backbone: Backbone,
+    prepared: Prepared,
     history: list[dict],
     output_dir: Path,
     loggers,
+    *,
     evaluation: dict | None = None,
     temperature: float = 1.0,
 ) -> list:
-    """The run's pictures (config group viz), also sent to W&B when it is on. Multi-label runs
-    draw theirs at the tuned thresholds of `evaluation`; multi-class runs' reliability diagram
-    compares the softmax with the calibrated one at `temperature`."""
+    """The run's pictures (config group viz) of `model` on the validation split of `prepared`, also
+    sent to W&B when it is on. Multi-label runs draw theirs at the tuned thresholds of `evaluation`;
+    multi-class runs' reliability diagram compares the softmax with the calibrated one at `temperature`."""
     if not cfg.viz.enabled:
         return []
-    from finetune.viz.report import write_pictures
+    from finetune.viz.report import PictureSettings, write_pictures
 
-    data_config = with_input_size(backbone.data_config, cfg.data.image_size)
-    thresholds = list(evaluation["thresholds"].values()) if evaluation else None
+    settings = PictureSettings(
+        layers=tuple(cfg.viz.layers) if cfg.viz.layers is not None else None,
+        channels=cfg.viz.channels,
+        top_k=cfg.viz.top_k,
+        max_images=cfg.viz.max_images,
+        batch_size=cfg.data.batch_size,
+        seed=cfg.seed,
+        thresholds=tuple(evaluation["thresholds"].values()) if evaluation else None,
+        temperature=temperature,
+    )
+    splits = prepared.splits
     pictures = write_pictures(
         model,
         splits.classes,
         splits.val,
-        eval_tf,
-        data_config,
+        prepared.eval_tf,
+        with_input_size(prepared.backbone.data_config, cfg.data.image_size),
         output_dir / "viz",
-        history,
-        cfg.viz.layers,
-        cfg.viz.channels,
-        cfg.viz.top_k,
-        cfg.viz.max_images,
-        cfg.data.batch_size,
-        cfg.seed,
-        thresholds,
-        splits.train if splits.multilabel else None,
-        temperature,
+        history=history,
+        settings=settings,
+        train_samples=splits.train if splits.multilabel else None,
         page={"summary_path": output_dir / "summary.json"},
     )
     for logger in loggers:
