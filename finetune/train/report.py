@@ -8,7 +8,6 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from omegaconf import DictConfig
@@ -23,9 +22,6 @@ from finetune.model.classifier import Classifier
 from finetune.model.summary import groups_table
 from finetune.train.history import task_metric
 from finetune.train.optim import group_lrs
-
-if TYPE_CHECKING:
-    from finetune.train.run import Prepared
 
 log = logging.getLogger(__name__)
 
@@ -180,17 +176,19 @@ def score_with_tta(
 def draw_pictures(
     cfg: DictConfig,
     model: Classifier,
-    prepared: Prepared,
-    history: list[dict],
+    splits: DataSplits,
+    eval_tf,
+    backbone: Backbone,
     output_dir: Path,
     loggers,
     *,
+    history: list[dict],
     evaluation: dict | None = None,
     temperature: float = 1.0,
 ) -> list:
-    """The run's pictures (config group viz) of `model` on the validation split of `prepared`, also
-    sent to W&B when it is on. Multi-label runs draw theirs at the tuned thresholds of `evaluation`;
-    multi-class runs' reliability diagram compares the softmax with the calibrated one at `temperature`."""
+    """The run's pictures (config group viz) of `model` on the validation split, also sent to W&B
+    when it is on. Multi-label runs draw theirs at the tuned thresholds of `evaluation`; multi-class
+    runs' reliability diagram compares the softmax with the calibrated one at `temperature`."""
     if not cfg.viz.enabled:
         return []
     from finetune.viz.report import PictureSettings, write_pictures
@@ -205,13 +203,12 @@ def draw_pictures(
         thresholds=tuple(evaluation["thresholds"].values()) if evaluation else None,
         temperature=temperature,
     )
-    splits = prepared.splits
     pictures = write_pictures(
         model,
         splits.classes,
         splits.val,
-        prepared.eval_tf,
-        with_input_size(prepared.backbone.data_config, cfg.data.image_size),
+        eval_tf,
+        with_input_size(backbone.data_config, cfg.data.image_size),
         output_dir / "viz",
         history=history,
         settings=settings,

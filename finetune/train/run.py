@@ -167,7 +167,16 @@ def _fit(
     if trainer.is_global_zero:
         temperature = best.get("temperature", 1.0)
         pictures = report.draw_pictures(
-            cfg, model, p, history.epochs, output_dir, loggers, evaluation=evaluation, temperature=temperature
+            cfg,
+            model,
+            p.splits,
+            p.eval_tf,
+            p.backbone,
+            output_dir,
+            loggers,
+            history=history.epochs,
+            evaluation=evaluation,
+            temperature=temperature,
         )
     return best, best_path, model, evaluation, pictures
 
