@@ -3,6 +3,11 @@
 ``run(cfg)`` is shared by the CLI and :func:`finetune.fit`: compose -> data -> model -> data
 module -> Trainer -> fit -> outputs. It returns a :class:`FitResult`; what it prints (start table,
 closing report) and writes (``summary.json``, pictures) lives in :mod:`finetune.train.report`.
+
+One config is in flight: the caller composes `cfg` (``run`` composes nothing), the run writes
+every ``auto`` it settles into it (``callbacks.checkpoint.monitor``; ``optimizer.lr`` from the lr
+finder), and the plain dict that checkpoints, loggers and ``summary.json`` carry is `cfg` resolved
+(:func:`plain_config`).
 """
 
 from __future__ import annotations
@@ -241,9 +246,9 @@ def _datamodule(
     backbone: Backbone,
     splits: DataSplits,
     data_report: DataReport,
-    speed,
+    speed: Speed,
     probe: bool = False,
-) -> tuple[L.LightningDataModule, object]:
+) -> tuple[L.LightningDataModule, A.Compose]:
     """(the run's data module, the evaluation pipeline): the frozen backbone's cached features
     when nothing below the head trains, else images (decoded once into memory when they fit),
     as uint8 batches normalized on the training device by the module. `probe`: on images, the
@@ -278,7 +283,7 @@ def _best_metrics(
     cfg: DictConfig,
     trainer: L.Trainer,
     module: ClassifierModule,
-    data,
+    data: L.LightningDataModule,
     history: MetricsHistory,
     best_path: Path | None,
     splits: DataSplits,
