@@ -170,10 +170,14 @@ def _command(name: str, args: list[str]) -> int:
 def _check_overrides(args: list[str]) -> None:
     """Check the command line before Hydra runs it, so that an unknown key, a missing extra or a
     run folder that holds a finished run exits with code 2 and a sentence that names the fix
-    (Hydra itself exits 1, and would already have rewritten that folder's ``.hydra/``), under -m too."""
+    (Hydra itself exits 1, and would already have rewritten that folder's ``.hydra/``), under -m too.
+
+    This is finetune's one composition of the run's config; the run gets the one ``hydra.main``
+    composes. They cannot be the same: ``hydra.main`` composes by itself (twice: ``get_mode``, then
+    ``run``), and a composition error there is printed and exits 1 before any hook of ours runs."""
     if not args:
         return
-    from finetune.config import check_overrides
+    from finetune.preflight import check_overrides
 
     try:
         cfg = check_overrides(args)

@@ -87,3 +87,43 @@ def test_diverging_run_stops_with_the_step_and_a_fix(image_folder, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "became nan" in proc.stderr or "became inf" in proc.stderr
     assert "optimizer.lr" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_command_line_run_composes_its_config_once_before_hydra(monkeypatch, tmp_path):
+    """finetune's own code composes a run's config once (the pre-flight, whose errors name the
+    fix); the run gets the config Hydra's CLI composed. Hydra composes twice by itself under
+    ``hydra.main`` (``Hydra.get_mode`` reads ``hydra.mode`` from one, ``Hydra.run`` composes the
+    job's), and a composition error there is printed and exits 1 before any hook of finetune's
+    runs: that is why the pre-flight composes apart (see finetune/cli.py)."""
+    from types import SimpleNamespace
+
+    from hydra._internal.hydra import Hydra
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    import finetune.train.run
+    from finetune import cli, preflight
+
+    hydra_composes, preflight_composes, runs = [], [], []
+    compose, compose_config = Hydra.compose_config, preflight.compose_config
+    monkeypatch.setattr(
+        Hydra, "compose_config", lambda self, *a, **k: hydra_composes.append(1) or compose(self, *a, **k)
+    )
+    monkeypatch.setattr(preflight, "compose_config", lambda o: preflight_composes.append(o) or compose_config(o))
+    result = SimpleNamespace(metrics={"val/acc": 1.0}, objective="val/acc")
+    monkeypatch.setattr(finetune.train.run, "run", lambda cfg: runs.append(cfg) or result)
+    argv = [
+        "optimizer.lr=0.5",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "hydra/job_logging=none",
+        "hydra/hydra_logging=none",
+    ]
+    monkeypatch.setattr(sys, "argv", ["finetune", *argv])
+    try:
+        cli.main()
+    finally:
+        GlobalHydra.instance().clear()
+        HydraConfig.instance().cfg = None
+    assert len(runs) == 1 and runs[0].optimizer.lr == 0.5
+    assert len(preflight_composes) == 1  # finetune's one composition of the run
+    assert len(hydra_composes) == 1 + 2  # with Hydra's own two (hydra.main)

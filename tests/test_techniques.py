@@ -268,16 +268,25 @@ def test_lr_find_command_prints_a_suggestion_and_draws_the_curve(image_folder, t
 
 
 def test_lr_auto_runs_the_finder_first_and_the_checkpoint_keeps_the_lr_it_found(image_folder, tmp_path):
-    result = run(
-        image_folder,
-        tmp_path,
-        "+recipe=freeze_all_but_head",
-        "optimizer.lr=auto",
-        "trainer.max_epochs=2",
-        "data.batch_size=4",
+    from finetune.train.run import run as train
+
+    cfg = compose_config(
+        [
+            *TINY,
+            *QUICK,
+            "data=folder",
+            f"data.root={image_folder}",
+            "+recipe=freeze_all_but_head",
+            "optimizer.lr=auto",
+            "trainer.max_epochs=2",
+            "data.batch_size=4",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ]
     )
+    result = train(cfg)
     lr = result.config["optimizer"]["lr"]
     assert isinstance(lr, float) and lr > 0
+    assert cfg.optimizer.lr == lr  # one config in flight: the lr found is written into the run's config
     log = (result.output_dir / "finetune.log").read_text()
     assert f"lr finder: optimizer.lr={lr:.3g}" in log
     assert (result.output_dir / "viz" / "lr_find.png").exists()

@@ -44,7 +44,7 @@ def lr_find_command(args: Sequence[str]) -> int:
     config.pop("hydra", None)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     with run_log(out):
-        prepared = prepare(cfg, config, out, find_lr=False)  # optimizer.lr=auto: the finder sets the lrs
+        prepared = prepare(cfg, out, find_lr=False)  # optimizer.lr=auto: the finder sets the lrs
         finding = find_lr(prepared.module, prepared.data, prepared.trainer_kwargs, out, steps, min_lr, max_lr)
     (out / "lr_find.json").write_text(
         json.dumps(

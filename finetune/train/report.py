@@ -179,38 +179,40 @@ def draw_pictures(
     splits: DataSplits,
     eval_tf,
     backbone: Backbone,
-    history: list[dict],
     output_dir: Path,
     loggers,
+    *,
+    history: list[dict],
     evaluation: dict | None = None,
     temperature: float = 1.0,
 ) -> list:
-    """The run's pictures (config group viz), also sent to W&B when it is on. Multi-label runs
-    draw theirs at the tuned thresholds of `evaluation`; multi-class runs' reliability diagram
-    compares the softmax with the calibrated one at `temperature`."""
+    """The run's pictures (config group viz) of `model` on the validation split, also sent to W&B
+    when it is on. Multi-label runs draw theirs at the tuned thresholds of `evaluation`; multi-class
+    runs' reliability diagram compares the softmax with the calibrated one at `temperature`."""
     if not cfg.viz.enabled:
         return []
-    from finetune.viz.report import write_pictures
+    from finetune.viz.report import PictureSettings, write_pictures
 
-    data_config = with_input_size(backbone.data_config, cfg.data.image_size)
-    thresholds = list(evaluation["thresholds"].values()) if evaluation else None
+    settings = PictureSettings(
+        layers=tuple(cfg.viz.layers) if cfg.viz.layers is not None else None,
+        channels=cfg.viz.channels,
+        top_k=cfg.viz.top_k,
+        max_images=cfg.viz.max_images,
+        batch_size=cfg.data.batch_size,
+        seed=cfg.seed,
+        thresholds=tuple(evaluation["thresholds"].values()) if evaluation else None,
+        temperature=temperature,
+    )
     pictures = write_pictures(
         model,
         splits.classes,
         splits.val,
         eval_tf,
-        data_config,
+        with_input_size(backbone.data_config, cfg.data.image_size),
         output_dir / "viz",
-        history,
-        cfg.viz.layers,
-        cfg.viz.channels,
-        cfg.viz.top_k,
-        cfg.viz.max_images,
-        cfg.data.batch_size,
-        cfg.seed,
-        thresholds,
-        splits.train if splits.multilabel else None,
-        temperature,
+        history=history,
+        settings=settings,
+        train_samples=splits.train if splits.multilabel else None,
         page={"summary_path": output_dir / "summary.json"},
     )
     for logger in loggers:

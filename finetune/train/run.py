@@ -3,6 +3,11 @@
 ``run(cfg)`` is shared by the CLI and :func:`finetune.fit`: compose -> data -> model -> data
 module -> Trainer -> fit -> outputs. It returns a :class:`FitResult`; what it prints (start table,
 closing report) and writes (``summary.json``, pictures) lives in :mod:`finetune.train.report`.
+
+One config is in flight: the caller composes `cfg` (``run`` composes nothing), the run writes
+every ``auto`` it settles into it (``callbacks.checkpoint.monitor``; ``optimizer.lr`` from the lr
+finder), and the plain dict that checkpoints, loggers and ``summary.json`` carry is `cfg` resolved
+(:func:`plain_config`).
 """
 
 from __future__ import annotations
@@ -12,13 +17,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from finetune.compute.features import FeatureDataModule, features_for_run
-from finetune.compute.speed import resolve_num_workers, resolve_speed, usable_cores
+from finetune.compute.speed import Speed, resolve_num_workers, resolve_speed, usable_cores
 from finetune.config import check_types
 from finetune.console import run_log
 from finetune.data.check import DataReport, check_data
@@ -51,12 +58,15 @@ from finetune.train.optimal_head import (
 from finetune.train.report import FitResult
 from finetune.train.run_folder import RunFolder, make_folder
 from finetune.train.thresholds import label_count_bounds, tune_and_store
-from finetune.train.trainer import build_trainer
+from finetune.train.trainer import TrainerSettings, build_trainer
 from finetune.train.trust import calibrate_and_store
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FitResult", "Prepared", "prepare", "run"]
+if TYPE_CHECKING:
+    import albumentations as A
+
+__all__ = ["FitResult", "Prepared", "plain_config", "prepare", "run"]
 
 
 @dataclass
@@ -68,65 +78,39 @@ class Prepared:
     backbone: Backbone
     module: ClassifierModule
     data: L.LightningDataModule
-    eval_tf: object
-    speed: object
-    trainer_kwargs: dict
+    eval_tf: A.Compose  # the evaluation pipeline of the pictures (normalized float tensors)
+    speed: Speed
+    trainer_kwargs: dict[str, Any]  # lightning.Trainer keyword arguments, resolved for this machine
 
 
 def run(cfg: DictConfig, callbacks: Sequence = ()) -> FitResult:
     """Train as `cfg` says; outputs go to ``cfg.paths.output_dir``. `callbacks`: more Lightning
-    callbacks for the Trainer (``finetune auto`` reports each epoch to its study)."""
+    callbacks for the Trainer (``finetune auto`` reports each epoch to its study). Every ``auto``
+    the run settles (the monitored metric, ``optimizer.lr``) is written into `cfg` itself."""
     started = time.perf_counter()
     check_types(cfg)
     with open_dict(cfg):  # auto -> the task's metric, in the run's config and its checkpoints
         cfg.callbacks.checkpoint.monitor = monitored(cfg)
     output_dir = make_folder(Path(cfg.paths.output_dir).resolve())
-    config = OmegaConf.to_container(cfg, resolve=True)
-    config.pop("hydra", None)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     # One run per folder, no silent overwrite, resume=true / ckpt_path=... checked: before any work.
     with RunFolder(cfg, output_dir) as folder, run_log(output_dir):
-        p = prepare(cfg, config, output_dir, resume_from=folder.resume_from)
-        splits, module, data = p.splits, p.module, p.data
+        p = prepare(cfg, output_dir, resume_from=folder.resume_from)
+        config = plain_config(cfg)  # cfg resolved: what the checkpoints, loggers and summary.json carry
         resume = Resume(
             folder.resume_from,
             output_dir,
             cfg.seed,
             config,
-            splits.classes,
+            p.splits.classes,
             cfg.callbacks.checkpoint.min_write_interval_s,
         )
         history = MetricsHistory()
-        trainer, checkpoint, loggers = build_trainer(
-            cfg, p.trainer_kwargs, module.model, history, resume, output_dir, config, callbacks
-        )
-        data.starting_epoch = lambda: epochs_begun(trainer)  # exact resume with DataLoader workers
+        settings = TrainerSettings.from_config(cfg, p.trainer_kwargs, config)
+        trainer, checkpoint, loggers = build_trainer(settings, p.module.model, history, resume, output_dir, callbacks)
+        p.data.starting_epoch = lambda: epochs_begun(trainer)  # exact resume with DataLoader workers
         try:
-            if cfg.data.find_batch_size:
-                found = find_batch_size(trainer, module, data, p.speed.device, resume.path is not None)
-                log.info("batch-size finder: data.batch_size=%d fits on %s", found, p.speed.device)
-            trainer.fit(module, datamodule=data, ckpt_path=resume.path, weights_only=True)
-            best_path = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
-            best, evaluation = _best_metrics(cfg, trainer, module, data, history, best_path, splits, p.backbone)
-            if trainer.is_global_zero:
-                log_best(loggers, best)
-            model = module.model.cpu().eval().to(memory_format=torch.contiguous_format)
-            pictures = (
-                report.draw_pictures(
-                    cfg,
-                    model,
-                    splits,
-                    p.eval_tf,
-                    p.backbone,
-                    history.epochs,
-                    output_dir,
-                    loggers,
-                    evaluation,
-                    best.get("temperature", 1.0),
-                )
-                if trainer.is_global_zero
-                else []
-            )
+            fitted = _fit(cfg, p, trainer, checkpoint, history, resume, output_dir, loggers)
         except Exception as err:
             explained = explain_failure(err, cfg.data.batch_size, output_dir)
             if explained is err:
@@ -134,19 +118,19 @@ def run(cfg: DictConfig, callbacks: Sequence = ()) -> FitResult:
             raise explained from err
         finally:
             finish_wandb()
-
-        p.data_report.add_unreadable(module.unreadable)
+        p.data_report.add_unreadable(p.module.unreadable)
+        best, best_path, model, evaluation, pictures = fitted
         result = FitResult(
-            best,
-            best_path,
-            list(splits.classes),
-            model,
-            output_dir,
-            config,
-            history.epochs,
-            report.outputs(output_dir, best_path, loggers, pictures),
-            p.data_report,
-            evaluation,
+            metrics=best,
+            best_checkpoint=best_path,
+            classes=list(p.splits.classes),
+            model=model,
+            output_dir=output_dir,
+            config=config,
+            history=history.epochs,
+            outputs=report.outputs(output_dir, best_path, loggers, pictures),
+            data_report=p.data_report,
+            evaluation=evaluation,
         )
         if trainer.is_global_zero:
             report.write_summary(result, time.perf_counter() - started)
@@ -155,12 +139,57 @@ def run(cfg: DictConfig, callbacks: Sequence = ()) -> FitResult:
     return result
 
 
-def prepare(
-    cfg: DictConfig, config: dict, output_dir: Path, resume_from: Path | None = None, find_lr: bool = True
-) -> Prepared:
+def plain_config(cfg: DictConfig) -> dict:
+    """`cfg` resolved into plain dicts and lists, without Hydra's own node."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config.pop("hydra", None)
+    return config
+
+
+def _fit(
+    cfg: DictConfig,
+    p: Prepared,
+    trainer: L.Trainer,
+    checkpoint: ModelCheckpoint,
+    history: MetricsHistory,
+    resume: Resume,
+    output_dir: Path,
+    loggers: list,
+) -> tuple[dict[str, float], Path | None, Classifier, dict | None, list]:
+    """Train, then (the best metrics, the best checkpoint, the trained model on the CPU, the
+    multi-label evaluation, the pictures)."""
+    module, data = p.module, p.data
+    if cfg.data.find_batch_size:
+        found = find_batch_size(trainer, module, data, p.speed.device, resume.path is not None)
+        log.info("batch-size finder: data.batch_size=%d fits on %s", found, p.speed.device)
+    trainer.fit(module, datamodule=data, ckpt_path=resume.path, weights_only=True)
+    best_path = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
+    best, evaluation = _best_metrics(cfg, trainer, module, data, history, best_path, p.splits, p.backbone)
+    if trainer.is_global_zero:
+        log_best(loggers, best)
+    model = module.model.cpu().eval().to(memory_format=torch.contiguous_format)
+    pictures = []
+    if trainer.is_global_zero:
+        temperature = best.get("temperature", 1.0)
+        pictures = report.draw_pictures(
+            cfg,
+            model,
+            p.splits,
+            p.eval_tf,
+            p.backbone,
+            output_dir,
+            loggers,
+            history=history.epochs,
+            evaluation=evaluation,
+            temperature=temperature,
+        )
+    return best, best_path, model, evaluation, pictures
+
+
+def prepare(cfg: DictConfig, output_dir: Path, resume_from: Path | None = None, find_lr: bool = True) -> Prepared:
     """Data (checked), model, speed settings, data module and LightningModule, with the start table
     logged. ``optimizer.lr=auto`` runs the lr finder here (unless `find_lr` is false) and writes
-    the lr it found into `config`, which the checkpoints carry."""
+    the lr it found into ``cfg.optimizer.lr`` (and the module's config, which the checkpoints carry)."""
     splits = load_data(cfg.data, cfg.seed, cfg.get("task", "multiclass"))
     hold_out_calibration(splits, cfg.trust.calibration_fraction, cfg.seed)
     data_report = check_data(splits, cfg.data.batch_size)
@@ -189,6 +218,7 @@ def prepare(
         mixer=mixer,
         task=splits.task,
     )
+    config = plain_config(cfg)
     if solver == "lbfgs":
         parts, line = optimal_head_parts(data.cached, splits, cfg, cfg.seed)
         log.info(line)
@@ -203,9 +233,10 @@ def prepare(
     module = ClassifierModule(model, splits.classes, cfg.optimizer, cfg.scheduler, config, **module_kwargs)
     if cfg.optimizer.lr == "auto":
         module.optimizer_cfg["lr"] = 1.0  # the finder sets every lr itself; the groups keep their ratios
-    if find_lr and cfg.optimizer.lr == "auto":
-        lr = lr_for_run(module, data, trainer_kwargs, output_dir / "viz", stored_lr(resume_from))
-        module.optimizer_cfg["lr"] = config["optimizer"]["lr"] = lr
+        if find_lr:
+            lr = lr_for_run(module, data, trainer_kwargs, output_dir / "viz", stored_lr(resume_from))
+            cfg.optimizer.lr = module.optimizer_cfg["lr"] = lr
+            module.config = plain_config(cfg)
     return Prepared(splits, data_report, backbone, module, data, eval_tf, speed, trainer_kwargs)
 
 
@@ -215,9 +246,9 @@ def _datamodule(
     backbone: Backbone,
     splits: DataSplits,
     data_report: DataReport,
-    speed,
+    speed: Speed,
     probe: bool = False,
-) -> tuple[L.LightningDataModule, object]:
+) -> tuple[L.LightningDataModule, A.Compose]:
     """(the run's data module, the evaluation pipeline): the frozen backbone's cached features
     when nothing below the head trains, else images (decoded once into memory when they fit),
     as uint8 batches normalized on the training device by the module. `probe`: on images, the
@@ -252,7 +283,7 @@ def _best_metrics(
     cfg: DictConfig,
     trainer: L.Trainer,
     module: ClassifierModule,
-    data,
+    data: L.LightningDataModule,
     history: MetricsHistory,
     best_path: Path | None,
     splits: DataSplits,

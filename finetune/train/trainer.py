@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
@@ -22,19 +24,47 @@ from finetune.train.run_folder import StopNotice
 from finetune.train.unfreeze import gradual_unfreezing
 
 
+@dataclass(frozen=True)
+class TrainerSettings:
+    """What the Trainer takes from a run's config: the ``trainer`` group's Lightning arguments
+    (resolved for this machine), the ``callbacks``, ``ema`` and ``logger`` groups, and the resolved
+    config the loggers record. Built by :meth:`from_config`."""
+
+    lightning: dict[str, Any]  # lightning.Trainer keyword arguments
+    monitor: str  # callbacks.checkpoint.monitor, resolved (never auto)
+    mode: str
+    early_stopping_patience: int | None
+    progress_bar: bool
+    ema: Mapping | None
+    logger: Mapping
+    config: dict  # the run's resolved config, as W&B records it
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, trainer_kwargs: dict[str, Any], config: dict) -> TrainerSettings:
+        """`trainer_kwargs`: the ``trainer`` group resolved for this machine
+        (:func:`finetune.compute.speed.resolve_speed`); `config`: `cfg` as a plain dict."""
+        return cls(
+            lightning=trainer_kwargs,
+            monitor=cfg.callbacks.checkpoint.monitor,
+            mode=cfg.callbacks.checkpoint.mode,
+            early_stopping_patience=cfg.callbacks.early_stopping_patience,
+            progress_bar=bool(cfg.callbacks.progress_bar),
+            ema=cfg.get("ema"),
+            logger=cfg.logger,
+            config=config,
+        )
+
+
 def build_trainer(
-    cfg: DictConfig,
-    trainer_kwargs: dict,
+    settings: TrainerSettings,
     model: Classifier,
     history: MetricsHistory,
     resume: Resume,
     output_dir: Path,
-    config: dict,
     extra: Sequence = (),
 ) -> tuple[L.Trainer, ModelCheckpoint, list]:
-    """(the Trainer, the best-checkpoint callback, the loggers). `trainer_kwargs` are the
-    ``trainer`` group's Lightning arguments, resolved for this machine."""
-    monitor, mode = cfg.callbacks.checkpoint.monitor, cfg.callbacks.checkpoint.mode
+    """(the Trainer, the best-checkpoint callback, the loggers)."""
+    monitor, mode = settings.monitor, settings.mode
     checkpoint = ModelCheckpoint(
         dirpath=output_dir / "checkpoints",
         filename="best",
@@ -48,21 +78,25 @@ def build_trainer(
     # best.ckpt's callback before last.ckpt's, so that last.ckpt holds this epoch's best decision;
     # AtomicCheckpointIO writes last.ckpt to disk first all the same (a best never lacks a last).
     callbacks = [history, checkpoint] + ([unfreezing] if unfreezing else []) + resume.callbacks + [StopNotice()]
-    ema = ema_callback(cfg.get("ema"))
+    ema = ema_callback(settings.ema)
     if ema is not None:  # validation and checkpoints see the averaged weights (finetune.train.ema)
         callbacks.append(ema)
-    if cfg.callbacks.early_stopping_patience:
-        callbacks.append(EarlyStopping(monitor, mode=mode, patience=cfg.callbacks.early_stopping_patience))
+    if settings.early_stopping_patience:
+        callbacks.append(EarlyStopping(monitor, mode=mode, patience=settings.early_stopping_patience))
     callbacks += [*extra, EpochTable()]
-    live_bar = bool(cfg.callbacks.progress_bar) and live_bar_wanted()
+    live_bar = settings.progress_bar and live_bar_wanted()
     if live_bar:
         callbacks.append(EpochBar())
     loggers = build_loggers(
-        cfg.logger, output_dir, config, run_id=resume.wandb_id, keep_csv_through_epoch=resume.logged_through_epoch
+        settings.logger,
+        output_dir,
+        settings.config,
+        run_id=resume.wandb_id,
+        keep_csv_through_epoch=resume.logged_through_epoch,
     )
     try:
         trainer = L.Trainer(
-            **trainer_kwargs,
+            **settings.lightning,
             default_root_dir=str(output_dir),
             callbacks=callbacks,
             logger=loggers or False,

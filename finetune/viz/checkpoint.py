@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from finetune.use.load import FinetunedModel
-from finetune.viz.report import Picture, write_pictures
+from finetune.viz.report import Picture, PictureSettings, write_pictures
 
 
 def checkpoint_pictures(
@@ -22,6 +22,13 @@ def checkpoint_pictures(
     summary_path = Path(checkpoint).resolve().parent.parent / "summary.json"
     summary = _read_summary(summary_path)
     page = {"summary": summary, "summary_path": summary_path, "config": model.config}
+    layers = model.run_config().viz.layers
+    settings = PictureSettings(
+        layers=tuple(layers) if layers is not None else None,
+        max_images=max_images,
+        thresholds=tuple(model.thresholds) if model.thresholds is not None else None,
+        temperature=model.temperature,
+    )
     return write_pictures(
         model.model,
         model.classes,
@@ -29,11 +36,8 @@ def checkpoint_pictures(
         model.transform,
         model.data_config,
         Path(out_dir),
-        (summary or {}).get("history", []),
-        model.run_config().viz.layers,
-        max_images=max_images,
-        thresholds=model.thresholds,
-        temperature=model.temperature,
+        history=(summary or {}).get("history", []),
+        settings=settings,
         page=page,
     )
 

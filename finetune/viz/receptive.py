@@ -199,8 +199,8 @@ class FieldTracer(TorchFunctionMode):
         if field == GLOBAL or _dims(source) != (-2, -1):  # a window over non-spatial axes mixes everything
             _set(out, GLOBAL)
             return
-        geometry = _WINDOWED[name](source, args, kwargs)
-        if geometry is None:  # adaptive pooling to another size: every unit mixes a whole region
+        geometry = _WINDOWED[name](source, args, kwargs) if _WINDOWED[name] else None
+        if geometry is None:  # adaptive pooling
             _set(out, field if tuple(out.shape[-2:]) == tuple(source.shape[-2:]) else GLOBAL)
             return
         axes = []
@@ -230,9 +230,7 @@ def _window_output(size: int, k: int, s: int, p_lo: int, p_hi: int, d: int, ceil
 
 
 def _arg(args, kwargs, index: int, name: str, default=None):
-    if len(args) > index:
-        return args[index]
-    return kwargs.get(name, default)
+    return args[index] if len(args) > index else kwargs.get(name, default)
 
 
 def _pairs(value) -> tuple[int, int]:
@@ -286,18 +284,14 @@ def _pad(source, args, kwargs):
     return [(1, 1, height[0], height[1], 1, False), (1, 1, width[0], width[1], 1, False)]
 
 
-def _adaptive(source, args, kwargs):
-    return None
-
-
 _WINDOWED = {
     "conv2d": _conv,
     "max_pool2d": _max_pool,
     "max_pool2d_with_indices": _max_pool,
     "avg_pool2d": _avg_pool,
     "pad": _pad,
-    "adaptive_avg_pool2d": _adaptive,
-    "adaptive_max_pool2d": _adaptive,
+    "adaptive_avg_pool2d": None,  # to another size: every unit mixes a whole region
+    "adaptive_max_pool2d": None,
 }
 
 

@@ -41,6 +41,22 @@ def default_layers(backbone: nn.Module) -> list[str]:
     return [e["module"] for e in entries if e.get("module")]
 
 
+@dataclass(frozen=True)
+class PictureSettings:
+    """What the pictures need besides the model and its images: the ``viz`` group's choices, the
+    evaluation batch size and seed, and the run's decision rule (multi-label `thresholds`, in class
+    order; the multi-class `temperature` of the reliability diagram)."""
+
+    layers: tuple[str, ...] | None = None  # None: one per stage (default_layers)
+    channels: int = 8
+    top_k: int = 6
+    max_images: int = 500
+    batch_size: int = 32
+    seed: int = 0
+    thresholds: tuple[float, ...] | None = None  # set: the samples are multi-label
+    temperature: float = 1.0
+
+
 def write_pictures(
     model: nn.Module,
     classes: Sequence[str],
@@ -48,89 +64,107 @@ def write_pictures(
     transform,
     data_config: Mapping,
     out_dir: Path,
+    *,
     history: Sequence[dict] = (),
-    layers: Sequence[str] | None = None,
-    channels: int = 8,
-    top_k: int = 6,
-    max_images: int = 500,
-    batch_size: int = 32,
-    seed: int = 0,
-    thresholds: Sequence[float] | None = None,
+    settings: PictureSettings = PictureSettings(),
     train_samples: Sequence[Sample] | None = None,
-    temperature: float = 1.0,
     page: Mapping | None = None,
 ) -> list[Picture]:
     """Write every picture for `model` (a Classifier: ``.backbone``, ``.head``) under `out_dir`.
-    With `thresholds` the samples are multi-label (labels: tuples of class indices): per-label AP,
-    the co-occurrence of labels in `train_samples` (else `samples`) and the missed labels and false
-    alarms replace the confusion matrix and the mistakes. Multi-class models also get the
-    reliability diagram (softmax and softmax at `temperature`) and the risk-coverage curve.
-    `page`: what ``index.html`` shows besides the pictures and `model`'s layer groups (keywords of
-    :func:`finetune.viz.html_report.write_page`: summary, summary_path, config, group_lrs)."""
+    With ``settings.thresholds`` the samples are multi-label (labels: tuples of class indices):
+    per-label AP, the co-occurrence of labels in `train_samples` (else `samples`) and the missed
+    labels and false alarms replace the confusion matrix and the mistakes. Multi-class models also
+    get the reliability diagram (softmax and softmax at ``settings.temperature``) and the
+    risk-coverage curve. `page`: what ``index.html`` shows besides the pictures and `model`'s layer
+    groups (keywords of :func:`finetune.viz.html_report.write_page`: summary, summary_path, config,
+    group_lrs)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model = model.eval()
-    results: list[Picture] = []
-
-    def add(name, path, caption):
-        if path is not None:
-            results.append(Picture(name, path, caption))
-
-    add(
-        "filters",
-        pictures.filters(model, out_dir / "filters.png"),
-        "First-layer filters: the colors and edge orientations the network looks for first.",
-    )
-    add(
-        "curves",
-        pictures.curves(history, out_dir / "curves.png"),
-        "Learning curves: train vs validation loss and accuracy per epoch (a widening gap means over-fitting), "
-        "and the lr.",
-    )
-
-    if len(samples) > max_images:
-        samples = random.Random(seed).sample(list(samples), max_images)
-    layers = list(layers) if layers is not None else default_layers(model.backbone)
+    results = [
+        Picture(name, path, caption)
+        for name, path, caption in [
+            (
+                "filters",
+                pictures.filters(model, out_dir / "filters.png"),
+                "First-layer filters: the colors and edge orientations the network looks for first.",
+            ),
+            (
+                "curves",
+                pictures.curves(history, out_dir / "curves.png"),
+                "Learning curves: train vs validation loss and accuracy per epoch (a widening gap means "
+                "over-fitting), and the lr.",
+            ),
+        ]
+        if path is not None
+    ]
+    if len(samples) > settings.max_images:
+        samples = random.Random(settings.seed).sample(list(samples), settings.max_images)
+    layers = list(settings.layers) if settings.layers is not None else default_layers(model.backbone)
     spatial = _spatial_layers(model.backbone, layers, data_config)
-    num_labels = len(classes) if thresholds is not None else None
+    num_labels = len(classes) if settings.thresholds is not None else None
     images, labels, logits, peaks, positions = _evaluate(
-        model, samples, transform, data_config, spatial, batch_size, num_labels
+        model, samples, transform, data_config, spatial, settings.batch_size, num_labels
     )
-    if not len(labels):
-        return _finish(results, out_dir, model, page)
-    if thresholds is not None:
-        for name, path, caption in _multilabel_pictures(
-            classes, images, labels, logits, thresholds, train_samples or samples, out_dir
-        ):
-            add(name, path, caption)
-    else:
-        report = classification_report(logits, labels, list(classes))
-        add(
+    if len(labels):
+        if settings.thresholds is not None:
+            drawn = _multilabel_pictures(
+                classes, images, labels, logits, list(settings.thresholds), train_samples or samples, out_dir
+            )
+        else:
+            drawn = _multiclass_pictures(classes, images, labels, logits, settings.temperature, out_dir)
+        if spatial:
+            drawn += _patch_pictures(model, spatial, data_config, images, peaks, positions, settings, out_dir)
+        results += [Picture(name, path, caption) for name, path, caption in drawn if path is not None]
+    return _finish(results, out_dir, model, page)
+
+
+def _multiclass_pictures(classes, images, labels, logits, temperature: float, out_dir: Path) -> list[tuple]:
+    """(name, path, caption) of the confusion matrix, the mistakes and the trust pictures."""
+    report = classification_report(logits, labels, list(classes))
+    return [
+        (
             "confusion",
             pictures.confusion(report, out_dir / "confusion.png"),
             f"Confusion matrix on {report['images']} validation images (counts, and normalized by true class), "
             f"with per-class precision/recall.",
-        )
-        add(
+        ),
+        (
             "mistakes",
             pictures.mistakes(images, labels, logits.softmax(1), classes, out_dir / "mistakes.png"),
             "The most confident mistakes: wrong labels, ambiguous images or a real weakness.",
-        )
-        for name, path, caption in trust_pictures(logits, labels, temperature, out_dir):
-            add(name, path, caption)
-    fields = patch_fields(model.backbone, spatial, data_config["input_size"][1]) if spatial else {}
-    for name, field in fields.items():
+        ),
+        *trust_pictures(logits, labels, temperature, out_dir),
+    ]
+
+
+def _patch_pictures(
+    model: nn.Module, spatial, data_config, images, peaks, positions, settings: PictureSettings, out_dir: Path
+) -> list[tuple]:
+    """(name, path, caption) of the top-activating patches of each spatial layer."""
+    drawn = []
+    for name, field in patch_fields(model.backbone, spatial, data_config["input_size"][1]).items():
         group = _group_of(model, name)  # files and captions say stage3, as every table does
         safe = group or name.replace(".", "_")
         title = f"{group} ({name})" if group else name
-        add(
-            f"patches_{safe}",
-            pictures.top_patches(
-                images, peaks[name], positions[name], field, title, out_dir / f"patches_{safe}.png", channels, top_k
-            ),
-            f"{title}: the image patches (its receptive field, {field.size}{'+' if field.clipped else ''} px) "
-            f"that excite its strongest channels most.",
+        path = pictures.top_patches(
+            images,
+            peaks[name],
+            positions[name],
+            field,
+            title,
+            out_dir / f"patches_{safe}.png",
+            settings.channels,
+            settings.top_k,
         )
-    return _finish(results, out_dir, model, page)
+        drawn.append(
+            (
+                f"patches_{safe}",
+                path,
+                f"{title}: the image patches (its receptive field, {field.size}{'+' if field.clipped else ''} px) "
+                f"that excite its strongest channels most.",
+            )
+        )
+    return drawn
 
 
 def trust_pictures(
