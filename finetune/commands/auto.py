@@ -1,4 +1,4 @@
-"""``finetune auto``: backbone, recipe and hyperparameters chosen within a time budget (:mod:`finetune.train.auto`)."""
+"""``finetune auto``: backbone, recipe and hyperparameters chosen within a time budget (:mod:`finetune.search.auto`)."""
 
 from __future__ import annotations
 
@@ -36,8 +36,8 @@ def auto_command(args: Sequence[str]) -> int:
 
 
 def run_auto(args: Sequence[str]):
-    """:func:`auto_command`'s search and report; the :class:`~finetune.train.auto.AutoResult`."""
-    from finetune.train.auto import DEFAULT_RECIPES, parse_budget
+    """:func:`auto_command`'s search and report; the :class:`~finetune.search.auto.AutoResult`."""
+    from finetune.search.auto import DEFAULT_RECIPES, parse_budget
 
     opts, overrides = parse(args, OPTIONS, "auto", "all")
     budget = parse_budget(opts["time_budget"])
@@ -78,7 +78,7 @@ def run_auto(args: Sequence[str]):
         return [asdict(r) for r in ranked]
 
     from finetune.tables import format_table
-    from finetune.train.auto import search
+    from finetune.search.auto import search
 
     result = search(overrides, out, budget, names, top, recipes, resume, int(cfg.seed), rank, cfg.get("logger"))
     rows = result.leaderboard
