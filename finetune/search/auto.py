@@ -28,11 +28,9 @@ import math
 import shutil
 import time
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-
-from lightning.pytorch.callbacks import Callback
+from typing import Any
 
 from finetune.errors import ConfigError
 
@@ -78,74 +76,96 @@ def parse_budget(text: str) -> float:
     return seconds
 
 
-def search(
-    overrides: Sequence[str],
-    out: Path,
-    budget: float,
-    backbones: Sequence[str],
-    top: int,
-    recipes: Sequence[str],
-    resume: bool,
-    seed: int,
-    rank,
-    logger_cfg=None,
-) -> AutoResult:
-    """Run the search of the module docstring in `out`; `rank(backbones)` gives the ranking rows
-    (dicts with ``backbone`` and ``linear``), called once per folder. With W&B on in `logger_cfg`
-    (the ``logger`` config) the leaderboard is also a W&B table."""
-    import optuna
-    from optuna.trial import TrialState
+@dataclass(frozen=True)
+class AutoSettings:
+    """What a search tries: ``budget`` seconds of wall time, the ``top`` of ``backbones`` by
+    ranking, ``recipes``; ``resume`` goes on with the search in the folder; ``seed`` seeds TPE;
+    ``folds`` for the ranking; ``logger``: the run config's ``logger`` (a W&B table when on)."""
 
-    out.mkdir(parents=True, exist_ok=True)
-    storage = f"sqlite:///{out / 'auto.db'}"
-    exists = (out / "auto.db").is_file()
-    if exists and not resume:
-        raise ConfigError(f"{out} already holds an auto search: resume=true to go on with it, or another out=.")
-    if resume and not exists:
-        raise ConfigError(f"resume=true: {out} holds no auto search (auto.db) to go on with.")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(
-        study_name="auto",
-        storage=storage,
-        direction="maximize",
-        load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(seed=seed),
-        pruner=optuna.pruners.HyperbandPruner(min_resource=1),
+    budget: float
+    backbones: Sequence[str]
+    top: int = 2
+    recipes: Sequence[str] = DEFAULT_RECIPES
+    resume: bool = False
+    seed: int = 0
+    folds: int = 5
+    logger: Any = None
+
+
+def auto_settings(opts: dict, overrides: Sequence[str], budget: float, resume: bool) -> tuple[AutoSettings, Any]:
+    """``finetune auto``'s settings from its options (``auto.top``, ``auto.folds``, ``auto.recipes``,
+    ``auto.backbones``, ``out``: strings or None) and the config `overrides` compose, which comes
+    second; a ConfigError names the first option that will not do."""
+    from finetune.config import compose_config, recipes_dir
+    from finetune.search.rank import backbone_names, name_list
+
+    try:
+        top, folds = int(opts["auto.top"]), int(opts["auto.folds"])
+    except ValueError:
+        raise ConfigError(
+            f"auto.top={opts['auto.top']!r} and auto.folds={opts['auto.folds']!r} must be whole numbers."
+        ) from None
+    if top < 1 or folds < 2:
+        raise ConfigError(f"auto.top={top} must be at least 1 and auto.folds={folds} at least 2.")
+    recipes = (
+        name_list(opts["auto.recipes"], "auto.recipes", "give recipe names, e.g. auto.recipes=[lp_ft,full_finetune]")
+        if opts["auto.recipes"]
+        else list(DEFAULT_RECIPES)
     )
+    known = sorted(p.stem for p in recipes_dir().glob("*.yaml"))
+    unknown = [r for r in recipes if r not in known]
+    if unknown:
+        raise ConfigError(f"auto.recipes: no recipe {', '.join(unknown)}; the recipes are {', '.join(known)}.")
+    cfg = compose_config(overrides)
+    if cfg.get("task") == "multilabel":
+        raise ConfigError(
+            "finetune auto ranks backbones by one class per image; multi-label data are not "
+            "supported yet: tune them with finetune -m +hparams_search=optuna task=multilabel."
+        )
+    names = backbone_names(opts["auto.backbones"])
+    if opts["out"] is None and resume:
+        raise ConfigError("resume=true needs out=DIR: the folder of the search to go on with.")
+    settings = AutoSettings(budget, names, top, recipes, resume, int(cfg.seed), folds, cfg.get("logger"))
+    return settings, cfg
+
+
+def search(overrides: Sequence[str], out: Path, settings: AutoSettings, rank) -> AutoResult:
+    """Run the search of the module docstring in `out`; `rank(backbones)` gives the ranking rows
+    (dicts with ``backbone`` and ``linear``), called once per folder. With W&B on in
+    ``settings.logger`` the leaderboard is also a W&B table."""
+    from finetune.search.trials import epoch_seconds, run_trial
+
+    study = _open_study(out, settings)
     started = time.time() - float(study.user_attrs.get("seconds", 0.0))
-    for trial in study.get_trials(states=(TrialState.RUNNING,)):  # killed while it ran
-        study.tell(trial.number, state=TrialState.FAIL)
     kept = study.user_attrs.get("backbones")
     if kept is None:
-        rows = rank(list(backbones))
-        kept = [r["backbone"] for r in sorted(rows, key=lambda r: -r["linear"])[:top]]
+        rows = rank(list(settings.backbones))
+        kept = [r["backbone"] for r in sorted(rows, key=lambda r: -r["linear"])[: settings.top]]
         study.set_user_attr("backbones", kept)
         study.set_user_attr("seconds", time.time() - started)
         # The recipes as shipped come first, on the best-ranked backbone: the search starts from
         # what a user would have run by hand, so that it can only add to it.
-        for recipe in recipes[:2]:
+        for recipe in settings.recipes[:2]:
             study.enqueue_trial({"backbone": kept[0], "recipe": recipe, "lr_scale": 1.0, "wd_scale": 1.0})
     log.info(
         "auto: trying %s with %s; budget %.0f s, %.0f s left",
         ", ".join(kept),
-        ", ".join(recipes),
-        budget,
-        budget - (time.time() - started),
+        ", ".join(settings.recipes),
+        settings.budget,
+        settings.budget - (time.time() - started),
     )
     while True:
-        left = budget - (time.time() - started)
-        epoch_estimate = _epoch_seconds(study)
-        if left < max(10.0, epoch_estimate):
+        left = settings.budget - (time.time() - started)
+        if left < max(10.0, epoch_seconds(study)):
             break
-        trial = study.ask()
-        _run_trial(trial, study, overrides, out, kept, recipes, left)
+        run_trial(study.ask(), study, overrides, out, kept, settings.recipes, left)
         study.set_user_attr("seconds", time.time() - started)
     board = leaderboard(study)
     _write_leaderboard(board, out / "leaderboard.csv")
     from finetune.train.loggers import log_table
 
     log_table(
-        logger_cfg,
+        settings.logger,
         out,
         "leaderboard",
         list(LEADERBOARD_FIELDS),
@@ -159,123 +179,31 @@ def search(
     return AutoResult(checkpoint, best["score"] if best else None, board, out, time.time() - started)
 
 
-def _run_trial(
-    trial, study, overrides: Sequence[str], out: Path, backbones: Sequence[str], recipes: Sequence[str], left: float
-) -> None:
-    from omegaconf import open_dict
+def _open_study(out: Path, settings: AutoSettings):
+    """The study in ``out/auto.db``: a new one, or with ``resume`` the one there, its trials cut
+    off by a kill told FAIL."""
+    import optuna
     from optuna.trial import TrialState
 
-    from finetune.config import compose_config
-    from finetune.train.history import monitored
-    from finetune.train.run import run
-
-    backbone = trial.suggest_categorical("backbone", list(backbones))
-    recipe = trial.suggest_categorical("recipe", list(recipes))
-    lr_scale = trial.suggest_float("lr_scale", 1 / 3, 3.0, log=True)
-    wd_scale = trial.suggest_float("wd_scale", 0.1, 10.0, log=True)
-    folder = out / "trials" / str(trial.number)
-    # Lightning stops at max_time; what follows training (the best epoch's metrics, calibration) needs a little more.
-    max_time = max(1, int(left * 0.9 - 5))
-    cfg = compose_config(
-        [
-            *overrides,
-            f"+recipe={recipe}",
-            f"backbone.name={backbone}",
-            "viz=none",
-            "callbacks.progress_bar=false",
-            f"+trainer.max_time={{seconds: {max_time}}}",
-            f"paths.output_dir={folder}",
-        ]
+    out.mkdir(parents=True, exist_ok=True)
+    storage = f"sqlite:///{out / 'auto.db'}"
+    exists = (out / "auto.db").is_file()
+    if exists and not settings.resume:
+        raise ConfigError(f"{out} already holds an auto search: resume=true to go on with it, or another out=.")
+    if settings.resume and not exists:
+        raise ConfigError(f"resume=true: {out} holds no auto search (auto.db) to go on with.")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        study_name="auto",
+        storage=storage,
+        direction="maximize",
+        load_if_exists=True,
+        sampler=optuna.samplers.TPESampler(seed=settings.seed),
+        pruner=optuna.pruners.HyperbandPruner(min_resource=1),
     )
-    with open_dict(cfg):
-        if isinstance(cfg.optimizer.lr, (int, float)):  # optimizer.lr=auto (the lr finder) stays auto
-            cfg.optimizer.lr = float(cfg.optimizer.lr) * lr_scale
-        cfg.optimizer.weight_decay = float(cfg.optimizer.weight_decay) * wd_scale
-    weight_decay = cfg.optimizer.weight_decay
-    trial.set_user_attr("lr", cfg.optimizer.lr if isinstance(cfg.optimizer.lr, float) else str(cfg.optimizer.lr))
-    trial.set_user_attr("weight_decay", weight_decay)
-    trial.set_user_attr("folder", str(folder))
-    reporter = _Reporter(trial, monitored(cfg))
-    started = time.time()
-    try:
-        with _quiet():
-            result = run(cfg, callbacks=[reporter])
-    except Exception as err:  # noqa: BLE001 - a failing trial is recorded and the search goes on
-        trial.set_user_attr("error", f"{type(err).__name__}: {err}"[:500])
-        trial.set_user_attr("seconds", time.time() - started)
-        study.tell(trial, state=TrialState.FAIL)
-        log.info("trial %d: %s %s failed: %s", trial.number, backbone, recipe, f"{type(err).__name__}: {err}"[:200])
-        return
-    seconds = time.time() - started
-    score = result.metrics.get(result.objective)
-    trial.set_user_attr("seconds", seconds)
-    trial.set_user_attr("epochs", reporter.epochs)
-    trial.set_user_attr("checkpoint", str(result.best_checkpoint) if result.best_checkpoint else "")
-    if score is None or not math.isfinite(score):
-        study.tell(trial, state=TrialState.FAIL)
-    elif reporter.pruned:
-        study.tell(trial, state=TrialState.PRUNED)
-    else:
-        study.tell(trial, score)
-    state = "pruned" if reporter.pruned else ""
-    log.info(
-        "trial %d: %-22s %-20s lr %.2g wd %.1e -> %s %.4f after %d epochs%s, %.0f s",
-        trial.number,
-        backbone,
-        recipe,
-        trial.user_attrs["lr"] if isinstance(trial.user_attrs["lr"], float) else float("nan"),
-        weight_decay,
-        result.objective,
-        score if score is not None else float("nan"),
-        reporter.epochs,
-        f" ({state})" if state else "",
-        seconds,
-    )
-
-
-class _Reporter(Callback):
-    """Each epoch's validation score goes to the trial; Hyperband's verdict stops the run at the
-    end of that epoch (``trainer.should_stop``), its best checkpoint kept."""
-
-    def __init__(self, trial, monitor: str):
-        self.trial, self.monitor, self.pruned, self.epochs = trial, monitor, False, 0
-
-    def on_validation_epoch_end(self, trainer, pl_module):
-        value = trainer.callback_metrics.get(self.monitor)
-        if trainer.sanity_checking or value is None:
-            return
-        self.epochs = trainer.current_epoch + 1
-        self.trial.report(float(value), step=self.epochs)
-        if self.trial.should_prune():
-            self.pruned, trainer.should_stop = True, True
-
-
-def _epoch_seconds(study) -> float:
-    """The shortest seconds per epoch a finished trial took (0 before any)."""
-    rates = [
-        t.user_attrs["seconds"] / t.user_attrs["epochs"]
-        for t in study.trials
-        if t.user_attrs.get("epochs") and t.user_attrs.get("seconds")
-    ]
-    return min(rates, default=0.0)
-
-
-@contextmanager
-def _quiet():
-    """The trials' own start tables, epoch rows and warnings go to their finetune.log, not the
-    screen: one line per trial is printed instead."""
-    from finetune.console import setup
-
-    setup()
-    console = [h for h in logging.getLogger("finetune").handlers if getattr(h, "_finetune_console", False)]
-    levels = [h.level for h in console]
-    for handler in console:
-        handler.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for handler, level in zip(console, levels):
-            handler.setLevel(level)
+    for trial in study.get_trials(states=(TrialState.RUNNING,)):  # killed while it ran
+        study.tell(trial.number, state=TrialState.FAIL)
+    return study
 
 
 def leaderboard(study) -> list[dict]:
