@@ -16,7 +16,7 @@ def fit(recipe: str | None = None, overrides: Sequence[str] = (), **options) -> 
     ``fit("freeze_all_but_head", data="folder", data__root="/photos", trainer__max_epochs=5)``.
     Returns a :class:`FitResult`; Hydra's global state is left as it was found.
     ``fit("auto", overrides, time_budget="10m")`` runs ``finetune auto`` instead and returns its
-    :class:`~finetune.train.auto.AutoResult` (the best checkpoint, the leaderboard).
+    :class:`~finetune.search.auto.AutoResult` (the best checkpoint, the leaderboard).
     """
     if isinstance(overrides, str):
         overrides = [overrides]

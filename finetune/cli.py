@@ -20,8 +20,8 @@ from omegaconf.errors import OmegaConfBaseException
 from finetune.config import config_dir, register_recipes
 from finetune.console import is_rank_zero
 from finetune.errors import ConfigError, FinetuneError
+from finetune.search.sweep import register_resolvers
 from finetune.train.distributed import child_argv, in_sweep_child, relaunchable_job
-from finetune.train.sweep import register_resolvers
 
 # A first argument that can only be a command (overrides have `=`, flags `-`, appends `+`).
 _COMMAND_LIKE = re.compile(r"[A-Za-z][\w-]*")
@@ -110,8 +110,8 @@ def _sweep_trial(cfg: DictConfig) -> float:
 
     from omegaconf import open_dict
 
+    from finetune.search.sweep import ERROR_FILE, basic_sweeper
     from finetune.train.run import run
-    from finetune.train.sweep import ERROR_FILE, basic_sweeper
 
     if not cfg.viz.get("sweep_trials", False):  # the sweep draws its best trial's pictures at its end
         with open_dict(cfg):

@@ -35,7 +35,7 @@ def folders(tmp_path_factory):
 
 @pytest.mark.parametrize("text, seconds", [("90s", 90), ("10m", 600), ("1.5h", 5400), ("45", 45)])
 def test_budgets_read_as_durations(text, seconds):
-    from finetune.train.auto import parse_budget
+    from finetune.search.auto import parse_budget
 
     assert parse_budget(text) == seconds
 

@@ -15,8 +15,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "finetune"
 DEVELOPMENT = PACKAGE.parent / "docs" / "development.md"
 MAX_LINES = 350
 
-# room -> rooms it may import (besides itself and the foundations). Top-level modules that are
-# not foundations (api, cli, commands) sit above everything.
+# room -> rooms it may import (besides itself and the foundations). One training run is
+# ``train``; many runs (sweeps, the Optuna sweeper, ranking, auto) are ``search``, a floor above it.
+# The top floor, ``commands`` and the top-level modules that are not foundations (api, cli,
+# __main__), may import every room; no room imports them.
 FOUNDATIONS = {"errors", "config", "console", "files", "tables"}
 MAY_IMPORT = {
     "model": set(),
@@ -25,8 +27,11 @@ MAY_IMPORT = {
     "use": {"model", "data", "compute"},
     "viz": {"model", "data", "use"},
     "train": {"model", "data", "compute", "use", "viz"},
+    "search": {"model", "data", "compute", "use", "viz", "train"},
     "serve": {"model", "data", "use"},
 }
+ROOMS = set(MAY_IMPORT)
+MAY_IMPORT |= {"commands": ROOMS, "api": ROOMS | {"commands"}, "cli": ROOMS | {"commands"}, "__main__": {"cli"}}
 
 
 def module_name(path: Path) -> str:
@@ -66,6 +71,22 @@ def test_rooms_import_only_rooms_below_them():
             if there and there != here and there not in FOUNDATIONS and there not in MAY_IMPORT[here]:
                 upward.append(f"{name} -> {target}")
     assert upward == [], "imports that point up or sideways:\n" + "\n".join(upward)
+
+
+def test_every_module_has_a_floor():
+    """A new room or top-level module needs its line in MAY_IMPORT, or its imports go unchecked."""
+    assert sorted({room(n) for n in MODULES} - set(MAY_IMPORT) - FOUNDATIONS - {""}) == []
+
+
+def test_search_sits_above_train_and_the_top_floor_above_every_room():
+    """Many runs (search) build on one run (train), never the other way; commands, api and cli
+    call every room and no room calls them."""
+    assert "train" in MAY_IMPORT["search"] and "search" not in MAY_IMPORT["train"]
+    assert [f"{n} -> {t}" for n, ts in GRAPH.items() if room(n) == "train" for t in ts if room(t) == "search"] == []
+    top = {"commands", "api", "cli", "__main__"}
+    assert all(MAY_IMPORT["commands"] >= MAY_IMPORT[r] | {r} for r in ROOMS)
+    assert not any(top & MAY_IMPORT[r] for r in ROOMS)
+    assert "finetune.search.auto" in GRAPH["finetune.commands.auto"]
 
 
 def test_foundations_import_no_room():

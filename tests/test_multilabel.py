@@ -353,8 +353,8 @@ def test_a_full_finetune_with_mixing_smoothing_and_positive_weights(tmp_path):
 
 def test_the_monitored_metric_follows_the_task_unless_set():
     from finetune.config import compose_config
+    from finetune.search.sweep import SweepSummary
     from finetune.train.history import monitored
-    from finetune.train.sweep import SweepSummary
 
     assert monitored(compose_config([])) == "val/acc"
     assert monitored(compose_config(["task=multilabel"])) == "val/map"

@@ -45,10 +45,10 @@ def running(ckpt, runtime="torch", cache_dir=None, **options):
     """A server for `ckpt` in a thread of this process, on a free loopback port: its base URL."""
     import uvicorn
 
-    from finetune.commands.serve import _listen
     from finetune.serve.app import create_app
     from finetune.serve.guards import Limits
     from finetune.serve.runtime import checkpoint_digest, make_runtime
+    from finetune.serve.server import listen
     from finetune.use.load import load
 
     model = load(ckpt)
@@ -61,7 +61,7 @@ def running(ckpt, runtime="torch", cache_dir=None, **options):
         checkpoint=str(ckpt),
         **options,
     )
-    sock = _listen("127.0.0.1", 0)
+    sock = listen("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

@@ -94,7 +94,7 @@ def _compose_hydra(overrides):
     from hydra import compose, initialize_config_dir
 
     from finetune.config import config_dir, register_recipes
-    from finetune.train.sweep import register_resolvers
+    from finetune.search.sweep import register_resolvers
 
     register_recipes()
     register_resolvers()
@@ -107,7 +107,7 @@ def test_optuna_search_spaces_compose_and_name_real_keys(space, tmp_path, monkey
     pytest.importorskip("optuna")
     from omegaconf import OmegaConf
 
-    from finetune.train.optuna_sweeper import search_space
+    from finetune.search.optuna_sweeper import search_space
 
     monkeypatch.chdir(tmp_path)
     cfg = _compose_hydra([f"+hparams_search={space}", "+recipe=freeze_all_but_head"])
@@ -130,7 +130,7 @@ def test_optuna_space_reads_every_sweep_syntax_and_passes_fixed_overrides_throug
     optuna = pytest.importorskip("optuna")
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-    from finetune.train.optuna_sweeper import search_space, trial_overrides
+    from finetune.search.optuna_sweeper import search_space, trial_overrides
 
     params = [
         "optimizer.lr=tag(log, interval(1e-4, 1e-1))",

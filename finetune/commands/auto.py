@@ -1,4 +1,4 @@
-"""``finetune auto``: backbone, recipe and hyperparameters chosen within a time budget (:mod:`finetune.train.auto`)."""
+"""``finetune auto``: backbone, recipe and hyperparameters chosen within a time budget (:mod:`finetune.search.auto`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from finetune.commands.args import flag, output_dir, parse
-from finetune.errors import ConfigError
+from finetune.tables import format_table
 
 OPTIONS = {
     "time_budget": "10m",
@@ -36,51 +36,21 @@ def auto_command(args: Sequence[str]) -> int:
 
 
 def run_auto(args: Sequence[str]):
-    """:func:`auto_command`'s search and report; the :class:`~finetune.train.auto.AutoResult`."""
-    from finetune.train.auto import DEFAULT_RECIPES, parse_budget
+    """:func:`auto_command`'s search and report; the :class:`~finetune.search.auto.AutoResult`."""
+    from finetune.search.auto import auto_settings, parse_budget, search
+    from finetune.search.rank import rank_backbones
 
     opts, overrides = parse(args, OPTIONS, "auto", "all")
     budget = parse_budget(opts["time_budget"])
-    resume = flag(opts, "resume")
-    try:
-        top, folds = int(opts["auto.top"]), int(opts["auto.folds"])
-    except ValueError:
-        raise ConfigError(
-            f"auto.top={opts['auto.top']!r} and auto.folds={opts['auto.folds']!r} must be whole numbers."
-        ) from None
-    if top < 1 or folds < 2:
-        raise ConfigError(f"auto.top={top} must be at least 1 and auto.folds={folds} at least 2.")
-    from finetune.commands.rank import backbone_names, name_list, rank_backbones
-    from finetune.config import compose_config, recipes_dir
-
-    recipes = (
-        name_list(opts["auto.recipes"], "auto.recipes", "give recipe names, e.g. auto.recipes=[lp_ft,full_finetune]")
-        if opts["auto.recipes"]
-        else list(DEFAULT_RECIPES)
-    )
-    known = sorted(p.stem for p in recipes_dir().glob("*.yaml"))
-    unknown = [r for r in recipes if r not in known]
-    if unknown:
-        raise ConfigError(f"auto.recipes: no recipe {', '.join(unknown)}; the recipes are {', '.join(known)}.")
-    cfg = compose_config(overrides)
-    if cfg.get("task") == "multilabel":
-        raise ConfigError(
-            "finetune auto ranks backbones by one class per image; multi-label data are not "
-            "supported yet: tune them with finetune -m +hparams_search=optuna task=multilabel."
-        )
-    names = backbone_names(opts["auto.backbones"])
-    if opts["out"] is None and resume:
-        raise ConfigError("resume=true needs out=DIR: the folder of the search to go on with.")
+    settings, cfg = auto_settings(opts, overrides, budget, flag(opts, "resume"))
     out = output_dir(opts["out"])
 
     def rank(candidates):
-        ranked, _, _ = rank_backbones(candidates, cfg, overrides, folds)
-        return [asdict(r) for r in ranked]
+        ranking = rank_backbones(candidates, cfg, overrides, settings.folds)
+        print("\n".join(ranking.lines()))
+        return [asdict(r) for r in ranking.ranked]
 
-    from finetune.tables import format_table
-    from finetune.train.auto import search
-
-    result = search(overrides, out, budget, names, top, recipes, resume, int(cfg.seed), rank, cfg.get("logger"))
+    result = search(overrides, out, settings, rank)
     rows = result.leaderboard
     print(f"auto: {len(rows)} trials in {result.seconds:.0f} s of a {budget:.0f} s budget; leaderboard, best first:")
     print(

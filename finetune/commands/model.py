@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +18,7 @@ from finetune.use.confidence import format_trust_report, trust_report
 from finetune.use.export import export
 from finetune.use.load import FinetunedModel, expand_inputs, load
 from finetune.use.metrics import classification_report, format_report
+from finetune.use.predictions import write_label_sets, write_predictions
 from finetune.use.tta import check_tta, tta_log_probabilities
 
 
@@ -68,45 +68,7 @@ def predict_command(args: Sequence[str]) -> int:
             "llr" + ("l" if sets else "") + "l",
         )
     )
-    with (out / "predictions.csv").open("w", newline="") as f:
-        writer = csv.writer(f)
-        k = max((len(p.top_k) for p in predictions), default=0)
-        abstains = rule.min_confidence is not None  # the answer column: the label or unknown
-        writer.writerow(
-            ["image"]
-            + (["answer"] if abstains else [])
-            + (["prediction_set"] if sets else [])
-            + [c for i in range(1, k + 1) for c in (f"label_{i}", f"probability_{i}")]
-        )
-        for p in predictions:
-            writer.writerow(
-                [p.source]
-                + ([p.label] if abstains else [])
-                + (["|".join(c for c, _ in p.prediction_set)] if sets else [])
-                + [v for label, prob in p.top_k for v in (label, f"{prob:.6f}")]
-            )
-    (out / "predictions.json").write_text(
-        json.dumps(
-            {
-                "checkpoint": str(Path(opts["ckpt"]).resolve()),
-                "classes": model.classes,
-                "temperature": model.temperature,
-                **rule.describe(),
-                "tta": tta,
-                "predictions": [
-                    {
-                        "image": p.source,
-                        "answer": p.label,
-                        "top_k": p.top_k,
-                        **({"prediction_set": p.prediction_set} if sets else {}),
-                    }
-                    for p in predictions
-                ],
-                "skipped": failures,
-            },
-            indent=2,
-        )
-    )
+    write_predictions(predictions, out, opts["ckpt"], model, rule, tta, failures)
     for path, reason in failures.items():
         print(f"skipped {path}: {reason}")
     print(_tta_line(tta))
@@ -142,29 +104,7 @@ def _write_label_sets(
         [p.source, " ".join(p.names) or "(none)", ", ".join(f"{c} {v:.3f}" for c, v in p.labels)] for p in predictions
     ]
     print(format_table(["image", "labels", "probabilities"], rows, "lll"))
-    with (out / "predictions.csv").open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["image", "labels"] + model.classes)
-        for p in predictions:
-            writer.writerow([p.source, " ".join(p.names)] + [f"{p.probabilities[c]:.6f}" for c in model.classes])
-    (out / "predictions.json").write_text(
-        json.dumps(
-            {
-                "checkpoint": str(Path(ckpt).resolve()),
-                "task": "multilabel",
-                "classes": model.classes,
-                "thresholds": dict(zip(model.classes, model.thresholds)),
-                "min_labels": model.min_labels,
-                "max_labels": model.max_labels,
-                "tta": tta,
-                "predictions": [
-                    {"image": p.source, "labels": p.labels, "probabilities": p.probabilities} for p in predictions
-                ],
-                "skipped": failures,
-            },
-            indent=2,
-        )
-    )
+    write_label_sets(predictions, out, ckpt, model, tta, failures)
     for path, reason in failures.items():
         print(f"skipped {path}: {reason}")
     print(_tta_line(tta))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import signal
-import socket
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -41,39 +39,17 @@ def serve_command(args: Sequence[str]) -> int:
     refused: the server makes no outbound requests. host=0.0.0.0 listens beyond this machine."""
     opts, _ = parse(args, OPTIONS, "serve")
     numbers = _numbers(opts)
-    import uvicorn
-
-    from finetune.config import compose_config
-    from finetune.serve.app import create_app
-    from finetune.serve.guards import Limits
-    from finetune.serve.runtime import RUNTIMES, checkpoint_digest, make_runtime
+    from finetune.serve.runtime import RUNTIMES
+    from finetune.serve.server import listen, run_server, served_app
     from finetune.use.load import load
 
     if opts["runtime"] not in RUNTIMES:
         raise ConfigError(f"runtime={opts['runtime']!r}; choose one of {', '.join(RUNTIMES)}.")
     ckpt = Path(opts["ckpt"])
-    sock = _listen(opts["host"], int(numbers["port"]))  # a busy port is refused before minutes of loading
+    sock = listen(opts["host"], int(numbers["port"]))  # a busy port is refused before minutes of loading
     model = load(ckpt)
     rule = decision_rule_from(opts, model) if model.task != "multilabel" else None
-    version = checkpoint_digest(ckpt)
-    runtime = make_runtime(model, opts["runtime"], ckpt, version, Path(compose_config([]).paths.cache_dir))
-    limits = Limits(
-        numbers["max_upload_mb"],
-        int(numbers["max_pixels"]),
-        int(numbers["max_files"]),
-        numbers["rate_limit"],
-        int(numbers["max_pending"]),
-    )
-    app = create_app(
-        runtime,
-        version,
-        rule,
-        limits,
-        int(numbers["top_k"]),
-        int(numbers["max_batch_size"]),
-        numbers["max_wait_ms"],
-        str(ckpt),
-    )
+    app, runtime, version = served_app(model, ckpt, opts["runtime"], rule, numbers)
     host, port = sock.getsockname()[:2]
     print(
         f"serving {ckpt} ({model.config['backbone']['name']}, {len(model.classes)} classes, runtime "
@@ -85,20 +61,9 @@ def serve_command(args: Sequence[str]) -> int:
         f"http://{host}:{port}/predict), GET /health, GET /metadata; Ctrl-C stops",
         flush=True,
     )
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5))
-    # uvicorn finishes the requests in flight on SIGINT/SIGTERM, then raises the signal again:
-    # both end here, as a normal stop (exit 0), not as a traceback or a kill.
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        server.run(sockets=[sock])
-    except KeyboardInterrupt:
-        pass
+    run_server(app, sock)
     print("server stopped", flush=True)
     return 0
-
-
-def _interrupt(*_) -> None:
-    raise KeyboardInterrupt
 
 
 def _numbers(opts: dict) -> dict[str, float]:
@@ -127,24 +92,3 @@ def _numbers(opts: dict) -> dict[str, float]:
                 f"of at least {low}" + (" and at most 65535" if key == "port" else "") + "."
             )
     return numbers
-
-
-def _listen(host: str, port: int) -> socket.socket:
-    """A bound, listening socket (port=0: a free port), or a ConfigError that says why not."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as err:
-        raise ConfigError(f"finetune serve: host={host!r} does not resolve ({err.strerror}).") from None
-    family, _, _, _, address = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(address)
-    except OSError as err:
-        sock.close()
-        raise ConfigError(
-            f"finetune serve: cannot listen on {host}:{port} ({err.strerror}); "
-            "another server may hold the port: choose another with port=..."
-        ) from None
-    sock.listen(2048)
-    return sock
