@@ -101,7 +101,7 @@ def _sweep_trial(cfg: DictConfig) -> float:
     """One trial of a sweep; a failure is written to error.txt and the sweep goes on.
 
     Hydra's basic sweeper stops at the first exception, so it gets NaN for a failed trial; any
-    other sweeper gets the exception, which is how the Optuna sweeper (finetune/train/optuna_sweeper.py)
+    other sweeper gets the exception, which is how the Optuna sweeper (finetune/search/optuna_sweeper.py)
     records a FAIL trial with its error.
     """
     import math

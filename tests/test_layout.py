@@ -18,7 +18,8 @@ MAX_LINES = 350
 # room -> rooms it may import (besides itself and the foundations). One training run is
 # ``train``; many runs (sweeps, the Optuna sweeper, ranking, auto) are ``search``, a floor above it.
 # The top floor, ``commands`` and the top-level modules that are not foundations (api, cli,
-# __main__), may import every room; no room imports them.
+# __main__, preflight: the command line's checks before Hydra runs it), may import every room; no
+# room imports them.
 FOUNDATIONS = {"errors", "config", "console", "files", "tables"}
 MAY_IMPORT = {
     "model": set(),
@@ -31,7 +32,13 @@ MAY_IMPORT = {
     "serve": {"model", "data", "use"},
 }
 ROOMS = set(MAY_IMPORT)
-MAY_IMPORT |= {"commands": ROOMS, "api": ROOMS | {"commands"}, "cli": ROOMS | {"commands"}, "__main__": {"cli"}}
+MAY_IMPORT |= {
+    "commands": ROOMS,
+    "api": ROOMS | {"commands"},
+    "preflight": set(),
+    "cli": ROOMS | {"commands", "preflight"},
+    "__main__": {"cli"},
+}
 
 
 def module_name(path: Path) -> str:
@@ -83,7 +90,7 @@ def test_search_sits_above_train_and_the_top_floor_above_every_room():
     call every room and no room calls them."""
     assert "train" in MAY_IMPORT["search"] and "search" not in MAY_IMPORT["train"]
     assert [f"{n} -> {t}" for n, ts in GRAPH.items() if room(n) == "train" for t in ts if room(t) == "search"] == []
-    top = {"commands", "api", "cli", "__main__"}
+    top = {"commands", "api", "cli", "__main__", "preflight"}
     assert all(MAY_IMPORT["commands"] >= MAY_IMPORT[r] | {r} for r in ROOMS)
     assert not any(top & MAY_IMPORT[r] for r in ROOMS)
     assert "finetune.search.auto" in GRAPH["finetune.commands.auto"]
@@ -181,3 +188,41 @@ print(len(added), len(logging.getLogger("finetune").handlers), len(tips))
         subprocess.run([sys.executable, "-c", code_ours], capture_output=True, text=True, check=True).stdout.split()[0]
         == "0"
     )
+
+
+MAX_FUNCTION_LINES = 60
+MAX_POSITIONAL = 8
+
+
+def functions_of(path: Path):
+    """(name, line, length in lines, positional parameters besides self/cls) of every function."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            positional = [a.arg for a in node.args.posonlyargs + node.args.args]
+            if positional[:1] in (["self"], ["cls"]):
+                positional = positional[1:]
+            yield node.name, node.lineno, node.end_lineno - node.lineno + 1, len(positional)
+
+
+@pytest.mark.parametrize("name", sorted(module_name(p) for p in PACKAGE.rglob("*.py")))
+def test_functions_stay_short_and_take_few_positional_parameters(name):
+    """A long function is several jobs; a long positional list is a config group that wants to be a
+    small settings dataclass (options after ``*`` are keyword-only and do not count)."""
+    path = PACKAGE.parent / (name.replace(".", "/") + ".py")
+    if not path.exists():
+        path = PACKAGE.parent / name.replace(".", "/") / "__init__.py"
+    too_big = [
+        f"{function} (line {line}): {length} lines, {positional} positional parameters"
+        for function, line, length, positional in functions_of(path)
+        if length > MAX_FUNCTION_LINES or positional > MAX_POSITIONAL
+    ]
+    assert not too_big, f"{name}: over {MAX_FUNCTION_LINES} lines or {MAX_POSITIONAL} positional parameters: {too_big}"
+
+
+def test_the_size_checker_sees_a_long_function_and_a_long_argument_list(tmp_path):
+    source = tmp_path / "m.py"
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    source.write_text(f"def long():\n{body}\n\n\ndef wide(self, a, b, c, d, e, f, g, h, i, *, j=1):\n    pass\n")
+    found = {name: (length, positional) for name, _, length, positional in functions_of(source)}
+    assert found["long"][0] == MAX_FUNCTION_LINES + 1
+    assert found["wide"][1] == 9

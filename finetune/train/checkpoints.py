@@ -1,6 +1,6 @@
 """Checkpoints a killed run can continue from.
 
-Contract (see README, "Runs that survive"):
+Contract (see docs/guide/scale.md, "Runs that survive"):
 
 - ``checkpoints/last.ckpt`` is due at the end of every training epoch (next to ``best.ckpt``) and
   written atomically: a temporary file in the same folder, fsync, ``os.replace``. A crash
