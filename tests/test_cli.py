@@ -94,7 +94,7 @@ def test_a_command_line_run_composes_its_config_once_before_hydra(monkeypatch, t
     fix); the run gets the config Hydra's CLI composed. Hydra composes twice by itself under
     ``hydra.main`` (``Hydra.get_mode`` reads ``hydra.mode`` from one, ``Hydra.run`` composes the
     job's), and a composition error there is printed and exits 1 before any hook of finetune's
-    runs: that is why the pre-flight composes apart (see finetune/cli.py)."""
+    runs: that is why the pre-flight composes apart (see finetune/commands/train.py)."""
     from types import SimpleNamespace
 
     from hydra._internal.hydra import Hydra
@@ -102,7 +102,8 @@ def test_a_command_line_run_composes_its_config_once_before_hydra(monkeypatch, t
     from hydra.core.hydra_config import HydraConfig
 
     import finetune.train.run
-    from finetune import cli, preflight
+    from finetune import cli
+    from finetune.commands import preflight
 
     hydra_composes, preflight_composes, runs = [], [], []
     compose, compose_config = Hydra.compose_config, preflight.compose_config

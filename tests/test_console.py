@@ -13,8 +13,8 @@ from conftest import QUICK_WITH_PICTURES, TINY
 from PIL import Image
 
 from finetune.commands import COMMANDS
+from finetune.commands.preflight import check_overrides
 from finetune.errors import ConfigError
-from finetune.preflight import check_overrides
 
 # Lines of library chatter that a run must keep off the screen (they go to finetune.log).
 NOISE = re.compile(
@@ -116,7 +116,7 @@ def test_a_typo_under_multirun_exits_2_before_the_sweep_starts(tmp_path):
 
 
 def test_a_missing_extra_names_its_pip_install(monkeypatch):
-    from finetune import preflight
+    from finetune.commands import preflight
 
     monkeypatch.setattr(preflight, "_installed", lambda module: False)
     with pytest.raises(ConfigError, match=re.escape("pip install 'finetune[sweep]'")):

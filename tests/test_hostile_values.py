@@ -12,12 +12,12 @@ import pytest
 import torch
 from conftest import class_image, write_class_folders
 
+from finetune.commands.preflight import check_overrides
 from finetune.config import check_types, compose_config
 from finetune.data.check import check_data
 from finetune.data.sources import load_folder, load_manifest
 from finetune.errors import ConfigError, DataError, WeightsError
 from finetune.model.weights import read_state_dict
-from finetune.preflight import check_overrides
 
 # ---------------------------------------------------------------------------------------------
 # Config values (checked by check_types before a run starts; the CLI exits 2 with the message)

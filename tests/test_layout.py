@@ -18,8 +18,7 @@ MAX_LINES = 350
 # room -> rooms it may import (besides itself and the foundations). One training run is
 # ``train``; many runs (sweeps, the Optuna sweeper, ranking, auto) are ``search``, a floor above it.
 # The top floor, ``commands`` and the top-level modules that are not foundations (api, cli,
-# __main__, preflight: the command line's checks before Hydra runs it), may import every room; no
-# room imports them.
+# __main__), may import every room; no room imports them.
 FOUNDATIONS = {"errors", "config", "console", "files", "tables"}
 MAY_IMPORT = {
     "model": set(),
@@ -32,13 +31,7 @@ MAY_IMPORT = {
     "serve": {"model", "data", "use"},
 }
 ROOMS = set(MAY_IMPORT)
-MAY_IMPORT |= {
-    "commands": ROOMS,
-    "api": ROOMS | {"commands"},
-    "preflight": set(),
-    "cli": ROOMS | {"commands", "preflight"},
-    "__main__": {"cli"},
-}
+MAY_IMPORT |= {"commands": ROOMS, "api": ROOMS | {"commands"}, "cli": ROOMS | {"commands"}, "__main__": {"cli"}}
 
 
 def module_name(path: Path) -> str:
@@ -90,7 +83,7 @@ def test_search_sits_above_train_and_the_top_floor_above_every_room():
     call every room and no room calls them."""
     assert "train" in MAY_IMPORT["search"] and "search" not in MAY_IMPORT["train"]
     assert [f"{n} -> {t}" for n, ts in GRAPH.items() if room(n) == "train" for t in ts if room(t) == "search"] == []
-    top = {"commands", "api", "cli", "__main__", "preflight"}
+    top = {"commands", "api", "cli", "__main__"}
     assert all(MAY_IMPORT["commands"] >= MAY_IMPORT[r] | {r} for r in ROOMS)
     assert not any(top & MAY_IMPORT[r] for r in ROOMS)
     assert "finetune.search.auto" in GRAPH["finetune.commands.auto"]
