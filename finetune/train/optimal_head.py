@@ -139,7 +139,15 @@ def chosen_l2(
     remembered = choice is not None
     if choice is None:
         choice = choose_l2(
-            views, targets, outputs, DEFAULT_GRID, folds, seed, splits.multilabel, weights, label_smoothing
+            views,
+            targets,
+            outputs,
+            grid=DEFAULT_GRID,
+            folds=folds,
+            seed=seed,
+            multilabel=splits.multilabel,
+            class_weights=weights,
+            label_smoothing=label_smoothing,
         )
         _write_memo(memo, choice)
     metric = "mAP" if splits.multilabel else "accuracy"
