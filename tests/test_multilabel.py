@@ -44,9 +44,9 @@ def load(path, task="multilabel", sep=None, columns=None, split_column=None, val
         "{}",
         val_fraction,
         0,
-        task,
-        sep,
-        columns,
+        task=task,
+        label_sep=sep,
+        label_columns=columns,
     )
 
 
@@ -173,7 +173,16 @@ def test_multi_hot_and_split_cells():
 
 def test_the_real_pokemon_manifest(pokemon):
     splits = load_manifest(
-        str(pokemon / "labels.csv"), str(pokemon / "images"), "file", "labels", None, "{}", 0.2, 0, "multilabel", " "
+        str(pokemon / "labels.csv"),
+        str(pokemon / "images"),
+        "file",
+        "labels",
+        None,
+        "{}",
+        0.2,
+        0,
+        task="multilabel",
+        label_sep=" ",
     )
     every = splits.train + splits.val
     assert len(every) == 1016 and len(splits.classes) == 18 and not splits.skipped

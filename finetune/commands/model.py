@@ -142,10 +142,10 @@ def evaluate_command(args: Sequence[str]) -> int:
             samples,
             model.classes,
             model.thresholds,
-            tta["mode"],
-            batch,
-            model.min_labels,
-            model.max_labels,
+            mode=tta["mode"],
+            batch_size=batch,
+            min_labels=model.min_labels,
+            max_labels=model.max_labels,
         )
         failures, text = report.pop("skipped"), format_multilabel_report
     else:

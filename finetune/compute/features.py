@@ -23,40 +23,69 @@ An entry failing any check is recomputed, with a one-line warning: never a wrong
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
-import tempfile
 import time
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import albumentations as A
-import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from finetune.compute.feature_file import SPLITS, CachedFeatures, cache_key, load, save
 from finetune.compute.speed import Speed, to_channels_last
 from finetune.data.datamodule import ImageDataModule, ImageDataset, collate_skipping_unreadable, worker_init
-from finetune.data.file_memo import file_digest
-from finetune.data.labels import multi_hot
 from finetune.data.sources import DataSplits, Sample
 from finetune.data.transforms import augmentation_is_random
 from finetune.errors import ConfigError
-from finetune.files import follow_umask
 from finetune.model.classifier import Classifier
 from finetune.model.freeze import batchnorm_layers
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 3  # 2: content hashes in the key, checksums in the file; 3: evaluation views at full precision
-SPLITS = ("train", "val", "test", "calibration")
+_save, _load = save, load  # the names tests and older callers import
+
+
+@dataclass(frozen=True)
+class FeatureCacheSettings:
+    """How the features of a run are computed and where they are kept: ``data.cache`` (folder,
+    views) with the run's batch size, seed and loader workers.
+
+    `architecture` labels the backbone in the cache key: its name with the head's pooling (which
+    changes the pooled features). `augmented`: whether the training pipeline is random; when it is
+    not, one view is all there is and the training images go through the evaluation pipeline.
+    `num_labels`: multi-label samples, whose label sets are stored as multi-hot rows of that length.
+    """
+
+    architecture: str
+    dir: Path
+    views: int
+    augmented: bool
+    batch_size: int
+    num_workers: int
+    seed: int
+    num_labels: int | None = None
+
+    @classmethod
+    def from_config(
+        cls, cfg, backbone_name: str, num_workers: int, *, augmented: bool | None = None, num_labels: int | None = None
+    ) -> FeatureCacheSettings:
+        """The settings of run config `cfg` (``data.cache``, ``data.batch_size``, ``seed``, the head's
+        pooling); `augmented` defaults to whether ``cfg.augment`` is random."""
+        return cls(
+            architecture=f"{backbone_name}|pool={cfg.head.get('pool')}",
+            dir=Path(cfg.data.cache.dir),
+            views=cfg.data.cache.views,
+            augmented=augmentation_is_random(cfg.augment) if augmented is None else augmented,
+            batch_size=cfg.data.batch_size,
+            num_workers=num_workers,
+            seed=cfg.seed,
+            num_labels=num_labels,
+        )
 
 
 def not_cacheable_reason(model: Classifier) -> str | None:
@@ -79,79 +108,19 @@ def not_cacheable_reason(model: Classifier) -> str | None:
     return None
 
 
-@dataclass
-class CachedFeatures:
-    """Pooled features per split: ``train`` is (views, N, D), ``val``/``test`` (N, D)."""
-
-    features: dict[str, torch.Tensor]
-    labels: dict[str, torch.Tensor]
-    skipped: dict[str, str] = field(default_factory=dict)  # unreadable path -> reason
-    path: Path | None = None
-    hit: bool = False
-    seconds: float = 0.0
-
-    @property
-    def views(self) -> int:
-        return int(self.features["train"].shape[0])
-
-
-def cache_key(
-    backbone: nn.Module,
-    architecture: str,
-    splits: dict[str, Sequence[Sample]],
-    pipelines: dict[str, A.Compose],
-    seed: int,
-    views: int,
-    speed: Speed,
-    num_labels: int | None = None,
-) -> str:
-    """A hex digest over everything that determines the cached features."""
-    digest = hashlib.sha256()
-
-    def add(value) -> None:
-        digest.update(json.dumps(value, sort_keys=True, default=str).encode())
-
-    add(
-        {
-            "format": FORMAT_VERSION,
-            "architecture": architecture,
-            "seed": seed,
-            "views": views,
-            "autocast": str(speed.autocast_dtype),
-            "channels_last": speed.channels_last,
-        }
-        | ({"multi_hot": num_labels} if num_labels is not None else {})
-    )
-    for name, tensor in backbone.state_dict().items():
-        add([name, list(tensor.shape), str(tensor.dtype)])
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    for split, samples in splits.items():
-        add(split)
-        for item, label in samples:
-            if isinstance(item, np.ndarray):
-                add([list(item.shape), str(item.dtype), label])
-                digest.update(np.ascontiguousarray(item).tobytes())
-            else:
-                stat = os.stat(item)
-                add([str(item), stat.st_size, stat.st_mtime_ns, file_digest(item), label])
-    for name, pipeline in pipelines.items():
-        add([name, A.to_dict(pipeline)])
-    return digest.hexdigest()[:40]
-
-
 def extract(
     backbone: nn.Module,
     samples: Sequence[Sample],
     transform: Callable,
-    batch_size: int,
-    num_workers: int,
     speed: Speed,
+    settings: FeatureCacheSettings,
+    *,
     seed: int,
     desc: str,
-    num_labels: int | None = None,
     full_precision: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, str]]:
-    """(features (N, D) float32, labels (N,), unreadable path -> reason) of one pass over `samples`.
+    """(features (N, D) float32, labels (N,), unreadable path -> reason) of one pass over `samples`
+    (batch size, workers and label kind from `settings`).
 
     The pass draws its randomness from `seed` only: the global RNG state is left untouched, so a
     run that fills the cache continues exactly like one that finds it.
@@ -159,10 +128,10 @@ def extract(
     if hasattr(transform, "set_random_seed"):
         transform.set_random_seed(seed)
     loader = DataLoader(
-        ImageDataset(list(samples), transform, num_labels=num_labels),
-        batch_size=batch_size,
+        ImageDataset(list(samples), transform, num_labels=settings.num_labels),
+        batch_size=settings.batch_size,
         shuffle=False,
-        num_workers=num_workers,
+        num_workers=settings.num_workers,
         worker_init_fn=worker_init,
         collate_fn=collate_skipping_unreadable,
         generator=torch.Generator().manual_seed(seed),
@@ -186,12 +155,6 @@ def extract(
     return torch.cat(features), torch.cat(labels), skipped
 
 
-def cache_settings(cfg, backbone_name: str) -> tuple[str, Path]:
-    """(architecture label, cache folder) of a run config: the backbone's name with the head's
-    pooling (it changes the pooled features), and ``data.cache.dir``."""
-    return f"{backbone_name}|pool={cfg.head.get('pool')}", Path(cfg.data.cache.dir)
-
-
 def features_for_run(
     cfg,
     model: Classifier,
@@ -204,8 +167,7 @@ def features_for_run(
 ) -> CachedFeatures | None:
     """The frozen backbone's features for every image of a run, as ``data.cache.features`` says
     (``auto``: whenever :func:`not_cacheable_reason` finds nothing), or None to train on images."""
-    cache = cfg.data.cache
-    setting = cache["features"]
+    setting = cfg.data.cache["features"]
     if setting not in ("auto", True, False):
         raise ConfigError(f"data.cache.features={setting!r}; use auto, true or false.")
     if setting is False:
@@ -219,27 +181,15 @@ def features_for_run(
             )
         log.info("feature cache: off (%s)", reason)
         return None
-    augmented = augmentation_is_random(cfg.augment)
-    architecture, cache_dir = cache_settings(cfg, backbone_name)
-    cached = cached_features(
-        model.backbone,
-        architecture,
-        {split: getattr(splits, split) for split in SPLITS},
-        train_transform,
-        eval_transform,
-        augmented,
-        cache["views"],
-        cache_dir,
-        cfg.data.batch_size,
-        num_workers,
-        speed,
-        cfg.seed,
-        len(splits.classes) if splits.multilabel else None,
+    settings = FeatureCacheSettings.from_config(
+        cfg, backbone_name, num_workers, num_labels=len(splits.classes) if splits.multilabel else None
     )
+    by_split = {split: getattr(splits, split) for split in SPLITS}
+    cached = cached_features(model.backbone, by_split, train_transform, eval_transform, speed, settings)
     how = "loaded" if cached.hit else "computed"
     views = (
         f"{cached.views} views per training image (the evaluation view, {cached.views - 1} augmented)"
-        if augmented
+        if settings.augmented
         else "no augmentation: one view"
     )
     log.info("feature cache: on, backbone frozen; %s; %s in %.1f s: %s", views, how, cached.seconds, cached.path)
@@ -248,87 +198,34 @@ def features_for_run(
 
 def cached_features(
     backbone: nn.Module,
-    architecture: str,
     splits: dict[str, Sequence[Sample]],
     train_transform: A.Compose,
     eval_transform: A.Compose,
-    augmented: bool,
-    views: int,
-    cache_dir: Path,
-    batch_size: int,
-    num_workers: int,
     speed: Speed,
-    seed: int,
-    num_labels: int | None = None,
+    settings: FeatureCacheSettings,
 ) -> CachedFeatures:
-    """`backbone`'s pooled outputs for every sample: loaded from `cache_dir` when this exact setup
-    was computed before, else computed (progress bars) and stored.
-
-    `augmented`: whether the training pipeline is random; when it is not, one view is all there
-    is and the training images go through the evaluation pipeline. `num_labels`: multi-label
-    samples, whose label sets are stored as multi-hot rows of that length.
-    """
-    views = max(1, int(views)) if augmented else 1
-    pipelines = {"train": train_transform if augmented else eval_transform, "eval": eval_transform}
-    key = cache_key(backbone, architecture, splits, pipelines, seed, views, speed, num_labels)
-    path = Path(cache_dir).expanduser().resolve() / "features" / f"{key}.safetensors"
+    """`backbone`'s pooled outputs for every sample: loaded from ``settings.dir`` when this exact
+    setup was computed before, else computed (progress bars) and stored."""
+    views = max(1, int(settings.views)) if settings.augmented else 1
+    pipelines = {"train": train_transform if settings.augmented else eval_transform, "eval": eval_transform}
+    key = cache_key(
+        backbone, settings.architecture, splits, pipelines, settings.seed, views, speed, settings.num_labels
+    )
+    path = Path(settings.dir).expanduser().resolve() / "features" / f"{key}.safetensors"
     started = time.perf_counter()
     if path.exists():
         try:
-            loaded = _load(path, splits, views, num_labels)
+            loaded = load(path, splits, views, settings.num_labels)
         except ValueError as problem:
             log.warning("feature cache: %s failed its check (%s); computing it again", path.name, problem)
         else:
             loaded.seconds = time.perf_counter() - started
             return loaded
-
-    was_training, device_before = backbone.training, next(backbone.parameters()).device
-    backbone.eval().to(speed.device)
-    if speed.channels_last:
-        backbone.to(memory_format=torch.channels_last)
-    features, labels, skipped = {}, {}, {}
+    with _on_device(backbone, speed):
+        result = _compute(backbone, splits, pipelines, views, speed, settings)
+    result.path = path
     try:
-        train_views = []
-        for view in range(views):
-            desc = f"caching features: train view {view + 1}/{views}" if views > 1 else "caching features: train"
-            # View 0 is the evaluation view (the center crop a prediction sees), the others augmented.
-            f, y, bad = extract(
-                backbone,
-                splits["train"],
-                pipelines["train"] if view else eval_transform,
-                batch_size,
-                num_workers,
-                speed,
-                seed * 1_000 + view,
-                desc,
-                num_labels,
-                full_precision=not view,
-            )
-            train_views.append(f)
-            labels["train"], skipped = y, {**skipped, **bad}
-        features["train"] = torch.stack(train_views)
-        for split in SPLITS[1:]:
-            if splits.get(split):
-                features[split], labels[split], bad = extract(
-                    backbone,
-                    splits[split],
-                    eval_transform,
-                    batch_size,
-                    num_workers,
-                    speed,
-                    seed,
-                    f"caching features: {split}",
-                    num_labels,
-                    full_precision=True,
-                )
-                skipped.update(bad)
-    finally:
-        backbone.train(was_training).to(device_before)
-        if speed.channels_last:
-            backbone.to(memory_format=torch.contiguous_format)
-    result = CachedFeatures(features, labels, skipped, path, hit=False)
-    try:
-        _save(result, path)
+        save(result, path)
     except OSError as err:  # a read-only or full cache folder: the cache is only a speed-up
         log.warning(
             "feature cache: could not write %s (%s); going on with the features in memory", path, err.strerror or err
@@ -337,72 +234,61 @@ def cached_features(
     return result
 
 
-def _save(cached: CachedFeatures, path: Path) -> None:
-    """Write atomically: a concurrent sweep trial sees the whole file or none of it. The metadata
-    holds a SHA-256 of every tensor and of the skipped list, checked by :func:`_load`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {f"features.{k}": v.contiguous() for k, v in cached.features.items()}
-    tensors |= {f"labels.{k}": v.contiguous() for k, v in cached.labels.items()}
-    skipped = json.dumps(cached.skipped)
-    metadata = {"skipped": skipped, "format": str(FORMAT_VERSION), "sha256": json.dumps(_checksums(tensors, skipped))}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
-    os.close(fd)
+@contextmanager
+def _on_device(backbone: nn.Module, speed: Speed) -> Iterator[None]:
+    """`backbone` in eval mode on the run's device and memory layout, restored afterwards."""
+    was_training, device_before = backbone.training, next(backbone.parameters()).device
+    backbone.eval().to(speed.device)
+    if speed.channels_last:
+        backbone.to(memory_format=torch.channels_last)
     try:
-        save_file(tensors, tmp, metadata=metadata)
-        follow_umask(tmp)  # a cache shared by a team's runs
-        os.replace(tmp, path)
+        yield
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        backbone.train(was_training).to(device_before)
+        if speed.channels_last:
+            backbone.to(memory_format=torch.contiguous_format)
 
 
-def _checksums(tensors: dict[str, torch.Tensor], skipped: str) -> dict[str, str]:
-    sums = {
-        name: hashlib.sha256(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()).hexdigest()
-        for name, t in tensors.items()
-    }
-    return sums | {"metadata.skipped": hashlib.sha256(skipped.encode()).hexdigest()}
-
-
-def _load(path: Path, splits: dict[str, Sequence[Sample]], views: int, num_labels: int | None = None) -> CachedFeatures:
-    """The cached features of `splits`, or ValueError saying why the file cannot be trusted:
-    unreadable, a checksum that does not match its tensor, or shapes and labels that are not
-    those of `splits` (its samples' labels in order, less the files it records as unreadable)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        tensors = load_file(str(path))
-        skipped_json = metadata["skipped"]
-        expected_sums = json.loads(metadata["sha256"])
-        skipped = json.loads(skipped_json)
-    except Exception as err:  # a damaged file is a cache miss, never a failed run
-        raise ValueError(f"unreadable: {type(err).__name__}") from None
-    actual = _checksums(tensors, skipped_json)
-    wrong = sorted(name for name in actual.keys() | expected_sums.keys() if actual.get(name) != expected_sums.get(name))
-    if wrong:
-        raise ValueError(f"checksum mismatch in {', '.join(wrong)}")
-    if not isinstance(skipped, dict):
-        raise ValueError("malformed list of unreadable files")
-    features = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("features.")}
-    labels = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("labels.")}
-    stored = {split for split in SPLITS if split == "train" or splits.get(split)}
-    if set(features) != stored or set(labels) != stored:
-        raise ValueError(f"holds splits {sorted(features)}, the run has {sorted(stored)}")
-    for split in stored:
-        want = [label for item, label in splits[split] if isinstance(item, np.ndarray) or str(item) not in skipped]
-        if num_labels is not None:
-            want = [multi_hot(label, num_labels).tolist() for label in want]
-        if (
-            labels[split].dtype != (torch.long if num_labels is None else torch.float32)
-            or labels[split].tolist() != want
-        ):
-            raise ValueError(f"the {split} labels are not the data's")
-        rows = features[split].shape[:2] if split == "train" else features[split].shape[:1]
-        if tuple(rows) != ((views, len(want)) if split == "train" else (len(want),)):
-            raise ValueError(f"the {split} features have shape {tuple(features[split].shape)}")
-    return CachedFeatures(features, labels, skipped, path, hit=True)
+def _compute(
+    backbone: nn.Module,
+    splits: dict[str, Sequence[Sample]],
+    pipelines: dict[str, A.Compose],
+    views: int,
+    speed: Speed,
+    settings: FeatureCacheSettings,
+) -> CachedFeatures:
+    """One pass per training view (view 0 through the evaluation pipeline at full precision: the
+    center crop a prediction sees; the others augmented), one per evaluation split."""
+    labels, skipped, train_views = {}, {}, []
+    for view in range(views):
+        desc = f"caching features: train view {view + 1}/{views}" if views > 1 else "caching features: train"
+        f, y, bad = extract(
+            backbone,
+            splits["train"],
+            pipelines["train"] if view else pipelines["eval"],
+            speed,
+            settings,
+            seed=settings.seed * 1_000 + view,
+            desc=desc,
+            full_precision=not view,
+        )
+        train_views.append(f)
+        labels["train"], skipped = y, {**skipped, **bad}
+    features = {"train": torch.stack(train_views)}
+    for split in SPLITS[1:]:
+        if splits.get(split):
+            features[split], labels[split], bad = extract(
+                backbone,
+                splits[split],
+                pipelines["eval"],
+                speed,
+                settings,
+                seed=settings.seed,
+                desc=f"caching features: {split}",
+                full_precision=True,
+            )
+            skipped.update(bad)
+    return CachedFeatures(features, labels, skipped, None, hit=False)
 
 
 class FeatureViews(Dataset):
@@ -439,3 +325,16 @@ class FeatureDataModule(ImageDataModule):
 
     def train_labels(self) -> list[int]:
         return self.cached.labels["train"].tolist()
+
+
+__all__ = [
+    "SPLITS",
+    "CachedFeatures",
+    "FeatureCacheSettings",
+    "FeatureDataModule",
+    "FeatureViews",
+    "cached_features",
+    "extract",
+    "features_for_run",
+    "not_cacheable_reason",
+]

@@ -193,6 +193,7 @@ def choose_l2(
     views: torch.Tensor,
     targets: torch.Tensor,
     outputs: int,
+    *,
     grid=DEFAULT_GRID,
     folds: int = 3,
     seed: int = 0,
@@ -238,24 +239,38 @@ def choose_l2(
             )
         return total / len(problems), solutions
 
-    tried, solutions, starts = {}, {}, [None] * len(problems)
-    for strength in grid:  # every fold in step, so that the walk can stop once the scores fall
-        tried[strength], starts = evaluate(strength, starts)
-        solutions[strength] = starts
-        peak = max(tried, key=lambda g: tried[g][0])
-        if sum(1 for g in tried if g < peak) >= patience:  # `patience` weaker penalties, none as good
-            break
-    best = max(tried, key=lambda g: (tried[g][0], -tried[g][1], g))
+    tried, solutions = _walk(grid, evaluate, len(problems), patience)
     if refine and len(grid) > 1:
-        i = grid.index(best)
-        for neighbour in [grid[j] for j in (i - 1, i + 1) if 0 <= j < len(grid)]:
-            between = float(np.sqrt(best * neighbour))
-            tried[between] = evaluate(between, solutions[best])[0]
+        _refine(grid, tried, solutions, evaluate)
     order = sorted(tried, reverse=True)
     best = max(order, key=lambda g: (tried[g][0], -tried[g][1], g))
     return L2Choice(
         best * scale, best, float(tried[best][0]), tuple(order), tuple(float(tried[g][0]) for g in order), folds
     )
+
+
+def _walk(grid: list[float], evaluate, folds: int, patience: int) -> tuple[dict, dict]:
+    """(mean held-out (score, loss) per strength tried, the folds' solutions per strength): `grid`
+    from the strongest penalty down, each fit warm-started from the one before, every fold in step
+    so that the walk can stop once `patience` weaker penalties have scored below the best."""
+    tried, solutions, starts = {}, {}, [None] * folds
+    for strength in grid:
+        tried[strength], starts = evaluate(strength, starts)
+        solutions[strength] = starts
+        peak = max(tried, key=lambda g: tried[g][0])
+        if sum(1 for g in tried if g < peak) >= patience:  # `patience` weaker penalties, none as good
+            break
+    return tried, solutions
+
+
+def _refine(grid: list[float], tried: dict, solutions: dict, evaluate) -> None:
+    """Add to `tried` the points halfway (geometrically) between the best strength and its grid
+    neighbours, each fit from the best's solutions."""
+    best = max(tried, key=lambda g: (tried[g][0], -tried[g][1], g))
+    i = grid.index(best)
+    for neighbour in [grid[j] for j in (i - 1, i + 1) if 0 <= j < len(grid)]:
+        between = float(np.sqrt(best * neighbour))
+        tried[between] = evaluate(between, solutions[best])[0]
 
 
 def c_of(l2: float, rows: int) -> float:

@@ -134,19 +134,7 @@ def check_data(splits: DataSplits, batch_size: int | None = None) -> DataReport:
         _size_range(splits),
         *_duplicates(splits),
     )
-    for c in splits.classes:
-        missing = [s for s in ("train", "val") if counts[s][c] == 0]
-        if missing and splits.multilabel:
-            report.warnings.append(
-                f"label {c!r} is on no {' and no '.join(missing)} image"
-                + (
-                    ": its AP and threshold cannot be measured (it gets the global threshold)"
-                    if missing == ["val"]
-                    else ""
-                )
-            )
-        elif missing:
-            report.warnings.append(f"class {c!r} has no {' and no '.join(missing)} images")
+    report.warnings += _class_warnings(splits, counts)
     report.images = {s: len(getattr(splits, s)) for s in counted}
     if splits.multilabel:
         report.cardinality = {
@@ -155,25 +143,52 @@ def check_data(splits: DataSplits, batch_size: int | None = None) -> DataReport:
         empty = sum(counts.get(0, 0) for counts in report.cardinality.values())
         if empty:
             report.warnings.append(f"{empty} images carry no label (kept: 'no label applies' is learned too)")
+    report.warnings += _later_warnings(splits, report, batch_size)
+    return report
+
+
+def _class_warnings(splits: DataSplits, counts: dict) -> list[str]:
+    """A warning for each class (label) missing from the train or val split."""
+    warnings = []
+    for c in splits.classes:
+        missing = [s for s in ("train", "val") if counts[s][c] == 0]
+        if missing and splits.multilabel:
+            warnings.append(
+                f"label {c!r} is on no {' and no '.join(missing)} image"
+                + (
+                    ": its AP and threshold cannot be measured (it gets the global threshold)"
+                    if missing == ["val"]
+                    else ""
+                )
+            )
+        elif missing:
+            warnings.append(f"class {c!r} has no {' and no '.join(missing)} images")
+    return warnings
+
+
+def _later_warnings(splits: DataSplits, report: DataReport, batch_size: int | None) -> list[str]:
+    """Warnings about duplicates across splits, conflicting labels, the source's notes, a batch
+    larger than the training set, and skipped files, in that order."""
+    warnings = []
     if report.duplicates:
-        report.warnings.append(
+        warnings.append(
             f"{len(report.duplicates)} images of val/test also appear in train (identical files): "
             f"validation accuracy will be optimistic. First: {report.duplicates[0]}"
         )
     if report.conflicts:
-        report.warnings.append(
+        warnings.append(
             f"{len(report.conflicts)} training images are identical files filed under different classes "
             f"(the same picture with two labels). First: {report.conflicts[0]}"
         )
-    report.warnings += list(splits.notes)
+    warnings += list(splits.notes)
     if batch_size is not None and batch_size > len(splits.train):
-        report.warnings.append(
+        warnings.append(
             f"data.batch_size={batch_size} is larger than the training set ({len(splits.train)} images): "
             f"the batch is capped at {len(splits.train)}, one optimizer step per epoch"
         )
     if splits.skipped:
-        report.warnings.append(f"{len(splits.skipped)} files skipped (listed above and in summary.json)")
-    return report
+        warnings.append(f"{len(splits.skipped)} files skipped (listed above and in summary.json)")
+    return warnings
 
 
 def _size_range(splits: DataSplits) -> tuple[int, int, int, int] | None:

@@ -13,7 +13,7 @@ import codecs
 import csv
 import io
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from finetune.data.labels import indicator_sets, looks_multilabel, split_cells
@@ -30,6 +30,7 @@ def load_manifest(
     path_template: str,
     val_fraction: float,
     seed: int,
+    *,
     task: str = "multiclass",
     label_sep: str | None = None,
     label_columns: Sequence[str] | None = None,
@@ -44,16 +45,51 @@ def load_manifest(
     if not rows:
         raise DataError(f"{path} has no rows.")
     label_columns = list(label_columns or [])
+    _check_columns(path, rows, task, [path_column] + (label_columns or [label_column]), split_column, label_columns)
+    labels = _row_labels(rows, path, label_column, task, label_sep, label_columns)
+    by_split, listed, outside = _group_rows(rows, labels, path, base, path_column, split_column, path_template)
+    classes, encode = _label_codes(by_split, path, task, label_columns)
+    skipped: list[tuple[str, str]] = []
+    sizes: dict[str, tuple[int, int]] = {}
+    splits = {
+        split: probe_all([(file, encode(label)) for file, label in by_split[split]], skipped, sizes) for split in SPLITS
+    }
+    description = f"{path} ({len(rows)} rows), images under {base}"
+    notes = _manifest_notes(path, base, listed, outside)
+    if not split_column:
+        splits["train"], splits["val"] = split_samples(splits["train"], val_fraction, seed)
+        description += f", stratified {1 - val_fraction:.0%}/{val_fraction:.0%} split, seed {seed}"
+    if not splits["val"]:
+        raise DataError(f"{path}: no readable images in the val split.")
+    return DataSplits(classes, splits["train"], splits["val"], description, skipped, splits["test"], sizes, notes, task)
+
+
+def _check_columns(
+    path: Path, rows: list[dict], task: str, columns: list[str], split_column: str | None, label_columns: list[str]
+) -> None:
+    """DataError for label columns without task=multilabel, or a column the manifest lacks."""
     if label_columns and task != "multilabel":
         raise DataError(
             f"data.label_columns={label_columns} names one 0/1 column per label: that is multi-label "
             f"data; add task=multilabel."
         )
-    needed = [path_column] + (label_columns or [label_column]) + ([split_column] if split_column else [])
+    needed = columns + ([split_column] if split_column else [])
     for column in needed:
         if column not in rows[0]:
             raise DataError(f"{path} has no column {column!r}; its columns: {list(rows[0])}. Set data.*_column.")
-    labels = _row_labels(rows, path, label_column, task, label_sep, label_columns)
+
+
+def _group_rows(
+    rows: list[dict],
+    labels: list,
+    path: Path,
+    base: Path,
+    path_column: str,
+    split_column: str | None,
+    path_template: str,
+) -> tuple[dict[str, list[tuple[Path, object]]], dict[Path, int], list[str]]:
+    """(split -> (file, label) rows, how often each resolved file is listed, the paths that lead
+    outside `base`); DataError when the train split has no row."""
     by_split: dict[str, list[tuple[Path, object]]] = defaultdict(list)
     listed: dict[Path, int] = defaultdict(int)
     outside = []
@@ -67,6 +103,12 @@ def load_manifest(
         by_split[split].append((file, label))
     if not by_split["train"]:
         raise DataError(f"{path}: no rows in the train split.")
+    return by_split, listed, outside
+
+
+def _label_codes(by_split: dict, path: Path, task: str, label_columns: list[str]) -> tuple[list[str], Callable]:
+    """(class names, label -> class index or sorted tuple of indices); DataError for a label seen
+    in val/test but never in train."""
 
     def names(split):
         return {n for _, label in by_split[split] for n in (label if task == "multilabel" else (label,))}
@@ -82,19 +124,7 @@ def load_manifest(
     def encode(label):
         return tuple(sorted(index[n] for n in label)) if task == "multilabel" else index[label]
 
-    skipped: list[tuple[str, str]] = []
-    sizes: dict[str, tuple[int, int]] = {}
-    splits = {
-        split: probe_all([(file, encode(label)) for file, label in by_split[split]], skipped, sizes) for split in SPLITS
-    }
-    description = f"{path} ({len(rows)} rows), images under {base}"
-    notes = _manifest_notes(path, base, listed, outside)
-    if not split_column:
-        splits["train"], splits["val"] = split_samples(splits["train"], val_fraction, seed)
-        description += f", stratified {1 - val_fraction:.0%}/{val_fraction:.0%} split, seed {seed}"
-    if not splits["val"]:
-        raise DataError(f"{path}: no readable images in the val split.")
-    return DataSplits(classes, splits["train"], splits["val"], description, skipped, splits["test"], sizes, notes, task)
+    return classes, encode
 
 
 def _row_labels(

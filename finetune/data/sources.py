@@ -62,9 +62,9 @@ def load_data(cfg, seed: int, task: str = "multiclass") -> DataSplits:
             cfg.path_template,
             cfg.val_fraction,
             seed,
-            task,
-            cfg.get("label_sep"),
-            cfg.get("label_columns"),
+            task=task,
+            label_sep=cfg.get("label_sep"),
+            label_columns=cfg.get("label_columns"),
         )
     raise ConfigError(f"data.name={cfg.name!r}; choose data=digits, data=folder or data=csv.")
 

@@ -46,11 +46,8 @@ def create_app(
     checkpoint: str = "",
 ) -> FastAPI:
     """The server for `runtime`'s model; `version` (the checkpoint's SHA-256) names it in /metadata."""
-    model = runtime.model
     rule = rule or DecisionRule()
     batcher = DynamicBatcher(runtime.probabilities, max_batch_size, max_wait_ms / 1000, limits.max_pending)
-    limiter = RateLimiter(limits.rate_limit) if limits.rate_limit > 0 else None
-    page = files("finetune.serve").joinpath("page.html").read_text()
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -60,7 +57,21 @@ def create_app(
 
     app = FastAPI(title="finetune", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.batcher = batcher
-    metadata = {
+    metadata = _metadata(runtime, version, rule, limits, top_k, checkpoint)
+
+    @app.exception_handler(Refused)
+    async def refused(_request, err: Refused):
+        return JSONResponse({"detail": err.detail}, status_code=err.status)
+
+    _add_info_routes(app, runtime, batcher, metadata)
+    _add_predict_route(app, runtime, batcher, limits, metadata, rule)
+    return BodyLimit(app, limits.max_upload_bytes)
+
+
+def _metadata(runtime: Runtime, version: str, rule: DecisionRule, limits: Limits, top_k: int, checkpoint: str) -> dict:
+    """What ``GET /metadata`` answers: the model, its preprocessing, decision rule and limits."""
+    model = runtime.model
+    return {
         "model": Path(checkpoint).name,
         "version": version[:12],
         "architecture": model.config["backbone"]["name"],
@@ -83,9 +94,10 @@ def create_app(
         },
     }
 
-    @app.exception_handler(Refused)
-    async def refused(_request, err: Refused):
-        return JSONResponse({"detail": err.detail}, status_code=err.status)
+
+def _add_info_routes(app: FastAPI, runtime: Runtime, batcher: DynamicBatcher, metadata: dict) -> None:
+    """``GET /`` (the demo page), ``GET /health`` and ``GET /metadata``."""
+    page = files("finetune.serve").joinpath("page.html").read_text()
 
     @app.get("/", response_class=HTMLResponse)
     async def demo_page():
@@ -104,6 +116,14 @@ def create_app(
     @app.get("/metadata")
     async def get_metadata():
         return metadata
+
+
+def _add_predict_route(
+    app: FastAPI, runtime: Runtime, batcher: DynamicBatcher, limits: Limits, metadata: dict, rule: DecisionRule
+) -> None:
+    """``POST /predict``: rate limit, uploads decoded in threads, one batched forward pass."""
+    model = runtime.model
+    limiter = RateLimiter(limits.rate_limit) if limits.rate_limit > 0 else None
 
     @app.post("/predict")
     async def predict(request: Request, top_k: int | None = None):
@@ -138,8 +158,6 @@ def create_app(
             torch.from_numpy(np.asarray(probabilities, np.float32)), [name for name, _ in uploads], k, rule
         )
         return {"predictions": [_as_json(answer, k) for answer in answers]}
-
-    return BodyLimit(app, limits.max_upload_bytes)
 
 
 def _prepare(runtime: Runtime, data: bytes, max_pixels: int) -> np.ndarray:

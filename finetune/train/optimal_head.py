@@ -148,7 +148,15 @@ def chosen_l2(
     remembered = choice is not None
     if choice is None:
         choice = choose_l2(
-            views, targets, outputs, DEFAULT_GRID, folds, seed, splits.multilabel, weights, label_smoothing
+            views,
+            targets,
+            outputs,
+            grid=DEFAULT_GRID,
+            folds=folds,
+            seed=seed,
+            multilabel=splits.multilabel,
+            class_weights=weights,
+            label_smoothing=label_smoothing,
         )
         _write_memo(memo, choice)
     metric = "mAP" if splits.multilabel else "accuracy"
@@ -287,9 +295,8 @@ def probe_first(cfg, model, backbone_name: str, splits: DataSplits, train_tf, ev
     cache has them) and a convex solve: no epoch of backward passes through a frozen network.
     Draws nothing from the global random state, so a run that probes and one that resumes past
     the probe continue alike."""
-    from finetune.compute.features import cache_settings, cached_features
+    from finetune.compute.features import FeatureCacheSettings, cached_features
     from finetune.compute.linear_probe import Problem, fit
-    from finetune.data.transforms import augmentation_is_random
 
     linear = single_linear(model.head)
     if linear is None:
@@ -298,22 +305,11 @@ def probe_first(cfg, model, backbone_name: str, splits: DataSplits, train_tf, ev
             "(head=linear, or head.init=random)."
         )
     started = time.perf_counter()
-    architecture, cache_dir = cache_settings(cfg, backbone_name)
-    augmented = augmentation_is_random(cfg.augment)
+    cache = FeatureCacheSettings.from_config(
+        cfg, backbone_name, num_workers, num_labels=len(splits.classes) if splits.multilabel else None
+    )
     cached = cached_features(
-        model.backbone,
-        architecture,
-        {split: getattr(splits, split) for split in SPLITS},
-        train_tf,
-        eval_tf,
-        augmented,
-        cfg.data.cache.views,
-        cache_dir,
-        cfg.data.batch_size,
-        num_workers,
-        speed,
-        cfg.seed,
-        len(splits.classes) if splits.multilabel else None,
+        model.backbone, {split: getattr(splits, split) for split in SPLITS}, train_tf, eval_tf, speed, cache
     )
     settings, weights = fit_settings(cfg.head), loss_weights(splits, cfg.data.balance)
     l2, how = chosen_l2(cached, splits, settings, cfg.seed, weights, cfg.loss.label_smoothing)

@@ -142,10 +142,10 @@ def score_with_tta(
             getattr(splits, split),
             splits.classes,
             list(evaluation["thresholds"].values()),
-            cfg.tta,
-            cfg.data.batch_size,
-            evaluation["min_labels"],
-            evaluation["max_labels"],
+            mode=cfg.tta,
+            batch_size=cfg.data.batch_size,
+            min_labels=evaluation["min_labels"],
+            max_labels=evaluation["max_labels"],
         )
         log.info(
             "test-time augmentation (%s, %d views per image) on the %s split: %s/map %.4f",

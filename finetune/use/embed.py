@@ -17,7 +17,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from finetune.compute.features import cache_settings, cached_features
+from finetune.compute.features import FeatureCacheSettings, cached_features
 from finetune.compute.speed import resolve_num_workers, resolve_speed
 from finetune.data.sources import DataSplits
 from finetune.data.transforms import build_transforms
@@ -50,21 +50,9 @@ def embed(
     _, eval_tf = build_transforms(data_config, {"random_resized_crop": False}, cfg.data.image_size, seed=cfg.seed)
     _, speed = resolve_speed(OmegaConf.to_container(cfg.trainer, resolve=True), backbone)
     by_split = {"train": splits.train, "val": splits.val, "test": splits.test}
-    architecture, cache_dir = cache_settings(cfg, backbone_name)
-    cached = cached_features(
-        backbone,
-        architecture,
-        by_split,
-        eval_tf,
-        eval_tf,
-        False,
-        1,
-        cache_dir,
-        cfg.data.batch_size,
-        resolve_num_workers(cfg.data.num_workers, speed.device, in_memory=False),
-        speed,
-        cfg.seed,
-    )
+    workers = resolve_num_workers(cfg.data.num_workers, speed.device, in_memory=False)
+    settings = FeatureCacheSettings.from_config(cfg, backbone_name, workers, augmented=False)
+    cached = cached_features(backbone, by_split, eval_tf, eval_tf, speed, settings)
     parts = {"features": [], "labels": [], "paths": [], "splits": []}
     for split, samples in by_split.items():
         if not samples:

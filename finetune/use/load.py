@@ -201,6 +201,7 @@ class FinetunedModel:
         top_k: int = 1,
         batch_size: int = 32,
         names: Sequence[str] | None = None,
+        *,
         tta: str = "none",
         min_confidence: float | None = None,
         target_precision: float | None = None,

@@ -19,9 +19,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune.data.check import split_images
-from finetune.use.audit import wilson
-from finetune.use.calibration import ECE_BINS
+from finetune.use.card_results import RunFiles, calibration_section, limitations_section, metrics_section, monitor_name
 from finetune.use.load import FinetunedModel
 
 # The run's pictures the card shows: name -> (caption, whether it describes the best checkpoint
@@ -33,31 +31,8 @@ PICTURES = {
     "reliability": ("Reliability: accuracy against confidence, before and after temperature scaling.", True),
     "risk_coverage": ("Risk-coverage: the error among the images answered when only the most confident are.", True),
 }
-CALIBRATION_KEYS = {"ece": "ECE", "nll": "NLL", "brier": "Brier"}
-METRIC_NAMES = {
-    "acc": "accuracy",
-    "acc_top5": "top-5 accuracy",
-    "loss": "loss (cross-entropy)",
-    "map": "mean average precision",
-}
-ACCURACIES = ("acc", "acc_top5")
 SHOWN_CLASSES = 30
 _FOLDERS = re.compile(r"(?<![\w.~])(?:[A-Za-z]:)?(?:[/\\][^/\\\s,;:'\"]+)+[/\\]")  # the directories of an absolute path
-
-
-@dataclass(frozen=True)
-class RunFiles:
-    """What the run folder says about a checkpoint. ``summary`` is None when there is no readable
-    ``summary.json`` (``missing`` says why); ``is_best``: the checkpoint is the one summary.json's
-    metrics describe."""
-
-    run_dir: Path
-    summary: dict | None
-    missing: str | None
-    is_best: bool = False
-
-    def images(self, split: str) -> int | None:
-        return split_images((self.summary or {}).get("data") or {}, split)
 
 
 @dataclass(frozen=True)
@@ -116,10 +91,10 @@ def model_card(model: FinetunedModel, run: RunFiles, repo_id: str | None, pictur
         f"{kind} among {len(model.classes)}: {classes}.\n",
         *_data(run),
         *_recipe(model, run),
-        *_metrics(model, run),
-        *_calibration(model, run),
+        *metrics_section(model, run),
+        *calibration_section(model, run),
         *_pictures(pictures),
-        *_limitations(model, run),
+        *limitations_section(model, run),
         *_usage(model, repo_id),
     ]
     return "\n".join(parts)
@@ -242,7 +217,7 @@ def _recipe(model: FinetunedModel, run: RunFiles) -> list[str]:
     dc = model.data_config
     epochs = f"{c['trainer']['max_epochs']} at most"
     if run.summary and run.is_best and "epoch" in run.summary.get("metrics", {}):
-        epochs += f"; best epoch {int(run.summary['metrics']['epoch'])} by {_monitor(c)}"
+        epochs += f"; best epoch {int(run.summary['metrics']['epoch'])} by {monitor_name(c)}"
     crop = (
         "random resized crop (scale {}, ratio {})".format(aug.get("scale"), aug.get("ratio"))
         if aug.get("random_resized_crop")
@@ -276,89 +251,6 @@ def _recipe(model: FinetunedModel, run: RunFiles) -> list[str]:
     return ["## Training recipe\n", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), ""]
 
 
-def _monitor(config: dict) -> str:
-    monitor = ((config.get("callbacks") or {}).get("checkpoint") or {}).get("monitor", "auto")
-    return monitor if monitor != "auto" else ("val/map" if config.get("task") == "multilabel" else "val/acc")
-
-
-def _metrics(model: FinetunedModel, run: RunFiles) -> list[str]:
-    if not run.summary or not run.is_best:
-        why = run.missing or "summary.json's metrics are those of the run's best checkpoint, not this one"
-        return ["## Metrics\n", f"Not stated: {why}.\n"]
-    metrics = run.summary.get("metrics", {})
-    rows = []
-    for split in ("val", "test", "train"):
-        n = run.images(split)
-        for key in sorted(k for k in metrics if k.startswith(f"{split}/")):
-            name = key.split("/", 1)[1]
-            if name.startswith(tuple(CALIBRATION_KEYS)) or not isinstance(metrics[key], (int, float)):
-                continue
-            value, interval = metrics[key], ""
-            label = (
-                "loss (binary cross-entropy)"
-                if name == "loss" and model.task == "multilabel"
-                else METRIC_NAMES.get(name, name)
-            )
-            if name in ACCURACIES and split != "train" and n:
-                right = round(value * n)
-                low, high = wilson(right, n)
-                interval, value = f"{low:.3f} to {high:.3f}", f"{value:.4f} ({right}/{n})"
-            else:
-                value = f"{value:.4f}"
-            rows.append(f"| {split} | {label} | {value} | {n if n is not None else '?'} | {interval} |")
-    epoch = f" at epoch {int(metrics['epoch'])}" if "epoch" in metrics else ""
-    return [
-        "## Metrics\n",
-        f"From the run's summary.json{epoch}, the epoch chosen by {_monitor(model.config)}. Train scores are "
-        f"measured on augmented batches while training.\n",
-        "| split | metric | value | images | 95% interval (Wilson) |",
-        "|---|---|---:|---:|---|",
-        *rows,
-        "",
-    ]
-
-
-def _calibration(model: FinetunedModel, run: RunFiles) -> list[str]:
-    lines = ["## Calibration\n"]
-    if model.task == "multilabel":
-        thresholds = ", ".join(f"`{c}` {t:.3f}" for c, t in zip(model.classes, model.thresholds))
-        return [
-            "## Decision thresholds\n",
-            f"A label applies when its sigmoid probability reaches its threshold (tuned on the "
-            f"validation split): {thresholds}; at least {model.min_labels} and at most "
-            f"{model.max_labels if model.max_labels is not None else 'any number of'} labels per image.\n",
-        ]
-    if "temperature" not in model.trust:
-        return lines + ["Not calibrated: the checkpoint holds no temperature; probabilities are the plain softmax.\n"]
-    lines.append(
-        f"Probabilities are `softmax(logits / T)` with T = {model.temperature:.4f}, fitted on "
-        f"{model.trust.get('temperature_split', 'the validation split')} by minimizing the log-loss."
-    )
-    metrics = (run.summary or {}).get("metrics", {}) if run.is_best else {}
-    rows = [
-        f"| {label} | {metrics[f'val/{k}']:.4f} | {metrics[f'val/{k}_calibrated']:.4f} |"
-        for k, label in CALIBRATION_KEYS.items()
-        if f"val/{k}" in metrics and f"val/{k}_calibrated" in metrics
-    ]
-    if rows:
-        lines += [
-            f"On the same validation images (ECE over {ECE_BINS} bins; these images also fitted T, so the "
-            "after column is optimistic):\n",
-            "| score | before | after |",
-            "|---|---:|---:|",
-            *rows,
-        ]
-    else:
-        lines.append("Calibration scores before and after: not stated (no summary.json metrics for this checkpoint).")
-    calibration = model.trust.get("calibration") or {}
-    if calibration.get("images"):
-        lines.append(
-            f"\nConformal prediction sets (`coverage=` in `finetune predict`) are calibrated on "
-            f"{calibration['images']} held-out images."
-        )
-    return lines + [""]
-
-
 def _pictures(pictures: list[str]) -> list[str]:
     if not pictures:
         return []
@@ -367,54 +259,6 @@ def _pictures(pictures: list[str]) -> list[str]:
         caption = PICTURES[Path(file).stem][0]
         lines += [f"{caption}\n", f"![{Path(file).stem}]({file})\n"]
     return lines
-
-
-def _limitations(model: FinetunedModel, run: RunFiles) -> list[str]:
-    lines = ["## Limitations\n"]
-    metrics = (run.summary or {}).get("metrics", {}) if run.is_best else {}
-    n = run.images("val")
-    if n and "val/acc" in metrics:
-        low, high = wilson(round(metrics["val/acc"] * n), n)
-        lines.append(
-            f"- The validation split holds {n} images: the accuracy's 95% interval runs from {low:.3f} to "
-            f"{high:.3f}; differences between models smaller than that are not evidence."
-        )
-    test = run.images("test")
-    fitted = (
-        " and the thresholds were"
-        if model.task == "multilabel"
-        else " and the temperature were"
-        if str(model.trust.get("temperature_split", "")).startswith("val")
-        else " was"
-    )
-    lines.append(
-        f"- The best epoch{fitted} chosen on the validation split, "
-        "so the validation scores are optimistic; "
-        + (f"the test split ({test} images) chose nothing." if test else "no separate test split was scored.")
-    )
-    duplicates = len(((run.summary or {}).get("data") or {}).get("duplicates", []))
-    if duplicates:
-        lines.append(
-            f"- {duplicates} validation or test images have an identical copy in training: scores on them "
-            f"measure memory, not generalization."
-        )
-    every = (
-        ""
-        if model.task == "multilabel"
-        else (
-            " and answers one of them for any image unless told to abstain "
-            "(`min_confidence` / `target_precision` in `finetune predict`)"
-        )
-    )
-    lines.append(
-        f"- It knows only its {len(model.classes)} classes{every}. Images unlike the training data (other "
-        "cameras, lighting, places, subjects) were not measured."
-    )
-    lines.append(
-        "- Not measured: robustness to corruptions or distribution shift, out-of-distribution detection, "
-        "performance per subgroup, speed."
-    )
-    return lines + [""]
 
 
 def _usage(model: FinetunedModel, repo_id: str | None) -> list[str]:

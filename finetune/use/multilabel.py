@@ -191,6 +191,7 @@ def evaluate_multilabel(
     samples,
     classes: Sequence[str],
     thresholds: Sequence[float] | None,
+    *,
     mode: str = "none",
     batch_size: int = 32,
     min_labels: int = 0,
