@@ -9,7 +9,7 @@ finished folder, an orphaned checkpoint .tmp, a read-only run folder or feature 
 ``case | exit code | message | data intact | traceback`` and exits 1 when any row is not intact, did
 not say what was expected, or shows a traceback. Cases the machine cannot set up (no chattr, no
 mount) are printed as ``skipped (why)``. Techniques follow tests/test_hostile_*.py,
-tests/test_cache_trust.py and tests/test_resume.py; nothing is imported from tests/.
+tests/train/test_trust.py and tests/train/test_checkpoints.py; nothing is imported from tests/.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ QUICK_WITH_PICTURES = [
     "logger=none",
     "callbacks.progress_bar=false",
 ]
-QUICK = QUICK_WITH_PICTURES + ["viz=none"]  # pictures have their own tests (test_viz.py)
+QUICK = QUICK_WITH_PICTURES + ["viz=none"]  # pictures have their own tests (tests/viz/)
 
 
 def shared_dataset(root: Path, present: bool, name: str, variable: str) -> Path:

@@ -219,3 +219,11 @@ def test_the_size_checker_sees_a_long_function_and_a_long_argument_list(tmp_path
     found = {name: (length, positional) for name, _, length, positional in functions_of(source)}
     assert found["long"][0] == MAX_FUNCTION_LINES + 1
     assert found["wide"][1] == 9
+
+
+def test_tests_mirror_the_rooms():
+    """A module's tests are found by its path: every folder of tests/ is a room of finetune/."""
+    tests = Path(__file__).resolve().parent
+    folders = {p.name for p in tests.iterdir() if p.is_dir() and not p.name.startswith((".", "__"))}
+    rooms = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert folders and folders <= rooms, sorted(folders - rooms)

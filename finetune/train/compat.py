@@ -2,7 +2,7 @@
 
 Everything here reaches into names Lightning does not promise to keep (underscored classes,
 attributes of private classes). Each is wrapped in one function that the rest of the package
-calls, and tests/test_compat.py imports every name and runs every function, so a Lightning
+calls, and tests/train/test_compat.py imports every name and runs every function, so a Lightning
 upgrade that renames or removes one fails there, with the Lightning version in the message,
 instead of in the middle of a user's run. Imports are inside the functions: ``import finetune``
 keeps working on a Lightning that lacks one of them.

@@ -62,7 +62,7 @@ def _end_children(grace: float = 60.0) -> None:
     """After a job: wait for its DDP children (killing any still there after `grace` seconds),
     and retire Lightning's observer thread, which would SIGKILL this process, and with it the
     rest of a sweep, if a child of a finished job had exited non-zero (see
-    :func:`~finetune.train.compat.take_children_from_observers`; tests/test_ddp.py fails if a
+    :func:`~finetune.train.compat.take_children_from_observers`; tests/train/test_distributed.py fails if a
     sweep dies after a failed DDP trial)."""
     import subprocess
 

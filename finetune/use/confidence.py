@@ -22,7 +22,7 @@ Scores (:data:`CONFORMAL_SCORES`):
   never empty and cover a little more than the target.
 
 These few lines over numpy are checked against MAPIE's ``SplitConformalClassifier`` (lac, and aps
-with ``include_last_label=True``) in tests/test_trust.py; MAPIE wants a scikit-learn estimator, a
+with ``include_last_label=True``) in tests/use/test_confidence.py; MAPIE wants a scikit-learn estimator, a
 torch model's probabilities are simpler to score here.
 """
 

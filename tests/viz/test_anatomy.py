@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import QUICK, TINY
 from safetensors.torch import save_file
-from test_viz import footprint
+from test_pictures import footprint
 from torchvision import models as tv_models
 
 import finetune
