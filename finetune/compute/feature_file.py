@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from finetune.compute.speed import Speed
-from finetune.data.file_memo import file_digest
+from finetune.data.file_memo import StoredImage, file_digest
 from finetune.data.labels import multi_hot
 from finetune.data.sources import Sample
 from finetune.files import follow_umask
@@ -84,6 +84,8 @@ def cache_key(
             if isinstance(item, np.ndarray):
                 add([list(item.shape), str(item.dtype), label])
                 digest.update(np.ascontiguousarray(item).tobytes())
+            elif isinstance(item, StoredImage):  # named by its dataset's fingerprint, split and row
+                add([str(item), label])
             else:
                 stat = os.stat(item)
                 add([str(item), stat.st_size, stat.st_mtime_ns, file_digest(item), label])

@@ -5,6 +5,11 @@ of images again for every trial costs more than training a head on cached featur
 path, size, inode, modification or status-change time changed is read again (the change time
 cannot be set back, so a file rewritten with its old mtime restored is still noticed); nothing is
 kept across processes.
+
+A :class:`StoredImage` is a sample whose encoded image lives elsewhere than in a file of its own
+(a row of a Hugging Face dataset): a string naming it (what reports, skip lists and cache keys
+show) that can give its bytes. Its name is its identity (it includes a content fingerprint), so
+its memo needs no stat.
 """
 
 from __future__ import annotations
@@ -17,6 +22,15 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
+
+class StoredImage(str):
+    """A string naming an image stored elsewhere; :meth:`encoded` gives the encoded file's bytes.
+    Equal names mean equal content (subclasses put a content fingerprint in the name)."""
+
+    def encoded(self) -> bytes:
+        raise NotImplementedError
+
+
 MAX_ENTRIES = 1_000_000  # about 200 MB of keys at most; beyond it the memory starts afresh
 
 
@@ -27,6 +41,11 @@ def remembered_per_file(fn: Callable[[str | os.PathLike], T]) -> Callable[[str |
 
     @functools.wraps(fn)
     def wrapper(path):
+        if isinstance(path, StoredImage):
+            key = (type(path).__name__, str(path))
+            if key not in memory:
+                memory[key] = fn(path)
+            return memory[key]
         try:
             stat = os.stat(path)
         except OSError:
@@ -45,6 +64,9 @@ def remembered_per_file(fn: Callable[[str | os.PathLike], T]) -> Callable[[str |
 def file_digest(path: str | os.PathLike) -> str:
     """A hex digest of the file's bytes (BLAKE2b, 128 bits): equal contents, equal digests."""
     digest = hashlib.blake2b(digest_size=16)
+    if isinstance(path, StoredImage):
+        digest.update(path.encoded())
+        return digest.hexdigest()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)

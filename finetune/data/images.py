@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from contextlib import contextmanager
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from finetune.data.file_memo import remembered_per_file
+from finetune.data.file_memo import StoredImage, remembered_per_file
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 
@@ -29,11 +30,13 @@ class ImageTooLarge(UnreadableImage):
 @contextmanager
 def _guarded(path, max_pixels: int = MAX_PIXELS):
     """Open `path` with PIL, turning every failure (and a bomb warning) into UnreadableImage;
-    more than `max_pixels` (from the header, before decoding) is ImageTooLarge."""
+    more than `max_pixels` (from the header, before decoding) is ImageTooLarge. A
+    :class:`StoredImage` (a dataset row) is opened from its bytes."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            with Image.open(path) as img:
+            source = _stored_bytes(path) if isinstance(path, StoredImage) else path
+            with Image.open(source) as img:
                 if img.width * img.height > max_pixels:
                     raise ImageTooLarge(
                         f"too large to decode safely ({img.width}x{img.height} pixels, more than {max_pixels:,})"
@@ -49,6 +52,13 @@ def _guarded(path, max_pixels: int = MAX_PIXELS):
             if isinstance(path, (str, os.PathLike)) and Path(path).is_file() and Path(path).stat().st_size == 0:
                 raise UnreadableImage("empty file") from None
             raise UnreadableImage(f"not a readable image ({type(err).__name__}: {err})") from None
+
+
+def _stored_bytes(image: StoredImage) -> io.BytesIO:
+    data = image.encoded()
+    if not data:
+        raise UnreadableImage("no image in this row")
+    return io.BytesIO(data)
 
 
 @remembered_per_file
