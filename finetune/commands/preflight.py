@@ -42,6 +42,7 @@ _EXTRAS = {
     "hparams_search=optuna": ("optuna", "sweep"),
     "hydra/sweeper=optuna": ("optuna", "sweep"),
     "hydra/launcher=slurm": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
+    "data=hf": ("datasets", "hf"),
 }
 
 

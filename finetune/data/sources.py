@@ -1,5 +1,5 @@
-"""Where samples come from: scikit-learn's digits, folders of class folders, or a CSV manifest
-(:mod:`finetune.data.manifest`).
+"""Where samples come from: scikit-learn's digits, folders of class folders, a CSV manifest
+(:mod:`finetune.data.manifest`) or a Hugging Face dataset (:mod:`finetune.data.hf`).
 
 Every source returns :class:`~finetune.data.samples.DataSplits`. Labels are mapped by class
 name, never by position, so a validation folder listing classes in another order is safe.
@@ -41,8 +41,13 @@ __all__ = [
 
 
 def load_data(cfg, seed: int, task: str = "multiclass") -> DataSplits:
-    """The samples the ``data`` config group describes (``data=digits|folder|csv``) for `task`
-    (``multilabel``: a manifest's label sets; folders and digits hold one class per image)."""
+    """The samples the ``data`` config group describes (``data=digits|folder|csv|hf``) for `task`
+    (``multilabel``: a manifest's label sets or a dataset's lists of class labels; folders and
+    digits hold one class per image)."""
+    if cfg.name == "hf":
+        from finetune.data.hf import load_hf  # imports datasets only when asked
+
+        return load_hf(cfg, seed, task)
     if task == "multilabel" and cfg.name != "csv":
         raise ConfigError(
             f"task=multilabel needs a manifest whose rows list several labels (data=csv "
@@ -66,7 +71,7 @@ def load_data(cfg, seed: int, task: str = "multiclass") -> DataSplits:
             label_sep=cfg.get("label_sep"),
             label_columns=cfg.get("label_columns"),
         )
-    raise ConfigError(f"data.name={cfg.name!r}; choose data=digits, data=folder or data=csv.")
+    raise ConfigError(f"data.name={cfg.name!r}; choose data=digits, data=folder, data=csv or data=hf.")
 
 
 def load_digits(val_fraction: float, seed: int) -> DataSplits:
