@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 
 import pytest
 from conftest import QUICK, TINY, assert_refused, finetune_cli, write_class_folders
 
 from finetune import fit
+from finetune.commands import command
 from finetune.data.check import check_data
 from finetune.errors import DataError
 
@@ -50,7 +52,15 @@ def images(tmp_path):
 def _fit(tmp_path, name, *overrides):
     return fit(
         "freeze_all_but_head",
-        TINY + QUICK + ["augment=none", "data.batch_size=8", f"hydra.run.dir={tmp_path / name}", *overrides],
+        TINY
+        + QUICK
+        + [
+            "augment=none",
+            "data.batch_size=8",
+            "trainer.precision=32-true",
+            f"hydra.run.dir={tmp_path / name}",
+            *overrides,
+        ],
     )
 
 
@@ -66,6 +76,17 @@ def test_saved_dataset_and_parquet_train_like_the_same_images_in_folders(tmp_pat
         assert result.data_report.counts == by_folder.data_report.counts
         assert result.metrics["val/acc"] == pytest.approx(by_folder.metrics["val/acc"], abs=1e-6)
         assert result.data_report.size_range == by_folder.data_report.size_range
+    # finetune evaluate on the dataset's validation split: the run's own val/acc
+    out = tmp_path / "evaluation"
+    assert (
+        command("evaluate")(
+            [f"ckpt={saved.best_checkpoint}", f"out={out}", "data=hf", f"data.path={tmp_path / 'saved'}"]
+        )
+        == 0
+    )
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert evaluation["images"] == sum(saved.data_report.counts["val"].values()) and not evaluation["skipped"]
+    assert evaluation["accuracy"] == pytest.approx(saved.metrics["val/acc"], abs=1e-6)
 
 
 def test_an_imagefolder_with_its_own_splits_trains_like_the_folder_source(tmp_path):
