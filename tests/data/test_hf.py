@@ -6,6 +6,7 @@ import json
 import pickle
 
 import pytest
+import torch
 from conftest import QUICK, TINY, assert_refused, finetune_cli, write_class_folders
 
 from finetune import fit
@@ -160,3 +161,27 @@ def test_bad_inputs_are_refused_in_one_line(tmp_path, images):
     paths = datasets.Dataset.from_dict({"image": ["a.jpg", "b.jpg"], "label": [0, 1]})
     assert_refused(_refused(tmp_path / "p", paths), "not images; cast it")
     assert_refused(_refused(tmp_path / "s", ds, "data.val_split=holdout"), "no splits named 'holdout'")
+
+
+def test_without_the_hf_extra_the_preflight_names_it(tmp_path):
+    import subprocess
+    import sys
+
+    hidden = "import sys; sys.modules['datasets'] = None; sys.argv = ['finetune', *sys.argv[1:]]; "
+    result = subprocess.run(
+        [sys.executable, "-c", hidden + "from finetune.cli import main; main()", "data=hf", "data.path=x"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert_refused(result, "data=hf needs finetune's 'hf' extra: pip install 'finetune[hf]'")
+
+
+def test_a_full_finetune_reads_rows_at_every_epoch_like_files(tmp_path, images):
+    folder, ds = images
+    ds.save_to_disk(str(tmp_path / "saved"))
+    full = ("data.cache.decoded=false", "data.cache.features=false", "trainer.max_epochs=2")
+    by_folder = _fit(tmp_path, "folder", "data=folder", f"data.root={folder}", "freeze=none", *full)
+    by_hf = _fit(tmp_path, "hf", "data=hf", f"data.path={tmp_path / 'saved'}", "freeze=none", *full)
+    for name, tensor in by_folder.model.state_dict().items():
+        torch.testing.assert_close(tensor, by_hf.model.state_dict()[name], msg=f"{name} differs")
