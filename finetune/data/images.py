@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,7 +52,8 @@ def _guarded(path, max_pixels: int = MAX_PIXELS):
         except Exception as err:
             if isinstance(path, (str, os.PathLike)) and Path(path).is_file() and Path(path).stat().st_size == 0:
                 raise UnreadableImage("empty file") from None
-            raise UnreadableImage(f"not a readable image ({type(err).__name__}: {err})") from None
+            reason = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", " data", str(err))  # a row's bytes
+            raise UnreadableImage(f"not a readable image ({type(err).__name__}: {reason})") from None
 
 
 def _stored_bytes(image: StoredImage) -> io.BytesIO:

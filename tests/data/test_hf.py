@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 
 import pytest
@@ -138,7 +139,9 @@ def test_rows_are_read_lazily_named_by_fingerprint_and_checked_for_duplicates(tm
     assert row.table.format["type"] == "arrow" and row.table.column_names == ["image"]  # one column, mapped
     assert load_rgb(row).shape == (48, 48, 3) and label == 0
     assert load_rgb(pickle.loads(pickle.dumps(row))).tobytes() == load_rgb(row).tobytes()
-    assert [reason for name, reason in splits.skipped if "/test/0" in name] != []  # a bad image is counted
+    assert [reason for name, reason in splits.skipped if "/test/0" in name] == [
+        "not a readable image (UnidentifiedImageError: cannot identify image file data)"
+    ]  # a bad image is counted
     report = check_data(splits)
     assert len(report.duplicates) == 4 and report.images == {"train": 18, "val": 2, "test": 2}
 
@@ -154,6 +157,10 @@ def _refused(tmp_path, ds_or_path, *overrides):
 def test_bad_inputs_are_refused_in_one_line(tmp_path, images):
     _, ds = images
     assert_refused(_refused(tmp_path, str(tmp_path / "nowhere")), "does not exist")
+    offline = finetune_cli(
+        *TINY, *QUICK, "data=hf", "data.path=someone/no-such-dataset", env=os.environ | {"HF_HUB_OFFLINE": "1"}
+    )
+    assert_refused(offline, "is not a local path, and the Hub could not give the dataset 'someone/no-such-dataset'")
     assert_refused(_refused(tmp_path, ds, "data.label_column=species"), "has no column 'species' (data.label_column)")
     assert_refused(_refused(tmp_path, ds, "data.image_column=photo"), "has no column 'photo'")
     floats = ds.cast_column("label", datasets.Value("float32"))
