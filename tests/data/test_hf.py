@@ -155,19 +155,33 @@ def _refused(tmp_path, ds_or_path, *overrides):
 
 
 def test_bad_inputs_are_refused_in_one_line(tmp_path, images):
+    from omegaconf import OmegaConf
+
+    from finetune.data.hf import load_hf
+
     _, ds = images
     assert_refused(_refused(tmp_path, str(tmp_path / "nowhere")), "does not exist")
+    assert_refused(_refused(tmp_path, ds, "data.label_column=species"), "has no column 'species' (data.label_column)")
+    floats = ds.cast_column("label", datasets.Value("float32"))
+    assert_refused(_refused(tmp_path / "f", floats), "not class labels")
     offline = finetune_cli(
         *TINY, *QUICK, "data=hf", "data.path=someone/no-such-dataset", env=os.environ | {"HF_HUB_OFFLINE": "1"}
     )
     assert_refused(offline, "is not a local path, and the Hub could not give the dataset 'someone/no-such-dataset'")
-    assert_refused(_refused(tmp_path, ds, "data.label_column=species"), "has no column 'species' (data.label_column)")
-    assert_refused(_refused(tmp_path, ds, "data.image_column=photo"), "has no column 'photo'")
-    floats = ds.cast_column("label", datasets.Value("float32"))
-    assert_refused(_refused(tmp_path / "f", floats), "not class labels")
-    paths = datasets.Dataset.from_dict({"image": ["a.jpg", "b.jpg"], "label": [0, 1]})
-    assert_refused(_refused(tmp_path / "p", paths), "not images; cast it")
-    assert_refused(_refused(tmp_path / "s", ds, "data.val_split=holdout"), "no splits named 'holdout'")
+
+    def load(path, **keys):
+        return load_hf(OmegaConf.create({"path": str(path), "val_fraction": 0.2, **keys}), seed=0)
+
+    with pytest.raises(DataError, match="has no column 'photo' \\(data.image_column\\)"):
+        load(tmp_path / "bad", image_column="photo")
+    datasets.Dataset.from_dict({"image": ["a.jpg", "b.jpg"], "label": [0, 1]}).save_to_disk(str(tmp_path / "paths"))
+    with pytest.raises(DataError, match="not images; cast it"):
+        load(tmp_path / "paths")
+    with pytest.raises(DataError, match="no splits named 'holdout'"):
+        load(tmp_path / "bad", val_split="holdout")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(DataError, match="must be .parquet or .arrow"):
+        load(tmp_path / "notes.txt")
 
 
 def test_without_the_hf_extra_the_preflight_names_it(tmp_path):
@@ -192,3 +206,33 @@ def test_a_full_finetune_reads_rows_at_every_epoch_like_files(tmp_path, images):
     by_hf = _fit(tmp_path, "hf", "data=hf", f"data.path={tmp_path / 'saved'}", "freeze=none", *full)
     for name, tensor in by_folder.model.state_dict().items():
         torch.testing.assert_close(tensor, by_hf.model.state_dict()[name], msg=f"{name} differs")
+
+
+def test_plain_str_and_int_label_columns_name_their_classes(tmp_path, images):
+    from omegaconf import OmegaConf
+
+    from finetune.data.hf import load_hf
+
+    folder, ds = images
+    rows = _folder_rows(folder)
+    as_str = ds.cast_column("label", datasets.Value("string")).map(lambda r: {"label": CLASSES[int(r["label"])]})
+    as_str.to_parquet(str(tmp_path / "str.parquet"))
+    splits = load_hf(OmegaConf.create({"path": str(tmp_path / "str.parquet"), "val_fraction": 0.2}), seed=0)
+    assert splits.classes == CLASSES and len(splits.train) + len(splits.val) == len(rows)
+    numbers = _dataset([(data, [10, 2, 7][label]) for data, label in rows], datasets.Value("int64"))
+    numbers.save_to_disk(str(tmp_path / "int"))
+    splits = load_hf(OmegaConf.create({"path": str(tmp_path / "int"), "val_fraction": 0.2}), seed=0)
+    assert splits.classes == ["2", "7", "10"] and sorted({label for _, label in splits.train}) == [0, 1, 2]
+    unseen = datasets.DatasetDict({"train": numbers, "validation": _dataset(rows[:1], datasets.Value("int64"))})
+    unseen["validation"] = unseen["validation"].map(lambda r: {"label": 99})
+    unseen.save_to_disk(str(tmp_path / "unseen"))
+    with pytest.raises(DataError, match=r"labels \['99'\] appear in val/test but never in train"):
+        load_hf(OmegaConf.create({"path": str(tmp_path / "unseen"), "val_fraction": 0.2}), seed=0)
+    edited = _dataset(rows[1:])
+    edited.save_to_disk(str(tmp_path / "edited"))
+    ds.save_to_disk(str(tmp_path / "original"))
+    names = [
+        {str(row) for row, _ in load_hf(OmegaConf.create({"path": str(tmp_path / n), "val_fraction": 0.2}), 0).val}
+        for n in ("original", "edited")
+    ]
+    assert not names[0] & names[1]  # another fingerprint: the feature cache and memo never mix them up
