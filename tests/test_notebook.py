@@ -135,3 +135,18 @@ def test_predictions_and_a_loaded_model_render_as_tables():
     )
     html = loaded._repr_html_()
     assert "test_resnet" in html and "ants, bees" in html and "1.250" in html
+
+
+@pytest.mark.slow
+def test_the_example_notebook_runs_and_shows_its_pictures(tmp_path):
+    """docs/notebooks/first_finetune.ipynb, executed as a reader would: a broken API fails here."""
+    import nbformat
+
+    source = Path(__file__).resolve().parents[1] / "docs" / "notebooks" / "first_finetune.ipynb"
+    notebook = nbformat.read(source, as_version=4)
+    assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")  # stored clean
+    executed = run_notebook([c.source for c in notebook.cells if c.cell_type == "code"], tmp_path)
+    html = [o.data.get("text/html", "") for c in executed.cells for o in c.outputs if "data" in o]
+    assert sum(PNG_URI in h for h in html) >= 5  # the result, batch, mistakes, confusion, curves
+    assert any("FinetunedModel" in h for h in html) and any("prediction set" in h for h in html)
+    assert all(o.output_type != "error" for c in executed.cells for o in c.outputs)
