@@ -103,7 +103,10 @@ def test_the_panel_takes_the_run_lines_and_gives_them_back(capsys):
     with screen(panel):
         logger.info("data: 24 images\nclass  a  b")
         logger.info("header", extra={"epoch_columns": ["epoch", "val/acc"]})
+        panel.progress = ("epoch 1/2", 3, 10)
+        assert '<progress value="3" max="10"' in panel.html() and "batch 3/10" in panel.html()
         logger.info("row", extra={"epoch_cells": ["1/2", "0.5000"]})
+        assert panel.progress is None  # the epoch's row takes the place of its bar
         logger.info("row", extra={"epoch_cells": ["2/2", "0.7500"]})
         logger.info("val/acc=0.7500")
     assert logging.getLogger("finetune").handlers == plain

@@ -9,9 +9,15 @@ below it. Everything still goes to the run's ``finetune.log``.
 from __future__ import annotations
 
 import logging
-from contextlib import AbstractContextManager, nullcontext
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import lightning as L
 
 from finetune.console import in_notebook, screen
+
+_SHOWN: list[NotebookPanel] = []  # the panel of the run in flight, if it runs in a notebook
 
 
 class NotebookPanel(logging.Handler):
@@ -23,6 +29,7 @@ class NotebookPanel(logging.Handler):
         self.columns: list[str] = []
         self.rows: list[list[str]] = []
         self.after: list[str] = []
+        self.progress: tuple[str, int, int] | None = None  # (what, done, of) within the epoch
         self._handle = None
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -31,6 +38,7 @@ class NotebookPanel(logging.Handler):
                 self.columns, self.rows = list(record.epoch_columns), []
             elif hasattr(record, "epoch_cells"):
                 self.rows.append([str(c) for c in record.epoch_cells])
+                self.progress = None  # the epoch's row takes the place of its bar
             else:
                 (self.after if self.columns else self.setup).extend(record.getMessage().splitlines())
             self.draw()
@@ -40,7 +48,7 @@ class NotebookPanel(logging.Handler):
     def html(self) -> str:
         from finetune.viz.notebook import epoch_panel
 
-        return epoch_panel(self.setup, self.columns, self.rows, self.after)
+        return epoch_panel(self.setup, self.columns, self.rows, self.after, self.progress)
 
     def draw(self) -> None:
         from IPython.display import HTML, display
@@ -51,7 +59,42 @@ class NotebookPanel(logging.Handler):
             self._handle.update(HTML(self.html()))
 
 
-def notebook_screen() -> AbstractContextManager:
+@contextmanager
+def notebook_screen() -> Iterator[None]:
     """In a Jupyter kernel, the run's lines go to a :class:`NotebookPanel`; elsewhere nothing
     changes (a terminal or a pipe prints what it always did)."""
-    return screen(NotebookPanel()) if in_notebook() else nullcontext()
+    if not in_notebook():
+        yield
+        return
+    panel = NotebookPanel()
+    _SHOWN.append(panel)
+    try:
+        with screen(panel):
+            yield
+    finally:
+        _SHOWN.remove(panel)
+        if panel.progress is not None:
+            panel.progress = None
+            panel.draw()
+
+
+class EpochProgress(L.Callback):
+    """The panel's bar within the epoch (training batches done of the epoch's), redrawn at most
+    twice a second; the epoch's row replaces it."""
+
+    def __init__(self, panel: NotebookPanel, every_s: float = 0.5):
+        self.panel, self.every_s, self._drawn = panel, every_s, 0.0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if time.monotonic() - self._drawn < self.every_s:
+            return
+        total = trainer.num_training_batches if isinstance(trainer.num_training_batches, int) else 0
+        epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else "?"
+        self.panel.progress = (f"epoch {trainer.current_epoch + 1}/{epochs}", batch_idx + 1, total)
+        self.panel.draw()
+        self._drawn = time.monotonic()
+
+
+def live_callbacks() -> list[L.Callback]:
+    """The callbacks of the notebook panel of the run in flight (none outside a notebook)."""
+    return [EpochProgress(_SHOWN[-1])] if _SHOWN else []

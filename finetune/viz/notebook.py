@@ -59,8 +59,15 @@ def drawn(draw: Callable[[Path], Path | None], caption: str = "") -> Shown | Non
         return Shown(path.read_bytes(), caption) if path is not None else None
 
 
-def epoch_panel(setup: Sequence[str], columns: Sequence[str], rows: Sequence[Sequence], after: Sequence[str]) -> str:
-    """A run's live panel: the start tables folded away, the table of epochs, what came after."""
+def epoch_panel(
+    setup: Sequence[str],
+    columns: Sequence[str],
+    rows: Sequence[Sequence],
+    after: Sequence[str],
+    progress: tuple[str, int, int] | None = None,
+) -> str:
+    """A run's live panel: the start tables folded away, the table of epochs, a bar within the
+    epoch (`progress`: what, done, of; an HTML ``<progress>``), what came after."""
     parts = ['<div class="finetune-run">']
     if setup:
         first = escape(next((line for line in setup if line.strip()), "setup"))
@@ -70,6 +77,12 @@ def epoch_panel(setup: Sequence[str], columns: Sequence[str], rows: Sequence[Seq
         )
     if columns:
         parts.append(html_table(columns, rows))
+    if progress is not None:
+        what, done, total = progress
+        bar = f'<progress value="{done}" max="{max(total, done)}" style="width:300px"></progress>' if total else ""
+        parts.append(
+            f'<div style="font-family:monospace;font-size:12px">{bar} {escape(what)}: batch {done}/{total or "?"}</div>'
+        )
     if after:
         parts.append(f'<pre style="font-size:11px;margin:4px 0">{escape(chr(10).join(after))}</pre>')
     return "".join(parts) + "</div>"
