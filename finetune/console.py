@@ -75,7 +75,7 @@ def in_notebook() -> bool:
     terminal, in a pipe or in plain IPython. IPython is not imported to find out."""
     ipython = sys.modules.get("IPython")
     shell = getattr(ipython, "get_ipython", lambda: None)() if ipython else None
-    return type(shell).__name__ == "ZMQInteractiveShell"
+    return any(cls.__name__ == "ZMQInteractiveShell" for cls in type(shell).__mro__)  # Colab's subclasses it
 
 
 @contextmanager

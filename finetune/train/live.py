@@ -30,10 +30,12 @@ class NotebookPanel(logging.Handler):
         self.rows: list[list[str]] = []
         self.after: list[str] = []
         self.progress: tuple[str, int, int] | None = None  # (what, done, of) within the epoch
+        self.text: list[str] = []
         self._handle = None
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
+            self.text.append(record.getMessage())
             if hasattr(record, "epoch_columns"):
                 self.columns, self.rows = list(record.epoch_columns), []
             elif hasattr(record, "epoch_cells"):
@@ -51,12 +53,14 @@ class NotebookPanel(logging.Handler):
         return epoch_panel(self.setup, self.columns, self.rows, self.after, self.progress)
 
     def draw(self) -> None:
-        from IPython.display import HTML, display
+        from IPython.display import display
 
+        # text/plain: the lines a terminal would show, for front ends that render no HTML
+        bundle = {"text/html": self.html(), "text/plain": "\n".join(self.text)}
         if self._handle is None:
-            self._handle = display(HTML(self.html()), display_id=True)
+            self._handle = display(bundle, raw=True, display_id=True)
         else:
-            self._handle.update(HTML(self.html()))
+            self._handle.update(bundle, raw=True)
 
 
 @contextmanager
