@@ -56,7 +56,7 @@ from finetune.train.optimal_head import (
     probe_first,
     solver_for_run,
 )
-from finetune.train.report import FitResult
+from finetune.train.result import FitResult
 from finetune.train.run_folder import RunFolder, make_folder
 from finetune.train.thresholds import label_count_bounds, tune_and_store
 from finetune.train.trainer import TrainerSettings, build_trainer

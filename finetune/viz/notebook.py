@@ -95,7 +95,8 @@ def picture_of(path: Path | None, caption: str = "") -> Shown | None:
 
 def result_html(result) -> str:
     """A :class:`~finetune.train.result.FitResult`: the headline and best epoch, the best epoch's
-    metrics, the learning curves and the confusion matrix (inline PNGs) and where outputs went."""
+    metrics, the learning curves and the confusion matrix (multi-label: the average precision per
+    label) as inline PNGs, and where the outputs went."""
     m = result.metrics
     best = int(m["epoch"]) if "epoch" in m else "?"
     value = m.get(result.headline)
@@ -110,6 +111,7 @@ def result_html(result) -> str:
     for picture, title in (
         (curves, "learning curves"),
         (picture_of(pictures_dir / "confusion.png"), "confusion matrix"),
+        (picture_of(pictures_dir / "average_precision.png"), "average precision per label"),  # multi-label
     ):
         if picture is not None:
             parts.append(f"<div><b>{title}</b>{picture._repr_html_()}</div>")
