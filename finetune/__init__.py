@@ -16,15 +16,18 @@ _LAZY = {
     "fit": "finetune.api",
     "load": "finetune.use.load",
     "FinetunedModel": "finetune.use.load",
-    "FitResult": "finetune.train.report",
+    "FitResult": "finetune.train.result",
 }
 
 
 def __getattr__(name: str):
     if name in _LAZY:
         import importlib
+        import warnings
 
-        value = getattr(importlib.import_module(_LAZY[name]), name)
+        with warnings.catch_warnings():  # tqdm.auto in a notebook without ipywidgets: nothing to act on
+            warnings.filterwarnings("ignore", message="IProgress not found")
+            value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'finetune' has no attribute {name!r}")

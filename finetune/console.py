@@ -70,6 +70,35 @@ class _Stdout(logging.StreamHandler):
         pass
 
 
+def in_notebook() -> bool:
+    """True inside a Jupyter kernel (IPython's shell is a ``ZMQInteractiveShell``): never on a
+    terminal, in a pipe or in plain IPython. IPython is not imported to find out."""
+    ipython = sys.modules.get("IPython")
+    shell = getattr(ipython, "get_ipython", lambda: None)() if ipython else None
+    return any(cls.__name__ == "ZMQInteractiveShell" for cls in type(shell).__mro__)  # Colab's subclasses it
+
+
+@contextmanager
+def screen(handler: logging.Handler | None) -> Iterator[None]:
+    """While the block runs, `handler` (a notebook's live panel) shows the ``finetune`` logger's
+    lines instead of the plain stdout handler; None changes nothing."""
+    logger = setup()
+    if handler is None:
+        yield
+        return
+    plain = [h for h in logger.handlers if getattr(h, "_finetune_console", False)]
+    for h in plain:
+        logger.removeHandler(h)
+    handler.addFilter(RankZeroFilter())
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        for h in plain:
+            logger.addHandler(h)
+
+
 class RankZeroFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return is_rank_zero()

@@ -27,7 +27,8 @@ def _row(cells, columns=COLUMNS) -> str:
 class EpochTable(L.Callback):
     """Logs a header when training starts, then one row per finished epoch: its number (of
     ``max_epochs``), training and validation loss and accuracy, the head's learning rate and the
-    epoch's seconds (validation included)."""
+    epoch's seconds (validation included). The records carry the cells (``epoch_columns``,
+    ``epoch_cells``) for a notebook's live table (:mod:`finetune.train.live`)."""
 
     def __init__(self):
         self._started = time.perf_counter()
@@ -40,6 +41,7 @@ class EpochTable(L.Callback):
             "%s\n%s",
             _row(self.columns, self.columns),
             _row(("-" * max(w, len(c)) for w, c in zip(WIDTHS, self.columns)), self.columns),
+            extra={"epoch_columns": list(self.columns)},  # a notebook's live table reads the cells
         )
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -57,7 +59,7 @@ class EpochTable(L.Callback):
         seconds = time.perf_counter() - self._started
         lr_cell = getattr(pl_module, "solver_name", None) or (f"{head_lr:.2g}" if head_lr is not None else "-")
         cells += [lr_cell, f"{seconds:.1f}" if seconds >= 1 else f"{seconds:.2f}"]
-        log.info(_row(cells, self.columns))
+        log.info(_row(cells, self.columns), extra={"epoch_cells": cells})
 
 
 class EpochBar(TQDMProgressBar):

@@ -6,57 +6,21 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
-from torch import nn
 
 from finetune.compute.speed import Speed
-from finetune.data.check import DataReport
 from finetune.data.sources import DataSplits
 from finetune.data.transforms import input_size, with_input_size
 from finetune.model.backbone import Backbone
 from finetune.model.classifier import Classifier
 from finetune.model.summary import groups_table
-from finetune.train.history import task_metric
 from finetune.train.optim import group_lrs
+from finetune.train.result import FitResult
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class FitResult:
-    """What a run leaves behind. ``metrics`` are the best epoch's (by :attr:`objective`: ``val/acc``,
-    or ``val/map`` for multi-label runs, whose ``evaluation`` holds the tuned thresholds and the
-    per-label validation (and test) reports)."""
-
-    metrics: dict[str, float]
-    best_checkpoint: Path | None
-    classes: list[str]
-    model: nn.Module
-    output_dir: Path
-    config: dict
-    history: list[dict[str, float]] = field(default_factory=list)
-    outputs: dict[str, Path] = field(default_factory=dict)
-    data_report: DataReport | None = None  # counts per split, skipped files and why, duplicates
-    evaluation: dict | None = None  # multi-label: thresholds, per-label reports (summary.json "multilabel")
-
-    @property
-    def objective(self) -> str:
-        """The metric that chose the best epoch (``callbacks.checkpoint.monitor``, resolved)."""
-        return (self.config.get("callbacks") or {}).get("checkpoint", {}).get("monitor", "val/acc")
-
-    @property
-    def headline(self) -> str:
-        """The task's score a person reads first: ``val/acc``, or ``val/map`` for multi-label."""
-        return task_metric(self.config.get("task"))
-
-    def __repr__(self) -> str:
-        value = self.metrics.get(self.headline)
-        shown = f"{value:.4f}" if value is not None else "n/a"
-        return f"FitResult({self.headline}={shown}, classes={len(self.classes)}, output_dir={str(self.output_dir)!r})"
 
 
 def log_start(cfg: DictConfig, backbone: Backbone, model: Classifier, speed: Speed) -> None:

@@ -43,6 +43,7 @@ from finetune.train.checkpoints import Resume, stored_lr
 from finetune.train.compat import epochs_begun
 from finetune.train.faults import explain_failure, find_batch_size
 from finetune.train.history import MetricsHistory, monitored
+from finetune.train.live import notebook_screen
 from finetune.train.loggers import finish_wandb, log_best
 from finetune.train.lr_find import lr_for_run
 from finetune.train.mixing import batch_mixer
@@ -55,7 +56,7 @@ from finetune.train.optimal_head import (
     probe_first,
     solver_for_run,
 )
-from finetune.train.report import FitResult
+from finetune.train.result import FitResult
 from finetune.train.run_folder import RunFolder, make_folder
 from finetune.train.thresholds import label_count_bounds, tune_and_store
 from finetune.train.trainer import TrainerSettings, build_trainer
@@ -94,7 +95,7 @@ def run(cfg: DictConfig, callbacks: Sequence = ()) -> FitResult:
     output_dir = make_folder(Path(cfg.paths.output_dir).resolve())
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     # One run per folder, no silent overwrite, resume=true / ckpt_path=... checked: before any work.
-    with RunFolder(cfg, output_dir) as folder, run_log(output_dir):
+    with RunFolder(cfg, output_dir) as folder, run_log(output_dir), notebook_screen():  # a notebook: one live panel
         p = prepare(cfg, output_dir, resume_from=folder.resume_from)
         config = plain_config(cfg)  # cfg resolved: what the checkpoints, loggers and summary.json carry
         resume = Resume(
@@ -131,6 +132,7 @@ def run(cfg: DictConfig, callbacks: Sequence = ()) -> FitResult:
             outputs=report.outputs(output_dir, best_path, loggers, pictures),
             data_report=p.data_report,
             evaluation=evaluation,
+            data_config=with_input_size(p.backbone.data_config, cfg.data.image_size),
         )
         if trainer.is_global_zero:
             report.write_summary(result, time.perf_counter() - started)

@@ -18,6 +18,7 @@ from finetune.train.checkpoints import Resume
 from finetune.train.distributed import check_launcher
 from finetune.train.ema import ema_callback
 from finetune.train.history import MetricsHistory
+from finetune.train.live import live_callbacks
 from finetune.train.loggers import build_loggers
 from finetune.train.progress import EpochBar, EpochTable, live_bar_wanted
 from finetune.train.run_folder import StopNotice
@@ -83,7 +84,7 @@ def build_trainer(
         callbacks.append(ema)
     if settings.early_stopping_patience:
         callbacks.append(EarlyStopping(monitor, mode=mode, patience=settings.early_stopping_patience))
-    callbacks += [*extra, EpochTable()]
+    callbacks += [*extra, EpochTable(), *live_callbacks()]  # a notebook: the panel's bar within the epoch
     live_bar = settings.progress_bar and live_bar_wanted()
     if live_bar:
         callbacks.append(EpochBar())

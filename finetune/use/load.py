@@ -24,6 +24,7 @@ from finetune.errors import ConfigError, DataError, WeightsError
 from finetune.model.build import CHECKPOINT_KEY, backbone_from_config, build_model
 from finetune.model.weights import read_state_dict, read_torch_file
 from finetune.use.confidence import UNKNOWN, DecisionRule, decision_rule
+from finetune.use.notebook import Predictions, model_html
 from finetune.use.tta import check_tta, tta_probabilities
 
 
@@ -229,7 +230,7 @@ class FinetunedModel:
         class order; a server computes them in batches of its own), one per name."""
         rule = rule or DecisionRule()
         if self.task == "multilabel":
-            return [self._label_set(name, row.tolist()) for name, row in zip(names, probabilities)]
+            return Predictions(self._label_set(name, row.tolist()) for name, row in zip(names, probabilities))
         k = min(top_k, len(self.classes))
         values, indices = probabilities.topk(k, dim=1)
         answers, sets = rule.answers(probabilities.numpy()), rule.sets(probabilities.numpy())
@@ -238,7 +239,7 @@ class FinetunedModel:
             top = [(self.classes[c], float(p)) for p, c in zip(values[i].tolist(), indices[i].tolist())]
             chosen = None if sets is None else self._ranked(probabilities[i].tolist(), sets[i])
             predictions.append(Prediction(name, top, bool(answers[i] < 0), chosen))
-        return predictions
+        return Predictions(predictions)
 
     def _ranked(self, row: list[float], chosen) -> list[tuple[str, float]]:
         """The (class, probability) pairs `chosen` (one bool per class) picks, most probable first."""
@@ -249,6 +250,9 @@ class FinetunedModel:
 
         chosen = decisions(np.array([row]), self.thresholds, self.min_labels, self.max_labels)[0]
         return LabelSet(name, self._ranked(row, chosen), dict(zip(self.classes, row)))
+
+    def _repr_html_(self) -> str:
+        return model_html(self)
 
     def __repr__(self) -> str:
         task = ", multilabel" if self.task == "multilabel" else ""

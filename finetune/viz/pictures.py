@@ -172,6 +172,21 @@ def mistakes(
     return _save(fig, path)
 
 
+def batch(images: np.ndarray, captions: Sequence[str], path: Path, title: str = "") -> Path:
+    """Images (uint8 NxHxWx3) on a grid, each with its caption above it."""
+    cols, cell, pad, above = min(4, len(images)), 160, 4, 24
+    rows = int(np.ceil(len(images) / cols))
+    fig, ax = plt.subplots(figsize=(cols * 2.4, rows * 2.5))
+    ax.imshow(mosaic(list(images), cols, cell=cell, pad=pad, above=above))
+    ax.axis("off")
+    for n, caption in enumerate(captions):
+        r, c = divmod(n, cols)
+        x, y = pad + c * (cell + pad) + cell / 2, pad + above + r * (cell + pad + above) - 4
+        ax.text(x, y, caption, ha="center", va="bottom", fontsize=8)
+    fig.suptitle(title or f"{len(images)} training images as the network sees them (augmented)", fontsize=10)
+    return _save(fig, path)
+
+
 def top_patch_crops(
     images: np.ndarray, peaks: torch.Tensor, positions: torch.Tensor, field: ReceptiveField, channels: int, top_k: int
 ) -> tuple[torch.Tensor, list[np.ndarray]]:
