@@ -42,6 +42,8 @@ _EXTRAS = {
     "hparams_search=optuna": ("optuna", "sweep"),
     "hydra/sweeper=optuna": ("optuna", "sweep"),
     "hydra/launcher=slurm": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
+    "logger=mlflow": ("mlflow", "loggers"),
+    "logger=tensorboard": ("tensorboard", "loggers"),
 }
 
 
