@@ -19,6 +19,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import Logger, MLFlowLogger  # mlflow itself: imported on use
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +98,11 @@ def mlflow_logger(cfg: Mapping, output_dir: Path, config: Mapping, group: tuple[
     experiment = cfg.get("experiment") or "finetune"
     try:
         _reachable(uri)
-        experiment_id = _experiment(uri, experiment)
+        # DDP: rank zero alone logs (Lightning's MLFlowLogger), and alone makes the experiment.
+        experiment_id = _experiment(uri, experiment) if rank_zero_only.rank == 0 else None
     except Exception as err:  # noqa: BLE001 - a tracking store never stops a run
-        log.warning("MLflow: no run logged, %s is unreachable (%s); metrics still go to csv/metrics.csv", uri, err)
+        reason = " ".join(f"{type(err).__name__}: {err}".split())[:300]  # one line
+        log.warning("MLflow: no run logged, %s did not take it (%s); the run goes on without MLflow", uri, reason)
         return None
     tags = {str(k): str(v) for k, v in (cfg.get("tags") or {}).items()}
     if group:

@@ -136,7 +136,16 @@ def test_an_unreachable_mlflow_server_is_one_warning_and_the_run_goes_on(caplog,
     assert time.perf_counter() - start < 10
     assert [type(logger).__name__ for logger in loggers] == ["EpochCSVLogger"]
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert len(warnings) == 1 and uri in warnings[0] and "unreachable" in warnings[0], warnings
+    assert len(warnings) == 1 and uri in warnings[0] and "no run logged" in warnings[0], warnings
+    assert "ConnectionRefusedError" in warnings[0] and "\n" not in warnings[0]
+
+
+def test_a_store_mlflow_refuses_is_the_same_one_line(caplog, tmp_path):
+    uri = f"file:{tmp_path}/mlruns"  # MLflow 3 refuses its old folder store
+    with caplog.at_level(logging.WARNING):
+        assert build_loggers({"mlflow": {"tracking_uri": uri}}, tmp_path, {}) == []
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert uri in warning and "MlflowException" in warning and "\n" not in warning
 
 
 def test_tensorboard_event_files_hold_the_epoch_metrics_and_hparams(image_folder, tmp_path):
