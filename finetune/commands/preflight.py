@@ -43,6 +43,8 @@ _EXTRAS = {
     "hydra/sweeper=optuna": ("optuna", "sweep"),
     "hydra/launcher=slurm": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
     "data=hf": ("datasets", "hf"),
+    "logger=mlflow": ("mlflow", "loggers"),
+    "logger=tensorboard": ("tensorboard", "loggers"),
 }
 
 

@@ -95,6 +95,8 @@ def _trial_config(
         if isinstance(cfg.optimizer.lr, (int, float)):  # optimizer.lr=auto (the lr finder) stays auto
             cfg.optimizer.lr = float(cfg.optimizer.lr) * lr_scale
         cfg.optimizer.weight_decay = float(cfg.optimizer.weight_decay) * wd_scale
+        if cfg.logger.get("mlflow") and not cfg.logger.mlflow.get("group"):
+            cfg.logger.mlflow.group = str(folder.parent.parent.resolve())  # one MLflow store for the search
     trial.set_user_attr("lr", cfg.optimizer.lr if isinstance(cfg.optimizer.lr, float) else str(cfg.optimizer.lr))
     trial.set_user_attr("weight_decay", cfg.optimizer.weight_decay)
     trial.set_user_attr("folder", str(folder))

@@ -1,4 +1,5 @@
-"""Experiment loggers: Weights & Biases (never blocking, offline by itself) and a local CSV."""
+"""Experiment loggers: Weights & Biases (never blocking, offline by itself), a local CSV, and
+MLflow and TensorBoard (:mod:`finetune.train.tracking`)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from finetune.train.compat import drop_wandb_anonymous
+from finetune.train.tracking import group_trial, log_best_metrics, mlflow_logger, sweep_trial, tensorboard_logger
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +58,8 @@ def _has_credentials(host: str) -> bool:
 def build_loggers(
     cfg: Mapping, output_dir: Path, config: Mapping, run_id: str | None = None, keep_csv_through_epoch: int = 0
 ) -> list[Logger]:
-    """CSV logger at ``output_dir/csv`` when ``cfg.csv``; a W&B logger when ``cfg.wandb`` is set.
+    """CSV logger at ``output_dir/csv`` when ``cfg.csv``; a W&B logger when ``cfg.wandb`` is set;
+    TensorBoard when ``cfg.tensorboard``; MLflow when ``cfg.mlflow`` is set and its store answers.
     `run_id`: the W&B run id; a resumed run passes its first run's id to continue that W&B run.
     `keep_csv_through_epoch`: a run resumed in its own folder passes the number of epochs its
     checkpoint finished, and their rows stay in ``metrics.csv``; later rows (epochs the resumed
@@ -69,6 +72,14 @@ def build_loggers(
         mode = wandb_mode(wandb_cfg.get("mode", "auto"))
         if mode != "disabled":
             loggers.append(_wandb_logger(wandb_cfg, mode, output_dir, config, run_id))
+    if cfg.get("tensorboard"):
+        loggers.append(tensorboard_logger(output_dir, config))
+    mlflow_cfg = cfg.get("mlflow")
+    if mlflow_cfg:
+        group = mlflow_cfg.get("group")
+        trial = group_trial(group, output_dir) if group else sweep_trial()
+        found = mlflow_logger(mlflow_cfg, output_dir, config, trial)
+        loggers += [found] if found else []
     return loggers
 
 
@@ -161,10 +172,11 @@ def _wandb_logger(cfg: Mapping, mode: str, output_dir: Path, config: Mapping, ru
     return logger
 
 
-def log_best(loggers: list[Logger], metrics: Mapping[str, float]) -> None:
+def log_best(loggers: list[Logger], metrics: Mapping[str, float], config: Mapping | None = None) -> None:
     """The best epoch's metrics as ``best/NAME`` in the W&B run's summary (rank zero, before
     ``finish``): the value a W&B sweep optimizes (sweeps/wandb/*.yaml), where ``val/acc`` itself
-    holds the last epoch's."""
+    holds the last epoch's. MLflow and TensorBoard get them too (TensorBoard with `config`)."""
+    log_best_metrics(loggers, config or {}, metrics)
     for logger in loggers:
         if type(logger).__name__ == "WandbLogger":
             logger.experiment.summary.update({f"best/{k}": v for k, v in metrics.items()})

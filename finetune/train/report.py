@@ -19,6 +19,7 @@ from finetune.model.classifier import Classifier
 from finetune.model.summary import groups_table
 from finetune.train.optim import group_lrs
 from finetune.train.result import FitResult
+from finetune.train.tracking import store_folder
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +197,10 @@ def outputs(output_dir: Path, best_path: Path | None, loggers, pictures: list) -
             found["metrics_csv"] = Path(logger.log_dir) / "metrics.csv"
         elif type(logger).__name__ == "WandbLogger":
             found["wandb"] = output_dir / "wandb"
+        elif type(logger).__name__ == "TensorBoardLogger":
+            found["tensorboard"] = Path(logger.log_dir)
+        elif type(logger).__name__ == "BestCheckpointMLFlowLogger" and store_folder(logger):
+            found["mlflow"] = store_folder(logger)
     found["summary"] = output_dir / "summary.json"
     hydra_config = output_dir / ".hydra" / "config.yaml"
     if hydra_config.exists():
@@ -238,6 +243,13 @@ def write_page(result: FitResult, pictures: list) -> None:
         log.warning("could not write %s: %s: %s", result.outputs["report"], type(err).__name__, err)
 
 
+_VIEW = {
+    "wandb": " (offline runs upload with: wandb sync {path}/offline-run-*)",
+    "tensorboard": " (view: tensorboard --logdir {path})",
+    "mlflow": " (view: mlflow ui --backend-store-uri sqlite:///{path}/mlflow.db)",
+}
+
+
 def log_end(result: FitResult) -> None:
     """The closing block: the best epoch, skipped files, where every output went, the headline
     (val/acc; val/map for multi-label) last."""
@@ -263,11 +275,7 @@ def log_end(result: FitResult) -> None:
         lines.append(
             f"skipped {len(result.data_report.skipped)} unreadable or non-image files (listed in summary.json)"
         )
-    lines += [
-        f"  {name}: {path}"
-        + (f" (offline runs upload with: wandb sync {path}/offline-run-*)" if name == "wandb" else "")
-        for name, path in result.outputs.items()
-    ]
+    lines += [f"  {name}: {path}" + _VIEW.get(name, "").format(path=path) for name, path in result.outputs.items()]
     if result.headline in m:
         lines.append(f"{result.headline}={m[result.headline]:.4f}")
     log.info("\n".join(lines))

@@ -168,7 +168,7 @@ def _fit(
     best_path = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
     best, evaluation = _best_metrics(cfg, trainer, module, data, history, best_path, p.splits, p.backbone)
     if trainer.is_global_zero:
-        log_best(loggers, best)
+        log_best(loggers, best, plain_config(cfg))
     model = module.model.cpu().eval().to(memory_format=torch.contiguous_format)
     pictures = []
     if trainer.is_global_zero:

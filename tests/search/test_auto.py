@@ -158,3 +158,22 @@ def test_auto_refuses_bad_options_in_one_line(args, message):
 
 def test_auto_resume_needs_a_search_to_go_on_with(tmp_path):
     assert_refused(finetune_cli("auto", "data=digits", "resume=true", f"out={tmp_path}"), "holds no auto search")
+
+
+@pytest.mark.slow
+def test_auto_logs_each_trial_as_an_mlflow_run_in_one_store(folders, tmp_path):
+    mlflow = pytest.importorskip("mlflow")  # the `loggers` extra, part of `test`
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    out = tmp_path / "auto"
+    args = [a for a in TINY_AUTO if a != "logger=none"]
+    data = ["data=folder", f"data.root={folders / 'data'}", f"out={out}"]
+    result = finetune_cli("auto", "time_budget=60s", *args, "logger=mlflow", *data, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    trials = sorted(p.name for p in (out / "trials").iterdir() if (p / "summary.json").is_file())
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{out / 'mlruns' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("finetune").experiment_id])
+    assert trials and sorted(r.info.run_name for r in runs if r.info.status == "FINISHED") == [
+        f"trials/{n}" for n in trials
+    ]
+    assert {r.data.tags["finetune.group"] for r in runs} == {str(out.resolve())}
+    assert not list((out / "trials").glob("*/mlruns"))  # no store per trial
