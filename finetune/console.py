@@ -86,8 +86,8 @@ def screen(handler: logging.Handler | None) -> Iterator[None]:
     if handler is None:
         yield
         return
-    plain = [h for h in logger.handlers if getattr(h, "_finetune_console", False)]
-    for h in plain:
+    plain = [(i, h) for i, h in enumerate(logger.handlers) if getattr(h, "_finetune_console", False)]
+    for _, h in plain:
         logger.removeHandler(h)
     handler.addFilter(RankZeroFilter())
     logger.addHandler(handler)
@@ -95,8 +95,8 @@ def screen(handler: logging.Handler | None) -> Iterator[None]:
         yield
     finally:
         logger.removeHandler(handler)
-        for h in plain:
-            logger.addHandler(h)
+        for i, h in plain:  # back where they were: other handlers (pytest's, a user's) keep their order
+            logger.handlers.insert(i, h)
 
 
 class RankZeroFilter(logging.Filter):
