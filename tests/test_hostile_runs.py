@@ -17,6 +17,7 @@ from conftest import QUICK, TINY
 
 from finetune.train import checkpoints
 from finetune.train.checkpoints import LAST
+from finetune.train.run_folder import busy_refusal
 
 # Many short epochs: a signal always lands mid-run, after the first last.ckpt.
 LONG = [
@@ -96,6 +97,65 @@ def test_a_second_run_into_a_busy_folder_names_the_first(image_folder, tmp_path)
     first.communicate()
     assert second.returncode == 2, second.stderr[-3000:]
     assert f"pid {first.pid}" in second.stderr and "Traceback" not in second.stderr
+
+
+def children(pid: int) -> list[int]:
+    """The pids of `pid`'s live child processes (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:  # ended meanwhile
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.slow  # a run with DataLoader workers killed mid-training, then resumed: about 40 s on 2 cores
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads child processes from Linux /proc")
+def test_a_killed_runs_surviving_workers_do_not_block_its_resume(image_folder, tmp_path):
+    # Forked DataLoader workers outlive a kill -9 of their run by up to 5 s (they poll their parent).
+    # They must not hold the folder's lock: resume=true started at once continues the run.
+    args = [
+        f"data.root={image_folder}",
+        *LONG,
+        "data.num_workers=2",
+        "data.cache.decoded=false",  # workers decode files, and stay busy
+        "hydra.run.dir=run",
+    ]
+    proc = start(*args, cwd=tmp_path)
+    last = tmp_path / "run" / "checkpoints" / LAST
+    wait_for(last, proc)
+    workers = children(proc.pid)
+    proc.kill()
+    proc.wait(timeout=60)  # not communicate(): the workers hold the pipes open until they end
+    assert proc.returncode == -signal.SIGKILL
+    # While the orphaned workers live, the folder is free (a resume's own start-up takes longer than
+    # they live on this machine, so ask the lock directly too).
+    refusal = busy_refusal(tmp_path / "run")
+    assert any(alive(pid) for pid in workers), "no DataLoader worker outlived the kill: the test shows nothing"
+    assert refusal is None, refusal
+    epoch = torch.load(last, map_location="cpu", weights_only=True)["epoch"]
+
+    resumed = finetune(
+        *[a for a in args if not a.startswith("trainer.max_epochs")],
+        f"trainer.max_epochs={epoch + 2}",
+        "resume=true",
+        cwd=tmp_path,
+    )
+    proc.communicate(timeout=60)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Another finetune run" not in resumed.stderr
+    assert (tmp_path / "run" / "summary.json").is_file()
 
 
 def test_a_finished_folder_is_refused_unless_resumed_or_overwritten(image_folder, tmp_path):

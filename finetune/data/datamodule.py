@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from finetune.data.epochs import EpochSampler, derived_seed
+from finetune.data.epochs import EpochSampler, RankShare, derived_seed
 from finetune.data.images import UnreadableImage, load_rgb
 from finetune.data.labels import multi_hot
 from finetune.data.sources import DataSplits, Sample
@@ -171,6 +171,9 @@ class ImageDataModule(L.LightningDataModule):
         sampler = EpochSampler(len(self.train_labels()), self.seed, weights)
         # Worker processes fetch their first indices as soon as the epoch's iterator exists, which a
         # resumed run creates before Lightning's set_epoch: start at the epoch the run is in.
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:  # DDP: this rank's share of that order
+            sampler = RankShare(sampler, trainer.world_size, trainer.global_rank)
         sampler.set_epoch(self.starting_epoch() if self.starting_epoch is not None else 0)
         return self._loader(self.dataset("train"), shuffle=False, sampler=sampler)
 

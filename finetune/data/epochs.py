@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler, Sampler
 
 
 def derived_seed(*keys: int) -> int:
@@ -55,3 +55,24 @@ class EpochSampler(Sampler):
             order = torch.multinomial(self.weights.double(), self.n, replacement=True, generator=generator)
         epoch = self.epoch
         return ((epoch, i) for i in order.tolist())
+
+
+class RankShare(DistributedSampler):
+    """One DDP rank's share of `sampler`'s epoch order: positions ``rank, rank + replicas, ...``
+    (padded from the start to a multiple of `replicas`, as ``DistributedSampler`` pads). Global step
+    k of `replicas` ranks with batch B then trains on exactly the images of batch k of one process
+    with batch ``replicas x B``. Being a ``DistributedSampler``, Lightning does not wrap it in its
+    own, which would shuffle the order once more."""
+
+    def __init__(self, sampler: EpochSampler, replicas: int, rank: int):
+        super().__init__(range(len(sampler)), num_replicas=replicas, rank=rank, shuffle=False, drop_last=False)
+        self.sampler = sampler
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order = list(self.sampler)
+        order = (order * -(-self.total_size // len(order)))[: self.total_size]
+        return iter(order[self.rank : self.total_size : self.num_replicas])

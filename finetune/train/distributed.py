@@ -9,6 +9,12 @@ environment variables and the process group are cleared, so the next trial of a 
 own processes. In a sweep a child leaves a failure to rank zero to record and exits 0: a child
 exiting non-zero makes Lightning kill its parent, the sweep with it.
 
+Under torchrun or SLURM (``process_launch`` says ``"external"``) every rank was started from
+outside with the job's own command line: Lightning launches nothing, and neither does finetune
+(:envvar:`FINETUNE_DDP_JOB` only matters to processes Lightning re-launches; tests/train/test_multinode.py
+runs two torchrun nodes). Each rank trains on its round-robin share of the epoch's order
+(:class:`finetune.data.epochs.RankShare`).
+
 Only rank zero prints and writes outputs (:func:`finetune.console.is_rank_zero`); checkpoints, loggers and
 torchmetrics already act on rank zero or sync across ranks by themselves.
 """

@@ -4,11 +4,17 @@ signal that says how to continue.
 :func:`finetune.train.run.run` enters ``with RunFolder(cfg, output_dir) as folder`` before any
 work and leaves it after ``summary.json``. Contract:
 
-- Lock: the run's leading process (global rank zero, node zero) holds an exclusive ``fcntl.flock``
-  on ``OUTPUT_DIR/run.lock`` (its pid written in it) while the block lasts. A second run into the
-  same folder is a :class:`ConfigError` (the CLI: exit 2) naming the first's pid. The file stays
-  after the run: the lock is the flock, which the kernel drops when the process ends, however it
-  ends (deleting the file could let two later runs lock two different files). DDP processes of
+- Lock: the run's leading process (global rank zero, node zero) holds an exclusive POSIX record
+  lock (``fcntl.lockf``) on ``OUTPUT_DIR/run.lock`` (its pid written in it) while the block lasts.
+  A second run into the same folder is a :class:`ConfigError` (the CLI: exit 2) naming the first's
+  pid. The file stays after the run: the lock is the record lock, which the kernel drops when the
+  process ends, however it ends (deleting the file could let two later runs lock two different
+  files). A record lock belongs to the process, not to its open file: the DataLoader workers a run
+  forks do not inherit it, so a ``kill -9`` of the run frees the folder at once, even while its
+  orphaned workers live on for a few seconds (an ``flock`` is shared with them, and refused the
+  ``resume=true`` started right after). Within one process such locks never conflict, and closing
+  any descriptor of the file drops them: :data:`_HELD` keeps the folders this process locked, so
+  that a second run in the same process (``fit()`` twice) is refused too. DDP processes of
   rank > 0 (``FINETUNE_DDP_JOB`` children, :mod:`finetune.train.distributed`) share their rank
   zero's folder legitimately: they take no lock and apply none of the policy below. Without fcntl
   (Windows) there is no lock.
@@ -52,6 +58,8 @@ except ImportError:  # Windows
     fcntl = None
 
 LOCK = "run.lock"
+# The lock files this process holds (resolved paths): record locks do not conflict within a process.
+_HELD: set[Path] = set()
 # What a run writes into its folder: overwrite=true deletes these (.hydra/ is the new run's already).
 OLD_OUTPUTS = ("checkpoints", "csv", "viz", "wandb", "summary.json", "finetune.log", "error.txt")
 
@@ -122,9 +130,12 @@ class RunFolder:
         if fcntl is None:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        f = open(self.output_dir / LOCK, "a+")
+        path = (self.output_dir / LOCK).resolve()
+        if path in _HELD:
+            raise ConfigError(_busy(self.output_dir, str(os.getpid())))
+        f = open(path, "a+")
         try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             f.seek(0)
             holder = f.read().strip() or "unknown"
@@ -134,10 +145,12 @@ class RunFolder:
         f.write(f"{os.getpid()}\n")
         f.flush()
         self._lock_file = f
+        _HELD.add(path)
 
     def _unlock(self) -> None:
         if self._lock_file is not None:
-            self._lock_file.close()  # closing drops the flock
+            _HELD.discard(Path(self._lock_file.name))
+            self._lock_file.close()  # closing drops the record lock
             self._lock_file = None
 
 
@@ -154,9 +167,11 @@ def busy_refusal(output_dir: Path) -> str | None:
     lock = output_dir / LOCK
     if fcntl is None or not lock.is_file():
         return None
+    if lock.resolve() in _HELD:  # ours: opening and closing it here would drop the lock
+        return _busy(output_dir, str(os.getpid()))
     with open(lock) as f:
         try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.lockf(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError:
             return _busy(output_dir, f.read().strip() or "unknown")
     return None
