@@ -60,6 +60,7 @@ def open_storage(
         return None
     full = check_driver(url)
     kwargs: dict[str, Any] = {}
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats: "experimental"
     if shared:
         new = hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback")  # Optuna 4.9+
         retry = optuna.storages.RetryHeartbeatStaleTrialCallback if new else optuna.storages.RetryFailedTrialCallback

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import QUICK, TINY
+from conftest import QUICK, TINY, assert_refused, finetune_cli
 
 optuna = pytest.importorskip("optuna")
 from finetune.search.storage import open_storage  # noqa: E402
@@ -106,6 +106,14 @@ def test_an_unreachable_study_database_is_one_line_and_exit_2(tmp_path):
     assert not (tmp_path / "multirun").exists()
 
 
+def test_finetune_auto_with_an_unreachable_study_database_is_one_line_and_exit_2(tmp_path):
+    pytest.importorskip("psycopg2")
+    url = f"postgresql://me:secret@127.0.0.1:{_free_port()}/studies"
+    result = finetune_cli("auto", "data=digits", f"storage={url}", f"out={tmp_path / 'auto'}", timeout=300)
+    assert_refused(result, "cannot be opened")
+    assert "secret" not in result.stderr
+
+
 def test_a_missing_database_driver_names_the_extra(monkeypatch):
     from finetune.errors import ConfigError
     from finetune.search import storage
@@ -186,3 +194,63 @@ def test_workers_share_a_study_and_a_killed_workers_trial_is_retried(postgres_ur
     for row in rows:
         trial = by_number[int(row["job"])]
         assert float(row["val/acc"]) == pytest.approx(trial.value)
+
+
+@pytest.mark.slow  # two auto workers of 90 s, one killed mid-trial: ~150 s
+def test_auto_workers_share_a_study_and_a_killed_workers_trial_is_retried(postgres_url, image_folder, tmp_path):
+    study_name = "auto_shared"
+    args = [
+        "auto",
+        "auto.backbones=[test_resnet]",
+        "auto.top=1",
+        "auto.folds=2",
+        "auto.recipes=[freeze_all_but_head]",
+        "backbone.weights=random",
+        "data.image_size=32",
+        "data.num_workers=0",
+        "logger=none",
+        "trainer.max_epochs=3",
+        "data=folder",
+        f"data.root={image_folder}",
+        f"storage={postgres_url}",
+        f"study_name={study_name}",
+    ]
+    storage = open_storage(postgres_url)
+    logs = [open(tmp_path / f"auto{i}.log", "w") for i in range(2)]  # noqa: SIM115
+    workers = [_worker([*args, f"out={tmp_path / f'out{i}'}", "time_budget=90s"], tmp_path, logs[i]) for i in range(2)]
+    victim, killed = workers[0], None
+    try:
+        deadline = time.time() + 180
+        while killed is None and time.time() < deadline and victim.poll() is None:
+            try:
+                study = optuna.load_study(study_name=study_name, storage=storage)
+            except KeyError:
+                time.sleep(0.5)
+                continue
+            mine = [
+                t
+                for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING])
+                if t.user_attrs.get("worker", "").endswith(f":{victim.pid}") and t.user_attrs.get("folder")
+            ]
+            if mine:  # its config made, its run started
+                victim.send_signal(signal.SIGKILL)
+                killed = mine[0].number
+            time.sleep(0.2)
+        assert killed is not None, (tmp_path / "auto0.log").read_text()[-3000:]
+        code = workers[1].wait(timeout=max(1, deadline - time.time()))
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+        for log in logs:
+            log.close()
+    assert code == 0, (tmp_path / "auto1.log").read_text()[-3000:]
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    by_number = {t.number: t for t in study.trials}
+    assert by_number[killed].state.name == "FAIL"
+    retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed]
+    assert len(retries) == 1 and retries[0].state.name in ("COMPLETE", "PRUNED")
+    assert retries[0].params == by_number[killed].params
+    rows = list(csv.DictReader((tmp_path / "out1" / "leaderboard.csv").open()))
+    assert sorted(int(r["trial"]) for r in rows) == sorted(t.number for t in study.trials if t.state.name != "WAITING")
+    assert (tmp_path / "out1" / "best.ckpt").is_file()
