@@ -21,6 +21,8 @@ from conftest import QUICK, TINY, assert_refused, finetune_cli
 optuna = pytest.importorskip("optuna")
 from finetune.search.storage import open_storage  # noqa: E402
 
+PASSWORD = "pw-of-finetune-tests"
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -35,7 +37,7 @@ def _postgres_bin() -> Path | None:
 
 @pytest.fixture(scope="module")
 def postgres_url():
-    """A fresh PostgreSQL server in a temporary folder (trust authentication, loopback only), run
+    """A fresh PostgreSQL server in a temporary folder (loopback only, a password), run
     as `nobody` when the tests run as root (the server refuses root); its URL."""
     bindir = _postgres_bin()
     if bindir is None:
@@ -52,8 +54,11 @@ def postgres_url():
         os.chown(root, nobody.pw_uid, nobody.pw_gid)
         as_user = ["runuser", "-u", "nobody", "--"]
     port = _free_port()
+    (root / "pw").write_text(PASSWORD)
+    os.chmod(root / "pw", 0o644)
     subprocess.run(
-        [*as_user, str(bindir / "initdb"), "-D", str(root / "data"), "-A", "trust", "-U", "postgres", "--no-sync"],
+        [*as_user, str(bindir / "initdb"), "-D", str(root / "data"), "-U", "postgres", "--no-sync"]
+        + ["--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={root / 'pw'}"],
         check=True,
         capture_output=True,
     )
@@ -68,7 +73,7 @@ def postgres_url():
         while subprocess.run([str(bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)]).returncode != 0:
             assert server.poll() is None and time.time() < deadline, (root / "server.log").read_text()
             time.sleep(0.5)
-        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        yield f"postgresql://postgres:{PASSWORD}@127.0.0.1:{port}/postgres"
     finally:
         server.send_signal(signal.SIGINT)  # fast shutdown
         try:
@@ -112,6 +117,16 @@ def test_finetune_auto_with_an_unreachable_study_database_is_one_line_and_exit_2
     result = finetune_cli("auto", "data=digits", f"storage={url}", f"out={tmp_path / 'auto'}", timeout=300)
     assert_refused(result, "cannot be opened")
     assert "secret" not in result.stderr
+
+
+def test_wrong_credentials_or_database_are_one_line_and_exit_2(postgres_url, tmp_path):
+    for url, reason in [
+        (postgres_url.replace(PASSWORD, "wrong-password"), "password authentication failed"),
+        (postgres_url.rsplit("/", 1)[0] + "/no_such_db", 'database "no_such_db" does not exist'),
+    ]:
+        result = finetune_cli("-m", "+hparams_search=optuna", f"hydra.sweeper.storage={url}", timeout=300)
+        assert_refused(result, reason)
+        assert "wrong-password" not in result.stderr and PASSWORD not in result.stderr
 
 
 def test_a_missing_database_driver_names_the_extra(monkeypatch):
