@@ -70,7 +70,7 @@ def open_storage(
             "heartbeat_stale_trial_callback" if new else "failed_trial_callback": retry(max_retry=int(retries)),
         }
     try:
-        return optuna.storages.RDBStorage(full, engine_kwargs=_engine_kwargs(full), **kwargs)
+        return _rdb_storage(full, kwargs)
     except ImportError as err:
         raise ConfigError(
             f"storage={hide_password(url)}: its database driver is missing ({err.__cause__ or err})."
@@ -81,6 +81,21 @@ def open_storage(
             f"storage={hide_password(url)}: the study's database cannot be opened ({reason}). Check that its "
             "server is up and reachable from here, and the user, password and database name in the URL."
         ) from None
+
+
+def _rdb_storage(url: str, kwargs: dict[str, Any]):
+    """An RDBStorage; workers that start together on a fresh database race to create its tables:
+    the loser tries again (a server that cannot be reached fails at once)."""
+    import optuna
+    import sqlalchemy.exc
+
+    for attempt in range(3):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url), **kwargs)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            if attempt == 2:
+                raise
+            time.sleep(1.0 + attempt)
 
 
 def _engine_kwargs(url: str) -> dict[str, Any]:

@@ -129,6 +129,25 @@ def test_wrong_credentials_or_database_are_one_line_and_exit_2(postgres_url, tmp
         assert "wrong-password" not in result.stderr and PASSWORD not in result.stderr
 
 
+def _open_shared(url: str) -> str:
+    open_storage(url, shared=True).engine.dispose()
+    return "open"
+
+
+def test_workers_starting_together_on_a_fresh_database_all_open_it(postgres_url):
+    import multiprocessing
+
+    import psycopg2
+
+    connection = psycopg2.connect(postgres_url)
+    connection.autocommit = True  # CREATE DATABASE runs outside a transaction
+    connection.cursor().execute("CREATE DATABASE fresh")
+    connection.close()
+    fresh = postgres_url.rsplit("/", 1)[0] + "/fresh"
+    with multiprocessing.get_context("spawn").Pool(4) as pool:  # their tables created at the same moment
+        assert pool.map(_open_shared, [fresh] * 4) == ["open"] * 4
+
+
 def test_a_missing_database_driver_names_the_extra(monkeypatch):
     from finetune.errors import ConfigError
     from finetune.search import storage
