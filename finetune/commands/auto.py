@@ -17,6 +17,8 @@ OPTIONS = {
     "auto.top": "2",
     "auto.recipes": None,
     "auto.folds": "5",
+    "storage": None,
+    "study_name": None,
 }
 
 
@@ -30,8 +32,9 @@ def auto_command(args: Sequence[str]) -> int:
     budget is spent (ranking included). Each trial is a run in OUT/trials/N; the best one's
     weights are copied to OUT/best.ckpt (nothing is trained again) and every trial is ranked in
     OUT/leaderboard.csv (and a W&B table when W&B is on). resume=true with the same out= goes on
-    with the search, finished trials kept. Other key=value arguments are config overrides for
-    every trial (data=..., trainer.max_epochs=...)."""
+    with the search, finished trials kept. storage=postgresql://USER:PASSWORD@HOST/DB [study_name=auto]
+    keeps the study in a database server that several workers (machines) share. Other key=value
+    arguments are config overrides for every trial (data=..., trainer.max_epochs=...)."""
     return 0 if run_auto(args).checkpoint is not None else 1
 
 

@@ -69,6 +69,8 @@ def check_overrides(args: list[str]) -> DictConfig | None:
         for prefix, (module, extra) in _EXTRAS.items():
             if arg.lstrip("+").startswith(prefix) and not _installed(module):
                 raise ConfigError(f"{arg} needs finetune's {extra!r} extra: pip install 'finetune[{extra}]'.")
+        if arg.lstrip("+").startswith("hydra.sweeper.storage="):
+            _check_storage(arg.partition("=")[2])
     plain = [a for a in overrides if not _SWEEP_VALUE.search(a.partition("=")[2])]
     swept = [a.partition("=")[0] for a in overrides if a not in plain]
     try:
@@ -135,6 +137,16 @@ def _trainer_arguments() -> frozenset[str]:
     from lightning import Trainer
 
     return frozenset(inspect.signature(Trainer.__init__).parameters)
+
+
+def _check_storage(url: str) -> None:
+    """A study's database server that is down, unreachable or refuses the credentials: one line
+    before the sweep starts (SQLite files and in-memory studies need no check)."""
+    if url.strip("'\"") in ("", "null") or url.startswith(("sqlite:", "${")):
+        return
+    from finetune.search.storage import open_storage
+
+    open_storage(url.strip("'\"")).engine.dispose()
 
 
 def _installed(module: str) -> bool:

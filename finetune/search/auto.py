@@ -18,6 +18,12 @@ The contract:
    state, seconds). The study lives in ``OUT/auto.db`` with the time spent: ``resume=true`` in
    the same folder goes on from there, finished trials are not run again, and a trial cut off
    by a kill is recorded as failed.
+5. ``storage=postgresql://...`` keeps the study (named ``study_name``, ``auto``) in a database
+   server instead, shared by every ``finetune auto`` that names it (other machines): the first
+   ranks the backbones, the others take its choice; each spends its own budget on the study's
+   trials, its running trials send heartbeats, and a killed worker's trial is told FAIL and run
+   again by another (:mod:`finetune.search.storage`). Each worker writes the study-wide leaderboard
+   to its own ``OUT``.
 """
 
 from __future__ import annotations
@@ -37,6 +43,9 @@ from finetune.errors import ConfigError
 log = logging.getLogger(__name__)
 
 DEFAULT_RECIPES = ("freeze_all_but_head", "lp_ft", "gradual_unfreeze", "discriminative_lr", "full_finetune")
+# A shared study's running trials send a heartbeat every HEARTBEAT seconds; one silent for twice as
+# long (its worker killed) is failed and run again by the next worker that asks for a trial.
+HEARTBEAT = 5
 LEADERBOARD_FIELDS = (
     "trial",
     "backbone",
@@ -90,6 +99,8 @@ class AutoSettings:
     seed: int = 0
     folds: int = 5
     logger: Any = None
+    storage: str | None = None
+    study_name: str = "auto"
 
 
 def auto_settings(opts: dict, overrides: Sequence[str], budget: float, resume: bool) -> tuple[AutoSettings, Any]:
@@ -125,7 +136,18 @@ def auto_settings(opts: dict, overrides: Sequence[str], budget: float, resume: b
     names = backbone_names(opts["auto.backbones"])
     if opts["out"] is None and resume:
         raise ConfigError("resume=true needs out=DIR: the folder of the search to go on with.")
-    settings = AutoSettings(budget, names, top, recipes, resume, int(cfg.seed), folds, cfg.get("logger"))
+    settings = AutoSettings(
+        budget,
+        names,
+        top,
+        recipes,
+        resume,
+        int(cfg.seed),
+        folds,
+        cfg.get("logger"),
+        storage=opts.get("storage") or None,
+        study_name=opts.get("study_name") or "auto",
+    )
     return settings, cfg
 
 
@@ -136,7 +158,8 @@ def search(overrides: Sequence[str], out: Path, settings: AutoSettings, rank) ->
     from finetune.search.trials import epoch_seconds, run_trial
 
     study = _open_study(out, settings)
-    started = time.time() - float(study.user_attrs.get("seconds", 0.0))
+    # A shared study's workers each spend their own budget; a study of one goes on with its time.
+    started = time.time() - (0.0 if settings.storage else float(study.user_attrs.get("seconds", 0.0)))
     kept = study.user_attrs.get("backbones")
     if kept is None:
         rows = rank(list(settings.backbones))
@@ -158,7 +181,7 @@ def search(overrides: Sequence[str], out: Path, settings: AutoSettings, rank) ->
         left = settings.budget - (time.time() - started)
         if left < max(10.0, epoch_seconds(study)):
             break
-        run_trial(study.ask(), study, overrides, out, kept, settings.recipes, left)
+        run_trial(_ask(study, settings), study, overrides, out, kept, settings.recipes, left)
         study.set_user_attr("seconds", time.time() - started)
     board = leaderboard(study)
     _write_leaderboard(board, out / "leaderboard.csv")
@@ -175,7 +198,10 @@ def search(overrides: Sequence[str], out: Path, settings: AutoSettings, rank) ->
     checkpoint = None
     if best is not None:
         checkpoint = out / "best.ckpt"
-        shutil.copyfile(best["checkpoint"], checkpoint)
+        if Path(best["checkpoint"]).is_file():
+            shutil.copyfile(best["checkpoint"], checkpoint)
+        else:  # a shared study's best trial ran on another machine: its checkpoint is there
+            checkpoint = Path(best["checkpoint"])
     return AutoResult(checkpoint, best["score"] if best else None, board, out, time.time() - started)
 
 
@@ -185,14 +211,25 @@ def _open_study(out: Path, settings: AutoSettings):
     import optuna
     from optuna.trial import TrialState
 
+    from finetune.search.storage import open_storage
+
     out.mkdir(parents=True, exist_ok=True)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if settings.storage:  # shared: joined if it exists; its RUNNING trials may be other workers'
+        return optuna.create_study(
+            study_name=settings.study_name,
+            storage=open_storage(settings.storage, shared=True, heartbeat=HEARTBEAT),
+            direction="maximize",
+            load_if_exists=True,
+            sampler=optuna.samplers.TPESampler(seed=settings.seed),
+            pruner=optuna.pruners.HyperbandPruner(min_resource=1),
+        )
     storage = f"sqlite:///{out / 'auto.db'}"
     exists = (out / "auto.db").is_file()
     if exists and not settings.resume:
         raise ConfigError(f"{out} already holds an auto search: resume=true to go on with it, or another out=.")
     if settings.resume and not exists:
         raise ConfigError(f"resume=true: {out} holds no auto search (auto.db) to go on with.")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
         study_name="auto",
         storage=storage,
@@ -204,6 +241,26 @@ def _open_study(out: Path, settings: AutoSettings):
     for trial in study.get_trials(states=(TrialState.RUNNING,)):  # killed while it ran
         study.tell(trial.number, state=TrialState.FAIL)
     return study
+
+
+def _ask(study, settings: AutoSettings):
+    """The next trial; in a shared study the trials of killed workers are failed (and queued again)
+    first, and the trial's heartbeat recorded."""
+    if not settings.storage:
+        return study.ask()
+    import warnings
+
+    from optuna.storages import fail_stale_trials
+
+    from finetune.search.storage import worker_name
+
+    with warnings.catch_warnings():  # heartbeats are "meant for Study.optimize"
+        warnings.simplefilter("ignore")
+        fail_stale_trials(study)
+        trial = study.ask()
+    study._storage.record_heartbeat(trial._trial_id)
+    trial.set_user_attr("worker", worker_name())
+    return trial
 
 
 def leaderboard(study) -> list[dict]:

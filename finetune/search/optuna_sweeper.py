@@ -15,7 +15,9 @@ are those of hydra-optuna-sweeper 1.3, which it replaces). The contract:
 - A job that raises, returns NaN or returns no number is told FAIL; one that raises
   ``optuna.TrialPruned`` is PRUNED and no failure. When the failed share of a round exceeds
   ``max_failure_rate`` the sweep stops with an error (Hydra exits 1), as the plugin did.
-- ``storage`` + ``study_name`` load the study if it exists, so a sweep continues it; at the end
+- ``storage`` + ``study_name`` load the study if it exists, so a sweep continues it; with
+  ``shared=true`` several workers share it (:mod:`finetune.search.storage`: heartbeats, killed
+  workers' trials retried, ``n_trials`` counts the study's COMPLETE/PRUNED trials). At the end
   ``<sweep dir>/optimization_results.yaml`` holds the study's best trial (name, best_params,
   best_value, as the plugin wrote it).
 - One objective: ``direction`` is ``maximize`` or ``minimize`` (or a list of one). Samplers come
@@ -27,7 +29,6 @@ are those of hydra-optuna-sweeper 1.3, which it replaces). The contract:
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from finetune.console import setup
 from finetune.errors import ConfigError
+from finetune.search.storage import Heartbeats, hide_password, open_storage, shared_trials
 
 SAMPLERS = "optuna.samplers."
 RESULTS_FILE = "optimization_results.yaml"
@@ -116,6 +118,11 @@ class OptunaSweeper(Sweeper):
         n_jobs: int = 2,
         max_failure_rate: float = 0.0,
         params: DictConfig | None = None,
+        *,
+        shared: bool = False,
+        heartbeat_interval: int = 10,
+        grace_period: int | None = None,
+        max_retry: int = 3,
     ) -> None:
         directions = (
             list(direction) if OmegaConf.is_list(direction) or isinstance(direction, (list, tuple)) else [direction]
@@ -137,6 +144,8 @@ class OptunaSweeper(Sweeper):
         self.n_jobs = int(n_jobs)
         self.max_failure_rate = float(max_failure_rate)
         self.params = params
+        self.shared = bool(shared)
+        self.heartbeat = (int(heartbeat_interval), grace_period, int(max_retry))
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
         self.launcher: Any = None
@@ -164,39 +173,39 @@ class OptunaSweeper(Sweeper):
 
         study = optuna.create_study(
             study_name=self.study_name,
-            storage=self.storage,
+            storage=open_storage(self.storage, self.shared, *self.heartbeat),
             sampler=sampler,
             direction=self.direction,
             load_if_exists=True,
         )
         _check_continues(study, distributions)
-        log = setup()
-        log.info(
-            "Optuna study %s (%s, %s, %d trials before this sweep): %d trials, %d at a time, %s",
+        setup().info(
+            "Optuna study %s (%s, %s, %d trials before this sweep): %d trials%s, %d at a time, %s",
             study.study_name,
-            _hide_password(self.storage) if self.storage else "in memory",
+            hide_password(self.storage) if self.storage else "in memory",
             type(study.sampler).__name__,
             len(study.trials),
             self.n_trials,
+            " in the study, shared by its workers" if self.shared else "",
             self.n_jobs,
             self.direction,
         )
-        to_go = self.n_trials
-        while to_go > 0:
-            trials = [study.ask(distributions) for _ in range(min(self.n_jobs, to_go))]
+        self.to_go = self.n_trials
+        while trials := self._ask(study, distributions):
             numbers = [t.number for t in trials]
             # Job N is trial N: a launch numbers its jobs from its first, so trials that another
             # process's trials interleave go one launch each.
             contiguous = numbers == list(range(numbers[0], numbers[0] + len(numbers)))
             batches = [trials] if contiguous else [[t] for t in trials]
-            returns = [
-                ret
-                for batch in batches
-                for ret in self.launcher.launch(
-                    [trial_overrides(t.params, fixed) for t in batch], initial_job_idx=batch[0].number
-                )
-            ]
-            failures = [error for trial, ret in zip(trials, returns) if (error := self._tell(study, trial, ret))]
+            with Heartbeats(study, trials):
+                returns = [
+                    ret
+                    for batch in batches
+                    for ret in self.launcher.launch(
+                        [trial_overrides(t.params, fixed) for t in batch], initial_job_idx=batch[0].number
+                    )
+                ]
+            failures = [error for trial, ret in zip(trials, returns) if (error := self._told(study, trial, ret))]
             if len(failures) / len(returns) > self.max_failure_rate:
                 first = failures[0]
                 first_text = f"{type(first).__name__}: {first}" if isinstance(first, BaseException) else first
@@ -205,8 +214,15 @@ class OptunaSweeper(Sweeper):
                     f"{self.max_failure_rate} allows; the sweep stops (study {study.study_name}). The first: "
                     f"{first_text}. hydra.sweeper.max_failure_rate=1.0 lets a study go on past failed trials."
                 ) from (first if isinstance(first, BaseException) else None)
-            to_go -= len(trials)
         self._write_results(study, sweep_dir)
+
+    def _ask(self, study: Any, distributions: dict[str, Any]) -> list[Any]:
+        """The next round's trials; none when the sweep (or, shared, the study) has its n_trials."""
+        if not self.shared:
+            trials = [study.ask(distributions) for _ in range(min(self.n_jobs, self.to_go))]
+            self.to_go -= len(trials)
+            return trials
+        return shared_trials(study, distributions, self.n_trials, self.n_jobs, self.heartbeat[0])
 
     def _sampler(self) -> Any:
         """The sampler from its config, built here so that only Optuna's samplers can be named."""
@@ -224,6 +240,17 @@ class OptunaSweeper(Sweeper):
                 "finetune -m optimizer.lr=0.001,0.01 head.dropout=0,0.2"
             )
         return instantiate(self.sampler_config)
+
+    def _told(self, study: Any, trial: Any, ret: JobReturn) -> Any:
+        """:meth:`_tell`; a trial that another worker of a shared study failed meanwhile (its
+        heartbeats stopped for ``grace_period``) keeps FAIL, its copy queued again."""
+        import optuna
+
+        try:
+            return self._tell(study, trial, ret)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            setup().info("trial %d: failed by another worker (no heartbeat): its result is dropped", trial.number)
+            return None
 
     def _tell(self, study: Any, trial: Any, ret: JobReturn) -> Any:
         """Tell `trial` its job's result; returns the failure (an exception or a message) or None."""
@@ -307,7 +334,3 @@ def _flat(params: Any, prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
-
-
-def _hide_password(url: str) -> str:
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", str(url))

@@ -55,7 +55,9 @@ class SweepSummary(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._resolve(config)
-        # A sweep folder used again starts a fresh table.
+        # A sweep folder used again starts a fresh table; the workers of a shared study fill one together.
+        if config.hydra.sweeper.get("shared"):
+            return
         for stale in _trials_dir(config).glob("*.json"):
             stale.unlink()
 

@@ -22,6 +22,7 @@ def run_trial(
     """Run `trial` of `study` with `left` seconds of the budget, then tell the study its outcome."""
     from optuna.trial import TrialState
 
+    from finetune.search.storage import Heartbeats
     from finetune.train.history import monitored
     from finetune.train.run import run
 
@@ -31,7 +32,7 @@ def run_trial(
     reporter = _Reporter(trial, monitored(cfg))
     started = time.time()
     try:
-        with _quiet():
+        with _quiet(), Heartbeats(study, [trial]):  # a shared study's: the trial is alive
             result = run(cfg, callbacks=[reporter])
     except Exception as err:  # noqa: BLE001 - a failing trial is recorded and the search goes on
         trial.set_user_attr("error", f"{type(err).__name__}: {err}"[:500])

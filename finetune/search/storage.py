@@ -1,0 +1,182 @@
+"""Where an Optuna study lives, and a study that several workers share.
+
+``hydra.sweeper.storage=postgresql://USER:PASSWORD@HOST/DB`` lets several ``finetune -m`` processes
+(on several machines) join one study: the same ``study_name`` loads it. With
+``hydra.sweeper.shared=true`` each worker records a heartbeat for the trials it runs every
+``heartbeat_interval`` seconds; a trial whose heartbeat is older than ``grace_period`` (its worker
+was killed) is told FAIL by the next worker that looks, and Optuna's retry callback queues a copy
+of it (same parameters, system attr ``failed_trial``), up to ``max_retry`` times. ``n_trials`` then
+counts the study's finished (COMPLETE or PRUNED) trials, whichever worker ran them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import threading
+import time
+import warnings
+from typing import Any
+
+from finetune.errors import ConfigError
+
+# URL scheme (before any +driver) -> (module, pip extra) of its database driver.
+DRIVERS = {"postgresql": ("psycopg2", "studies"), "postgres": ("psycopg2", "studies")}
+
+
+def hide_password(url: str) -> str:
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", str(url))
+
+
+def check_driver(url: str) -> str:
+    """`url` with its database driver named (``postgresql://`` -> ``postgresql+psycopg2://``: SQLAlchemy
+    2.1 would pick psycopg 3 by itself); a ConfigError naming the extra when the driver is missing."""
+    import importlib.util
+
+    scheme, sep, rest = str(url).partition("://")
+    module, extra = DRIVERS.get(scheme, (None, None))
+    if module is None:
+        return str(url)
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(
+            f"storage={hide_password(url)} needs finetune's {extra!r} extra: pip install 'finetune[{extra}]'."
+        )
+    return f"postgresql+{module}{sep}{rest}"
+
+
+def open_storage(
+    url: str | None, shared: bool = False, heartbeat: int = 10, grace: int | None = None, retries: int = 3
+):
+    """The Optuna storage for `url` (None: in memory). `shared`: an RDBStorage whose trials send
+    heartbeats, their stale ones told FAIL and retried. A database that cannot be reached, or
+    refuses the credentials, is a ConfigError of one line."""
+    import optuna
+    import sqlalchemy.exc
+
+    if url is None:
+        if shared:
+            raise ConfigError("hydra.sweeper.shared=true: the workers share a study in a database; set storage=URL.")
+        return None
+    full = check_driver(url)
+    kwargs: dict[str, Any] = {}
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats: "experimental"
+    if shared:
+        new = hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback")  # Optuna 4.9+
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback if new else optuna.storages.RetryFailedTrialCallback
+        kwargs = {
+            "heartbeat_interval": int(heartbeat),
+            "grace_period": int(grace) if grace else 2 * int(heartbeat),
+            "heartbeat_stale_trial_callback" if new else "failed_trial_callback": retry(max_retry=int(retries)),
+        }
+    try:
+        return _rdb_storage(full, kwargs)
+    except ImportError as err:
+        raise ConfigError(
+            f"storage={hide_password(url)}: its database driver is missing ({err.__cause__ or err})."
+        ) from None
+    except sqlalchemy.exc.SQLAlchemyError as err:
+        reason = " ".join(str(getattr(err, "orig", None) or err).split())[:300]
+        raise ConfigError(
+            f"storage={hide_password(url)}: the study's database cannot be opened ({reason}). Check that its "
+            "server is up and reachable from here, and the user, password and database name in the URL."
+        ) from None
+
+
+def _rdb_storage(url: str, kwargs: dict[str, Any]):
+    """An RDBStorage; workers that start together on a fresh database race to create its tables:
+    the loser tries again (a server that cannot be reached fails at once)."""
+    import optuna
+    import sqlalchemy.exc
+
+    for attempt in range(3):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url), **kwargs)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            if attempt == 2:
+                raise
+            time.sleep(1.0 + attempt)
+
+
+def _engine_kwargs(url: str) -> dict[str, Any]:
+    """A connection that gives up after 10 s (a server that never answers is an error, not a hang)."""
+    if str(url).startswith(("postgresql", "postgres")):
+        return {"connect_args": {"connect_timeout": 10}, "pool_pre_ping": True}
+    return {}
+
+
+def shared_trials(study: Any, distributions: dict[str, Any], n_trials: int, n_jobs: int, interval: int) -> list[Any]:
+    """Up to `n_jobs` new trials of a shared `study` (its killed workers' trials failed and queued
+    again first), none once it holds `n_trials` COMPLETE or PRUNED trials. While the last trials
+    run elsewhere it waits for them, or for their failure. Each keeps its worker (user attr)."""
+    from optuna.storages import fail_stale_trials
+    from optuna.trial import TrialState
+
+    finished, counted = (
+        (TrialState.COMPLETE, TrialState.PRUNED),
+        (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING),
+    )
+    while True:
+        with warnings.catch_warnings():  # heartbeats are "meant for Study.optimize"; ask and tell use them as well
+            warnings.simplefilter("ignore")
+            fail_stale_trials(study)
+        states = [t.state for t in study.get_trials(deepcopy=False)]
+        done = sum(s in finished for s in states)
+        free = n_trials - done - states.count(TrialState.RUNNING)
+        if done >= n_trials:
+            return []
+        trials = []
+        for _ in range(min(n_jobs, free)):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                trial = study.ask(distributions)
+            study._storage.record_heartbeat(trial._trial_id)  # from now on a kill fails it
+            before = study.get_trials(deepcopy=False, states=counted)
+            if sum(t.number < trial.number for t in before) >= n_trials:
+                # Another worker took the last trial at the same time, with a lower number.
+                trial.set_user_attr("surplus", True)
+                study.tell(trial, state=TrialState.FAIL)
+                break
+            trial.set_user_attr("worker", worker_name())
+            trials.append(trial)
+        if trials:
+            return trials
+        time.sleep(interval)
+
+
+def worker_name() -> str:
+    """``host:pid`` of this process, kept with each trial it runs (user attr ``worker``)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Heartbeats:
+    """A thread recording the heartbeat of `trials` every interval while the ``with`` block runs
+    (their jobs run in this process); without heartbeats on the storage, nothing."""
+
+    def __init__(self, study: Any, trials: list[Any]):
+        storage = study._storage  # a cache in front of the RDBStorage: it asks the RDBStorage
+        interval = storage.get_heartbeat_interval() if hasattr(storage, "get_heartbeat_interval") else None
+        self.storage, self.interval = storage, interval
+        self.ids = [t._trial_id for t in trials]
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True, name="finetune-heartbeat")
+
+    def _beat(self) -> None:
+        while True:
+            for trial_id in self.ids:
+                try:
+                    self.storage.record_heartbeat(trial_id)
+                except Exception:  # noqa: BLE001 - a missed beat; the next one may get through
+                    pass
+            if self.stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> Heartbeats:
+        if self.interval:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.interval:
+            self.stop.set()
+            self.thread.join()
