@@ -20,7 +20,6 @@ def lr_find_command(args: Sequence[str]) -> int:
     DIR/lr_find.png and the numbers to DIR/lr_find.json. Layer groups keep their lr ratios and
     frozen layers stay frozen. optimizer.lr=auto in a training run does the same first."""
     import lightning as L
-    from omegaconf import OmegaConf
 
     from finetune.config import check_types, compose_config
     from finetune.console import run_log
@@ -40,8 +39,6 @@ def lr_find_command(args: Sequence[str]) -> int:
     cfg = compose_config(list(overrides))
     check_types(cfg)
     out = output_dir(opts["out"])
-    config = OmegaConf.to_container(cfg, resolve=True)
-    config.pop("hydra", None)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     with run_log(out):
         prepared = prepare(cfg, out, find_lr=False)  # optimizer.lr=auto: the finder sets the lrs
