@@ -5,10 +5,13 @@ from __future__ import annotations
 import lightning as L
 from omegaconf import OmegaConf
 
+from finetune.train.task import task_for
+
 
 def task_metric(task: str | None) -> str:
-    """A task's score: ``val/acc`` (multiclass) or ``val/map`` (multilabel, mean average precision)."""
-    return "val/map" if task == "multilabel" else "val/acc"
+    """A task's score, the last column of its epoch table: ``val/acc`` (multiclass, also when
+    `task` is unset) or ``val/map`` (multilabel, mean average precision)."""
+    return task_for(task == "multilabel").columns[-1]
 
 
 def monitored(cfg) -> str:
