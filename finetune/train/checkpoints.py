@@ -166,13 +166,17 @@ class EpochSeeding(L.Callback):
 
 
 class RunRecord(L.Callback):
-    """Writes what a resume needs beyond Lightning's own state (the W&B run id) into checkpoints."""
+    """Writes what a resume needs beyond Lightning's own state into checkpoints: the W&B run id,
+    and the MLflow run's id when the run logs to MLflow."""
 
     def __init__(self, wandb_id: str):
         self.wandb_id = wandb_id
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        checkpoint[RUN_KEY] = {"wandb_id": self.wandb_id}
+        from finetune.train.tracking import mlflow_run_id
+
+        mlflow_id = mlflow_run_id(trainer.loggers)
+        checkpoint[RUN_KEY] = {"wandb_id": self.wandb_id, **({"mlflow_id": mlflow_id} if mlflow_id else {})}
 
 
 def resume_source(cfg: Mapping, output_dir: Path) -> Path | None:
@@ -220,9 +224,10 @@ def _latest_unfinished(output_dir: Path) -> Path | None:
     return max(candidates, key=lambda p: (p / "checkpoints" / LAST).stat().st_mtime, default=None)
 
 
-def read_resume_checkpoint(path: Path, config: Mapping, classes: list[str]) -> tuple[str | None, int]:
-    """Check that `path` can continue a run with `config` and `classes`; returns its W&B run id
-    and the (0-based) epoch whose end it was saved at."""
+def read_resume_checkpoint(path: Path, config: Mapping, classes: list[str]) -> tuple[dict[str, str], int]:
+    """Check that `path` can continue a run with `config` and `classes`; returns its run record
+    (``wandb_id``, ``mlflow_id`` when it logged to MLflow) and the (0-based) epoch whose end it
+    was saved at."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same advice
@@ -246,7 +251,7 @@ def read_resume_checkpoint(path: Path, config: Mapping, classes: list[str]) -> t
             + "; ".join(differences)
             + ". Resume with the checkpoint's settings, or start a new run without resume/ckpt_path."
         )
-    return (checkpoint.get(RUN_KEY) or {}).get("wandb_id"), int(checkpoint.get("epoch", -1))
+    return dict(checkpoint.get(RUN_KEY) or {}), int(checkpoint.get("epoch", -1))
 
 
 def stored_lr(path: Path | None) -> float | None:
@@ -285,7 +290,8 @@ def _get(tree: Any, dotted: str) -> Any:
 class Resume:
     """What train.run needs to make a run resumable: where it continues from (or None), how many
     epochs' logged rows the output folder keeps (``logged_through_epoch``, counted from 1; 0: none),
-    the W&B run id to (re)use, the callbacks and the checkpoint-IO plugin."""
+    the W&B run id to (re)use, the MLflow run to continue (``mlflow_id``; None: a new one), the
+    callbacks and the checkpoint-IO plugin."""
 
     def __init__(
         self,
@@ -297,7 +303,7 @@ class Resume:
         min_write_interval_s: float = 0.0,
     ):
         self.path = path
-        wandb_id, epoch = read_resume_checkpoint(path, config, classes) if path else (None, -1)
+        record, epoch = read_resume_checkpoint(path, config, classes) if path else ({}, -1)
         max_epochs = (config.get("trainer") or {}).get("max_epochs")
         if isinstance(max_epochs, int) and 0 < max_epochs < epoch + 1:
             raise ConfigError(
@@ -305,7 +311,8 @@ class Resume:
                 f"resume with trainer.max_epochs={epoch + 1} or more (the run's own value), or "
                 f"start a new run."
             )
-        self.wandb_id = wandb_id or new_run_id()
+        self.wandb_id = record.get("wandb_id") or new_run_id()
+        self.mlflow_id = record.get("mlflow_id")
         # resume=true continues in the checkpoint's own folder: what it logged through `epoch` stays
         in_place = path is not None and Path(path).resolve().parent == checkpoint_dir(output_dir).resolve()
         self.logged_through_epoch = epoch + 1 if in_place else 0  # epochs finished, counted from 1

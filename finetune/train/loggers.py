@@ -56,11 +56,18 @@ def _has_credentials(host: str) -> bool:
 
 
 def build_loggers(
-    cfg: Mapping, output_dir: Path, config: Mapping, run_id: str | None = None, keep_csv_through_epoch: int = 0
+    cfg: Mapping,
+    output_dir: Path,
+    config: Mapping,
+    run_id: str | None = None,
+    keep_csv_through_epoch: int = 0,
+    *,
+    mlflow_run_id: str | None = None,
 ) -> list[Logger]:
     """CSV logger at ``output_dir/csv`` when ``cfg.csv``; a W&B logger when ``cfg.wandb`` is set;
     TensorBoard when ``cfg.tensorboard``; MLflow when ``cfg.mlflow`` is set and its store answers.
-    `run_id`: the W&B run id; a resumed run passes its first run's id to continue that W&B run.
+    `run_id`: the W&B run id; a resumed run passes its first run's id to continue that W&B run,
+    and `mlflow_run_id` to continue its MLflow run.
     `keep_csv_through_epoch`: a run resumed in its own folder passes the number of epochs its
     checkpoint finished, and their rows stay in ``metrics.csv``; later rows (epochs the resumed
     run redoes) are dropped. 0 starts the file afresh."""
@@ -78,7 +85,7 @@ def build_loggers(
     if mlflow_cfg:
         group = mlflow_cfg.get("group")
         trial = group_trial(group, output_dir) if group else sweep_trial()
-        found = mlflow_logger(mlflow_cfg, output_dir, config, trial)
+        found = mlflow_logger(mlflow_cfg, output_dir, config, trial, run_id=mlflow_run_id)
         loggers += [found] if found else []
     return loggers
 

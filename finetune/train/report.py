@@ -19,7 +19,7 @@ from finetune.model.classifier import Classifier
 from finetune.model.summary import groups_table
 from finetune.train.optim import group_lrs
 from finetune.train.result import FitResult
-from finetune.train.tracking import store_folder
+from finetune.train.tracking import log_pictures, store_folder
 
 log = logging.getLogger(__name__)
 
@@ -180,10 +180,7 @@ def draw_pictures(
         train_samples=splits.train if splits.multilabel else None,
         page={"summary_path": output_dir / "summary.json"},
     )
-    for logger in loggers:
-        if hasattr(logger, "log_image"):  # WandbLogger
-            for picture in pictures:
-                logger.log_image(key=f"viz/{picture.name}", images=[str(picture.path)], caption=[picture.caption])
+    log_pictures(loggers, pictures)
     return pictures
 
 

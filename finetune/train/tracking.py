@@ -85,10 +85,14 @@ def tensorboard_logger(output_dir: Path, config: Mapping) -> Logger:
     return TensorBoardLogger(save_dir=str(output_dir), name="tensorboard", version="", default_hp_metric=False)
 
 
-def mlflow_logger(cfg: Mapping, output_dir: Path, config: Mapping, group: tuple[Path, str] | None) -> Logger | None:
+def mlflow_logger(
+    cfg: Mapping, output_dir: Path, config: Mapping, group: tuple[Path, str] | None, *, run_id: str | None = None
+) -> Logger | None:
     """An MLflow run in ``cfg.experiment`` with the run config as params; None (and one warning
     line) when the tracking store cannot be reached. `group`: (the sweep's folder, the trial's
-    name) for a trial of a sweep, which shares the sweep's store and is tagged with its folder."""
+    name) for a trial of a sweep, which shares the sweep's store and is tagged with its folder.
+    `run_id`: the MLflow run a resumed run started (its checkpoint records it), continued when the
+    store still holds it; otherwise a new run is started."""
     import mlflow  # noqa: F401 - configures its loggers, quieted below
 
     for name in ("mlflow", "alembic"):  # "Creating initial MLflow database tables...": nothing to act on
@@ -100,6 +104,7 @@ def mlflow_logger(cfg: Mapping, output_dir: Path, config: Mapping, group: tuple[
         _reachable(uri)
         # DDP: rank zero alone logs (Lightning's MLFlowLogger), and alone makes the experiment.
         experiment_id = _experiment(uri, experiment) if rank_zero_only.rank == 0 else None
+        run_id = _continued(uri, run_id, experiment_id)
     except Exception as err:  # noqa: BLE001 - a tracking store never stops a run
         reason = " ".join(f"{type(err).__name__}: {err}".split())[:300]  # one line
         log.warning("MLflow: no run logged, %s did not take it (%s); the run goes on without MLflow", uri, reason)
@@ -114,10 +119,37 @@ def mlflow_logger(cfg: Mapping, output_dir: Path, config: Mapping, group: tuple[
         tracking_uri=uri,
         tags=tags,
         log_model=bool(cfg.get("log_model", True)),
+        run_id=run_id,
     )
     logger._experiment_id = experiment_id  # found or made above: Lightning's "not found, creating it" stays quiet
-    logger.log_hyperparams(flat_params(config))
+    if run_id is None:  # a continued run has its params (MLflow refuses to log one again with a new value)
+        logger.log_hyperparams(flat_params(config))
     return logger
+
+
+def _continued(uri: str, run_id: str | None, experiment_id: str | None) -> str | None:
+    """`run_id` when the store at `uri` holds that run in `experiment_id` (a resumed run goes on
+    logging into it, as W&B continues its run); None when there is none to continue."""
+    if run_id is None or experiment_id is None:
+        return None
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        found = MlflowClient(uri).get_run(run_id)
+    except MlflowException:
+        log.debug("MLflow: run %s is not in %s; a new run is started", run_id, uri)
+        return None
+    return run_id if found.info.experiment_id == experiment_id and found.info.lifecycle_stage == "active" else None
+
+
+def mlflow_run_id(loggers: list[Logger]) -> str | None:
+    """The id of the MLflow run among `loggers` (None without one), recorded in checkpoints so that
+    a resumed run continues it."""
+    for logger in loggers:
+        if isinstance(logger, MLFlowLogger):
+            return logger.run_id
+    return None
 
 
 def _reachable(uri: str, timeout: float = 3.0) -> None:
@@ -178,3 +210,26 @@ def log_best_metrics(loggers: list[Logger], config: Mapping, metrics: Mapping[st
             logger.log_best_checkpoint()
         elif kind == "TensorBoardLogger":
             logger.log_hyperparams(flat_params(config), best)
+
+
+@rank_zero_only
+def log_pictures(loggers: list[Logger], pictures: list) -> None:
+    """The run's pictures (``viz/*.png``: curves, confusion matrix, mistakes, ...) where each
+    logger shows pictures: W&B's media panel, MLflow artifacts under ``viz/``, TensorBoard's
+    IMAGES tab (tag ``viz/NAME``)."""
+    for logger in loggers:
+        kind = type(logger).__name__
+        for picture in pictures:
+            if kind == "WandbLogger":
+                logger.log_image(key=f"viz/{picture.name}", images=[str(picture.path)], caption=[picture.caption])
+            elif kind == "BestCheckpointMLFlowLogger":
+                logger.experiment.log_artifact(logger.run_id, str(picture.path), "viz")
+            elif kind == "TensorBoardLogger":
+                import numpy as np
+                from PIL import Image
+
+                with Image.open(picture.path) as image:
+                    pixels = np.asarray(image.convert("RGB"))
+                logger.experiment.add_image(f"viz/{picture.name}", pixels, dataformats="HWC")
+        if kind == "TensorBoardLogger":
+            logger.experiment.flush()

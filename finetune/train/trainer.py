@@ -94,6 +94,7 @@ def build_trainer(
         settings.config,
         run_id=resume.wandb_id,
         keep_csv_through_epoch=resume.logged_through_epoch,
+        mlflow_run_id=resume.mlflow_id,
     )
     try:
         trainer = L.Trainer(

@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import QUICK, TINY
+from conftest import QUICK, QUICK_WITH_PICTURES, TINY
 
 from finetune import fit
 from finetune.errors import ConfigError
@@ -116,6 +116,24 @@ def test_a_sweep_logs_one_mlflow_run_per_trial_tagged_with_the_sweep(mlflow_serv
         assert chatter not in proc.stdout + proc.stderr, chatter  # MLflow's own lines stay in finetune.log
 
 
+@pytest.mark.slow  # two short runs against the server: 30-60 s on 2 busy cores
+def test_a_resumed_run_continues_its_mlflow_run_and_uploads_its_pictures(mlflow_server, image_folder, tmp_path):
+    args = [*TINY, *QUICK_WITH_PICTURES, "data=folder", f"data.root={image_folder}", f"hydra.run.dir={tmp_path}/run"]
+    args += ["logger=mlflow", f"logger.mlflow.tracking_uri={mlflow_server}", "logger.mlflow.experiment=resumed"]
+    first = fit(overrides=args)
+    (run,) = _runs(mlflow_server, "resumed")
+    client = mlflow.tracking.MlflowClient(mlflow_server)
+    pictures = {a.path for a in client.list_artifacts(run.info.run_id, "viz")}
+    assert {f"viz/{p.name}" for p in (tmp_path / "run" / "viz").glob("*.png")} == pictures
+    assert "viz/curves.png" in pictures and "viz/confusion.png" in pictures
+
+    second = fit(overrides=[*args, "resume=true", "trainer.max_epochs=2"])
+    assert [r.info.run_id for r in _runs(mlflow_server, "resumed")] == [run.info.run_id]  # one run, continued
+    history = client.get_metric_history(run.info.run_id, "val/acc")
+    assert [m.value for m in history] == pytest.approx([first.history[0]["val/acc"], second.history[1]["val/acc"]])
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+
+
 def test_without_a_tracking_uri_the_store_is_local_under_the_run(monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
@@ -153,9 +171,10 @@ def test_tensorboard_event_files_hold_the_epoch_metrics_and_hparams(image_folder
 
     result = fit(
         overrides=TINY
-        + QUICK
+        + QUICK_WITH_PICTURES
         + ["data=folder", f"data.root={image_folder}", f"hydra.run.dir={tmp_path}/run", "trainer.max_epochs=2"]
         + ["logger=tensorboard"]
+        + ["viz.max_images=8"]
     )
     assert result.outputs["tensorboard"] == tmp_path / "run" / "tensorboard"
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
@@ -166,6 +185,9 @@ def test_tensorboard_event_files_hold_the_epoch_metrics_and_hparams(image_folder
     assert [e.value for e in events.Scalars("val/acc")] == pytest.approx([h["val/acc"] for h in result.history])
     assert events.Scalars("best/val/acc")[0].value == pytest.approx(result.metrics["val/acc"])
     assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")  # the HPARAMS tab
+    drawn = {f"viz/{p.stem}" for p in (tmp_path / "run" / "viz").glob("*.png")}
+    assert "viz/curves" in drawn and set(events.Tags()["images"]) == drawn  # the IMAGES tab
+    assert events.Images("viz/curves")[0].width > 100
 
 
 def test_flat_params_are_dotted_keys_with_plain_values():
