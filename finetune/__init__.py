@@ -1,6 +1,6 @@
 """finetune: turn a pretrained ImageNet backbone into a classifier for your own images.
 
-``fit``, ``load``, ``FitResult`` and ``FinetunedModel`` are imported on first use, so that
+``fit``, ``check_data``, ``audit``, ``load``, ``FitResult`` and ``FinetunedModel`` are imported on first use, so that
 ``import finetune`` (and ``finetune --help``) does not pay for Lightning, timm and torch upfront.
 """
 
@@ -9,11 +9,13 @@ import os
 # albumentations asks a server for its latest version at import; never from a training run.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-__all__ = ["FinetunedModel", "FitResult", "fit", "load"]
+__all__ = ["FinetunedModel", "FitResult", "audit", "check_data", "fit", "load"]
 __version__ = "0.1.0"
 
 _LAZY = {
     "fit": "finetune.api",
+    "check_data": "finetune.api",
+    "audit": "finetune.api",
     "load": "finetune.use.load",
     "FinetunedModel": "finetune.use.load",
     "FitResult": "finetune.train.result",

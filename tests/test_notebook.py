@@ -16,10 +16,11 @@ from conftest import TINY, write_class_folders
 from finetune.config import compose_config
 from finetune.console import in_notebook, screen, setup
 from finetune.model.build import backbone_from_config, build_model
+from finetune.tables import html_table
 from finetune.train.live import NotebookPanel, notebook_screen
 from finetune.train.run import plain_config
 from finetune.use.load import FinetunedModel, Prediction
-from finetune.use.notebook import Predictions, html_table
+from finetune.use.notebook import Predictions
 from finetune.viz.notebook import Shown, epoch_panel
 
 PNG_URI = '<img src="data:image/png;base64,'
@@ -140,16 +141,79 @@ def test_predictions_and_a_loaded_model_render_as_tables():
     assert "test_resnet" in html and "ants, bees" in html and "1.250" in html
 
 
-@pytest.mark.slow
-def test_the_example_notebook_runs_and_shows_its_pictures(tmp_path):
-    """docs/notebooks/first_finetune.ipynb, executed as a reader would: a broken API fails here."""
+# notebook -> (at least this many inline PNGs, texts its outputs must show)
+EXAMPLES = {
+    "first_finetune": (5, ["FitResult", "FinetunedModel", "prediction set"]),
+    "multilabel": (3, ["labels per image", "val/map", "average precision per label", "thresholds"]),
+    "trust_and_audit": (5, ["duplicates across splits", "AuditReport", "likely label errors", "calibration"]),
+    "auto": (1, ["AutoResult", "learning curves", "leaderboard, best first", "freeze_all_but_head", "FinetunedModel"]),
+}
+
+
+def test_every_example_notebook_is_executed_by_the_tests():
+    found = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "docs" / "notebooks").glob("*.ipynb"))
+    assert found == sorted(EXAMPLES)
+
+
+@pytest.mark.slow  # each notebook: a kernel and one to three tiny runs, 25-50 s on 2 cores
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_the_example_notebooks_run_and_show_their_pictures(name, tmp_path):
+    """docs/notebooks/NAME.ipynb, executed as a reader would: a broken API fails here."""
     import nbformat
 
-    source = Path(__file__).resolve().parents[1] / "docs" / "notebooks" / "first_finetune.ipynb"
+    source = Path(__file__).resolve().parents[1] / "docs" / "notebooks" / f"{name}.ipynb"
     notebook = nbformat.read(source, as_version=4)
     assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")  # stored clean
     executed = run_notebook([c.source for c in notebook.cells if c.cell_type == "code"], tmp_path)
-    html = [o.data.get("text/html", "") for c in executed.cells for o in c.outputs if "data" in o]
-    assert sum(PNG_URI in h for h in html) >= 5  # the result, batch, mistakes, confusion, curves
-    assert any("FinetunedModel" in h for h in html) and any("prediction set" in h for h in html)
-    assert all(o.output_type != "error" for c in executed.cells for o in c.outputs)
+    errors = [o for c in executed.cells for o in c.outputs if o.output_type == "error"]
+    assert errors == [], [f"{e.ename}: {e.evalue}" for e in errors]
+    html = "".join(o.data.get("text/html", "") for c in executed.cells for o in c.outputs if "data" in o)
+    pictures, texts = EXAMPLES[name]
+    assert html.count(PNG_URI) >= pictures and [t for t in texts if t not in html] == []
+    for cell in executed.cells:  # a run is one panel; a search's trials print one line each, no panel
+        search = '"auto"' in cell.source and "fit(" in cell.source
+        panels = [o for o in cell.outputs if o.output_type == "display_data" and "finetune-run" in o.data["text/html"]]
+        assert len(panels) <= (0 if search else 1), cell.source
+        lines = [line for line in stream_lines(cell.outputs) if not (search and line.startswith("trial "))]
+        assert len(lines) <= 10, lines
+
+
+def test_check_data_returns_the_report_a_notebook_renders(image_folder):
+    from finetune import check_data
+
+    (image_folder / "train" / "ants" / "broken.jpg").write_bytes(b"not a jpeg")
+    report = check_data(TINY, data="folder", data__root=str(image_folder))
+    assert report.counts["train"] == {"ants": 8, "bees": 8, "wasps": 8} and len(report.skipped) == 1
+    html = report._repr_html_()
+    assert all(f">{c}<" in html for c in ("ants", "bees", "wasps", "total", "train", "val"))
+    assert ">24<" in html and ">12<" in html and "broken.jpg" in html and "1 skipped files" in html
+    assert "<script" not in html
+
+
+def test_audit_returns_a_report_with_its_facts_pictures_and_files(image_folder, tmp_path):
+    from finetune import audit
+
+    shutil.move(image_folder / "val" / "ants" / "ants_0.jpg", image_folder / "val" / "bees" / "ants_0.jpg")
+    report = audit(TINY, data="folder", data__root=str(image_folder), folds=2, top=4, out=str(tmp_path / "a"))
+    assert [p.name for p in report.files][:2] == ["audit.csv", "audit.json"] and report.folder == tmp_path / "a"
+    assert report.lines()[0].startswith("audited 36 images (train 24, val 12), 3 classes, test_resnet features")
+    html = report._repr_html_()
+    assert "AuditReport" in html and "k-fold accuracy" in html and str(tmp_path / "a") in html
+    flagged = report.audit.label_issue.sum() + report.audit.outlier.sum()
+    assert html.count(PNG_URI) == (flagged > 0) + (len(report.audit.pairs) > 0)
+    if flagged:
+        assert "the first suspects" in html and report.show_suspects(2)._repr_png_()[:4] == b"\x89PNG"
+
+
+def test_an_auto_result_renders_its_leaderboard():
+    from finetune.search.auto import AutoResult
+
+    row = {"trial": 0, "backbone": "test_resnet", "recipe": "lp_ft", "lr": 0.003, "weight_decay": 1e-4}
+    rows = [{**row, "score": 0.75, "state": "COMPLETE", "epochs": 3, "seconds": 12, "checkpoint": "t/0/best.ckpt"}]
+    rows.append({**row, "trial": 1, "score": None, "state": "PRUNED", "epochs": 1, "seconds": 4, "checkpoint": ""})
+    result = AutoResult(Path("out/best.ckpt"), 0.75, rows, Path("out"), 20.0, 60.0)
+    html = result._repr_html_()
+    assert "2 trials in 20 s of a 60 s budget; best 0.7500: out/best.ckpt" in html
+    assert ">lp_ft<" in html and ">0.003<" in html and ">pruned<" in html and ">-<" in html
+    assert result.table()[1][0][:3] == [0, "test_resnet", "lp_ft"]
+    assert result.show_curves() is None and PNG_URI not in html  # the best trial's folder is not here

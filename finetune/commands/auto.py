@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict
-from pathlib import Path
 
 from finetune.commands.args import flag, output_dir, parse
 from finetune.tables import format_table
@@ -35,7 +34,15 @@ def auto_command(args: Sequence[str]) -> int:
     with the search, finished trials kept. storage=postgresql://USER:PASSWORD@HOST/DB [study_name=auto]
     keeps the study in a database server that several workers (machines) share. Other key=value
     arguments are config overrides for every trial (data=..., trainer.max_epochs=...)."""
-    return 0 if run_auto(args).checkpoint is not None else 1
+    result = run_auto(args)
+    print(f"auto: {result.summary()}; leaderboard, best first:")
+    print(format_table(*result.table()))
+    if result.checkpoint is None:
+        print(f"no trial finished within the budget; the trials' logs are in {result.folder / 'trials'}")
+    else:
+        print(f"best: {result.score:.4f} -> {result.checkpoint}")
+    print(f"  leaderboard: {result.folder / 'leaderboard.csv'}")
+    return 0 if result.checkpoint is not None else 1
 
 
 def run_auto(args: Sequence[str]):
@@ -53,35 +60,4 @@ def run_auto(args: Sequence[str]):
         print("\n".join(ranking.lines()))
         return [asdict(r) for r in ranking.ranked]
 
-    result = search(overrides, out, settings, rank)
-    rows = result.leaderboard
-    print(f"auto: {len(rows)} trials in {result.seconds:.0f} s of a {budget:.0f} s budget; leaderboard, best first:")
-    print(
-        format_table(
-            ["trial", "backbone", "recipe", "lr", "weight decay", "score", "state", "epochs", "s"],
-            [
-                [
-                    r["trial"],
-                    r["backbone"],
-                    r["recipe"],
-                    _number(r["lr"]),
-                    _number(r["weight_decay"]),
-                    _number(r["score"], ".4f"),
-                    r["state"].lower(),
-                    r["epochs"] or "-",
-                    r["seconds"],
-                ]
-                for r in rows[:15]
-            ],
-        )
-    )
-    if result.checkpoint is None:
-        print(f"no trial finished within the budget; the trials' logs are in {out / 'trials'}")
-    else:
-        print(f"best: {result.score:.4f} -> {result.checkpoint}")
-    print(f"  leaderboard: {Path(out) / 'leaderboard.csv'}")
-    return result
-
-
-def _number(value, spec: str = ".2g") -> str:
-    return "-" if value is None or value == "" else (format(value, spec) if isinstance(value, float) else str(value))
+    return search(overrides, out, settings, rank)

@@ -17,6 +17,13 @@ from finetune.train.optim import group_lrs
 def check_data_command(overrides: Sequence[str]) -> int:
     """``finetune check-data data=...``: the pre-run data check, plus a full decode of every file
     (unreadable files are listed as skipped, near-blank placeholders as a warning)."""
+    print(full_check(overrides).table())
+    return 0
+
+
+def full_check(overrides: Sequence[str]):
+    """:func:`check_data_command`'s :class:`~finetune.data.check.DataReport` (also
+    :func:`finetune.check_data`'s)."""
     cfg = compose_config(overrides)
     splits = load_data(cfg.data, cfg.seed, cfg.get("task", "multiclass"))
     failures: dict[str, str] = {}
@@ -26,8 +33,7 @@ def check_data_command(overrides: Sequence[str]) -> int:
     report = check_data(splits, cfg.data.batch_size)
     report.add_unreadable(failures)
     report.add_near_blank(near_blank)
-    print(report.table())
-    return 0
+    return report
 
 
 def show_groups_command(overrides: Sequence[str]) -> int:

@@ -16,6 +16,7 @@ import hashlib
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from html import escape
 
 import numpy as np
 
@@ -23,7 +24,7 @@ from finetune.data.file_memo import file_digest
 from finetune.data.labels import cardinality, describe_cardinality
 from finetune.data.sources import SPLITS, DataSplits
 from finetune.errors import DataError
-from finetune.tables import format_table
+from finetune.tables import format_table, html_table, pairs_table
 
 COUNTED = ("train", "calibration", "val", "test")  # the calibration split is carved from train
 
@@ -99,6 +100,24 @@ class DataReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def _repr_html_(self) -> str:
+        """In a notebook: images per class and split, the facts, skipped files and warnings."""
+        splits = [s for s in COUNTED if sum(self.counts.get(s, {}).values())]
+        rows = [[c, *(self.counts[s][c] for s in splits)] for c in self.classes[:40]]
+        if len(self.classes) > 40:
+            rows.append([f"... {len(self.classes) - 40} more classes", *[""] * len(splits)])
+        rows.append(["total", *(self.images.get(s) or sum(self.counts[s].values()) for s in splits)])
+        facts = [("skipped files", len(self.skipped)), ("duplicates across splits", len(self.duplicates))]
+        if self.size_range:
+            facts.insert(0, ("image sizes", "{}x{} (smallest) to {}x{} (largest)".format(*self.size_range)))
+        facts += [(f"labels per image ({s})", describe_cardinality(c)) for s, c in self.cardinality.items()]
+        parts = [f"<p><b>data</b>: {escape(self.description)}</p>", html_table(["class", *splits], rows)]
+        parts.append(pairs_table(facts))
+        if self.skipped:
+            parts.append(html_table(["skipped", "why"], self.skipped[:20], f"{len(self.skipped)} skipped files"))
+        parts += [f'<p style="color:#a33;margin:2px 0">warning: {escape(w)}</p>' for w in self.warnings]
+        return '<div class="finetune-data">' + "".join(parts) + "</div>"
 
 
 def split_images(report: Mapping, split: str) -> int | None:

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import ConfigError
+from finetune.search.auto_result import AutoResult
 
 log = logging.getLogger(__name__)
 
@@ -58,18 +59,6 @@ LEADERBOARD_FIELDS = (
     "seconds",
     "checkpoint",
 )
-
-
-@dataclass(frozen=True)
-class AutoResult:
-    """What ``finetune auto`` found: the best ``checkpoint`` (None when no trial finished), its
-    ``score`` (the monitored validation metric), the ``leaderboard`` rows, best first."""
-
-    checkpoint: Path | None
-    score: float | None
-    leaderboard: list[dict]
-    folder: Path
-    seconds: float
 
 
 def parse_budget(text: str) -> float:
@@ -202,7 +191,7 @@ def search(overrides: Sequence[str], out: Path, settings: AutoSettings, rank) ->
             shutil.copyfile(best["checkpoint"], checkpoint)
         else:  # a shared study's best trial ran on another machine: its checkpoint is there
             checkpoint = Path(best["checkpoint"])
-    return AutoResult(checkpoint, best["score"] if best else None, board, out, time.time() - started)
+    return AutoResult(checkpoint, best["score"] if best else None, board, out, time.time() - started, settings.budget)
 
 
 def _open_study(out: Path, settings: AutoSettings):

@@ -66,8 +66,10 @@ class NotebookPanel(logging.Handler):
 @contextmanager
 def notebook_screen() -> Iterator[None]:
     """In a Jupyter kernel, the run's lines go to a :class:`NotebookPanel`; elsewhere nothing
-    changes (a terminal or a pipe prints what it always did)."""
-    if not in_notebook():
+    changes (a terminal or a pipe prints what it always did), and a console quieted by a search
+    (its trials print one line each) stays quiet."""
+    console = [h for h in logging.getLogger("finetune").handlers if getattr(h, "_finetune_console", False)]
+    if not in_notebook() or any(h.level > logging.INFO for h in console):
         yield
         return
     panel = NotebookPanel()

@@ -279,3 +279,24 @@ def audit(
         log_loss=losses,
         seconds=seconds,
     )
+
+
+def summary_lines(summary: dict, skipped: dict[str, str]) -> list[str]:
+    """One line per fact of an audit's `summary` (see :meth:`finetune.use.audit.Audit.summary`)."""
+    per_split = ", ".join(f"{s} {n}" for s, n in summary["images_per_split"].items())
+    low, high = summary["kfold_accuracy_95ci"]
+    pairs, across, leaks = summary["duplicate_pairs"], summary["duplicate_pairs_across_splits"], summary["leaks"]
+    lines = [
+        f"audited {summary['images']} images ({per_split}), {len(summary['classes'])} classes, "
+        f"{summary['backbone']} features, {summary['folds']}-fold linear probe",
+        f"k-fold accuracy {summary['kfold_accuracy']:.3f} (95% CI {low:.3f}-{high:.3f}) against the given labels",
+        f"{summary['label_issues']} likely label errors (confident learning)"
+        + (": the top rows of audit.csv, suspects.png" if summary["label_issues"] else ""),
+        f"{pairs} near-duplicate pairs (thumbnails correlate >= {summary['duplicate_similarity']:g}), "
+        f"{across} across splits" + (f", {leaks} of them train <-> val/test leaks" if leaks else ""),
+        f"{summary['outliers']} outliers (far from every other image)",
+    ]
+    if skipped:
+        shown = ", ".join(list(skipped)[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
+        lines.append(f"skipped {len(skipped)} unreadable files: {shown}")
+    return lines

@@ -1,32 +1,11 @@
-"""Small self-contained HTML for a notebook (no JavaScript, no stylesheet to load): tables, and
-what a loaded model and its predictions look like as a cell's result (``_repr_html_``)."""
+"""What a loaded model and its predictions look like as a notebook cell's result (``_repr_html_``):
+small self-contained HTML tables (:func:`finetune.tables.html_table`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from html import escape
+from collections.abc import Sequence
 
-STYLE = "border-collapse:collapse;font-family:monospace;font-size:12px;margin:4px 0"
-CELL = "padding:2px 8px;text-align:right;border-bottom:1px solid #ddd"
-
-
-def html_table(columns: Sequence[str], rows: Iterable[Sequence], caption: str | None = None) -> str:
-    """One ``<table>`` of `rows` under `columns`, every cell escaped."""
-    head = "".join(f'<th style="{CELL}">{escape(str(c))}</th>' for c in columns)
-    body = "".join("<tr>" + "".join(f'<td style="{CELL}">{escape(str(c))}</td>' for c in row) + "</tr>" for row in rows)
-    title = f'<caption style="text-align:left">{escape(caption)}</caption>' if caption else ""
-    return f'<table style="{STYLE}">{title}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
-
-
-def pairs_table(pairs: Iterable[tuple[str, object]], caption: str | None = None) -> str:
-    """A two-column table of (name, value) pairs, names left-aligned."""
-    rows = "".join(
-        f'<tr><th style="{CELL};text-align:left">{escape(str(k))}</th><td style="{CELL};text-align:left">'
-        f"{escape(str(v))}</td></tr>"
-        for k, v in pairs
-    )
-    title = f'<caption style="text-align:left"><b>{escape(caption)}</b></caption>' if caption else ""
-    return f'<table style="{STYLE}">{title}{rows}</table>'
+from finetune.tables import html_table, pairs_table
 
 
 def model_html(model) -> str:

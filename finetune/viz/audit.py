@@ -1,8 +1,13 @@
 """The audit's pictures: the top suspects (likely label errors, then outliers) titled with the
-given and the suggested label, and the near-duplicate pairs side by side."""
+given and the suggested label, and the near-duplicate pairs side by side; and the
+:class:`AuditReport` that ``finetune audit`` writes and a notebook shows."""
 
 from __future__ import annotations
 
+import csv
+import json
+from dataclasses import dataclass, field
+from html import escape
 from pathlib import Path
 
 import matplotlib
@@ -12,7 +17,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from finetune.data.images import UnreadableImage, load_rgb  # noqa: E402
-from finetune.use.audit import Audit  # noqa: E402
+from finetune.tables import html_table  # noqa: E402
+from finetune.use.audit import Audit, summary_lines  # noqa: E402
 
 THUMBNAIL = 160  # px, longest side: a grid of a few dozen photos stays small in memory
 
@@ -97,3 +103,74 @@ def duplicates(audit: Audit, path: Path, top: int = 8) -> Path | None:
     )
     fig.tight_layout()
     return _save(fig, path)
+
+
+@dataclass
+class AuditReport:
+    """What ``finetune audit`` (and :func:`finetune.audit`) found: the :class:`Audit`, the files
+    `skipped` as unreadable (path -> reason), the `top` suspects its picture shows. ``save(out)``
+    writes audit.csv, audit.json, suspects.png and duplicates.png; in a notebook it renders as its
+    facts, the suspects picture and the first suspects' rows."""
+
+    audit: Audit
+    skipped: dict[str, str] = field(default_factory=dict)
+    top: int = 24
+    folder: Path | None = None  # where save() wrote, once it has
+    files: list[Path] = field(default_factory=list)  # what it wrote there
+
+    def __repr__(self) -> str:
+        return f"AuditReport({'; '.join(self.lines()[1:4])})"
+
+    def rows(self) -> list[dict]:
+        """One dict per image, the columns of audit.csv (most suspect first)."""
+        return self.audit.rows()
+
+    def lines(self) -> list[str]:
+        """One line per fact, as the command prints them."""
+        return summary_lines(self.audit.summary(), self.skipped)
+
+    def summary(self) -> dict:
+        return {**self.audit.summary(), "skipped": self.skipped}
+
+    def save(self, out: Path) -> list[Path]:
+        """The audit's files in `out` (made when missing); the paths written."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        rows = self.audit.rows()
+        with (out / "audit.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        (out / "audit.json").write_text(json.dumps(self.summary(), indent=2))
+        pictures = [
+            suspects(self.audit, out / "suspects.png", self.top),
+            duplicates(self.audit, out / "duplicates.png"),
+        ]
+        self.folder = out
+        self.files = [out / "audit.csv", out / "audit.json"] + [p for p in pictures if p is not None]
+        return self.files
+
+    def show_suspects(self, k: int | None = None):
+        """The first `k` (default: `top`) suspects as a picture for a notebook cell (None: none flagged)."""
+        from finetune.viz.notebook import drawn
+
+        return drawn(lambda path: suspects(self.audit, path, k or self.top), "given -> suggested label")
+
+    def show_duplicates(self, k: int = 8):
+        """The `k` most similar near-duplicate pairs, side by side (None: no pair)."""
+        from finetune.viz.notebook import drawn
+
+        return drawn(lambda path: duplicates(self.audit, path, k), "near-duplicates")
+
+    def _repr_html_(self) -> str:
+        facts = "".join(f"<li>{escape(line)}</li>" for line in self.lines())
+        parts = [f'<div class="finetune-audit"><b>AuditReport</b><ul style="margin:2px 0">{facts}</ul>']
+        for picture in (self.show_suspects(), self.show_duplicates()):
+            if picture is not None:
+                parts.append(picture._repr_html_())
+        flagged = [r for r in self.audit.rows() if r["is_label_issue"] or r["is_outlier"]][:10]
+        if flagged:
+            columns = ["path", "split", "given", "suggested", "label_quality", "is_outlier"]
+            parts.append(html_table(columns, [[r[c] for c in columns] for r in flagged], "the first suspects"))
+        where = f"<p>files: {escape(str(self.folder))}</p>" if self.folder else ""
+        return "".join(parts) + where + "</div>"

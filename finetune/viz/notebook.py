@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from finetune.errors import ConfigError
+from finetune.tables import html_table, pairs_table
 from finetune.use.metrics import classification_report
-from finetune.use.notebook import html_table, pairs_table
 from finetune.viz import pictures
 
 IMG = 'style="max-width:100%;display:block;margin:4px 0"'
