@@ -2,7 +2,8 @@
 exit code. Before training: ``check-data``, ``show-groups`` (:mod:`.inspect_run`), ``lr-find``
 (:mod:`.lr_find`); with a trained
 model: ``predict``, ``evaluate``, ``export``, ``viz`` (:mod:`.model`); features out: ``embed``,
-``probe`` (:mod:`.features`); what to look at in the data: ``audit`` (:mod:`.audit`); which backbone suits
+``probe`` (:mod:`.features`); what to look at in the data: ``audit`` (:mod:`.audit`); data as
+streamed shards: ``shard`` (:mod:`.shard`); which backbone suits
 it: ``rank`` (:mod:`.rank`), and the whole choice within a budget: ``auto`` (:mod:`.auto`); sharing a model: ``push``
 (:mod:`.share`), ``serve`` (:mod:`.serve`). A
 command's module is imported when it runs, so that the CLI answers ``--help`` and mistakes
@@ -25,6 +26,7 @@ COMMANDS = {
     "embed": ("finetune.commands.features", "embed_command"),
     "probe": ("finetune.commands.features", "probe_command"),
     "audit": ("finetune.commands.audit", "audit_command"),
+    "shard": ("finetune.commands.shard", "shard_command"),
     "rank": ("finetune.commands.rank", "rank_command"),
     "auto": ("finetune.commands.auto", "auto_command"),
     "push": ("finetune.commands.share", "push_command"),

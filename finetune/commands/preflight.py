@@ -43,6 +43,7 @@ _EXTRAS = {
     "hydra/sweeper=optuna": ("optuna", "sweep"),
     "hydra/launcher=slurm": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
     "data=hf": ("datasets", "hf"),
+    "data=stream": ("litdata", "stream"),
     "logger=mlflow": ("mlflow", "loggers"),
     "logger=tensorboard": ("tensorboard", "loggers"),
 }

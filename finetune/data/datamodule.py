@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from finetune.data.epochs import EpochSampler, RankShare, derived_seed
+from finetune.data.epochs import ChunkOrder, EpochSampler, RankShare, ShardShare, derived_seed
 from finetune.data.images import UnreadableImage, load_rgb
 from finetune.data.labels import multi_hot
 from finetune.data.sources import DataSplits, Sample
@@ -168,12 +168,16 @@ class ImageDataModule(L.LightningDataModule):
             # Each draw picks a class uniformly (in expectation), then an image of it.
             weights = class_weights(self.splits)[self.train_labels()]
         # Order and augmentation are functions of (seed, epoch): a resumed run redoes an epoch exactly.
-        sampler = EpochSampler(len(self.train_labels()), self.seed, weights)
+        # Streamed shards (blocks: rows per chunk) are read a chunk at a time, unless weighted.
+        blocks = self.splits.blocks if sum(self.splits.blocks) == len(self.splits.train) else []
+        chunked = bool(blocks) and weights is None
+        sampler = ChunkOrder(blocks, self.seed) if chunked else EpochSampler(len(self.splits.train), self.seed, weights)
         # Worker processes fetch their first indices as soon as the epoch's iterator exists, which a
         # resumed run creates before Lightning's set_epoch: start at the epoch the run is in.
         trainer = self.trainer
         if trainer is not None and trainer.world_size > 1:  # DDP: this rank's share of that order
-            sampler = RankShare(sampler, trainer.world_size, trainer.global_rank)
+            share = ShardShare if chunked else RankShare
+            sampler = share(sampler, trainer.world_size, trainer.global_rank)
         sampler.set_epoch(self.starting_epoch() if self.starting_epoch is not None else 0)
         return self._loader(self.dataset("train"), shuffle=False, sampler=sampler)
 

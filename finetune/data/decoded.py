@@ -104,7 +104,11 @@ def decoded_images(
     setting = cache["decoded"]
     if setting not in ("auto", True, False):
         raise ConfigError(f"data.cache.decoded={setting!r}; use auto, true or false.")
-    files = any(isinstance(item, str) for split in SPLITS for item, _ in getattr(splits, split))
+    files = any(
+        isinstance(item, str) and not getattr(item, "streamed", False)  # streamed: larger than memory, no sizes
+        for split in SPLITS
+        for item, _ in getattr(splits, split)
+    )
     if setting is False or not files:
         return None
     height, width = input_size(data_config, image_size)

@@ -76,3 +76,47 @@ class RankShare(DistributedSampler):
         order = list(self.sampler)
         order = (order * -(-self.total_size // len(order)))[: self.total_size]
         return iter(order[self.rank : self.total_size : self.num_replicas])
+
+
+class ChunkOrder(EpochSampler):
+    """Like :class:`EpochSampler` without weights, for rows stored in chunks (streamed shards,
+    `blocks`: rows per chunk, in row order): the chunks in a permutation, then each chunk's rows in
+    a permutation, both functions of (seed, epoch). One process reads each chunk once per epoch
+    instead of all of them for every batch."""
+
+    def __init__(self, blocks: list[int], seed: int):
+        super().__init__(sum(blocks), seed)
+        self.blocks = list(blocks)
+
+    def chunks(self) -> list[list[int]]:
+        """This epoch's order, chunk by chunk."""
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch))
+        starts = np.concatenate([[0], np.cumsum(self.blocks)[:-1]]).astype(int).tolist()
+        order = torch.randperm(len(self.blocks), generator=generator).tolist()
+        return [[starts[c] + i for i in torch.randperm(self.blocks[c], generator=generator).tolist()] for c in order]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        return ((epoch, i) for chunk in self.chunks() for i in chunk)
+
+
+class ShardShare(RankShare):
+    """One DDP rank's share of a :class:`ChunkOrder`: whole chunks, dealt in the epoch's chunk
+    order to the rank holding the fewest rows so far, so each rank reads its own chunks. Ranks
+    must take equal numbers of steps: a shorter share repeats its own first rows up to the longest
+    (as ``DistributedSampler`` pads). Unlike :class:`RankShare`, the result depends on the number of
+    ranks (no rank reads another's chunks)."""
+
+    def _shares(self) -> list[list[int]]:
+        shares = [[] for _ in range(self.num_replicas)]
+        for chunk in self.sampler.chunks():
+            min(shares, key=len).extend(chunk)
+        longest = max(len(s) for s in shares)
+        return [(s * -(-longest // max(len(s), 1)))[:longest] if s else shares[0][:longest] for s in shares]
+
+    def __len__(self) -> int:
+        return len(self._shares()[self.rank])
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.sampler.epoch
+        return ((epoch, i) for i in self._shares()[self.rank])

@@ -65,6 +65,8 @@ def file_digest(path: str | os.PathLike) -> str:
     """A hex digest of the file's bytes (BLAKE2b, 128 bits): equal contents, equal digests."""
     digest = hashlib.blake2b(digest_size=16)
     if isinstance(path, StoredImage):
+        if getattr(path, "digest", None):  # known from where it is stored (streamed shards)
+            return path.digest
         digest.update(path.encoded())
         return digest.hexdigest()
     with open(path, "rb") as f:

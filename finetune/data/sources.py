@@ -1,5 +1,6 @@
 """Where samples come from: scikit-learn's digits, folders of class folders, a CSV manifest
-(:mod:`finetune.data.manifest`) or a Hugging Face dataset (:mod:`finetune.data.hf`).
+(:mod:`finetune.data.manifest`), a Hugging Face dataset (:mod:`finetune.data.hf`) or streamed
+shards (:mod:`finetune.data.stream`).
 
 Every source returns :class:`~finetune.data.samples.DataSplits`. Labels are mapped by class
 name, never by position, so a validation folder listing classes in another order is safe.
@@ -48,6 +49,10 @@ def load_data(cfg, seed: int, task: str = "multiclass") -> DataSplits:
         from finetune.data.hf import load_hf  # imports datasets only when asked
 
         return load_hf(cfg, seed, task)
+    if cfg.name == "stream":
+        from finetune.data.stream import load_stream  # imports LitData only when asked
+
+        return load_stream(cfg, seed, task)
     if task == "multilabel" and cfg.name != "csv":
         raise ConfigError(
             f"task=multilabel needs a manifest whose rows list several labels (data=csv "
@@ -71,7 +76,7 @@ def load_data(cfg, seed: int, task: str = "multiclass") -> DataSplits:
             label_sep=cfg.get("label_sep"),
             label_columns=cfg.get("label_columns"),
         )
-    raise ConfigError(f"data.name={cfg.name!r}; choose data=digits, data=folder, data=csv or data=hf.")
+    raise ConfigError(f"data.name={cfg.name!r}; choose data=digits, data=folder, data=csv, data=hf or data=stream.")
 
 
 def load_digits(val_fraction: float, seed: int) -> DataSplits:

@@ -1,0 +1,121 @@
+"""Writing streamed shards (``finetune shard data=... out=DIR|s3://bucket/prefix``): any source's
+:class:`~finetune.data.samples.DataSplits` to LitData chunks, read back by :mod:`finetune.data.stream`.
+
+Each split goes through LitData's ``optimize`` as records ``{"row": i, "image": encoded bytes}``
+(the file's own bytes: nothing is decoded or re-encoded, so a streamed run sees exactly what the
+folder run saw), with one writer process, so record i of the split is sample i of the source (the
+labels in ``finetune.json`` follow that order; each record carries its row number, checked when it
+is read). ``finetune.json`` is written last: a folder without it is an unfinished shard set.
+The split between train and val is the source's at shard time (its seed when it splits).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from finetune.data.file_memo import StoredImage, file_digest
+from finetune.data.samples import SPLITS, DataSplits
+from finetune.data.stream import FORMAT, META, allow_plain_http, s3_client, s3_error
+from finetune.errors import ConfigError
+
+
+def encoded(item) -> bytes:
+    """A sample's encoded image: a file's bytes, a dataset row's bytes, an array as PNG."""
+    if isinstance(item, np.ndarray):
+        buffer = io.BytesIO()
+        Image.fromarray(item).save(buffer, format="PNG")
+        return buffer.getvalue()
+    if isinstance(item, StoredImage):
+        return item.encoded()
+    return Path(item).read_bytes()
+
+
+def _record(pair: tuple) -> dict:
+    row, item = pair
+    return {"row": row, "image": encoded(item)}
+
+
+def _digest(item) -> str:
+    if isinstance(item, np.ndarray):
+        return hashlib.blake2b(encoded(item), digest_size=16).hexdigest()
+    return file_digest(item)  # what the data check and the feature cache compute from the bytes
+
+
+def _refuse_existing(out: str, endpoint: str | None) -> None:
+    if not out.startswith("s3://"):
+        if Path(out).exists() and any(Path(out).iterdir()):
+            raise ConfigError(f"out={out!r} is not empty; choose another folder or add overwrite=true.")
+        return
+    bucket, _, prefix = out.removeprefix("s3://").partition("/")
+    try:
+        found = s3_client(endpoint).list_objects_v2(Bucket=bucket, Prefix=prefix.strip("/") + "/", MaxKeys=1)
+    except Exception as err:
+        raise s3_error(err, out) from None
+    if found.get("KeyCount"):
+        raise ConfigError(f"out={out!r} already holds objects; choose another prefix or add overwrite=true.")
+
+
+def _put(out: str, name: str, data: bytes, endpoint: str | None) -> None:
+    if not out.startswith("s3://"):
+        Path(out, name).write_bytes(data)
+        return
+    bucket, _, prefix = out.removeprefix("s3://").partition("/")
+    try:
+        s3_client(endpoint).put_object(Bucket=bucket, Key=f"{prefix.strip('/')}/{name}".lstrip("/"), Body=data)
+    except Exception as err:
+        raise s3_error(err, out) from None
+
+
+def write_shards(
+    splits: DataSplits, out: str, chunk_bytes: str = "64MB", endpoint: str | None = None, overwrite: bool = False
+) -> dict:
+    """Write `splits` as shards under `out` (a folder or s3://bucket/prefix); the description
+    written to ``out/finetune.json``."""
+    from litdata import optimize
+
+    out = out.rstrip("/")
+    if not out.startswith("s3://"):
+        out = str(Path(out).expanduser().resolve())
+    if not overwrite:
+        _refuse_existing(out, endpoint)
+    elif not out.startswith("s3://"):
+        Path(out, META).unlink(missing_ok=True)  # unfinished until the new description is written
+    allow_plain_http(endpoint)
+    options = {"endpoint_url": endpoint} if endpoint else {}
+    labels, digests = {}, {}
+    fingerprint = hashlib.blake2b(digest_size=16)
+    for split in SPLITS:
+        samples = getattr(splits, split)
+        if not samples:
+            continue
+        digests[split] = [_digest(item) for item, _ in samples]
+        labels[split] = [list(y) if isinstance(y, tuple) else int(y) for _, y in samples]
+        fingerprint.update(json.dumps([split, labels[split], digests[split]]).encode())
+        optimize(
+            fn=_record,
+            inputs=[(i, item) for i, (item, _) in enumerate(samples)],
+            output_dir=f"{out}/{split}",
+            chunk_bytes=chunk_bytes,
+            num_workers=1,  # record i is sample i: the labels in finetune.json follow this order
+            mode="overwrite",
+            storage_options=options,
+        )
+    meta = {
+        "format": FORMAT,
+        "task": splits.task,
+        "classes": list(splits.classes),
+        "counts": {split: len(rows) for split, rows in labels.items()},
+        "description": splits.description,
+        "skipped": [list(s) for s in splits.skipped],
+        "fingerprint": fingerprint.hexdigest(),
+        "labels": labels,
+        "digests": digests,
+    }
+    _put(out, META, json.dumps(meta).encode(), endpoint)
+    return meta
