@@ -11,9 +11,14 @@ The split between train and val is the source's at shard time (its seed when it 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import logging
+import os
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +28,8 @@ from finetune.data.file_memo import StoredImage, file_digest
 from finetune.data.samples import SPLITS, DataSplits
 from finetune.data.stream import FORMAT, META, allow_plain_http, s3_client, s3_error
 from finetune.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def encoded(item) -> bytes:
@@ -97,15 +104,17 @@ def write_shards(
         digests[split] = [_digest(item) for item, _ in samples]
         labels[split] = [list(y) if isinstance(y, tuple) else int(y) for _, y in samples]
         fingerprint.update(json.dumps([split, labels[split], digests[split]]).encode())
-        optimize(
-            fn=_record,
-            inputs=[(i, item) for i, (item, _) in enumerate(samples)],
-            output_dir=f"{out}/{split}",
-            chunk_bytes=chunk_bytes,
-            num_workers=1,  # record i is sample i: the labels in finetune.json follow this order
-            mode="overwrite",
-            storage_options=options,
-        )
+        log.info("shard: writing %s (%d images) to %s/%s", split, len(samples), out, split)
+        with _library_output_to_log():
+            optimize(
+                fn=_record,
+                inputs=[(i, item) for i, (item, _) in enumerate(samples)],
+                output_dir=f"{out}/{split}",
+                chunk_bytes=chunk_bytes,
+                num_workers=1,  # record i is sample i: the labels in finetune.json follow this order
+                mode="overwrite",
+                storage_options=options,
+            )
     meta = {
         "format": FORMAT,
         "task": splits.task,
@@ -119,3 +128,34 @@ def write_shards(
     }
     _put(out, META, json.dumps(meta).encode(), endpoint)
     return meta
+
+
+@contextlib.contextmanager
+def _library_output_to_log():
+    """LitData's ``optimize`` prints a dozen lines and a progress bar per split (an account
+    advert, its start method, worker states) from this process and its spawned worker: the file
+    descriptors are pointed at a temporary file, whose text goes to the debug log, or to stderr
+    when ``optimize`` fails (so nothing that explains a failure is lost)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 1)
+        os.dup2(captured.fileno(), 2)
+        failed = True
+        try:
+            yield
+            failed = False
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+            captured.seek(0)
+            text = captured.read().decode("utf-8", errors="replace")
+            if failed:
+                sys.stderr.write(text[-4000:])
+            else:
+                log.debug("%s", text)

@@ -131,6 +131,43 @@ def test_head_only_from_local_and_s3_shards_matches_the_folder(shards, tmp_path)
     assert list((tmp_path / "cache").rglob("chunk-*.bin"))  # the s3 run read downloaded chunks
 
 
+def _encoded(item) -> bytes:
+    return item.encoded() if hasattr(item, "encoded") else Path(item).read_bytes()
+
+
+@pytest.mark.parametrize("source", ["csv-multilabel", "hf"])
+def test_a_manifest_and_a_hugging_face_dataset_shard_to_the_same_rows(source, tmp_path):
+    """Every source shards alike: the same classes, labels (label sets too) and bytes, split by split."""
+    from finetune.config import compose_config
+    from finetune.data.shards import write_shards
+
+    data = tmp_path / "data"
+    write_class_folders(data / "train", per_class=4)
+    write_class_folders(data / "validation", per_class=2, seed=1)
+    task = "multilabel" if source == "csv-multilabel" else "multiclass"
+    if source == "hf":
+        overrides = ["data=hf", f"data.path={data}"]
+    else:
+        rows = ["path,label,split"]
+        for i, path in enumerate(sorted(data.rglob("*.jpg"))):
+            labels = path.parent.name + (" wasps" if i % 3 == 0 and path.parent.name != "wasps" else "")
+            rows.append(f"{path.relative_to(data)},{labels},{'train' if path.parts[-3] == 'train' else 'val'}")
+        (data / "labels.csv").write_text("\n".join(rows) + "\n")
+        overrides = ["data=csv", f"data.csv={data / 'labels.csv'}", "data.split_column=split", "data.label_sep=' '"]
+    cfg = compose_config([*overrides, f"task={task}"])
+    original = load_data(cfg.data, 0, task)
+    write_shards(original, str(tmp_path / "shards"))
+    streamed = load_data(_data("stream", tmp_path / "shards"), 0, task)
+    assert streamed.classes == original.classes and streamed.multilabel == original.multilabel
+    for split in ("train", "val"):
+        ours, theirs = getattr(streamed, split), getattr(original, split)
+        assert len(ours) == len(theirs) > 0
+        assert [tuple(y) if task == "multilabel" else y for _, y in ours] == [
+            tuple(y) if task == "multilabel" else y for _, y in theirs
+        ]
+        assert [_encoded(a) for a, _ in ours] == [_encoded(b) for b, _ in theirs]
+
+
 def test_chunk_order_reads_a_chunk_at_a_time_and_ranks_read_their_own_chunks():
     blocks = [8, 7, 7, 2]
     order = ChunkOrder(blocks, seed=3)
