@@ -27,7 +27,9 @@ def shard_command(args: Sequence[str]) -> int:
     except ImportError:
         raise ConfigError("finetune shard needs LitData: pip install 'finetune[stream]'.") from None
     splits = load_data(cfg.data, cfg.seed, cfg.get("task", "multiclass"))
-    meta = write_shards(splits, opts["out"], opts["chunk_bytes"], opts["endpoint_url"], flag(opts, "overwrite"))
+    meta = write_shards(
+        splits, opts["out"], opts["chunk_bytes"], opts["endpoint_url"], flag(opts, "overwrite"), seed=cfg.seed
+    )
     counts = ", ".join(f"{split} {meta['counts'][split]}" for split in SPLITS if split in meta["counts"])
     print(f"wrote {counts} images ({len(splits.classes)} classes, {len(splits.skipped)} skipped) to {opts['out']}")
     print(f"train from them with: finetune data=stream data.uri={opts['out']}")

@@ -168,10 +168,11 @@ class ImageDataModule(L.LightningDataModule):
             # Each draw picks a class uniformly (in expectation), then an image of it.
             weights = class_weights(self.splits)[self.train_labels()]
         # Order and augmentation are functions of (seed, epoch): a resumed run redoes an epoch exactly.
-        # Streamed shards (blocks: rows per chunk) are read a chunk at a time, unless weighted.
-        blocks = self.splits.blocks if sum(self.splits.blocks) == len(self.splits.train) else []
-        chunked = bool(blocks) and weights is None
-        sampler = ChunkOrder(blocks, self.seed) if chunked else EpochSampler(len(self.splits.train), self.seed, weights)
+        # Streamed shards (chunks: the rows each chunk stores) are read a chunk at a time, unless
+        # weighted; not when a calibration split was carved out of train (its rows are renumbered).
+        chunks = self.splits.chunks if sum(map(len, self.splits.chunks)) == len(self.splits.train) else []
+        chunked = bool(chunks) and weights is None
+        sampler = ChunkOrder(chunks, self.seed) if chunked else EpochSampler(len(self.splits.train), self.seed, weights)
         # Worker processes fetch their first indices as soon as the epoch's iterator exists, which a
         # resumed run creates before Lightning's set_epoch: start at the epoch the run is in.
         trainer = self.trainer

@@ -80,20 +80,22 @@ class RankShare(DistributedSampler):
 
 class ChunkOrder(EpochSampler):
     """Like :class:`EpochSampler` without weights, for rows stored in chunks (streamed shards,
-    `blocks`: rows per chunk, in row order): the chunks in a permutation, then each chunk's rows in
-    a permutation, both functions of (seed, epoch). One process reads each chunk once per epoch
+    `stored`: the rows each chunk holds): the chunks in a permutation, then each chunk's rows in a
+    permutation, both functions of (seed, epoch). One process reads each chunk once per epoch
     instead of all of them for every batch."""
 
-    def __init__(self, blocks: list[int], seed: int):
-        super().__init__(sum(blocks), seed)
-        self.blocks = list(blocks)
+    def __init__(self, stored: list[list[int]], seed: int):
+        super().__init__(sum(map(len, stored)), seed)
+        self.stored = [list(rows) for rows in stored]
 
     def chunks(self) -> list[list[int]]:
         """This epoch's order, chunk by chunk."""
         generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch))
-        starts = np.concatenate([[0], np.cumsum(self.blocks)[:-1]]).astype(int).tolist()
-        order = torch.randperm(len(self.blocks), generator=generator).tolist()
-        return [[starts[c] + i for i in torch.randperm(self.blocks[c], generator=generator).tolist()] for c in order]
+        order = torch.randperm(len(self.stored), generator=generator).tolist()
+        return [
+            [self.stored[c][i] for i in torch.randperm(len(self.stored[c]), generator=generator).tolist()]
+            for c in order
+        ]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch = self.epoch

@@ -39,8 +39,8 @@ class DataSplits:
     # held out of train for conformal prediction sets (trust.calibration_fraction): neither trained
     # nor used to pick the checkpoint
     calibration: list[Sample] = field(default_factory=list)
-    # rows of train per stored chunk, in order (streamed shards): the order reads a chunk at a time
-    blocks: list[int] = field(default_factory=list)
+    # the rows of train stored in each chunk (streamed shards): the order reads a chunk at a time
+    chunks: list[list[int]] = field(default_factory=list)
 
     @property
     def multilabel(self) -> bool:

@@ -80,10 +80,20 @@ def _put(out: str, name: str, data: bytes, endpoint: str | None) -> None:
 
 
 def write_shards(
-    splits: DataSplits, out: str, chunk_bytes: str = "64MB", endpoint: str | None = None, overwrite: bool = False
+    splits: DataSplits,
+    out: str,
+    chunk_bytes: str = "64MB",
+    endpoint: str | None = None,
+    overwrite: bool = False,
+    *,
+    seed: int = 0,
 ) -> dict:
     """Write `splits` as shards under `out` (a folder or s3://bucket/prefix); the description
-    written to ``out/finetune.json``."""
+    written to ``out/finetune.json``. The training split's records are written in a permutation
+    of `seed` (``finetune.json``'s ``order``): training reads a chunk at a time
+    (:class:`~finetune.data.epochs.ChunkOrder`), and a source listed class by class (every folder)
+    would otherwise fill each chunk, so each batch, with one class. Labels and digests stay in the
+    source's order, in which :func:`~finetune.data.stream.load_stream` gives the rows back."""
     from litdata import optimize
 
     out = out.rstrip("/")
@@ -95,7 +105,7 @@ def write_shards(
         Path(out, META).unlink(missing_ok=True)  # unfinished until the new description is written
     allow_plain_http(endpoint)
     options = {"endpoint_url": endpoint} if endpoint else {}
-    labels, digests = {}, {}
+    labels, digests, order = {}, {}, {}
     fingerprint = hashlib.blake2b(digest_size=16)
     for split in SPLITS:
         samples = getattr(splits, split)
@@ -104,14 +114,18 @@ def write_shards(
         digests[split] = [_digest(item) for item, _ in samples]
         labels[split] = [list(y) if isinstance(y, tuple) else int(y) for _, y in samples]
         fingerprint.update(json.dumps([split, labels[split], digests[split]]).encode())
+        written = list(range(len(samples)))
+        if split == "train":
+            written = np.random.default_rng(seed).permutation(len(samples)).tolist()
+            order[split] = written
         log.info("shard: writing %s (%d images) to %s/%s", split, len(samples), out, split)
         with _library_output_to_log():
             optimize(
                 fn=_record,
-                inputs=[(i, item) for i, (item, _) in enumerate(samples)],
+                inputs=[(row, samples[row][0]) for row in written],  # record i holds source row written[i]
                 output_dir=f"{out}/{split}",
                 chunk_bytes=chunk_bytes,
-                num_workers=1,  # record i is sample i: the labels in finetune.json follow this order
+                num_workers=1,  # one writer: record i is written[i], as finetune.json's "order" says
                 mode="overwrite",
                 storage_options=options,
             )
@@ -125,6 +139,7 @@ def write_shards(
         "fingerprint": fingerprint.hexdigest(),
         "labels": labels,
         "digests": digests,
+        "order": order,  # split -> source row of each record, where not the source's order
     }
     _put(out, META, json.dumps(meta).encode(), endpoint)
     return meta

@@ -16,8 +16,8 @@ function of (seed, epoch), which is what makes ``resume=true`` exact.
 Why not LitData's own iteration and its ``state_dict``: its order is a function of its shuffler and
 worker layout, not of (seed, epoch, index); the feature cache, the data check and the checkpoint's
 exact resume all need random access by index. What LitData's iteration gives (each rank reads its
-own chunks) is kept by the order itself: ``DataSplits.blocks`` holds the train split's chunk sizes
-and :class:`finetune.data.epochs.ChunkOrder` shuffles chunks, then rows within a chunk, so one
+own chunks) is kept by the order itself: ``DataSplits.chunks`` holds the train split's rows chunk
+by chunk and :class:`finetune.data.epochs.ChunkOrder` shuffles chunks, then rows within a chunk, so one
 process reads a chunk once per epoch, and under DDP :class:`finetune.data.epochs.ShardShare`
 deals whole chunks to ranks.
 """
@@ -38,22 +38,24 @@ _OPEN: dict[tuple, object] = {}  # (uri, split, endpoint, cache) -> StreamingDat
 
 
 class StreamRow(StoredImage):
-    """Row `index` of the split dataset `source` = (split URI, endpoint or None, cache dir)."""
+    """Source row `row` of a split, stored as record `index` of the split dataset `source` =
+    (split URI, endpoint or None, cache dir)."""
 
-    def __new__(cls, name: str, source: tuple, index: int, digest: str | None = None):
-        row = super().__new__(cls, name)
-        row.source, row.index, row.digest = source, index, digest
-        return row
+    def __new__(cls, name: str, source: tuple, index: int, digest: str | None = None, row: int | None = None):
+        stored = super().__new__(cls, name)
+        stored.source, stored.index, stored.digest = source, index, digest
+        stored.row = index if row is None else row
+        return stored
 
     streamed = True  # no header was read at load time (the decoded-image cache leaves it alone)
 
     def __reduce__(self):  # DataLoader workers open their own StreamingDataset
-        return StreamRow, (str(self), self.source, self.index, self.digest)
+        return StreamRow, (str(self), self.source, self.index, self.digest, self.row)
 
     def encoded(self) -> bytes:
         item = split_dataset(*self.source)[self.index]
-        if item.get("row") != self.index:
-            raise ValueError(f"shard record holds row {item.get('row')}, expected {self.index}")
+        if item.get("row") != self.row:
+            raise ValueError(f"shard record holds row {item.get('row')}, expected {self.row}")
         return item["image"]
 
 
@@ -199,16 +201,22 @@ def load_stream(cfg, seed: int, task: str = "multiclass") -> DataSplits:
         raise DataError(f"{uri}: shard format {meta.get('format')!r}, this finetune reads {FORMAT}; shard again.")
     if stored_task != task:
         raise DataError(f"data.uri={uri!r} holds {stored_task} data; set task={stored_task}.")
-    samples, blocks = {}, []
+    samples, chunks = {}, []
     for split in SPLITS:
         if split not in labels:
             continue
         where, n = f"{uri}/{split}", len(labels[split])
         sizes = chunk_sizes(where, endpoint, n)
+        written = (meta.get("order") or {}).get(split) or list(range(n))  # record i holds source row written[i]
+        if sorted(written) != list(range(n)):
+            raise DataError(f"{uri}/{META}: the order of {split} is not a permutation of its {n} rows; shard again.")
+        record = {row: i for i, row in enumerate(written)}
         if split == "train":
-            blocks = sizes
+            starts = [sum(sizes[:c]) for c in range(len(sizes))]
+            chunks = [written[start : start + size] for start, size in zip(starts, sizes)]
         source = (where, endpoint, str(cfg.get("cache_dir") or "") or None)
-        rows = [StreamRow(f"stream://{fingerprint}/{split}/{i}", source, i, digests[split][i]) for i in range(n)]
+        name = f"stream://{fingerprint}/{split}"
+        rows = [StreamRow(f"{name}/{j}", source, record[j], digests[split][j], j) for j in range(n)]
         samples[split] = [(row, tuple(y) if isinstance(y, list) else y) for row, y in zip(rows, labels[split])]
     if not samples.get("train") or not samples.get("val"):
         raise DataError(f"{uri}: shards need a train and a val split; {META} has {sorted(samples)}.")
@@ -220,5 +228,5 @@ def load_stream(cfg, seed: int, task: str = "multiclass") -> DataSplits:
         [tuple(s) for s in meta.get("skipped", [])],
         samples.get("test", []),
         task=stored_task,
-        blocks=blocks,
+        chunks=chunks,
     )

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import QUICK, TINY, assert_refused, write_class_folders
@@ -94,10 +95,13 @@ def test_shards_hold_every_image_in_chunks_with_the_source_labels(shards):
     assert len(list((out / "train").glob("chunk-*.bin"))) > 1  # 20 kB chunks: several per split
     folder = load_data(_data("folder", root / "data"), 0)
     streamed = load_data(_data("stream", out), 0)
-    assert [y for _, y in streamed.train] == [y for _, y in folder.train]
-    assert sum(streamed.blocks) == 24 and len(streamed.blocks) > 1
-    # The record is the file's own bytes.
-    assert streamed.train[5][0].encoded() == Path(folder.train[5][0]).read_bytes()
+    # The rows come back in the source's order, each record the file's own bytes with its label.
+    assert _rows(streamed.train) == _rows(folder.train) and _rows(streamed.val) == _rows(folder.val)
+    # The training records are stored shuffled (a folder lists class by class: chunks, so batches,
+    # would each hold one class); the chunks hold every row once.
+    assert sorted(sum(streamed.chunks, [])) == list(range(24)) and len(streamed.chunks) > 1
+    labels = [y for _, y in streamed.train]
+    assert all(len({labels[row] for row in chunk}) > 1 for chunk in streamed.chunks if len(chunk) >= 4)
 
 
 def _data(name: str, where):
@@ -135,6 +139,11 @@ def _encoded(item) -> bytes:
     return item.encoded() if hasattr(item, "encoded") else Path(item).read_bytes()
 
 
+def _rows(samples) -> list[tuple[bytes, object]]:
+    """(encoded bytes, label) of each sample, label sets as tuples."""
+    return [(_encoded(item), tuple(y) if isinstance(y, (list, tuple)) else y) for item, y in samples]
+
+
 @pytest.mark.parametrize("source", ["csv-multilabel", "hf"])
 def test_a_manifest_and_a_hugging_face_dataset_shard_to_the_same_rows(source, tmp_path):
     """Every source shards alike: the same classes, labels (label sets too) and bytes, split by split."""
@@ -159,25 +168,21 @@ def test_a_manifest_and_a_hugging_face_dataset_shard_to_the_same_rows(source, tm
     write_shards(original, str(tmp_path / "shards"))
     streamed = load_data(_data("stream", tmp_path / "shards"), 0, task)
     assert streamed.classes == original.classes and streamed.multilabel == original.multilabel
-    for split in ("train", "val"):
-        ours, theirs = getattr(streamed, split), getattr(original, split)
-        assert len(ours) == len(theirs) > 0
-        assert [tuple(y) if task == "multilabel" else y for _, y in ours] == [
-            tuple(y) if task == "multilabel" else y for _, y in theirs
-        ]
-        assert [_encoded(a) for a, _ in ours] == [_encoded(b) for b, _ in theirs]
+    assert len(streamed.train) == len(original.train) > 0 and len(streamed.val) == len(original.val) > 0
+    assert _rows(streamed.train) == _rows(original.train) and _rows(streamed.val) == _rows(original.val)
 
 
 def test_chunk_order_reads_a_chunk_at_a_time_and_ranks_read_their_own_chunks():
-    blocks = [8, 7, 7, 2]
-    order = ChunkOrder(blocks, seed=3)
-    chunk_of = [c for c, n in enumerate(blocks) for _ in range(n)]
+    stored = np.random.default_rng(0).permutation(24).tolist()  # the rows each chunk holds
+    stored = [stored[:8], stored[8:15], stored[15:22], stored[22:]]
+    order = ChunkOrder(stored, seed=3)
+    chunk_of = {row: c for c, rows in enumerate(stored) for row in rows}
     first = [i for _, i in order]
     assert sorted(first) == list(range(24))
     assert sum(chunk_of[a] != chunk_of[b] for a, b in zip(first, first[1:])) == 3  # one switch per chunk
     order.set_epoch(1)
-    assert [i for _, i in order] != first and [i for _, i in ChunkOrder(blocks, 3)] == first
-    shares = [list(ShardShare(ChunkOrder(blocks, 3), 2, rank)) for rank in (0, 1)]
+    assert [i for _, i in order] != first and [i for _, i in ChunkOrder(stored, 3)] == first
+    shares = [list(ShardShare(ChunkOrder(stored, 3), 2, rank)) for rank in (0, 1)]
     assert len(shares[0]) == len(shares[1])  # equal steps on every rank
     chunks = [{chunk_of[i] for _, i in share} for share in shares]
     assert not chunks[0] & chunks[1]  # no chunk read by both ranks
