@@ -23,10 +23,18 @@ STYLE = "border-collapse:collapse;font-family:monospace;font-size:12px;margin:4p
 CELL = "padding:2px 8px;text-align:right;border-bottom:1px solid #ddd"
 
 
+class HTML(str):
+    """A cell that is already HTML (an inline image built here), put in a table as it is."""
+
+
+def _cell(value) -> str:
+    return value if isinstance(value, HTML) else escape(str(value))
+
+
 def html_table(columns: Sequence[str], rows: Iterable[Sequence], caption: str | None = None) -> str:
-    """One ``<table>`` of `rows` under `columns`, every cell escaped."""
+    """One ``<table>`` of `rows` under `columns`, every cell escaped but :class:`HTML` ones."""
     head = "".join(f'<th style="{CELL}">{escape(str(c))}</th>' for c in columns)
-    body = "".join("<tr>" + "".join(f'<td style="{CELL}">{escape(str(c))}</td>' for c in row) + "</tr>" for row in rows)
+    body = "".join("<tr>" + "".join(f'<td style="{CELL}">{_cell(c)}</td>' for c in row) + "</tr>" for row in rows)
     title = f'<caption style="text-align:left">{escape(caption)}</caption>' if caption else ""
     return f'<table style="{STYLE}">{title}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 

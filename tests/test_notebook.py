@@ -10,6 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import TINY, write_class_folders
 
@@ -24,6 +25,7 @@ from finetune.use.notebook import Predictions
 from finetune.viz.notebook import Shown, epoch_panel
 
 PNG_URI = '<img src="data:image/png;base64,'
+JPEG_URI = '<img src="data:image/jpeg;base64,'
 
 
 def run_notebook(cells: list[str], cwd: Path):
@@ -125,11 +127,19 @@ def test_html_is_escaped_and_self_contained():
     assert shown._repr_png_() == b"\x89PNG fake" and PNG_URI in shown._repr_html_()
 
 
-def test_predictions_and_a_loaded_model_render_as_tables():
+def test_predictions_and_a_loaded_model_render_as_tables(tmp_path):
     predictions = Predictions([Prediction("a.jpg", [("ants", 0.9), ("bees", 0.1)])])
     assert predictions == [Prediction("a.jpg", [("ants", 0.9), ("bees", 0.1)])]
     html = predictions._repr_html_()
     assert "a.jpg" in html and "0.900" in html and "bees 0.10" in html
+    assert JPEG_URI not in html  # no such file: the row keeps its name, without a picture
+
+    photo = write_class_folders(tmp_path, ("ants",), per_class=1) / "ants" / "ants_0.jpg"
+    pixels = np.zeros((40, 80, 3), dtype=np.uint8)
+    shown = Predictions([Prediction(str(photo), [("ants", 0.8)]), Prediction("array(40x80)", [("bees", 0.6)])])
+    shown.inputs = [str(photo), pixels]  # a path and an in-memory image, as predict() keeps them
+    html = shown._repr_html_()
+    assert html.count(JPEG_URI) == 2 and "max-height:64px" in html
 
     cfg = compose_config(TINY)
     backbone = backbone_from_config(cfg)
@@ -143,7 +153,7 @@ def test_predictions_and_a_loaded_model_render_as_tables():
 
 # notebook -> (at least this many inline PNGs, texts its outputs must show)
 EXAMPLES = {
-    "first_finetune": (5, ["FitResult", "FinetunedModel", "prediction set"]),
+    "first_finetune": (5, ["FitResult", "FinetunedModel", "prediction set", JPEG_URI]),
     "multilabel": (3, ["labels per image", "val/map", "average precision per label", "thresholds"]),
     "trust_and_audit": (5, ["duplicates across splits", "AuditReport", "likely label errors", "calibration"]),
     "auto": (1, ["AutoResult", "learning curves", "leaderboard, best first", "freeze_all_but_head", "FinetunedModel"]),

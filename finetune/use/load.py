@@ -221,7 +221,9 @@ class FinetunedModel:
             images = [images]
         images = list(images)
         names = list(names) if names is not None else [_describe(image) for image in images]
-        return self.predictions(self.probabilities(images, batch_size, tta), names, top_k, rule)
+        found = self.predictions(self.probabilities(images, batch_size, tta), names, top_k, rule)
+        found.inputs = images  # a notebook shows each image beside its answer
+        return found
 
     def predictions(
         self, probabilities: torch.Tensor, names: Sequence[str], top_k: int = 1, rule: DecisionRule | None = None
