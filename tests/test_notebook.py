@@ -28,15 +28,22 @@ PNG_URI = '<img src="data:image/png;base64,'
 JPEG_URI = '<img src="data:image/jpeg;base64,'
 
 
-def run_notebook(cells: list[str], cwd: Path):
-    """The executed notebook of `cells`, in a python3 kernel that imports this checkout's finetune."""
+def run_notebook(cells: list[str], cwd: Path, updates: list | None = None):
+    """The executed notebook of `cells`, in a python3 kernel that imports this checkout's finetune;
+    `updates` receives the HTML of every in-place display update, as the front end saw them."""
     import nbformat
     from nbclient import NotebookClient
+
+    class Client(NotebookClient):
+        def process_message(self, msg, cell, cell_index):
+            if updates is not None and msg["msg_type"] == "update_display_data":
+                updates.append(msg["content"]["data"].get("text/html", ""))
+            return super().process_message(msg, cell, cell_index)
 
     notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
     repo = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
-    client = NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(cwd)}})
+    client = Client(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(cwd)}})
     client.execute(env=env)
     return notebook
 
@@ -88,6 +95,25 @@ def test_a_run_in_a_notebook_is_one_live_table_and_its_result_renders_with_pictu
         data = picture[0].data
         assert PNG_URI in data["text/html"] and base64.b64decode(data["image/png"])[:4] == b"\x89PNG"
     assert "FinetunedModel" in loaded[0].data["text/html"] and "test_resnet" in loaded[0].data["text/html"]
+
+
+@pytest.mark.slow  # a kernel and a 2-epoch full fine-tune of a tiny network: about 15 s
+def test_the_bar_within_the_epoch_updates_in_place_in_a_real_kernel(tmp_path):
+    data = data_with_one_wrong_label(tmp_path / "data")
+    fit_cell = (
+        "from finetune import fit\n"
+        f"result = fit('full_finetune', data='folder', data__root={str(data)!r}, backbone__name='test_resnet', "
+        "backbone__weights='random', data__image_size=32, data__batch_size=4, trainer__max_epochs=2, "
+        f"trainer__accelerator='cpu', data__num_workers=0, logger='none', viz='none', "
+        f"paths__output_dir={str(tmp_path / 'run')!r})"
+    )
+    updates: list[str] = []
+    notebook = run_notebook(["import os\nos.environ['WANDB_MODE'] = 'disabled'", fit_cell], tmp_path, updates)
+    bars = [html for html in updates if "<progress" in html]
+    assert bars and "batch 1/6" in bars[0] and "epoch 1/2" in bars[0], updates[:3]  # 24 images, batch 4
+    final = [o for o in notebook.cells[1].outputs if o.output_type == "display_data"]
+    assert len(final) == 1 and "<progress" not in final[0].data["text/html"]  # the rows took the bar's place
+    assert ">2/2<" in final[0].data["text/html"]
 
 
 def test_outside_a_notebook_nothing_changes():
