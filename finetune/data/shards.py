@@ -94,8 +94,6 @@ def write_shards(
     (:class:`~finetune.data.epochs.ChunkOrder`), and a source listed class by class (every folder)
     would otherwise fill each chunk, so each batch, with one class. Labels and digests stay in the
     source's order, in which :func:`~finetune.data.stream.load_stream` gives the rows back."""
-    from litdata import optimize
-
     out = out.rstrip("/")
     if not out.startswith("s3://"):
         out = str(Path(out).expanduser().resolve())
@@ -104,7 +102,6 @@ def write_shards(
     elif not out.startswith("s3://"):
         Path(out, META).unlink(missing_ok=True)  # unfinished until the new description is written
     allow_plain_http(endpoint)
-    options = {"endpoint_url": endpoint} if endpoint else {}
     labels, digests, order = {}, {}, {}
     fingerprint = hashlib.blake2b(digest_size=16)
     for split in SPLITS:
@@ -116,19 +113,8 @@ def write_shards(
         fingerprint.update(json.dumps([split, labels[split], digests[split]]).encode())
         written = list(range(len(samples)))
         if split == "train":
-            written = np.random.default_rng(seed).permutation(len(samples)).tolist()
-            order[split] = written
-        log.info("shard: writing %s (%d images) to %s/%s", split, len(samples), out, split)
-        with _library_output_to_log():
-            optimize(
-                fn=_record,
-                inputs=[(row, samples[row][0]) for row in written],  # record i holds source row written[i]
-                output_dir=f"{out}/{split}",
-                chunk_bytes=chunk_bytes,
-                num_workers=1,  # one writer: record i is written[i], as finetune.json's "order" says
-                mode="overwrite",
-                storage_options=options,
-            )
+            written = order[split] = np.random.default_rng(seed).permutation(len(samples)).tolist()
+        _write_split([(row, samples[row][0]) for row in written], f"{out}/{split}", chunk_bytes, endpoint)
     meta = {
         "format": FORMAT,
         "task": splits.task,
@@ -143,6 +129,23 @@ def write_shards(
     }
     _put(out, META, json.dumps(meta).encode(), endpoint)
     return meta
+
+
+def _write_split(records: list[tuple], where: str, chunk_bytes: str, endpoint: str | None) -> None:
+    """`records` ((source row, image) pairs, in the order they are stored) as LitData chunks at `where`."""
+    from litdata import optimize
+
+    log.info("shard: writing %d images to %s", len(records), where)
+    with _library_output_to_log():
+        optimize(
+            fn=_record,
+            inputs=records,
+            output_dir=where,
+            chunk_bytes=chunk_bytes,
+            num_workers=1,  # one writer: record i is records[i], as finetune.json's "order" says
+            mode="overwrite",
+            storage_options={"endpoint_url": endpoint} if endpoint else {},
+        )
 
 
 @contextlib.contextmanager
