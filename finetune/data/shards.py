@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import logging
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -136,7 +137,10 @@ def _write_split(records: list[tuple], where: str, chunk_bytes: str, endpoint: s
     from litdata import optimize
 
     log.info("shard: writing %d images to %s", len(records), where)
-    with _library_output_to_log():
+    # optimize() sets this process's multiprocessing start method to spawn (force=True) and leaves
+    # it so: a library forking with module globals afterwards (cleanlab's label-issue pool) breaks.
+    method = multiprocessing.get_start_method(allow_none=True)
+    with _library_output_to_log(), _start_method_kept(method):
         optimize(
             fn=_record,
             inputs=records,
@@ -146,6 +150,14 @@ def _write_split(records: list[tuple], where: str, chunk_bytes: str, endpoint: s
             mode="overwrite",
             storage_options={"endpoint_url": endpoint} if endpoint else {},
         )
+
+
+@contextlib.contextmanager
+def _start_method_kept(method: str | None):
+    try:
+        yield
+    finally:
+        multiprocessing.set_start_method(method, force=True)
 
 
 @contextlib.contextmanager

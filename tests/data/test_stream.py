@@ -6,6 +6,7 @@ line when the data cannot be reached or trusted."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
 import socket
@@ -165,7 +166,9 @@ def test_a_manifest_and_a_hugging_face_dataset_shard_to_the_same_rows(source, tm
         overrides = ["data=csv", f"data.csv={data / 'labels.csv'}", "data.split_column=split", "data.label_sep=' '"]
     cfg = compose_config([*overrides, f"task={task}"])
     original = load_data(cfg.data, 0, task)
+    method = multiprocessing.get_start_method(allow_none=True)
     write_shards(original, str(tmp_path / "shards"))
+    assert multiprocessing.get_start_method(allow_none=True) == method  # LitData forces spawn; put back
     streamed = load_data(_data("stream", tmp_path / "shards"), 0, task)
     assert streamed.classes == original.classes and streamed.multilabel == original.multilabel
     assert len(streamed.train) == len(original.train) > 0 and len(streamed.val) == len(original.val) > 0
