@@ -1,0 +1,366 @@
+"""Cost growth with the data set's size: seconds per image and peak memory of the real CLI at 2k,
+20k and 100k generated JPEGs, for every file source (folder, CSV, hf, streamed shards).
+
+    python benchmarks/scale_cost.py                                  # 2k and 20k, every source and command
+    python benchmarks/scale_cost.py --sizes 100000 --sources folder stream --commands head check
+    python benchmarks/scale_cost.py --table                          # only print the table of what is stored
+
+Data (``--work``, default /tmp/cost-data; ``--keep`` keeps it): JPEGs drawn from (seed, index) alone
+(a smooth colour field, 3-7 ellipses and rectangles in the class's hue, Gaussian grain; 300-500 px a
+side, quality 90, about 40 KB), 10 classes, 80/20 train/val. Image i is the same file at every size
+(one pool, hard-linked into a root per size), and from each root come the four sources:
+
+- ``folder``: ROOT/train/<class>/*.jpg, ROOT/val/<class>/*.jpg.
+- ``csv``: ROOT/labels.csv with path,label,split (``data.split_column=split``), paths relative to it.
+- ``hf``: a ``save_to_disk`` DatasetDict (train, validation) built with ``datasets`` from the files,
+  the JPEG bytes embedded (``Image()``, ``ClassLabel``): what a user who downloaded or built a
+  large dataset keeps on disk, read memory-mapped, nothing copied into a cache.
+- ``stream``: ``finetune shard data=folder data.root=ROOT out=SHARDS`` (local LitData shards).
+
+Commands, each a fresh ``python -m finetune`` process (``logger=none viz=none``, ``--image-size``
+px input, ``--workers`` DataLoader workers, precision and layout as the CLI resolves them):
+
+- ``check``: ``finetune check-data`` (every header probed, every file hashed and fully decoded).
+- ``head``: ``+recipe=freeze_all_but_head trainer.max_epochs=1`` with an empty ``data.cache.dir``
+  (a cold run: every image through the backbone, training images in 2 views, then the head).
+- ``full``: ``+recipe=full_finetune trainer.max_epochs=1`` capped at ``--full-batches`` training
+  and ``--full-val-batches`` validation batches; per image there means per image *processed*.
+
+Measured per process: wall seconds, peak RSS (``ru_maxrss`` of the finetune process and the workers it
+waited for, from ``os.wait4``: the figure ``/usr/bin/time -v`` prints as "Maximum resident set size"),
+the peak of the process tree's summed RSS (sampled every 0.2 s, shared pages counted per process),
+and the arrival time of every output line (``--work``/logs/*.log), which shows where time goes.
+Results merge into ``--out``/scale_cost.json (one row per size, source and command); the table gives
+each row's ratio to the 2k row of the same source and command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from common import RESULTS
+
+CLASSES = [f"class{i}" for i in range(10)]
+SOURCES = ("folder", "csv", "hf", "stream")
+COMMANDS = ("check", "head", "full")
+SEED = 0
+
+
+# ---------------------------------------------------------------- data
+
+
+def split_of(index: int) -> str:
+    """80/20, balanced per class: of every 10 consecutive indices (one per class) the 5th block is val."""
+    return "val" if (index // len(CLASSES)) % 5 == 4 else "train"
+
+
+def relative_path(index: int) -> str:
+    return f"{split_of(index)}/{CLASSES[index % len(CLASSES)]}/{index:06d}.jpg"
+
+
+def jpeg(index: int) -> bytes:
+    """Image `index`: a function of (SEED, index) alone."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng([SEED, index])
+    label = index % len(CLASSES)
+    w, h = (int(v) for v in rng.integers(300, 501, size=2))
+    image = Image.fromarray(rng.integers(0, 256, size=(6, 6, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+    draw = ImageDraw.Draw(image)
+    hue = np.array([(label * 25) % 256, (label * 70) % 256, (label * 140) % 256])
+    for _ in range(int(rng.integers(3, 8))):
+        x0, y0 = int(rng.integers(0, w - 40)), int(rng.integers(0, h - 40))
+        x1, y1 = x0 + int(rng.integers(20, w // 2)), y0 + int(rng.integers(20, h // 2))
+        color = tuple(int(c) for c in np.clip(hue + rng.integers(-40, 41, 3), 0, 255))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x0, y0, x1, y1), fill=color)
+    grain = rng.normal(0, 6, size=(h, w, 3)).astype(np.int16)
+    image = Image.fromarray(np.clip(np.asarray(image, dtype=np.int16) + grain, 0, 255).astype(np.uint8))
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+def _write(args: tuple[Path, int]) -> int:
+    pool, index = args
+    path = pool / relative_path(index)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = jpeg(index)
+        path.with_suffix(".tmp").write_bytes(data)
+        path.with_suffix(".tmp").rename(path)
+    return path.stat().st_size
+
+
+def make_root(work: Path, size: int) -> tuple[Path, dict]:
+    """work/root-SIZE: hard links to images 0..size-1 of work/pool, and labels.csv beside them."""
+    pool, root = work / "pool", work / f"root-{size}"
+    started = time.perf_counter()
+    with multiprocessing.get_context("fork").Pool(os.cpu_count()) as workers:
+        sizes = workers.map(_write, [(pool, i) for i in range(size)], chunksize=64)
+    generated = time.perf_counter() - started
+    if not (root / "labels.csv").is_file():
+        for index in range(size):
+            link = root / relative_path(index)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if not link.exists():
+                os.link(pool / relative_path(index), link)
+        lines = ["path,label,split"] + [
+            f"{relative_path(i)},{CLASSES[i % len(CLASSES)]},{split_of(i)}" for i in range(size)
+        ]
+        (root / "labels.tmp").write_text("\n".join(lines) + "\n")
+        (root / "labels.tmp").rename(root / "labels.csv")
+    return root, {"generate_s": round(generated, 1), "mean_kb": round(float(np.mean(sizes)) / 1e3, 1)}
+
+
+def make_hf(work: Path, root: Path, size: int) -> Path:
+    """work/hf-SIZE: a save_to_disk DatasetDict (train, validation), JPEG bytes embedded."""
+    out = work / f"hf-{size}"
+    if (out / "dataset_dict.json").is_file():
+        return out
+    import datasets
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASSES)})
+
+    def rows(split: str):
+        for index in range(size):
+            if split_of(index) == split:
+                path = root / relative_path(index)
+                yield {"image": {"bytes": path.read_bytes(), "path": path.name}, "label": index % len(CLASSES)}
+
+    built = datasets.DatasetDict(
+        {
+            name: datasets.Dataset.from_generator(
+                rows, gen_kwargs={"split": split}, features=features, cache_dir=str(work / "hf-build")
+            )
+            for name, split in (("train", "train"), ("validation", "val"))
+        }
+    )
+    built.save_to_disk(str(out.with_suffix(".tmp")))
+    shutil.rmtree(work / "hf-build", ignore_errors=True)
+    out.with_suffix(".tmp").rename(out)
+    return out
+
+
+def make_shards(work: Path, root: Path, size: int) -> tuple[Path, float]:
+    out = work / f"shards-{size}"
+    if (out / "finetune.json").is_file():
+        return out, 0.0
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "finetune", "shard", "data=folder", f"data.root={root}", f"out={out}", "overwrite=true"],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
+    if done.returncode != 0:
+        sys.exit(f"finetune shard failed:\n{done.stdout}\n{done.stderr}")
+    return out, time.perf_counter() - started
+
+
+# ---------------------------------------------------------------- runs
+
+
+def data_overrides(source: str, root: Path, hf: Path | None, shards: Path | None) -> list[str]:
+    return {
+        "folder": lambda: ["data=folder", f"data.root={root}"],
+        "csv": lambda: ["data=csv", f"data.csv={root / 'labels.csv'}", "data.split_column=split"],
+        "hf": lambda: ["data=hf", f"data.path={hf}"],
+        "stream": lambda: ["data=stream", f"data.uri={shards}"],
+    }[source]()
+
+
+def measured(command: list[str], log: Path) -> dict:
+    """Run `command`; wall seconds, ru_maxrss (MB), peak summed tree RSS (MB), line arrival times."""
+    import psutil
+
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "WANDB_MODE": "disabled", "NO_ALBUMENTATIONS_UPDATE": "1"},
+    )
+    peak_tree, stop = [0], threading.Event()
+
+    def sample() -> None:
+        parent = psutil.Process(process.pid)
+        while not stop.wait(0.2):
+            try:
+                tree = [parent, *parent.children(recursive=True)]
+                total = 0
+                for p in tree:
+                    try:
+                        total += p.memory_info().rss
+                    except psutil.Error:
+                        pass
+                peak_tree[0] = max(peak_tree[0], total)
+            except psutil.Error:
+                return
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    lines = []
+    for line in process.stdout:
+        lines.append(f"{time.perf_counter() - started:8.2f}  {line.rstrip()}")
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - started
+    process.returncode = os.waitstatus_to_exitcode(status)
+    stop.set()
+    sampler.join()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(" ".join(command) + "\n" + "\n".join(lines) + "\n")
+    return {
+        "seconds": round(seconds, 2),
+        "rc": process.returncode,
+        "peak_rss_mb": round(usage.ru_maxrss / 1024),  # Linux: KiB
+        "peak_tree_rss_mb": round(peak_tree[0] / 2**20),
+        "log": str(log),
+    }
+
+
+def run_one(args, size: int, source: str, command: str, data: list[str]) -> dict:
+    tag = f"{size}-{source}-{command}"
+    run = args.work / "runs" / tag
+    shutil.rmtree(run, ignore_errors=True)
+    common = [f"data.image_size={args.image_size}", f"data.num_workers={args.workers}"]
+    train, val = sum(split_of(i) == "train" for i in range(size)), sum(split_of(i) == "val" for i in range(size))
+    if command == "check":
+        argv, images = ["check-data", *data, *common], size
+    else:
+        argv = [
+            *data,
+            *common,
+            f"data.cache.dir={run / 'cache'}",  # empty: a cold run
+            f"hydra.run.dir={run / 'out'}",
+            "trainer.max_epochs=1",
+            "logger=none",
+            "viz=none",
+            "callbacks.progress_bar=false",
+        ]
+        if command == "head":
+            argv, images = ["+recipe=freeze_all_but_head", *argv], size
+        else:
+            batch = 32  # conf/data/_common.yaml's data.batch_size
+            argv = [
+                "+recipe=full_finetune",
+                *argv,
+                f"+trainer.limit_train_batches={args.full_batches}",
+                f"+trainer.limit_val_batches={args.full_val_batches}",
+            ]
+            images = min(train, args.full_batches * batch) + min(val, args.full_val_batches * batch)
+    row = measured([sys.executable, "-m", "finetune", *argv], args.work / "logs" / f"{tag}.log")
+    shutil.rmtree(run, ignore_errors=True)
+    row |= {"size": size, "source": source, "command": command, "images": images}
+    row["s_per_image"] = round(row["seconds"] / images, 6)
+    if row["rc"] != 0:
+        tail = Path(row["log"]).read_text().splitlines()[-15:]
+        print(f"  {tag}: exit code {row['rc']}\n    " + "\n    ".join(tail), flush=True)
+    return row
+
+
+# ---------------------------------------------------------------- results
+
+
+def load_rows(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {"machine": {}, "prepared": {}, "rows": []}
+
+
+def save_row(path: Path, stored: dict, row: dict) -> None:
+    key = (row["size"], row["source"], row["command"])
+    stored["rows"] = [r for r in stored["rows"] if (r["size"], r["source"], r["command"]) != key] + [row]
+    path.write_text(json.dumps(stored, indent=1) + "\n")
+
+
+def table(stored: dict) -> str:
+    rows = sorted(stored["rows"], key=lambda r: (COMMANDS.index(r["command"]), SOURCES.index(r["source"]), r["size"]))
+    base = {(r["source"], r["command"]): r for r in rows if r["size"] == min(x["size"] for x in rows)}
+    out = [
+        "| command | source | images | processed | s | ms / image | x smallest | peak RSS MB | growth MB | tree RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        b = base.get((r["source"], r["command"]))
+        ratio = f"{r['s_per_image'] / b['s_per_image']:.2f}" if b else "-"
+        growth = f"{r['peak_rss_mb'] - b['peak_rss_mb']:+d}" if b else "-"
+        failed = "" if r["rc"] == 0 else f" (exit {r['rc']})"
+        out.append(
+            f"| {r['command']}{failed} | {r['source']} | {r['size']:,} | {r['images']:,} | {r['seconds']:.1f} | "
+            f"{1000 * r['s_per_image']:.2f} | {ratio} | {r['peak_rss_mb']:,} | {growth} | {r['peak_tree_rss_mb']:,} |"
+        )
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 20000])
+    parser.add_argument("--sources", nargs="+", choices=SOURCES, default=list(SOURCES))
+    parser.add_argument("--commands", nargs="+", choices=COMMANDS, default=list(COMMANDS))
+    parser.add_argument("--image-size", type=int, default=64, help="data.image_size (the JPEGs are decoded whole)")
+    parser.add_argument("--workers", type=int, default=2, help="data.num_workers")
+    parser.add_argument("--full-batches", type=int, default=20, help="full: trainer.limit_train_batches")
+    parser.add_argument("--full-val-batches", type=int, default=10, help="full: trainer.limit_val_batches")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/cost-data"))
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--keep", action="store_true", help="keep this size's roots, datasets and shards")
+    parser.add_argument("--table", action="store_true", help="print the stored table and exit")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "scale_cost.json"
+    stored = load_rows(path)
+    if args.table:
+        print(table(stored))
+        return
+    import torch
+
+    stored["machine"] = {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "settings": {k: getattr(args, k) for k in ("image_size", "workers", "full_batches", "full_val_batches")},
+    }
+    for size in args.sizes:
+        print(f"{size:,} images: preparing", flush=True)
+        root, prepared = make_root(args.work, size)
+        hf = shards = None
+        if "hf" in args.sources:
+            started = time.perf_counter()
+            hf = make_hf(args.work, root, size)
+            prepared["hf_build_s"] = round(time.perf_counter() - started, 1)
+        if "stream" in args.sources:
+            shards, seconds = make_shards(args.work, root, size)
+            prepared["shard_s"] = round(seconds, 1)
+        stored["prepared"][str(size)] = stored["prepared"].get(str(size), {}) | prepared
+        print(f"  prepared: {prepared}", flush=True)
+        for source in args.sources:
+            data = data_overrides(source, root, hf, shards)
+            for command in args.commands:
+                row = run_one(args, size, source, command, data)
+                print(
+                    f"  {source:6} {command:5} {row['seconds']:7.1f} s  {1000 * row['s_per_image']:6.2f} ms/img  "
+                    f"peak RSS {row['peak_rss_mb']:,} MB (tree {row['peak_tree_rss_mb']:,} MB)  rc {row['rc']}",
+                    flush=True,
+                )
+                save_row(path, stored, row)
+        if not args.keep:
+            for name in (f"root-{size}", f"hf-{size}", f"shards-{size}"):
+                shutil.rmtree(args.work / name, ignore_errors=True)
+    print(table(stored))
+
+
+if __name__ == "__main__":
+    main()
