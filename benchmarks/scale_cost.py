@@ -287,9 +287,12 @@ def save_row(path: Path, stored: dict, row: dict) -> None:
 
 def table(stored: dict) -> str:
     rows = sorted(stored["rows"], key=lambda r: (COMMANDS.index(r["command"]), SOURCES.index(r["source"]), r["size"]))
-    base = {(r["source"], r["command"]): r for r in rows if r["size"] == min(x["size"] for x in rows)}
+    base = {}
+    for r in rows:  # rows are sorted by size within (command, source): the first is the smallest
+        base.setdefault((r["source"], r["command"]), r)
     out = [
-        "| command | source | images | processed | s | ms / image | x smallest | peak RSS MB | growth MB | tree RSS MB |",
+        "| command | source | images | processed | s | ms / image | x smallest | peak RSS MB | growth MB "
+        "| tree RSS MB |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
