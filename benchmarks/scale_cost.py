@@ -44,6 +44,7 @@ import json
 import multiprocessing
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -309,6 +310,45 @@ def table(stored: dict) -> str:
     return "\n".join(out)
 
 
+def phases(log: Path) -> dict[str, float]:
+    """Where a run's seconds went, from the arrival times of its lines: ``start`` (until the data
+    table: imports, scanning the source, the data check), and as the run reports them, ``features``
+    (the cache's backbone pass), ``head_fit`` (L-BFGS with its cross-validation), ``decode`` (decode
+    once), ``epoch`` (the capped epoch), ``calibration`` (the temperature's pass over validation)."""
+    found: dict[str, float] = {}
+    epoch_at = None
+    for line in log.read_text().splitlines()[1:]:
+        at, _, text = line.strip().partition("  ")
+        text = text.strip()
+        if text.startswith("data:") and "start" not in found:
+            found["start"] = float(at)
+        for key, pattern in (
+            ("features", r"^feature cache: on.* computed in ([\d.]+) s"),
+            ("head_fit", r"^head: fitted.* computed in ([\d.]+) s"),
+            ("decode", r"^decoded-image cache: on.* decoded in ([\d.]+) s"),
+            ("epoch", r"^1/1 .* ([\d.]+)$"),
+        ):
+            if match := re.search(pattern, text):
+                found[key] = float(match.group(1))
+                if key == "epoch":
+                    epoch_at = float(at)
+        if text.startswith("calibration:") and epoch_at is not None:
+            found["calibration"] = round(float(at) - epoch_at, 2)
+    return found
+
+
+def phases_table(stored: dict) -> str:
+    rows = sorted(stored["rows"], key=lambda r: (COMMANDS.index(r["command"]), SOURCES.index(r["source"]), r["size"]))
+    keys = ("start", "features", "head_fit", "decode", "epoch", "calibration")
+    out = ["| command | source | images | s | " + " | ".join(keys) + " |", "|---" * (4 + len(keys)) + "|"]
+    for r in rows:
+        found = phases(Path(r["log"])) if Path(r["log"]).is_file() else r.get("phases", {})
+        r["phases"] = found
+        cells = " | ".join(f"{found[k]:.1f}" if k in found else "" for k in keys)
+        out.append(f"| {r['command']} | {r['source']} | {r['size']:,} | {r['seconds']:.1f} | {cells} |")
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 20000])
@@ -322,13 +362,14 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/cost-data"))
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--keep", action="store_true", help="keep this size's roots, datasets and shards")
-    parser.add_argument("--table", action="store_true", help="print the stored table and exit")
+    parser.add_argument("--table", action="store_true", help="print the stored tables and exit")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "scale_cost.json"
     stored = load_rows(path)
     if args.table:
-        print(table(stored))
+        print(table(stored) + "\n\n" + phases_table(stored))
+        path.write_text(json.dumps(stored, indent=1) + "\n")  # with each row's phases
         return
     import torch
 
@@ -367,7 +408,8 @@ def main() -> None:
         if not args.keep:
             for name in (f"root-{size}", f"hf-{size}", f"shards-{size}"):
                 shutil.rmtree(args.work / name, ignore_errors=True)
-    print(table(stored))
+    print(table(stored) + "\n\n" + phases_table(stored))
+    path.write_text(json.dumps(stored, indent=1) + "\n")
 
 
 if __name__ == "__main__":
