@@ -28,9 +28,9 @@ px input, ``--workers`` DataLoader workers, precision and layout as the CLI reso
 - ``full``: ``+recipe=full_finetune trainer.max_epochs=1`` capped at ``--full-batches`` training
   and ``--full-val-batches`` validation batches; per image there means per image *processed*.
 
-Measured per process: wall seconds, peak RSS (``ru_maxrss`` of the finetune process and the workers it
-waited for, from ``os.wait4``: the figure ``/usr/bin/time -v`` prints as "Maximum resident set size"),
-the peak of the process tree's summed RSS (sampled every 0.2 s, shared pages counted per process),
+Measured per process: wall seconds, peak RSS (``/usr/bin/time -v``'s "Maximum resident set size": the
+largest single process, the finetune process or a DataLoader worker), the peak of the process tree's
+summed RSS (sampled every 0.1 s; pages shared by forked workers counted once per process),
 and the arrival time of every output line (``--work``/logs/*.log), which shows where time goes.
 Results merge into ``--out``/scale_cost.json (one row per size, source and command); the table gives
 each row's ratio to the 2k row of the same source and command.
@@ -185,43 +185,51 @@ def data_overrides(source: str, root: Path, hf: Path | None, shards: Path | None
 
 
 def measured(command: list[str], log: Path) -> dict:
-    """Run `command`; wall seconds, ru_maxrss (MB), peak summed tree RSS (MB), line arrival times."""
+    """Run `command` under ``/usr/bin/time -v``: wall seconds, its "Maximum resident set size" (MB),
+    the sampled peak of the finetune process alone and of its process tree summed (MB), line times.
+
+    Not ``os.wait4`` on a child of this script: Linux records the RSS of the forked copy of this
+    process at ``exec`` in the child's ``ru_maxrss``, so a child of a large parent (this one holds
+    torch and ``datasets``) reports at least the parent's size. ``time`` is small."""
     import psutil
 
     started = time.perf_counter()
     process = subprocess.Popen(
-        command,
+        ["/usr/bin/time", "-v", *command],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
         text=True,
         env={**os.environ, "WANDB_MODE": "disabled", "NO_ALBUMENTATIONS_UPDATE": "1"},
     )
-    peak_tree, stop = [0], threading.Event()
+    peak_main, peak_tree, stop = [0], [0], threading.Event()
 
     def sample() -> None:
-        parent = psutil.Process(process.pid)
-        while not stop.wait(0.2):
+        timer = psutil.Process(process.pid)
+        while not stop.wait(0.1):
             try:
-                tree = [parent, *parent.children(recursive=True)]
-                total = 0
-                for p in tree:
-                    try:
-                        total += p.memory_info().rss
-                    except psutil.Error:
-                        pass
-                peak_tree[0] = max(peak_tree[0], total)
+                tree = timer.children(recursive=True)
             except psutil.Error:
-                return
+                continue
+            rss = []
+            for p in tree:
+                try:
+                    rss.append(p.memory_info().rss)
+                except psutil.Error:
+                    rss.append(0)
+            if rss:
+                peak_main[0] = max(peak_main[0], rss[0])  # time's child: the finetune process
+                peak_tree[0] = max(peak_tree[0], sum(rss))
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    lines = []
+    lines, maxrss_kb = [], 0
     for line in process.stdout:
+        if match := re.match(r"\s*Maximum resident set size \(kbytes\): (\d+)", line):
+            maxrss_kb = int(match.group(1))
         lines.append(f"{time.perf_counter() - started:8.2f}  {line.rstrip()}")
-    _, status, usage = os.wait4(process.pid, 0)
+    process.wait()
     seconds = time.perf_counter() - started
-    process.returncode = os.waitstatus_to_exitcode(status)
     stop.set()
     sampler.join()
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -229,7 +237,8 @@ def measured(command: list[str], log: Path) -> dict:
     return {
         "seconds": round(seconds, 2),
         "rc": process.returncode,
-        "peak_rss_mb": round(usage.ru_maxrss / 1024),  # Linux: KiB
+        "peak_rss_mb": round(maxrss_kb / 1024),  # time -v: KiB
+        "sampled_main_rss_mb": round(peak_main[0] / 2**20),
         "peak_tree_rss_mb": round(peak_tree[0] / 2**20),
         "log": str(log),
     }
