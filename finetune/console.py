@@ -86,7 +86,7 @@ def screen(handler: logging.Handler | None) -> Iterator[None]:
     if handler is None:
         yield
         return
-    plain = [(i, h) for i, h in enumerate(logger.handlers) if getattr(h, "_finetune_console", False)]
+    plain = [(logger.handlers.index(h), h) for h in console_handlers()]
     for _, h in plain:
         logger.removeHandler(h)
     handler.addFilter(RankZeroFilter())
@@ -104,10 +104,20 @@ class RankZeroFilter(logging.Filter):
         return is_rank_zero()
 
 
+def console_handlers() -> list[logging.Handler]:
+    """The ``finetune`` logger's plain console handlers (the one :func:`setup` adds)."""
+    return [h for h in logging.getLogger(LOGGER).handlers if getattr(h, "_finetune_console", False)]
+
+
+def console_quieted() -> bool:
+    """True while a search has quieted the console (its trials print one line each)."""
+    return any(h.level > logging.INFO for h in console_handlers())
+
+
 def setup() -> logging.Logger:
     """The ``finetune`` logger, given its console handler the first time (idempotent)."""
     logger = logging.getLogger(LOGGER)
-    if not any(getattr(h, "_finetune_console", False) for h in logger.handlers):
+    if not console_handlers():
         handler = _Stdout()
         handler.setFormatter(logging.Formatter("%(message)s"))
         handler.addFilter(RankZeroFilter())

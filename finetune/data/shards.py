@@ -3,9 +3,11 @@
 
 Each split goes through LitData's ``optimize`` as records ``{"row": i, "image": encoded bytes}``
 (the file's own bytes: nothing is decoded or re-encoded, so a streamed run sees exactly what the
-folder run saw), with one writer process, so record i of the split is sample i of the source (the
-labels in ``finetune.json`` follow that order; each record carries its row number, checked when it
-is read). ``finetune.json`` is written last: a folder without it is an unfinished shard set.
+folder run saw), with one writer process, so the records keep the order they were given: the
+source's, or for the training split a seeded permutation recorded in ``finetune.json``'s
+``order`` (labels and digests there stay in the source's order; each record carries its source
+row, checked when it is read). ``finetune.json`` is written last: a folder without it is an
+unfinished shard set.
 The split between train and val is the source's at shard time (its seed when it splits).
 """
 

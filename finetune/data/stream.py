@@ -6,7 +6,7 @@ Design. LitData's ``optimize`` wrote one dataset per split (``URI/train``, ``URI
 every row's label and content digest, the source's skipped files, a fingerprint. Loading reads
 those small files only (and lists the chunk files to check their sizes: a truncated or missing
 shard is a one-line DataError before any training). A sample is a :class:`StreamRow`, a string
-``stream://FINGERPRINT/SPLIT/INDEX`` like :mod:`finetune.data.hf`'s rows, whose bytes come from
+``stream://FINGERPRINT/SPLIT/ROW`` (its row in the source) like :mod:`finetune.data.hf`'s rows, whose bytes come from
 LitData's ``StreamingDataset`` by random access (the whole chunk is downloaded once into
 ``data.cache_dir`` and read locally). So every guarantee of the other sources holds unchanged: the
 one image loader decodes it (a bad record is counted and skipped like a bad file), the feature
@@ -24,6 +24,7 @@ deals whole chunks to ranks.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -34,7 +35,7 @@ from finetune.errors import ConfigError, DataError
 
 META = "finetune.json"
 FORMAT = 1
-_OPEN: dict[tuple, object] = {}  # (uri, split, endpoint, cache) -> StreamingDataset, per process
+_OPEN: dict[tuple, object] = {}  # (split uri, endpoint, cache) -> StreamingDataset, per process
 
 
 class StreamRow(StoredImage):
@@ -212,8 +213,8 @@ def load_stream(cfg, seed: int, task: str = "multiclass") -> DataSplits:
             raise DataError(f"{uri}/{META}: the order of {split} is not a permutation of its {n} rows; shard again.")
         record = {row: i for i, row in enumerate(written)}
         if split == "train":
-            starts = [sum(sizes[:c]) for c in range(len(sizes))]
-            chunks = [written[start : start + size] for start, size in zip(starts, sizes)]
+            ends = list(itertools.accumulate(sizes))
+            chunks = [written[end - size : end] for end, size in zip(ends, sizes)]
         source = (where, endpoint, str(cfg.get("cache_dir") or "") or None)
         name = f"stream://{fingerprint}/{split}"
         rows = [StreamRow(f"{name}/{j}", source, record[j], digests[split][j], j) for j in range(n)]

@@ -135,10 +135,10 @@ def epoch_seconds(study) -> float:
 def _quiet():
     """The trials' own start tables, epoch rows and warnings go to their finetune.log, not the
     screen: one line per trial is printed instead."""
-    from finetune.console import setup
+    from finetune.console import console_handlers, setup
 
     setup()
-    console = [h for h in logging.getLogger("finetune").handlers if getattr(h, "_finetune_console", False)]
+    console = console_handlers()
     levels = [h.level for h in console]
     for handler in console:
         handler.setLevel(logging.ERROR)

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import lightning as L
 
-from finetune.console import in_notebook, screen
+from finetune.console import console_quieted, in_notebook, screen
 
 _SHOWN: list[NotebookPanel] = []  # the panel of the run in flight, if it runs in a notebook
 
@@ -68,8 +68,7 @@ def notebook_screen() -> Iterator[None]:
     """In a Jupyter kernel, the run's lines go to a :class:`NotebookPanel`; elsewhere nothing
     changes (a terminal or a pipe prints what it always did), and a console quieted by a search
     (its trials print one line each) stays quiet."""
-    console = [h for h in logging.getLogger("finetune").handlers if getattr(h, "_finetune_console", False)]
-    if not in_notebook() or any(h.level > logging.INFO for h in console):
+    if not in_notebook() or console_quieted():
         yield
         return
     panel = NotebookPanel()
