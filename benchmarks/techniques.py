@@ -32,6 +32,7 @@ DATASETS = Path(os.environ.get("FINETUNE_DATASETS", REPO.parent / "shared" / "da
 SUBSETS = {"flowers5": (40, 30), "dtd10": (20, 15)}
 CLASSES = {"hymenoptera": 2, "flowers5": 5, "dtd10": 10}
 SIZES = {"hymenoptera": (245, 153), **{d: (CLASSES[d] * t, CLASSES[d] * v) for d, (t, v) in SUBSETS.items()}}
+WHOLE_SIZES = {"hymenoptera": SIZES["hymenoptera"], "flowers5": (3453, 864), "dtd10": (960, 240)}  # --whole
 TODAY = ["freeze_all_but_head", "full_finetune", "discriminative_lr", "lp_ft"]  # from_scratch: the control
 # arm -> (recipe, overrides). Techniques alone are added to full_finetune (the baseline).
 ARMS = {
@@ -48,14 +49,19 @@ ARMS = {
 }
 
 
-def data_overrides(name: str, out: Path, seed: int) -> list[str]:
+def data_overrides(name: str, out: Path, seed: int, whole: bool = False) -> list[str]:
     """Hydra overrides for dataset `name`; subsets are drawn with a fixed seed (0), the same for
-    every arm and run seed, so that runs differ by their own seed only."""
+    every arm and run seed, so that runs differ by their own seed only. `whole`: every image, in
+    the seeded 80/20 split of benchmarks/fastai_peer.py (the split fastai trains on for `seed`)."""
     root = DATASETS / ("hymenoptera_data" if name == "hymenoptera" else name)
     if not root.is_dir():
         raise SystemExit(f"{root} not found (FINETUNE_DATASETS=DIR)")
     if name == "hymenoptera":
         return ["data=folder", f"data.root={root}"]
+    if whole:
+        from fastai_peer import finetune_overrides, write_split_manifest
+
+        return finetune_overrides(write_split_manifest(name, seed, out, root), root)
     n_train, n_val = SUBSETS[name]
     manifest = out / f"{name}_subset.csv"
     if not manifest.exists():
@@ -81,6 +87,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16, help="16: twice the optimizer steps of the default 32")
+    parser.add_argument(
+        "--whole",
+        action="store_true",
+        help="every image of flowers5/dtd10 in fastai_peer.py's seeded 80/20 split, not the small subsets",
+    )
+    parser.add_argument("--no-tta", action="store_true", help="no arm also scores with tta=flip (plain wall times)")
     parser.add_argument("--lr-grid", action="store_true", help="lr-find vs a 5-point lr grid (hymenoptera, full)")
     parser.add_argument(
         "--lrs",
@@ -109,6 +121,7 @@ def main() -> None:
     for dataset in args.datasets:
         for arm in args.arms:
             recipe, extra = ARMS[arm]
+            extra = [o for o in extra if not (args.no_tta and o.startswith("tta="))]
             for seed in args.seeds:
                 if (dataset, arm, seed) in done:
                     continue
@@ -116,7 +129,7 @@ def main() -> None:
                 result = fit(
                     recipe,
                     [
-                        *data_overrides(dataset, args.out, seed),
+                        *data_overrides(dataset, args.out, seed, args.whole),
                         *common,
                         *extra,
                         f"seed={seed}",
@@ -135,6 +148,7 @@ def main() -> None:
                         "epochs": args.epochs,
                         "batch_size": args.batch_size,
                         "image_size": args.image_size,
+                        "whole": args.whole,
                     }
                 )
                 print(
@@ -158,7 +172,7 @@ def table(runs: list[dict], args) -> str:
         f"{r['batch_size']}"
         for d in datasets
         for r in [next(r for r in runs if r["dataset"] == d)]
-        for n_train, n_val in [SIZES.get(d, ("?", "?"))]
+        for n_train, n_val in [WHOLE_SIZES[d] if r.get("whole") else SIZES.get(d, ("?", "?"))]
     )
     lines = [
         f"lite0 (embedded ImageNet weights), seeds {args.seeds}; {settings}. Best-epoch val accuracy, "

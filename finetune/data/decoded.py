@@ -96,11 +96,19 @@ def decode_splits(splits: DataSplits, short_side: int, threads: int, failures: d
 
 
 def decoded_images(
-    cache: Mapping, splits: DataSplits, data_config: Mapping, image_size: int | None, report: DataReport, threads: int
+    cache: Mapping,
+    splits: DataSplits,
+    data_config: Mapping,
+    image_size: int | None,
+    report: DataReport,
+    threads: int,
+    *,
+    ahead_pays: bool = True,
 ) -> DataSplits | None:
     """`splits` decoded once into memory as the ``data.cache`` settings say (``decoded: auto``
-    when the files fit in ``memory_gb``), or None to decode at every epoch. Files that fail to
-    decode are added to `report`."""
+    when the files fit in ``memory_gb`` and `ahead_pays`: false when the run reads fewer images
+    than it would decode ahead), or None to decode at every epoch. Files that fail to decode are
+    added to `report`."""
     setting = cache["decoded"]
     if setting not in ("auto", True, False):
         raise ConfigError(f"data.cache.decoded={setting!r}; use auto, true or false.")
@@ -110,6 +118,9 @@ def decoded_images(
         for item, _ in getattr(splits, split)
     )
     if setting is False or not files:
+        return None
+    if setting == "auto" and not ahead_pays:
+        log.info("decoded-image cache: off (the capped run reads fewer images than decoding ahead would decode)")
         return None
     height, width = input_size(data_config, image_size)
     short_side = stored_short_side(height, width, data_config.get("crop_pct"))

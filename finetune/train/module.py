@@ -19,6 +19,7 @@ from finetune.data.transforms import normalize_on_device
 from finetune.errors import NonFiniteLossError
 from finetune.model.build import CHECKPOINT_KEY
 from finetune.model.classifier import Classifier
+from finetune.train.limits import limited_batches
 from finetune.train.mixing import BatchMixer
 from finetune.train.optim import build_optimizer, build_scheduler, optimizer_settings, param_groups
 from finetune.train.task import Task, task_named
@@ -203,11 +204,7 @@ class ClassifierModule(L.LightningModule):
         if data is None or not hasattr(data, "train_labels"):
             return 1
         batches = math.ceil(math.ceil(len(data.train_labels()) / trainer.world_size) / data.batch_size)
-        limit = trainer.limit_train_batches
-        if isinstance(limit, int):
-            batches = min(batches, limit)
-        elif limit is not None:
-            batches = int(batches * limit)
+        batches = limited_batches(batches, trainer.limit_train_batches)
         return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
 
     solver_name: str | None = None  # a solver without a learning rate (the epoch table shows its name)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +43,7 @@ from finetune.train.checkpoints import Resume, stored_lr
 from finetune.train.compat import epochs_begun
 from finetune.train.faults import explain_failure, find_batch_size
 from finetune.train.history import MetricsHistory, monitored
+from finetune.train.limits import decoding_ahead_pays, images_per_epoch
 from finetune.train.live import notebook_screen
 from finetune.train.loggers import finish_wandb, log_best
 from finetune.train.lr_find import lr_for_run
@@ -268,8 +269,16 @@ def _datamodule(
             backbone.data_config, cfg.augment, cfg.data.image_size, seed=cfg.seed, normalize=False
         )
         decoded = decoded_images(
-            cfg.data.cache, splits, backbone.data_config, cfg.data.image_size, data_report, usable_cores()
-        )  # decoding threads: all cores
+            cfg.data.cache,
+            splits,
+            backbone.data_config,
+            cfg.data.image_size,
+            data_report,
+            usable_cores(),  # decoding threads: all cores
+            ahead_pays=decoding_ahead_pays(
+                cfg.trainer, cfg.data.batch_size, {s: len(getattr(splits, s)) for s in ("train", "val", "test")}
+            ),
+        )
         workers = resolve_num_workers(cfg.data.num_workers, speed.device, in_memory=decoded is not None)
         data = ImageDataModule(
             decoded or splits, uint8_train_tf, uint8_eval_tf, cfg.data.batch_size, workers, cfg.data.balance, cfg.seed
@@ -317,9 +326,11 @@ def _best_metrics(
         best.update(tuned)
     elif trainer.is_global_zero:
         data_config = with_input_size(backbone.data_config, cfg.data.image_size)
+        # What validation read: a capped run (limit_val_batches) is calibrated on those images only.
+        val_read = images_per_epoch(len(splits.val), cfg.data.batch_size, cfg.trainer.get("limit_val_batches"))
         calibrated, _ = calibrate_and_store(
             module,
-            splits,
+            replace(splits, val=splits.val[:val_read]),
             data_config,
             best_path,
             cfg.trust,

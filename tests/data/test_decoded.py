@@ -65,3 +65,16 @@ def test_memory_budget_is_respected(tmp_path, image_folder, capsys):
         _full(tmp_path, image_folder, "forced", "data.cache.decoded=true", "data.cache.memory_gb=0.00001")
     with pytest.raises(ConfigError, match="data.cache.decoded='maybe'"):
         _full(tmp_path, image_folder, "typo", "data.cache.decoded=maybe")
+
+
+def test_a_capped_run_decodes_nothing_ahead_and_calibrates_on_what_validation_read(tmp_path, image_folder, capsys):
+    """24 train + 12 val images; one batch of 8 of each: 16 images read, 36 decoded ahead."""
+    capped = ["+trainer.limit_train_batches=1", "+trainer.limit_val_batches=1"]
+    result = _full(tmp_path, image_folder, "capped", *capped)
+    assert "decoded-image cache: off (the capped run reads fewer images" in capsys.readouterr().out
+    trust = torch.load(result.best_checkpoint, map_location="cpu", weights_only=True)["finetune"]["trust"]
+    assert trust["temperature_split"] == "val (8 images)" and len(trust["val"]["confidence"]) == 8
+    _full(tmp_path, image_folder, "forced", *capped, "data.cache.decoded=true")
+    assert "decoded-image cache: on" in capsys.readouterr().out  # true is obeyed
+    _full(tmp_path, image_folder, "many", "+trainer.limit_train_batches=1", "trainer.max_epochs=3")
+    assert "decoded-image cache: on" in capsys.readouterr().out  # 3 x (8 + 12) reads >= 36 images
