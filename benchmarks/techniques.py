@@ -40,6 +40,8 @@ ARMS = {
     "full_finetune": ("full_finetune", ["tta=flip"]),
     "discriminative_lr": ("discriminative_lr", []),
     "lp_ft": ("lp_ft", []),
+    "lp_ft+bn_eval": ("lp_ft", ["freeze.trainable_batchnorm=eval"]),
+    "discriminative_lr+bn_eval": ("discriminative_lr", ["freeze.trainable_batchnorm=eval"]),
     "+randaugment": ("full_finetune", ["augment=randaugment"]),
     "+mixup_cutmix": ("full_finetune", ["mixup.alpha=0.8", "cutmix.alpha=1.0"]),
     "+label_smoothing": ("full_finetune", ["loss.label_smoothing=0.1"]),

@@ -63,6 +63,8 @@ class FreezePlan:
     batchnorm: str  # eval, train or frozen: for norms whose parameters are frozen
     frozen_norms: tuple[str, ...]  # BatchNorm layers inside frozen parts
     group_norms: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # scheduled group -> its norms
+    trainable_batchnorm: str = "train"  # train or eval: for the backbone's norms whose parameters train
+    backbone_norms: tuple[str, ...] = ()  # every BatchNorm layer of the backbone (with running statistics)
 
     @classmethod
     def build(
@@ -74,15 +76,21 @@ class FreezePlan:
         batchnorm: str = "eval",
         unfreeze_every: int | None = None,
         unfreeze_at: int | None = None,
+        *,
+        trainable_batchnorm: str = "train",
     ) -> FreezePlan:
         """groups: ``all`` (every group but ``head``) or group names; until: freeze every group
         from the stem up to and including this one; patterns: regexes matched (``re.search``)
         against parameter names. batchnorm, for norm layers whose parameters are all frozen:
         ``eval`` (running statistics used, never updated), ``train`` (statistics keep adapting)
         or ``frozen`` (replaced by timm's FrozenBatchNorm2d). unfreeze_every / unfreeze_at: see
-        :func:`unfreeze_schedule`."""
+        :func:`unfreeze_schedule`. trainable_batchnorm, for the backbone's norm layers whose
+        parameters train: ``train`` (batch statistics, running ones updated: PyTorch's default) or
+        ``eval`` (the pretrained running statistics kept; their scale and shift still train)."""
         if batchnorm not in BATCHNORM_MODES:
             raise ConfigError(f"freeze.batchnorm={batchnorm!r}; choose one of {', '.join(BATCHNORM_MODES)}.")
+        if trainable_batchnorm not in ("train", "eval"):
+            raise ConfigError(f"freeze.trainable_batchnorm={trainable_batchnorm!r}; choose train or eval.")
         names = [g.name for g in model.groups]
         chosen = _resolve_groups(names, groups, until)
         frozen = {n for g in model.groups if g.name in chosen for n in g.param_names}
@@ -101,7 +109,18 @@ class FreezePlan:
         # batchnorm=frozen swaps the frozen ones for FrozenBatchNorm2d: nothing left to pin.
         all_norms = [n for n in batchnorm_layers(model) if not (batchnorm == "frozen" and n in norms)]
         group_norms = {g: tuple(n for n in all_norms if f"{n}.weight" in group_params[g]) for g in schedule}
-        return cls(fully_frozen, frozenset(frozen), schedule, group_params, batchnorm, tuple(norms), group_norms)
+        backbone_norms = tuple(n for n in all_norms if n.startswith("backbone."))
+        return cls(
+            fully_frozen,
+            frozenset(frozen),
+            schedule,
+            group_params,
+            batchnorm,
+            tuple(norms),
+            group_norms,
+            trainable_batchnorm,
+            backbone_norms,
+        )
 
     @classmethod
     def from_config(cls, model: Classifier, cfg: Mapping) -> FreezePlan:
@@ -115,6 +134,7 @@ class FreezePlan:
             cfg.get("batchnorm", "eval"),
             cfg.get("unfreeze_every"),
             cfg.get("unfreeze_at"),
+            trainable_batchnorm=cfg.get("trainable_batchnorm", "train"),
         )
 
     def apply(self, model: Classifier) -> FreezePlan:
@@ -138,11 +158,15 @@ class FreezePlan:
         return frozenset().union(*(self.group_params[g] for g in self.gated_at(epoch)))
 
     def norms_in_eval(self, epoch: int) -> list[str]:
-        """BatchNorm layers kept in eval mode during `epoch`: the frozen parts' (batchnorm=eval)
-        and every gated group's, whatever the policy."""
+        """BatchNorm layers kept in eval mode during `epoch`: the frozen parts' (batchnorm=eval),
+        every gated group's, whatever the policy, and with trainable_batchnorm=eval every one of
+        the backbone's (the head's own norms, which have no pretrained statistics, train)."""
         scheduled = {n for norms in self.group_norms.values() for n in norms}
         always = [n for n in self.frozen_norms if n not in scheduled] if self.batchnorm == "eval" else []
-        return always + [n for g in sorted(self.gated_at(epoch)) for n in self.group_norms[g]]
+        in_eval = always + [n for g in sorted(self.gated_at(epoch)) for n in self.group_norms[g]]
+        if self.trainable_batchnorm == "eval":
+            in_eval += [n for n in self.backbone_norms if n not in in_eval]
+        return in_eval
 
     def set_epoch(self, model: Classifier, epoch: int) -> None:
         """Put `model`'s BatchNorm modes where `epoch` wants them."""

@@ -84,6 +84,25 @@ def test_batchnorm_train_policy_lets_statistics_move():
     assert all(torch.equal(before[k], params[k]) for k in params)
 
 
+def test_trainable_batchnorm_eval_keeps_the_pretrained_statistics_while_every_layer_trains():
+    """Full fine-tuning with trainable_batchnorm=eval: weights (norms' scale and shift included)
+    move, running statistics stay bit for bit; the default moves them (the control)."""
+    for mode, statistics_move in (("eval", False), ("train", True)):
+        model = tiny_classifier()
+        plan = apply_freeze(model, trainable_batchnorm=mode)
+        assert plan.trainable_batchnorm == mode
+        before = snapshot(model.backbone)
+        train_a_few_steps(model)
+        after = model.backbone.state_dict()
+        stats = [k for k in before if "running_" in k]
+        norm_weights = [k for k in before if k.endswith(".weight") and ".bn" in k]
+        assert stats and norm_weights
+        assert any(not torch.equal(before[k], after[k]) for k in stats) == statistics_move, mode
+        assert all(not torch.equal(before[k], after[k]) for k in norm_weights), mode  # they train either way
+        norms = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        assert all(m.training != (mode == "eval") for m in model.train().backbone.modules() if m in norms)
+
+
 def test_batchnorm_frozen_policy_swaps_in_frozen_batchnorm():
     model = tiny_classifier()
     apply_freeze(model, groups="all", batchnorm="frozen")
@@ -116,6 +135,7 @@ def test_freeze_until_a_group_and_by_pattern():
         ({"groups": "everything"}, "use `all`"),
         ({"until": "head"}, "nothing would train"),
         ({"batchnorm": "sometimes"}, "freeze.batchnorm"),
+        ({"trainable_batchnorm": "frozen"}, "freeze.trainable_batchnorm"),
     ],
 )
 def test_bad_freeze_settings_say_what_to_fix(kwargs, message):
