@@ -40,8 +40,8 @@ ARMS = {
     "full_finetune": ("full_finetune", ["tta=flip"]),
     "discriminative_lr": ("discriminative_lr", []),
     "lp_ft": ("lp_ft", []),
-    "lp_ft+bn_eval": ("lp_ft", ["freeze.trainable_batchnorm=eval"]),
-    "discriminative_lr+bn_eval": ("discriminative_lr", ["freeze.trainable_batchnorm=eval"]),
+    # lp_ft as it was before its BatchNorm kept the ImageNet statistics (the recipe's now)
+    "lp_ft+bn_train": ("lp_ft", ["freeze.trainable_batchnorm=train"]),
     "+randaugment": ("full_finetune", ["augment=randaugment"]),
     "+mixup_cutmix": ("full_finetune", ["mixup.alpha=0.8", "cutmix.alpha=1.0"]),
     "+label_smoothing": ("full_finetune", ["loss.label_smoothing=0.1"]),
@@ -94,6 +94,7 @@ def main() -> None:
         action="store_true",
         help="every image of flowers5/dtd10 in fastai_peer.py's seeded 80/20 split, not the small subsets",
     )
+    parser.add_argument("--set", nargs="*", default=[], help="more overrides for every run (e.g. data.cache.dir=DIR)")
     parser.add_argument("--no-tta", action="store_true", help="no arm also scores with tta=flip (plain wall times)")
     parser.add_argument("--lr-grid", action="store_true", help="lr-find vs a 5-point lr grid (hymenoptera, full)")
     parser.add_argument(
@@ -134,6 +135,7 @@ def main() -> None:
                         *data_overrides(dataset, args.out, seed, args.whole),
                         *common,
                         *extra,
+                        *args.set,
                         f"seed={seed}",
                         f"hydra.run.dir={args.out / 'runs' / dataset / arm / f'seed{seed}'}",
                         "overwrite=true",
