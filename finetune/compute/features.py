@@ -236,15 +236,19 @@ def cached_features(
 
 @contextmanager
 def _on_device(backbone: nn.Module, speed: Speed) -> Iterator[None]:
-    """`backbone` in eval mode on the run's device and memory layout, restored afterwards."""
-    was_training, device_before = backbone.training, next(backbone.parameters()).device
+    """`backbone` in eval mode on the run's device and memory layout, restored afterwards: each
+    module's own mode (``backbone.train()`` would put the BatchNorm layers a freeze plan keeps in
+    eval mode back into training)."""
+    modes, device_before = {m: m.training for m in backbone.modules()}, next(backbone.parameters()).device
     backbone.eval().to(speed.device)
     if speed.channels_last:
         backbone.to(memory_format=torch.channels_last)
     try:
         yield
     finally:
-        backbone.train(was_training).to(device_before)
+        for module, training in modes.items():
+            module.training = training
+        backbone.to(device_before)
         if speed.channels_last:
             backbone.to(memory_format=torch.contiguous_format)
 
