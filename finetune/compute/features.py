@@ -44,6 +44,7 @@ from finetune.data.transforms import augmentation_is_random
 from finetune.errors import ConfigError
 from finetune.model.classifier import Classifier
 from finetune.model.freeze import batchnorm_layers
+from finetune.model.modes import evaluating
 
 log = logging.getLogger(__name__)
 
@@ -236,18 +237,16 @@ def cached_features(
 
 @contextmanager
 def _on_device(backbone: nn.Module, speed: Speed) -> Iterator[None]:
-    """`backbone` in eval mode on the run's device and memory layout, restored afterwards: each
-    module's own mode (``backbone.train()`` would put the BatchNorm layers a freeze plan keeps in
-    eval mode back into training)."""
-    modes, device_before = {m: m.training for m in backbone.modules()}, next(backbone.parameters()).device
-    backbone.eval().to(speed.device)
+    """`backbone` in eval mode on the run's device and memory layout; afterwards each module's own
+    mode, device and layout back (see `evaluating`)."""
+    device_before = next(backbone.parameters()).device
+    backbone.to(speed.device)
     if speed.channels_last:
         backbone.to(memory_format=torch.channels_last)
     try:
-        yield
+        with evaluating(backbone):
+            yield
     finally:
-        for module, training in modes.items():
-            module.training = training
         backbone.to(device_before)
         if speed.channels_last:
             backbone.to(memory_format=torch.contiguous_format)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from finetune.errors import ConfigError
+from finetune.model.modes import evaluating
 
 # Our keys in the `trainer` group; everything else there is a lightning.Trainer argument.
 SPEED_KEYS = ("channels_last", "compile")
@@ -141,8 +142,7 @@ def forward_images_per_second(
     (C, H, W)) on `speed`'s device, precision and layout: one warm-up batch, then `seconds` of batches."""
     import time
 
-    was_training = model.training
-    model.eval().to(speed.device)
+    model.to(speed.device)
     batch = torch.randn(batch_size, *input_size, device=speed.device)
     batch = to_channels_last(batch) if speed.channels_last else batch
     dtype = speed.autocast_dtype
@@ -153,10 +153,10 @@ def forward_images_per_second(
         if speed.device.type == "cuda":
             torch.cuda.synchronize()
 
-    forward()
-    done, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
+    with evaluating(model):
         forward()
-        done += batch_size
-    model.train(was_training)
+        done, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            forward()
+            done += batch_size
     return done / (time.perf_counter() - started)

@@ -23,6 +23,7 @@ from torch import nn
 from finetune.errors import ConfigError
 from finetune.model import lenet, torchvision_backbones
 from finetune.model.groups import LayerGroup, backbone_groups, feature_modules
+from finetune.model.modes import evaluating
 from finetune.model.weights import WeightsReport, create_pretrained_model, load_file_into
 
 
@@ -134,12 +135,8 @@ def _working_size(name: str, size: int, native: int) -> int:
 
 @torch.no_grad()
 def _output_width(model: nn.Module, input_size) -> int:
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         return int(model(torch.zeros(1, *input_size)).shape[-1])
-    finally:
-        model.train(was_training)
 
 
 def _torchvision_backbone(name: str, weights: str, drop_rate: float | None, global_pool: str | None) -> Backbone:

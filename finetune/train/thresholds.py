@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from finetune.model.build import CHECKPOINT_KEY
+from finetune.model.modes import evaluating
 from finetune.train.checkpoints import atomic_save
 from finetune.use.multilabel import multilabel_report, tune_thresholds
 
@@ -30,10 +31,8 @@ def label_count_bounds(setting: str, splits) -> tuple[int, int | None]:
 def split_probabilities(module, loader) -> tuple[np.ndarray, np.ndarray]:
     """(probabilities (N, C), the task's sigmoids; multi-hot targets (N, C)) of `module` over
     `loader`'s batches, normalized as in training (images or cached features alike)."""
-    was_training = module.training
-    module.eval()
     probabilities, targets = [], []
-    try:
+    with evaluating(module):
         for batch in loader:
             inputs, labels = batch[0], batch[1]
             if not len(labels):
@@ -41,8 +40,6 @@ def split_probabilities(module, loader) -> tuple[np.ndarray, np.ndarray]:
             inputs = module.on_after_batch_transfer((inputs.to(module.device), labels), 0)[0]
             probabilities.append(module.task.probabilities(module(inputs).float()).cpu())
             targets.append(labels.float())
-    finally:
-        module.train(was_training)
     n = len(module.classes)
     return (
         torch.cat(probabilities).numpy() if probabilities else np.zeros((0, n)),

@@ -32,6 +32,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from finetune.model.modes import evaluating
+
 _ATTR = "_finetune_field"
 _DIMS = "_finetune_dims"  # positions (negative) of the rows and columns axes; (-2, -1) when absent
 
@@ -138,10 +140,8 @@ def traced_forward(
         for name in dict.fromkeys(watch)
     ]
     tracer = FieldTracer()
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad(), contextlib.ExitStack() as stack:
+        with torch.no_grad(), evaluating(model), contextlib.ExitStack() as stack:
             for context in contexts:
                 stack.enter_context(context)
             stack.enter_context(tracer)
@@ -151,7 +151,6 @@ def traced_forward(
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     return tracer
 
 
