@@ -23,13 +23,11 @@ from tqdm.auto import tqdm
 
 from finetune.data.check import DataReport
 from finetune.data.images import UnreadableImage, load_rgb
-from finetune.data.sources import DataSplits, Sample
+from finetune.data.sources import SPLITS, DataSplits, Sample
 from finetune.data.transforms import input_size
 from finetune.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-SPLITS = ("train", "val", "test")
 
 
 def stored_short_side(height: int, width: int, crop_pct: float) -> int:

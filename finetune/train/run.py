@@ -32,7 +32,7 @@ from finetune.data.check import DataReport, check_data
 from finetune.data.datamodule import ImageDataModule, class_weights
 from finetune.data.decoded import decoded_images
 from finetune.data.samples import hold_out_calibration
-from finetune.data.sources import DataSplits, load_data
+from finetune.data.sources import SPLITS, DataSplits, load_data
 from finetune.data.transforms import build_transforms, with_input_size
 from finetune.model.backbone import Backbone
 from finetune.model.build import backbone_from_config, build_model
@@ -276,7 +276,7 @@ def _datamodule(
             data_report,
             usable_cores(),  # decoding threads: all cores
             ahead_pays=decoding_ahead_pays(
-                cfg.trainer, cfg.data.batch_size, {s: len(getattr(splits, s)) for s in ("train", "val", "test")}
+                cfg.trainer, cfg.data.batch_size, {s: len(getattr(splits, s)) for s in SPLITS}
             ),
         )
         workers = resolve_num_workers(cfg.data.num_workers, speed.device, in_memory=decoded is not None)
