@@ -37,12 +37,12 @@ def calibrate_and_store(
     The outputs come at full precision, as finetune.load predicts (so target_precision= holds for
     predict's numbers): through the image pipeline, or, for a frozen backbone, from `cached`
     (:class:`~finetune.compute.features.CachedFeatures`, whose evaluation splits are computed at
-    full precision through the same pipeline): the head alone, no second pass over the images.
-    (log-softmax of the logits: softmax, argmax and the temperature's fit are the same on them)"""
+    full precision through the same pipeline): the head alone, no second pass over the images;
+    a split shortened to what a capped epoch read gives as many of the cache's first rows."""
 
     def _outputs(split: str):
         if cached is not None and split in cached.features:
-            return _head_outputs(module, cached, split)
+            return _head_outputs(module, cached, split, len(getattr(splits, split)))
         return _image_outputs(module, getattr(splits, split), data_config, batch_size)
 
     logits, labels, _ = _outputs("val")
@@ -100,14 +100,15 @@ def _scores(split: str, logits: torch.Tensor, labels: torch.Tensor, temperature:
 
 
 @torch.no_grad()
-def _head_outputs(module, cached, split: str):
-    """(log-softmax of the head's logits on the cached features of `split`, labels, no skipped:
-    the cache left unreadable files out already)."""
+def _head_outputs(module, cached, split: str, rows: int):
+    """(log-softmax of the head's logits on the first `rows` cached features of `split`, their
+    labels, no skipped: the cache left unreadable files out already). Log-softmax, not logits:
+    softmax, argmax and the temperature's fit are the same on them."""
     module.model.eval()
     head = module.model.head
     device = next(head.parameters()).device
-    logits = head(cached.features[split].to(device)).float().cpu()
-    return logits.log_softmax(dim=1), cached.labels[split].long(), {}
+    logits = head(cached.features[split][:rows].to(device)).float().cpu()
+    return logits.log_softmax(dim=1), cached.labels[split][:rows].long(), {}
 
 
 def _image_outputs(module, samples: list, data_config: dict, batch_size: int):

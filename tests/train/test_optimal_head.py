@@ -144,6 +144,14 @@ def test_calibration_from_cached_features_equals_the_image_pass(tmp_path, image_
     assert metrics["val/nll"] == pytest.approx(result.metrics["val/nll"], rel=1e-4)
 
 
+def test_a_capped_head_only_run_calibrates_on_the_cached_rows_validation_read(tmp_path, image_folder):
+    """12 validation images, one batch of 8 read per epoch: the temperature is fitted on those 8
+    cached rows, as a capped run through the images calibrates on its first 8 images."""
+    result = _run(tmp_path, image_folder, "capped", "augment=none", "+trainer.limit_val_batches=1")
+    trust = torch.load(result.best_checkpoint, map_location="cpu", weights_only=True)["finetune"]["trust"]
+    assert trust["temperature_split"] == "val (8 images)" and len(trust["val"]["confidence"]) == 8
+
+
 def test_solver_choice_follows_the_head_and_the_techniques(tmp_path, image_folder, capsys):
     _run(tmp_path, image_folder, "mlp", "head=mlp")
     assert "full-batch L-BFGS" not in capsys.readouterr().out
