@@ -17,12 +17,16 @@ import socket
 import threading
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from finetune.errors import ConfigError
 
 # URL scheme (before any +driver) -> (module, pip extra) of its database driver.
 DRIVERS = {"postgresql": ("psycopg2", "studies"), "postgres": ("psycopg2", "studies")}
+# First key of the PostgreSQL advisory lock a shared study is claimed under (the second: its id).
+_LOCK_SPACE = 0x66746E  # "ftn"
 
 
 def hide_password(url: str) -> str:
@@ -108,40 +112,97 @@ def _engine_kwargs(url: str) -> dict[str, Any]:
 def shared_trials(study: Any, distributions: dict[str, Any], n_trials: int, n_jobs: int, interval: int) -> list[Any]:
     """Up to `n_jobs` new trials of a shared `study` (its killed workers' trials failed and queued
     again first), none once it holds `n_trials` COMPLETE or PRUNED trials. While the last trials
-    run elsewhere it waits for them, or for their failure. Each keeps its worker (user attr)."""
-    from optuna.storages import fail_stale_trials
+    run elsewhere it waits for them, or for their failure. Each keeps its worker (user attr).
+
+    The count and the asking happen under the study's lock (PostgreSQL), so two workers never
+    take the same last slot; without one (SQLite) the later of two such trials is told FAIL with
+    user attr ``surplus``."""
     from optuna.trial import TrialState
 
-    finished, counted = (
-        (TrialState.COMPLETE, TrialState.PRUNED),
-        (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING),
-    )
+    finished = (TrialState.COMPLETE, TrialState.PRUNED)
     while True:
-        with warnings.catch_warnings():  # heartbeats are "meant for Study.optimize"; ask and tell use them as well
-            warnings.simplefilter("ignore")
-            fail_stale_trials(study)
-        states = [t.state for t in study.get_trials(deepcopy=False)]
-        done = sum(s in finished for s in states)
-        free = n_trials - done - states.count(TrialState.RUNNING)
-        if done >= n_trials:
-            return []
-        trials = []
-        for _ in range(min(n_jobs, free)):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                trial = study.ask(distributions)
-            study._storage.record_heartbeat(trial._trial_id)  # from now on a kill fails it
-            before = study.get_trials(deepcopy=False, states=counted)
-            if sum(t.number < trial.number for t in before) >= n_trials:
-                # Another worker took the last trial at the same time, with a lower number.
-                trial.set_user_attr("surplus", True)
-                study.tell(trial, state=TrialState.FAIL)
-                break
-            trial.set_user_attr("worker", worker_name())
-            trials.append(trial)
+        with _claiming(study):
+            _fail_dead_trials(study)
+            states = [t.state for t in study.get_trials(deepcopy=False)]
+            done = sum(s in finished for s in states)
+            if done >= n_trials:
+                return []
+            free = n_trials - done - states.count(TrialState.RUNNING)
+            trials = [t for t in (_claim(study, distributions, n_trials) for _ in range(min(n_jobs, free))) if t]
         if trials:
             return trials
         time.sleep(interval)
+
+
+def _claim(study: Any, distributions: dict[str, Any], n_trials: int) -> Any:
+    """A new trial with its first heartbeat and this worker's name; None (told FAIL, ``surplus``)
+    when trials numbered below it already fill the study (a worker without the lock asked too)."""
+    from optuna.trial import TrialState
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trial = study.ask(distributions)
+    study._storage.record_heartbeat(trial._trial_id)  # from now on a kill fails it
+    counted = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
+    if sum(t.number < trial.number for t in counted) >= n_trials:
+        trial.set_user_attr("surplus", True)
+        study.tell(trial, state=TrialState.FAIL)
+        return None
+    trial.set_user_attr("worker", worker_name())  # claimed: see _fail_dead_trials
+    return trial
+
+
+def _fail_dead_trials(study: Any) -> None:
+    """Fail the trials of killed workers and queue their copies (the storage's retry callback):
+    Optuna's heartbeat check for those with a stale heartbeat, and here those never claimed — a
+    worker killed between asking for a trial and its first heartbeat leaves it RUNNING with no
+    heartbeat, which Optuna's check never looks at, and the study would wait for it forever."""
+    import copy
+    import datetime
+
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.storages import fail_stale_trials
+    from optuna.trial import TrialState
+
+    with warnings.catch_warnings():  # heartbeats are "meant for Study.optimize"; ask and tell use them as well
+        warnings.simplefilter("ignore")
+        fail_stale_trials(study)
+    backend = getattr(study._storage, "_backend", study._storage)
+    interval = backend.get_heartbeat_interval() if hasattr(backend, "get_heartbeat_interval") else None
+    if not interval:
+        return
+    grace = datetime.timedelta(seconds=getattr(backend, "grace_period", None) or 2 * interval)
+    now = datetime.datetime.now()  # Optuna stamps datetime_start with the asking host's local time
+    retry = backend.get_heartbeat_stale_trial_callback()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if "worker" in trial.user_attrs or trial.datetime_start is None or now - trial.datetime_start < grace:
+            continue
+        try:
+            failed = study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        except UpdateFinishedTrialError:  # another worker failed it first
+            continue
+        if failed and retry is not None:
+            retry(study, copy.deepcopy(study._storage.get_trial(trial._trial_id)))
+
+
+@contextmanager
+def _claiming(study: Any) -> Iterator[None]:
+    """The study's lock while held: a PostgreSQL session advisory lock, which the server releases
+    when the holder's connection ends (a killed worker cannot keep it). Other databases: none."""
+    backend = getattr(study._storage, "_backend", study._storage)
+    engine = getattr(backend, "engine", None)
+    if engine is None or engine.dialect.name != "postgresql":
+        yield
+        return
+    import sqlalchemy
+
+    key = {"space": _LOCK_SPACE, "study": int(study._study_id)}
+    with engine.connect() as connection:
+        connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:space, :study)"), key)
+        try:
+            yield
+        finally:
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:space, :study)"), key)
 
 
 def worker_name() -> str:
