@@ -284,3 +284,46 @@ def test_killed_s3_run_resumes_to_the_same_weights_and_metrics(shards, tmp_path)
     assert all(torch.equal(a[k], b[k]) for k in a)
     summary_a, summary_b = (json.loads((tmp_path / d / "summary.json").read_text()) for d in "ab")
     assert summary_a["history"] == summary_b["history"] and summary_a["metrics"] == summary_b["metrics"]
+
+
+# Loaded by every Python process of the run (PYTHONPATH): each StreamRow read is written down as
+# "rank split row", so the test sees which records each DDP rank read.
+READS_HOOK = """
+import os
+from finetune.data import stream
+encoded = stream.StreamRow.encoded
+def recorded(self):
+    with open(os.environ["READS_LOG"], "a") as log:
+        log.write(f"{os.environ.get('LOCAL_RANK', '0')} {self.source[0].rsplit('/', 1)[-1]} {self.row}\\n")
+    return encoded(self)
+stream.StreamRow.encoded = recorded
+"""
+
+
+@pytest.mark.slow  # 2 DDP processes, 2 epochs of a tiny model on the local shards: about 40 s on 2 cores
+def test_ddp_ranks_each_read_their_own_chunks_of_the_shards(shards, tmp_path):
+    _, out, _, _ = shards
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(READS_HOOK)
+    log = tmp_path / "reads.log"
+    run = ["+recipe=full_finetune", *TINY, *QUICK, "trainer.max_epochs=2", "data.batch_size=4"]
+    run += ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
+    run += ["data=stream", f"data.uri={out}", f"hydra.run.dir={tmp_path / 'run'}"]
+    paths = [str(hook), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = {"PYTHONPATH": os.pathsep.join(paths), "READS_LOG": str(log)}
+    done = run_cli(*run, env={**env, "WANDB_MODE": "disabled"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Starting with 2 processes" in (tmp_path / "run" / "finetune.log").read_text()
+    assert done.stdout.count("\nval/acc=") == 1  # rank zero reports
+    reads = [line.split() for line in log.read_text().splitlines()]
+    train = {rank: [int(row) for r, split, row in reads if r == rank and split == "train"] for rank in ("0", "1")}
+    chunks = load_data(_data("stream", out), 0).chunks
+    assert len(chunks) > 2
+    n = len(train["0"]) // 2  # reads per rank and epoch: equal steps on both ranks
+    assert len(train["0"]) == len(train["1"]) == 2 * n >= 24
+    for epoch in (0, 1):  # each rank reads its own whole chunks; a shorter share repeats its own rows
+        share = {rank: set(rows[n * epoch : n * (epoch + 1)]) for rank, rows in train.items()}
+        assert not share["0"] & share["1"] and share["0"] | share["1"] == set(range(24))
+        for rows in share.values():
+            assert all(set(chunk) <= rows or not set(chunk) & rows for chunk in chunks)  # never part of a chunk
