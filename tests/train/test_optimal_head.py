@@ -71,6 +71,21 @@ def test_cross_validation_picks_the_best_strength_it_reports(digits):
     assert len(stopped.scores) == min(7, peak + 2)
 
 
+def test_cross_validation_without_copies_chooses_as_with_the_fold_order_copy(digits, monkeypatch):
+    """Large caches are cross-validated without a copy (each fit indexes its rows of all the
+    logits); the folds, fits and scores are the same as through the fold-order copy."""
+    from finetune.compute import linear_probe
+
+    x, y, _, _ = digits
+    views = torch.stack([x, x.flip(1)])
+    grid = (1e-1, 1e-2, 1e-3)
+    copied = choose_l2(views, y, 10, grid=grid, folds=3, refine=False)
+    monkeypatch.setattr(linear_probe, "FOLD_ORDER_BYTES", 0)
+    indexed = choose_l2(views, y, 10, grid=grid, folds=3, refine=False)
+    assert indexed.strength == copied.strength
+    assert indexed.scores == pytest.approx(copied.scores, abs=2e-3)
+
+
 def test_view_rows_keep_every_view_of_the_chosen_images():
     views = torch.arange(2 * 3 * 2, dtype=torch.float32).view(2, 3, 2)
     rows, targets = view_rows(views, torch.tensor([0, 1, 2]), np.array([0, 2]))
