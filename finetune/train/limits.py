@@ -25,9 +25,10 @@ def images_per_epoch(images: int, batch_size: int, limit) -> int:
 
 
 def capped(trainer_cfg: Mapping, key: str) -> bool:
-    """Whether ``trainer.<key>`` (``limit_train_batches``, ...) is set to less than everything."""
-    limit = trainer_cfg.get(key)
-    return limit is not None and not isinstance(limit, bool) and not (isinstance(limit, float) and limit >= 1.0)
+    """Whether ``trainer.<key>`` (``limit_train_batches``, ...) is set to less than everything:
+    less than all of a loader longer than any real one, by `limited_batches`' reading."""
+    everything = 1 << 40
+    return limited_batches(everything, trainer_cfg.get(key)) < everything
 
 
 def decoding_ahead_pays(trainer_cfg: Mapping, batch_size: int, split_sizes: Mapping[str, int]) -> bool:

@@ -24,6 +24,12 @@ def test_images_and_whether_decoding_ahead_pays():
     assert images_per_epoch(100, 32, 10) == 100  # never more than the split
     assert not capped({"limit_train_batches": 1.0}, "limit_train_batches") and not capped({}, "limit_val_batches")
     assert capped({"limit_train_batches": 0.5}, "limit_train_batches")
+    assert capped({"limit_val_batches": 3}, "limit_val_batches") and capped(
+        {"limit_val_batches": 0}, "limit_val_batches"
+    )
+    assert not capped({"limit_val_batches": True}, "limit_val_batches") and not capped(
+        {"limit_val_batches": 1.5}, "limit_val_batches"
+    )
     sizes = {"train": 20_000, "val": 2_000, "test": 0}
     assert decoding_ahead_pays({"max_epochs": 1}, 32, sizes)  # uncapped: always
     assert not decoding_ahead_pays({"max_epochs": 1, "limit_train_batches": 20, "limit_val_batches": 10}, 32, sizes)
