@@ -128,7 +128,12 @@ def shared_trials(study: Any, distributions: dict[str, Any], n_trials: int, n_jo
             if done >= n_trials:
                 return []
             free = n_trials - done - states.count(TrialState.RUNNING)
-            trials = [t for t in (_claim(study, distributions, n_trials) for _ in range(min(n_jobs, free))) if t]
+            trials = []
+            for _ in range(min(n_jobs, free)):
+                trial = _claim(study, distributions, n_trials)
+                if trial is None:  # the study is full after all: ask no more
+                    break
+                trials.append(trial)
         if trials:
             return trials
         time.sleep(interval)
