@@ -239,13 +239,11 @@ def _ask(study, settings: AutoSettings):
         return study.ask()
     import warnings
 
-    from optuna.storages import fail_stale_trials
+    from finetune.search.storage import fail_dead_trials, worker_name
 
-    from finetune.search.storage import worker_name
-
+    fail_dead_trials(study)
     with warnings.catch_warnings():  # heartbeats are "meant for Study.optimize"
         warnings.simplefilter("ignore")
-        fail_stale_trials(study)
         trial = study.ask()
     study._storage.record_heartbeat(trial._trial_id)
     trial.set_user_attr("worker", worker_name())

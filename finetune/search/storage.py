@@ -122,7 +122,7 @@ def shared_trials(study: Any, distributions: dict[str, Any], n_trials: int, n_jo
     finished = (TrialState.COMPLETE, TrialState.PRUNED)
     while True:
         with _claiming(study):
-            _fail_dead_trials(study)
+            fail_dead_trials(study)
             states = [t.state for t in study.get_trials(deepcopy=False)]
             done = sum(s in finished for s in states)
             if done >= n_trials:
@@ -153,11 +153,11 @@ def _claim(study: Any, distributions: dict[str, Any], n_trials: int) -> Any:
         trial.set_user_attr("surplus", True)
         study.tell(trial, state=TrialState.FAIL)
         return None
-    trial.set_user_attr("worker", worker_name())  # claimed: see _fail_dead_trials
+    trial.set_user_attr("worker", worker_name())  # claimed: see fail_dead_trials
     return trial
 
 
-def _fail_dead_trials(study: Any) -> None:
+def fail_dead_trials(study: Any) -> None:
     """Fail the trials of killed workers and queue their copies (the storage's retry callback):
     Optuna's heartbeat check for those with a stale heartbeat, and here those never claimed — a
     worker killed between asking for a trial and its first heartbeat leaves it RUNNING with no
