@@ -108,11 +108,15 @@ class Problem:
 
     @property
     def blocks(self) -> tuple[torch.Tensor, ...]:
-        return self.rows.blocks if isinstance(self.rows, Rows) else (self.rows,)
+        return self._rows.blocks
+
+    @property
+    def _rows(self) -> Rows:
+        return self.rows if isinstance(self.rows, Rows) else Rows((self.rows,))
 
     def loss(self, weight: torch.Tensor, bias: torch.Tensor, l2: float) -> torch.Tensor:
         return penalized_loss(
-            (self.rows if isinstance(self.rows, Rows) else Rows(self.blocks)).logits(weight, bias),
+            self._rows.logits(weight, bias),
             self.targets,
             weight,
             l2,
