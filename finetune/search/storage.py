@@ -172,7 +172,7 @@ def fail_dead_trials(study: Any) -> None:
     with warnings.catch_warnings():  # heartbeats are "meant for Study.optimize"; ask and tell use them as well
         warnings.simplefilter("ignore")
         fail_stale_trials(study)
-    backend = getattr(study._storage, "_backend", study._storage)
+    backend = _backend(study)
     interval = backend.get_heartbeat_interval() if hasattr(backend, "get_heartbeat_interval") else None
     if not interval:
         return
@@ -194,7 +194,7 @@ def fail_dead_trials(study: Any) -> None:
 def _claiming(study: Any) -> Iterator[None]:
     """The study's lock while held: a PostgreSQL session advisory lock, which the server releases
     when the holder's connection ends (a killed worker cannot keep it). Other databases: none."""
-    backend = getattr(study._storage, "_backend", study._storage)
+    backend = _backend(study)
     engine = getattr(backend, "engine", None)
     if engine is None or engine.dialect.name != "postgresql":
         yield
@@ -208,6 +208,11 @@ def _claiming(study: Any) -> Iterator[None]:
             yield
         finally:
             connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:space, :study)"), key)
+
+
+def _backend(study: Any) -> Any:
+    """The study's RDBStorage (Optuna puts a cache in front of it)."""
+    return getattr(study._storage, "_backend", study._storage)
 
 
 def worker_name() -> str:
