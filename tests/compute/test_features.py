@@ -125,25 +125,3 @@ def test_auto_falls_back_to_images_when_the_backbone_trains(tmp_path, image_fold
         TINY + QUICK + ["data=folder", f"data.root={image_folder}", f"hydra.run.dir={tmp_path / 'run'}"],
     )
     assert "feature cache: off (" in capsys.readouterr().out
-
-
-def test_the_feature_pass_puts_back_each_modules_own_mode():
-    """A freeze plan keeps BatchNorm layers in eval mode inside a model in training mode; the
-    feature pass (eval mode) must hand them back as they were, not all in training mode (a cold
-    LP-FT probe did, and its fine-tuning then ran on batch statistics)."""
-    from types import SimpleNamespace
-
-    from finetune.compute.features import _on_device
-    from finetune.model.backbone import build_backbone
-    from finetune.model.classifier import Classifier
-    from finetune.model.freeze import apply_freeze
-    from finetune.model.head import build_head
-
-    backbone = build_backbone("test_resnet", "random")
-    model = Classifier(backbone.model, build_head(backbone.num_features, 3), backbone.groups)
-    apply_freeze(model, trainable_batchnorm="eval")
-    modes = {name: m.training for name, m in model.named_modules()}
-    assert any(modes.values()) and not all(modes.values())
-    with _on_device(model.backbone, SimpleNamespace(device=torch.device("cpu"), channels_last=False)):
-        assert not any(m.training for m in model.backbone.modules())
-    assert {name: m.training for name, m in model.named_modules()} == modes

@@ -42,10 +42,16 @@ def test_evaluating_puts_every_mode_back_after_an_error_too(planned):
 
 
 def test_the_passes_that_evaluate_for_a_moment_keep_the_freeze_plans_modes(planned):
+    from finetune.compute.features import _on_device
     from finetune.compute.speed import forward_images_per_second
     from finetune.viz.receptive import trace_fields
 
     model, modes = planned
+    # The feature pass: a cold LP-FT probe once handed every BatchNorm back in training mode, and
+    # its fine-tuning then ran on batch statistics.
+    with _on_device(model.backbone, SimpleNamespace(device=torch.device("cpu"), channels_last=False)):
+        assert not any(m.training for m in model.backbone.modules())
+    assert modes_of(model) == modes
     assert _output_width(model.backbone, (3, 32, 32)) == model.backbone.num_features
     assert modes_of(model) == modes
     speed = SimpleNamespace(device=torch.device("cpu"), channels_last=False, autocast_dtype=None)
