@@ -186,7 +186,9 @@ def data_overrides(source: str, root: Path, hf: Path | None, shards: Path | None
 
 def measured(command: list[str], log: Path) -> dict:
     """Run `command` under ``/usr/bin/time -v``: wall seconds, its "Maximum resident set size" (MB),
-    the sampled peak of the finetune process alone and of its process tree summed (MB), line times.
+    the sampled peak of the finetune process alone, of its anonymous memory alone (RSS less its
+    file-backed and shared pages: what mapped Arrow files or chunk files do not count in), and of its
+    process tree summed (MB), line times.
 
     Not ``os.wait4`` on a child of this script: Linux records the RSS of the forked copy of this
     process at ``exec`` in the child's ``ru_maxrss``, so a child of a large parent (this one holds
@@ -202,7 +204,7 @@ def measured(command: list[str], log: Path) -> dict:
         text=True,
         env={**os.environ, "WANDB_MODE": "disabled", "NO_ALBUMENTATIONS_UPDATE": "1"},
     )
-    peak_main, peak_tree, stop = [0], [0], threading.Event()
+    peak_main, peak_anon, peak_tree, stop = [0], [0], [0], threading.Event()
 
     def sample() -> None:
         timer = psutil.Process(process.pid)
@@ -211,14 +213,17 @@ def measured(command: list[str], log: Path) -> dict:
                 tree = timer.children(recursive=True)
             except psutil.Error:
                 continue
-            rss = []
+            rss, anon = [], []
             for p in tree:
                 try:
-                    rss.append(p.memory_info().rss)
+                    info = p.memory_info()
                 except psutil.Error:
-                    rss.append(0)
+                    info = None
+                rss.append(info.rss if info else 0)
+                anon.append(info.rss - info.shared if info else 0)  # Linux: shared = RssFile + RssShmem
             if rss:
                 peak_main[0] = max(peak_main[0], rss[0])  # time's child: the finetune process
+                peak_anon[0] = max(peak_anon[0], anon[0])
                 peak_tree[0] = max(peak_tree[0], sum(rss))
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -239,6 +244,7 @@ def measured(command: list[str], log: Path) -> dict:
         "rc": process.returncode,
         "peak_rss_mb": round(maxrss_kb / 1024),  # time -v: KiB
         "sampled_main_rss_mb": round(peak_main[0] / 2**20),
+        "sampled_main_anon_mb": round(peak_anon[0] / 2**20),
         "peak_tree_rss_mb": round(peak_tree[0] / 2**20),
         "log": str(log),
     }
@@ -412,7 +418,8 @@ def main() -> None:
                 row = run_one(args, size, source, command, data)
                 print(
                     f"  {source:6} {command:5} {row['seconds']:7.1f} s  {1000 * row['s_per_image']:6.2f} ms/img  "
-                    f"peak RSS {row['peak_rss_mb']:,} MB (tree {row['peak_tree_rss_mb']:,} MB)  rc {row['rc']}",
+                    f"peak RSS {row['peak_rss_mb']:,} MB (anon {row['sampled_main_anon_mb']:,}, "
+                    f"tree {row['peak_tree_rss_mb']:,} MB)  rc {row['rc']}",
                     flush=True,
                 )
                 save_row(path, stored, row)
