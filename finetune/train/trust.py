@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from finetune.model.build import CHECKPOINT_KEY
+from finetune.model.modes import evaluating
 from finetune.train.checkpoints import atomic_save
 from finetune.use.calibration import calibration_scores, fit_temperature
 from finetune.use.confidence import CONFORMAL_SCORES, conformal_scores
@@ -104,15 +105,15 @@ def _head_outputs(module, cached, split: str, rows: int):
     """(log-softmax of the head's logits on the first `rows` cached features of `split`, their
     labels, no skipped: the cache left unreadable files out already). Log-softmax, not logits:
     softmax, argmax and the temperature's fit are the same on them."""
-    module.model.eval()
     head = module.model.head
     device = next(head.parameters()).device
-    logits = head(cached.features[split][:rows].to(device)).float().cpu()
+    with evaluating(module.model):
+        logits = head(cached.features[split][:rows].to(device)).float().cpu()
     return logits.log_softmax(dim=1), cached.labels[split][:rows].long(), {}
 
 
 def _image_outputs(module, samples: list, data_config: dict, batch_size: int):
     """(log-softmax of the whole model's logits, labels, skipped) on `samples` through the
     evaluation pipeline, at full precision, as finetune.load predicts."""
-    module.model.eval()
-    return labelled_log_probabilities(module.model, data_config, samples, len(module.classes), "none", batch_size)
+    with evaluating(module.model):
+        return labelled_log_probabilities(module.model, data_config, samples, len(module.classes), "none", batch_size)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -44,6 +45,7 @@ def test_evaluating_puts_every_mode_back_after_an_error_too(planned):
 def test_the_passes_that_evaluate_for_a_moment_keep_the_freeze_plans_modes(planned):
     from finetune.compute.features import _on_device
     from finetune.compute.speed import forward_images_per_second
+    from finetune.train.trust import _head_outputs, _image_outputs
     from finetune.viz.receptive import trace_fields
 
     model, modes = planned
@@ -58,4 +60,15 @@ def test_the_passes_that_evaluate_for_a_moment_keep_the_freeze_plans_modes(plann
     assert forward_images_per_second(model.backbone, (3, 32, 32), speed, seconds=0.01, batch_size=2) > 0
     assert modes_of(model) == modes
     assert trace_fields(model.backbone, ["conv1"], (3, 32, 32))["conv1"] is not None
+    assert modes_of(model) == modes
+    # The end of a run's calibration: the head on cached features, or the model on images.
+    module = SimpleNamespace(model=model, classes=["a", "b", "c"])
+    cached = SimpleNamespace(
+        features={"val": torch.randn(2, model.backbone.num_features)}, labels={"val": torch.ones(2)}
+    )
+    assert _head_outputs(module, cached, "val", 2)[0].shape == (2, 3)
+    assert modes_of(model) == modes
+    data_config = {"input_size": (3, 32, 32), "interpolation": "bilinear", "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    image = np.zeros((40, 40, 3), dtype=np.uint8)
+    assert _image_outputs(module, [(image, 1)], data_config | {"crop_pct": 1.0}, 2)[0].shape == (1, 3)
     assert modes_of(model) == modes
