@@ -310,17 +310,20 @@ def table(stored: dict) -> str:
         base.setdefault((r["source"], r["command"]), r)
     out = [
         "| command | source | images | processed | s | ms / image | x smallest | peak RSS MB | growth MB "
-        "| tree RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| anon MB | anon growth MB | tree RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         b = base.get((r["source"], r["command"]))
         ratio = f"{r['s_per_image'] / b['s_per_image']:.2f}" if b else "-"
         growth = f"{r['peak_rss_mb'] - b['peak_rss_mb']:+d}" if b else "-"
+        anon = r.get("sampled_main_anon_mb")  # rows measured before it was sampled have none
+        anon_growth = f"{anon - b['sampled_main_anon_mb']:+d}" if anon and b.get("sampled_main_anon_mb") else "-"
         failed = "" if r["rc"] == 0 else f" (exit {r['rc']})"
         out.append(
             f"| {r['command']}{failed} | {r['source']} | {r['size']:,} | {r['images']:,} | {r['seconds']:.1f} | "
-            f"{1000 * r['s_per_image']:.2f} | {ratio} | {r['peak_rss_mb']:,} | {growth} | {r['peak_tree_rss_mb']:,} |"
+            f"{1000 * r['s_per_image']:.2f} | {ratio} | {r['peak_rss_mb']:,} | {growth} | "
+            f"{f'{anon:,}' if anon else '-'} | {anon_growth} | {r['peak_tree_rss_mb']:,} |"
         )
     return "\n".join(out)
 
