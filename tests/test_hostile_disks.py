@@ -1,4 +1,4 @@
-"""Disks that say no: a read-only run folder, a read-only feature cache, a full disk. Each ends in
+"""Disks that say no: a read-only run folder, a read-only feature cache (and file memo), a full disk. Each ends in
 one sentence (exit 2) or, for the cache, a warning and a finished run; never a traceback.
 
 Read-only means immutable (``chattr +i``) and full means a 1 MB tmpfs: tests run as root, and root
@@ -73,6 +73,8 @@ def test_a_read_only_feature_cache_is_only_a_warning(image_folder, tmp_path):
         )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "feature cache: could not write" in proc.stdout and "going on with the features in memory" in proc.stdout
+    # The per-file memo kept beside it (files.sqlite) is said once too, and only costs its speed-up.
+    assert proc.stdout.count("file memo:") == 1 and "files are read again in every process" in proc.stdout
     assert (tmp_path / "run" / "summary.json").is_file()
 
 

@@ -20,6 +20,7 @@ from html import escape
 
 import numpy as np
 
+from finetune.data import file_memo
 from finetune.data.file_memo import file_digest
 from finetune.data.labels import cardinality, describe_cardinality
 from finetune.data.sources import SPLITS, DataSplits
@@ -163,6 +164,7 @@ def check_data(splits: DataSplits, batch_size: int | None = None) -> DataReport:
         if empty:
             report.warnings.append(f"{empty} images carry no label (kept: 'no label applies' is learned too)")
     report.warnings += _later_warnings(splits, report, batch_size)
+    file_memo.flush()  # the digests and sizes read above, for the next process on these files
     return report
 
 

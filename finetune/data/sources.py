@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from finetune.data import file_memo
 from finetune.data.manifest import load_manifest
 from finetune.data.samples import (
     SPLITS,
@@ -44,7 +45,9 @@ __all__ = [
 def load_data(cfg, seed: int, task: str = "multiclass") -> DataSplits:
     """The samples the ``data`` config group describes (``data=digits|folder|csv|hf``) for `task`
     (``multilabel``: a manifest's label sets or a dataset's lists of class labels; folders and
-    digits hold one class per image)."""
+    digits hold one class per image). Per-file work (header probes, content hashes) is remembered
+    in ``cfg.cache.dir`` for the next process on the same files."""
+    file_memo.keep_in(cfg.cache.dir if cfg.get("cache") and cfg.cache.get("dir") else None)
     if cfg.name == "hf":
         from finetune.data.hf import load_hf  # imports datasets only when asked
 
