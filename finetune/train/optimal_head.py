@@ -21,7 +21,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from finetune.compute.features import SPLITS, CachedFeatures, FeatureDataModule
+from finetune.compute.feature_data import FeatureDataModule
+from finetune.compute.features import SPLITS, CachedFeatures
 from finetune.compute.linear_probe import (
     DEFAULT_GRID,
     L2Choice,

@@ -24,7 +24,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from finetune.compute.features import FeatureDataModule, features_for_run
+from finetune.compute.feature_data import FeatureDataModule
+from finetune.compute.features import features_for_run
 from finetune.compute.speed import Speed, resolve_num_workers, resolve_speed, usable_cores
 from finetune.config import check_types
 from finetune.console import run_log

@@ -125,3 +125,59 @@ def test_auto_falls_back_to_images_when_the_backbone_trains(tmp_path, image_fold
         TINY + QUICK + ["data=folder", f"data.root={image_folder}", f"hydra.run.dir={tmp_path / 'run'}"],
     )
     assert "feature cache: off (" in capsys.readouterr().out
+
+
+def test_every_view_is_written_in_place_and_unreadable_files_leave_no_rows(tmp_path, image_folder):
+    """The pass writes each batch into one (views, images, width) tensor (no list of batches
+    joined by a copy: at 80,000 images that held the features twice), and it equals a pass per
+    view; an unreadable file leaves its row out of every view."""
+    from finetune.compute.features import FeatureCacheSettings, _compute, extract
+    from finetune.compute.speed import Speed
+    from finetune.data.sources import load_folder
+    from finetune.data.transforms import build_transforms
+    from finetune.model.backbone import build_backbone
+
+    backbone = build_backbone("test_resnet", "random").model.eval()
+    train_tf, eval_tf = build_transforms(
+        {
+            "input_size": (3, 32, 32),
+            "mean": (0.5,) * 3,
+            "std": (0.5,) * 3,
+            "interpolation": "bilinear",
+            "crop_pct": 1.0,
+        },
+        {"random_resized_crop": True},
+        seed=0,
+    )
+    speed = Speed("32-true", False, False, torch.device("cpu"))
+    settings = FeatureCacheSettings("test_resnet", tmp_path, 2, True, 5, 0, 3)
+    pipelines = {"train": train_tf, "eval": eval_tf}
+
+    def computed():
+        splits = load_folder(image_folder, "train", "val", 0.2, 0)
+        return splits, _compute(backbone, {"train": splits.train, "val": splits.val}, pipelines, 2, speed, settings)
+
+    splits, cached = computed()
+    train = cached.features["train"]
+    assert train.shape[:2] == (2, 24) and train.is_contiguous()
+    assert train[1].data_ptr() == train.data_ptr() + train[0].numel() * train.element_size()  # one allocation
+    buffers = {}
+    alone, labels, _ = extract(
+        backbone,
+        splits.train,
+        eval_tf,
+        speed,
+        settings,
+        seed=0,
+        desc="view 0",
+        full_precision=True,
+        into=lambda rows, width: buffers.setdefault("given", torch.empty(rows, width)),
+    )
+    assert alone.data_ptr() == buffers["given"].data_ptr() and alone.shape == buffers["given"].shape  # no copy
+    torch.testing.assert_close(train[0], alone)
+    assert torch.equal(labels, cached.labels["train"])
+    bad = Path(splits.train[3][0])
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 3])  # its header reads, its pixels do not
+    _, without = computed()
+    assert without.features["train"].shape[:2] == (2, 23) and str(bad) in without.skipped
+    torch.testing.assert_close(without.features["train"][0, 3:], train[0, 4:])
