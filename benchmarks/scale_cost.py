@@ -27,6 +27,9 @@ px input, ``--workers`` DataLoader workers, precision and layout as the CLI reso
   all the same, which did not fit the 2-core host's time).
 - ``full``: ``+recipe=full_finetune trainer.max_epochs=1`` capped at ``--full-batches`` training
   and ``--full-val-batches`` validation batches; per image there means per image *processed*.
+- ``full_again``: the same capped run again, in the ``data.cache.dir`` the ``full`` before it
+  left: a later process on the same files, whose digests and headers the file memo
+  (``files.sqlite``) remembers. Every other command starts from an empty ``data.cache.dir``.
 
 Measured per process: wall seconds, peak RSS (``/usr/bin/time -v``'s "Maximum resident set size": the
 largest single process, the finetune process or a DataLoader worker), the peak of the process tree's
@@ -57,7 +60,7 @@ from common import RESULTS
 
 CLASSES = [f"class{i}" for i in range(10)]
 SOURCES = ("folder", "csv", "hf", "stream")
-COMMANDS = ("check", "head", "full")
+COMMANDS = ("check", "head", "full", "full_again")
 SEED = 0
 
 
@@ -250,11 +253,28 @@ def measured(command: list[str], log: Path) -> dict:
     }
 
 
+def cache_dir(args, size: int, source: str, command: str) -> Path:
+    """The run's ``data.cache.dir``: empty for every command (cold: no features, no file memo),
+    but the one `full` left for `full_again` (its file memo: every file's digest and header)."""
+    if command in ("full", "full_again"):
+        shared = args.work / "memo" / f"{size}-{source}"
+        if command == "full":
+            shutil.rmtree(shared, ignore_errors=True)
+        elif not (shared / "files.sqlite").is_file():
+            sys.exit(f"full_again runs after full on the same files (no file memo in {shared})")
+        return shared
+    return args.work / "runs" / f"{size}-{source}-{command}" / "cache"
+
+
 def run_one(args, size: int, source: str, command: str, data: list[str]) -> dict:
     tag = f"{size}-{source}-{command}"
     run = args.work / "runs" / tag
     shutil.rmtree(run, ignore_errors=True)
-    common = [f"data.image_size={args.image_size}", f"data.num_workers={args.workers}"]
+    common = [
+        f"data.image_size={args.image_size}",
+        f"data.num_workers={args.workers}",
+        f"data.cache.dir={cache_dir(args, size, source, command)}",
+    ]
     train, val = sum(split_of(i) == "train" for i in range(size)), sum(split_of(i) == "val" for i in range(size))
     if command == "check":
         argv, images = ["check-data", *data, *common], size
@@ -262,7 +282,6 @@ def run_one(args, size: int, source: str, command: str, data: list[str]) -> dict
         argv = [
             *data,
             *common,
-            f"data.cache.dir={run / 'cache'}",  # empty: a cold run
             f"hydra.run.dir={run / 'out'}",
             "trainer.max_epochs=1",
             "logger=none",
