@@ -61,6 +61,7 @@ class FileStore:
         self.path = path
         self._lock = threading.Lock()
         self._pending: list[tuple] = []
+        self._rows: dict[str, dict[str, tuple[str, str]]] = {}  # fn -> path -> (stat, value), as stored
         self._connection: sqlite3.Connection | None = None
         self._pid: int | None = None
         self._broken = False
@@ -68,22 +69,26 @@ class FileStore:
         atexit.register(self.flush)
 
     def get(self, fn: str, name: str, stat: list) -> object:
-        """The stored result of `fn` for `name` at `stat`, or None."""
+        """The stored result of `fn` for `name` at `stat`, or None. The first call for `fn` reads
+        all its rows at once (one query, about 30 MB for 100,000 files), not a query per file."""
         with self._lock:
-            connection = self._connect()
-            if connection is None:
-                return None
-            try:
-                row = connection.execute(
-                    "SELECT stat, value FROM memo WHERE fn = ? AND path = ?", (fn, name)
-                ).fetchone()
-            except sqlite3.Error as err:
-                return self._give_up(err)
-        return json.loads(row[1]) if row is not None and json.loads(row[0]) == stat else None
+            if fn not in self._rows:
+                connection = self._connect()
+                if connection is None:
+                    return None
+                try:
+                    query = connection.execute("SELECT path, stat, value FROM memo WHERE fn = ?", (fn,))
+                    self._rows[fn] = {path: (known, value) for path, known, value in query}
+                except sqlite3.Error as err:
+                    return self._give_up(err)
+            row = self._rows[fn].get(name)
+        return json.loads(row[1]) if row is not None and row[0] == json.dumps(stat) else None
 
     def put(self, fn: str, name: str, stat: list, value: object) -> None:
         with self._lock:
-            self._pending.append((fn, name, json.dumps(stat), json.dumps(value)))
+            row = (fn, name, json.dumps(stat), json.dumps(value))
+            self._pending.append(row)
+            self._rows.get(fn, {})[name] = row[2:]
             if len(self._pending) >= FLUSH_EVERY:
                 self._write()
 
@@ -128,7 +133,7 @@ class FileStore:
                 self.path,
                 err,
             )
-        self._broken, self._pending = True, []
+        self._broken, self._pending, self._rows = True, [], {}
         return None
 
 
@@ -190,13 +195,17 @@ def remembered_per_file(fn: Callable[[str | os.PathLike], T]) -> Callable[[str |
     return wrapper
 
 
-@remembered_per_file
 def file_digest(path: str | os.PathLike) -> str:
     """A hex digest of the file's bytes (BLAKE2b, 128 bits): equal contents, equal digests."""
+    if isinstance(path, StoredImage) and getattr(path, "digest", None):
+        return path.digest  # known from where it is stored (streamed shards): nothing to remember
+    return _hashed(path)
+
+
+@remembered_per_file
+def _hashed(path: str | os.PathLike) -> str:
     digest = hashlib.blake2b(digest_size=16)
     if isinstance(path, StoredImage):
-        if getattr(path, "digest", None):  # known from where it is stored (streamed shards)
-            return path.digest
         digest.update(path.encoded())
         return digest.hexdigest()
     with open(path, "rb") as f:

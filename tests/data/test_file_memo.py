@@ -59,7 +59,7 @@ def test_a_later_process_takes_the_result_from_the_store_until_the_file_changes(
 def test_the_store_is_written_by_a_process_and_read_by_another(tmp_path):
     """A real second process: its probes and digests reach the store when it exits, and their
     results are what this process computes itself."""
-    from finetune.data.file_memo import file_digest
+    from finetune.data.file_memo import _hashed, file_digest
     from finetune.data.images import probe
 
     images = []
@@ -77,7 +77,7 @@ def test_the_store_is_written_by_a_process_and_read_by_another(tmp_path):
         stat = path.stat()
         key = [stat.st_size, stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns]
         assert tuple(store.get(probe.__qualname__, str(path.resolve()), key)) == probe(path)
-        assert store.get(file_digest.__qualname__, str(path.resolve()), key) == file_digest(path)
+        assert store.get(_hashed.__qualname__, str(path.resolve()), key) == file_digest(path)
     assert store.get(probe.__qualname__, str(images[0].resolve()), [0, 0, 0, 0]) is None  # another stat
 
 
@@ -114,7 +114,9 @@ def test_a_forked_child_never_writes_its_parents_pending_rows(tmp_path):
     os.waitpid(pid, 0)
     stat = image.stat()
     key = [stat.st_size, stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns]
-    store = FileStore(Path(tmp_path / "cache" / STORE_NAME))
-    assert store.get("counted.<locals>.measure", str(image.resolve()), key) is None
+    stored = FileStore(Path(tmp_path / "cache" / STORE_NAME)).get  # a fresh reader each time: another process
+    assert stored("counted.<locals>.measure", str(image.resolve()), key) is None
     file_memo.flush()
-    assert store.get("counted.<locals>.measure", str(image.resolve()), key) == [len(str(image)), 2]
+    assert FileStore(Path(tmp_path / "cache" / STORE_NAME)).get(
+        "counted.<locals>.measure", str(image.resolve()), key
+    ) == [len(str(image)), 2]
