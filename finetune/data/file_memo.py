@@ -96,6 +96,15 @@ class FileStore:
         with self._lock:
             self._write()
 
+    def close(self) -> None:
+        """Write what is pending and let the file go (a process that moves to another store)."""
+        self.flush()
+        atexit.unregister(self.flush)
+        with self._lock:
+            if self._connection is not None and self._pid == os.getpid():
+                self._connection.close()
+            self._connection, self._pid, self._rows = None, None, {}
+
     def _write(self) -> None:
         rows, self._pending = self._pending, []
         if os.getpid() != self._owner:  # a forked copy of the parent's rows: the parent writes them
@@ -148,7 +157,7 @@ def keep_in(directory: str | os.PathLike | None) -> None:
     if _store is not None and _store.path == path:
         return
     if _store is not None:
-        _store.flush()
+        _store.close()
     _store = None if path is None else FileStore(path)
 
 

@@ -22,6 +22,8 @@ def own_store():
     """Each test names its store; the session's store (if any) comes back after."""
     before = file_memo._store
     yield
+    if file_memo._store not in (None, before):
+        file_memo._store.close()
     file_memo._store = before
 
 
@@ -120,3 +122,34 @@ def test_a_forked_child_never_writes_its_parents_pending_rows(tmp_path):
     assert FileStore(Path(tmp_path / "cache" / STORE_NAME)).get(
         "counted.<locals>.measure", str(image.resolve()), key
     ) == [len(str(image)), 2]
+
+
+def test_moving_to_another_store_writes_and_lets_the_last_one_go(tmp_path):
+    """A process that loads data with several cache folders (a test session, a notebook) keeps
+    one store open, not one per folder it ever used."""
+    image = tmp_path / "a.png"
+    Image.new("RGB", (4, 4)).save(image)
+
+    def open_stores() -> set[str]:
+        names = set()
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:  # closed in between
+                continue
+            if STORE_NAME in target and target.startswith(str(tmp_path)):
+                names.add(str(Path(target).parent))
+        return names
+
+    for i in range(4):
+        file_memo.keep_in(tmp_path / f"cache{i}")
+        counted([])(image)
+    assert open_stores() == {str(tmp_path / "cache3")}
+    file_memo.keep_in(None)
+    assert open_stores() == set()
+    later = []
+    assert counted(later)(image) and later == [str(image)]  # no store: computed again
+    stat = image.stat()
+    key = [stat.st_size, stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns]
+    for i in range(4):  # each folder got its rows when the process moved on
+        assert FileStore(tmp_path / f"cache{i}" / STORE_NAME).get("counted.<locals>.measure", str(image), key)
