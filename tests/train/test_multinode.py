@@ -162,10 +162,14 @@ def test_slurm_auto_requeue_saves_a_checkpoint_requeues_and_the_same_command_res
     first = subprocess.Popen(
         command, cwd=tmp_path, env=_env(**slurm), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    # Signal once epoch 2's row is in the log: Lightning counts an epoch only after its last
+    # callbacks (last.ckpt and the row "1/6" included), so a signal sent at either can save epoch 0.
+    log_file = tmp_path / "run" / "finetune.log"
     deadline = time.monotonic() + 300
-    while not last.exists() and first.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
+    while first.poll() is None and time.monotonic() < deadline:
+        if log_file.exists() and " 2/6 " in log_file.read_text():
+            break
+        time.sleep(0.05)
     first.send_signal(signal.SIGUSR1)  # what SLURM sends at --signal=SIGUSR1@SECONDS
     out, err = first.communicate(timeout=300)
     assert first.returncode == 128 + signal.SIGTERM, err[-3000:]  # requeued: SLURM ended the job
