@@ -70,25 +70,28 @@ class FileStore:
 
     def get(self, fn: str, name: str, stat: list) -> object:
         """The stored result of `fn` for `name` at `stat`, or None. The first call for `fn` reads
-        all its rows at once (one query, about 30 MB for 100,000 files), not a query per file."""
+        and decodes all its rows at once (one query, about 30 MB for 100,000 files), not a query
+        per file: a lookup is then a dict access and a string comparison."""
         with self._lock:
             if fn not in self._rows:
                 connection = self._connect()
                 if connection is None:
                     return None
                 try:
-                    query = connection.execute("SELECT path, stat, value FROM memo WHERE fn = ?", (fn,))
-                    self._rows[fn] = {path: (known, value) for path, known, value in query}
-                except sqlite3.Error as err:
+                    rows = connection.execute("SELECT path, stat, value FROM memo WHERE fn = ?", (fn,)).fetchall()
+                    values = json.loads("[" + ",".join(value for _, _, value in rows) + "]")  # one parse, not 100,000
+                except (sqlite3.Error, ValueError) as err:
                     return self._give_up(err)
+                self._rows[fn] = {path: (known, value) for (path, known, _), value in zip(rows, values)}
             row = self._rows[fn].get(name)
-        return json.loads(row[1]) if row is not None and row[0] == json.dumps(stat) else None
+        return row[1] if row is not None and row[0] == _stat_text(stat) else None
 
     def put(self, fn: str, name: str, stat: list, value: object) -> None:
         with self._lock:
-            row = (fn, name, json.dumps(stat), json.dumps(value))
+            row = (fn, name, _stat_text(stat), json.dumps(value))
             self._pending.append(row)
-            self._rows.get(fn, {})[name] = row[2:]
+            if fn in self._rows:
+                self._rows[fn][name] = (row[2], value)
             if len(self._pending) >= FLUSH_EVERY:
                 self._write()
 
@@ -144,6 +147,11 @@ class FileStore:
             )
         self._broken, self._pending, self._rows = True, [], {}
         return None
+
+
+def _stat_text(stat: list) -> str:
+    """How a stat key is stored: its items joined by commas (far cheaper per file than JSON)."""
+    return ",".join(map(str, stat))
 
 
 _store: FileStore | None = None

@@ -200,7 +200,8 @@ def _labels(chosen: dict, where: str, column: str) -> tuple[list[str], dict[str,
         split: _label_kind(ds.features[column], f"{where} split {split!r}", column) for split, ds in chosen.items()
     }
     kind, names = kinds["train"]
-    values = {split: list(ds[column]) for split, ds in chosen.items()}
+    # One Arrow column per split: `ds[column]` would format the rows one by one (10 s at 100,000).
+    values = {split: ds.with_format("arrow")[column].to_pylist() for split, ds in chosen.items()}
     if kind == "value":
         seen = sorted({v for v in values["train"] if v is not None}, key=lambda v: (isinstance(v, str), v))
         names = [str(v) for v in seen]
