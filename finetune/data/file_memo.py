@@ -55,7 +55,8 @@ SCHEMA = "CREATE TABLE IF NOT EXISTS memo (fn TEXT, path TEXT, stat TEXT, value 
 class FileStore:
     """Per-file results kept across processes: a row per (function, path) with the stat key it
     was computed for and the JSON of the result. New rows are written a batch at a time (and at
-    :meth:`flush`); a forked child (a DataLoader worker) opens its own connection."""
+    :meth:`flush`). A forked child (a DataLoader worker) reads through a connection of its own and
+    writes nothing: the parent writes the rows it computed (:meth:`after_fork`)."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -63,9 +64,8 @@ class FileStore:
         self._pending: list[tuple] = []
         self._rows: dict[str, dict[str, tuple[str, str]]] = {}  # fn -> path -> (stat, value), as stored
         self._connection: sqlite3.Connection | None = None
-        self._pid: int | None = None
         self._broken = False
-        self._owner = os.getpid()
+        self._forked = False
         atexit.register(self.flush)
 
     def get(self, fn: str, name: str, stat: list) -> object:
@@ -104,13 +104,19 @@ class FileStore:
         self.flush()
         atexit.unregister(self.flush)
         with self._lock:
-            if self._connection is not None and self._pid == os.getpid():
+            if self._connection is not None:
                 self._connection.close()
-            self._connection, self._pid, self._rows = None, None, {}
+            self._connection, self._rows = None, {}
+
+    def after_fork(self) -> None:
+        """In a forked child: drop the parent's connection (never share one), its unwritten rows
+        (the parent writes them) and its lock (another thread may have held it at the fork)."""
+        self._lock = threading.Lock()
+        self._connection, self._pending, self._forked = None, [], True
 
     def _write(self) -> None:
         rows, self._pending = self._pending, []
-        if os.getpid() != self._owner:  # a forked copy of the parent's rows: the parent writes them
+        if self._forked:
             return
         connection = self._connect() if rows else None
         if connection is None:
@@ -124,8 +130,7 @@ class FileStore:
     def _connect(self) -> sqlite3.Connection | None:
         if self._broken:
             return None
-        if self._pid != os.getpid():  # none yet, or a forked copy of the parent's: never share one
-            self._connection, self._pid = None, os.getpid()
+        if self._connection is None:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 connection = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
@@ -155,6 +160,14 @@ def _stat_text(stat: list) -> str:
 
 
 _store: FileStore | None = None
+
+
+def _after_fork_in_child() -> None:
+    if _store is not None:
+        _store.after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def keep_in(directory: str | os.PathLike | None) -> None:
