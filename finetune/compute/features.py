@@ -271,7 +271,7 @@ def _compute(
 ) -> CachedFeatures:
     """One pass per training view (view 0 through the evaluation pipeline at full precision: the
     center crop a prediction sees; the others augmented), one per evaluation split."""
-    labels, skipped, train_views = {}, {}, []
+    labels, skipped, kept = {}, {}, 0
     stacked: torch.Tensor | None = None  # every view is written into one (V, N, D) tensor
 
     def into_view(view: int) -> Callable[[int, int], torch.Tensor]:
@@ -296,10 +296,10 @@ def _compute(
             full_precision=not view,
             into=into_view(view),
         )
-        train_views.append(f)
+        kept = len(f)  # the same in every view: an unreadable file is left out of each
         labels["train"], skipped = y, {**skipped, **bad}
-    whole = stacked is not None and len(train_views[0]) == stacked.shape[1]  # no unreadable file: no copy
-    features = {"train": stacked if whole else torch.stack(train_views)}
+    # Copied only when files were unreadable (.contiguous() of the whole tensor is the tensor itself).
+    features = {"train": stacked[:, :kept].contiguous() if stacked is not None else torch.empty(views, 0)}
     for split in SPLITS[1:]:
         if splits.get(split):
             features[split], labels[split], bad = extract(
