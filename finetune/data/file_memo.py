@@ -62,7 +62,7 @@ class FileStore:
         self.path = path
         self._lock = threading.Lock()
         self._pending: list[tuple] = []
-        self._rows: dict[str, dict[str, tuple[str, str]]] = {}  # fn -> path -> (stat, value), as stored
+        self._rows: dict[str, dict[str, tuple[str, object]]] = {}  # fn -> path -> (stat text, result)
         self._connection: sqlite3.Connection | None = None
         self._broken = False
         self._forked = False

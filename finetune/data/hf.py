@@ -200,7 +200,7 @@ def _labels(chosen: dict, where: str, column: str) -> tuple[list[str], dict[str,
         split: _label_kind(ds.features[column], f"{where} split {split!r}", column) for split, ds in chosen.items()
     }
     kind, names = kinds["train"]
-    # One Arrow column per split: `ds[column]` would format the rows one by one (10 s at 100,000).
+    # One Arrow column per split: `ds[column]` formats the rows one by one (2.6 s for 100,000 here).
     values = {split: ds.with_format("arrow")[column].to_pylist() for split, ds in chosen.items()}
     if kind == "value":
         seen = sorted({v for v in values["train"] if v is not None}, key=lambda v: (isinstance(v, str), v))
