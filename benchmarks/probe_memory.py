@@ -1,5 +1,5 @@
 """Peak memory of the head-only path at the sizes of a large data set, without the images: the
-head's L2 cross-validation (``finetune.compute.linear_probe.choose_l2``) on random float32 features
+head's L2 cross-validation (``finetune.compute.l2_choice.choose_l2``) on random float32 features
 of the cache's shape (views x training images x 1,280, lite0's width), 10 classes, 3 folds; and
 (``--stage pass``) the feature pass that fills the cache (``finetune.compute.features._compute``),
 with a stand-in backbone (8 x 8 arrays in memory -> 1,280 numbers) so that only its own
@@ -24,7 +24,7 @@ import sys
 
 MEASURE = """
 import resource, sys, time, torch
-from finetune.compute.linear_probe import choose_l2
+from finetune.compute.l2_choice import choose_l2
 images, views, width = (int(v) for v in sys.argv[1:4])
 features = torch.randn(views, images, width)
 targets = torch.randint(0, 10, (images,))

@@ -9,40 +9,28 @@ and exports are those of any run: only the training step and its data differ.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
-import os
 import time
 from collections.abc import Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from finetune.compute.feature_data import FeatureDataModule
 from finetune.compute.features import SPLITS, CachedFeatures
-from finetune.compute.linear_probe import (
-    DEFAULT_GRID,
-    L2Choice,
-    c_of,
-    choose_l2,
-    feature_scale,
-    lbfgs,
-    penalized_loss,
-    view_rows,
-)
+from finetune.compute.linear_probe import Rows, lbfgs, penalized_loss, view_rows
 from finetune.data.datamodule import class_weights
 from finetune.data.sources import DataSplits
 from finetune.errors import ConfigError
-from finetune.files import follow_umask
+from finetune.train.head_strength import chosen_l2
 from finetune.train.module import ClassifierModule
 
 log = logging.getLogger(__name__)
 
 SOLVERS = ("auto", "lbfgs", "sgd")
-DEFAULT_STRENGTH = 1e-4  # when cross-validation cannot run (a class with a single training image)
 
 
 def fit_settings(head_cfg: Mapping) -> dict:
@@ -116,104 +104,6 @@ def loss_weights(splits: DataSplits, balance: str) -> torch.Tensor | None:
     return None
 
 
-def chosen_l2(
-    cached: CachedFeatures,
-    splits: DataSplits,
-    settings: Mapping,
-    seed: int,
-    weights: torch.Tensor | None,
-    label_smoothing: float,
-) -> tuple[float, str]:
-    """(the absolute L2 of the objective, a line for the start of the run). ``auto``: k-fold
-    cross-validation, remembered beside the cached features (a sweep's trials share it)."""
-    views, targets = cached.features["train"], cached.labels["train"]
-    scale = feature_scale(views)
-    outputs = len(splits.classes)
-    rows = views.shape[0] * views.shape[1]
-    if settings["l2"] != "auto":
-        l2 = float(settings["l2"]) * scale
-        return l2, f"L2 strength {settings['l2']:g} (head.fit.l2; scikit-learn C {c_of(l2, rows):.3g})"
-    folds = settings["folds"]
-    if not splits.multilabel:
-        counts = torch.bincount(targets, minlength=outputs)
-        folds = min(folds, int(counts[counts > 0].min()))  # StratifiedKFold: every class in every fold
-    if folds < 2 or len(targets) < 2 * settings["folds"]:
-        l2 = DEFAULT_STRENGTH * scale
-        return l2, (
-            f"L2 strength {DEFAULT_STRENGTH:g}: too few training images per class for cross-validation "
-            f"(head.fit.l2=NUMBER to choose)"
-        )
-    started = time.perf_counter()
-    memo = _memo_path(cached, splits.multilabel, folds, seed, weights, label_smoothing)
-    choice = _read_memo(memo)
-    remembered = choice is not None
-    if choice is None:
-        choice = choose_l2(
-            views,
-            targets,
-            outputs,
-            grid=DEFAULT_GRID,
-            folds=folds,
-            seed=seed,
-            multilabel=splits.multilabel,
-            class_weights=weights,
-            label_smoothing=label_smoothing,
-        )
-        _write_memo(memo, choice)
-    metric = "mAP" if splits.multilabel else "accuracy"
-    line = (
-        f"L2 strength {choice.strength:.2g} (scikit-learn C {c_of(choice.l2, rows):.3g}) chosen by {folds}-fold "
-        f"cross-validation on the training split: held-out {metric} {choice.score:.4f}, "
-        f"{'remembered' if remembered else 'computed'} in "
-        f"{time.perf_counter() - started:.1f} s"
-    )
-    return choice.l2, line
-
-
-def _memo_path(cached: CachedFeatures, multilabel: bool, folds: int, seed: int, weights, smoothing: float):
-    if cached.path is None:
-        return None
-    key = json.dumps(
-        {
-            "grid": DEFAULT_GRID,
-            "folds": folds,
-            "seed": seed,
-            "multilabel": multilabel,
-            "version": 1,
-            "weights": None if weights is None else [round(float(w), 6) for w in weights],
-            "label_smoothing": smoothing,
-        }
-    )
-    return cached.path.with_name(f"{cached.path.stem}.l2-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json")
-
-
-def _read_memo(path) -> L2Choice | None:
-    try:
-        stored = json.loads(path.read_text())
-        return L2Choice(
-            float(stored["l2"]),
-            float(stored["strength"]),
-            float(stored["score"]),
-            tuple(stored["grid"]),
-            tuple(stored["scores"]),
-            int(stored["folds"]),
-        )
-    except (AttributeError, OSError, ValueError, KeyError, TypeError):  # none yet, or damaged: compute it
-        return None
-
-
-def _write_memo(path, choice: L2Choice) -> None:
-    if path is None:
-        return
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(choice.as_dict()))
-        follow_umask(tmp)
-        os.replace(tmp, path)
-    except OSError as err:  # a read-only cache: the choice is only a speed-up for the next run
-        log.warning("feature cache: could not remember the L2 choice in %s (%s)", path, err.strerror or err)
-
-
 class _FullBatch(Dataset):
     """One item: every view of every training image, stacked (V*N, D), with their labels."""
 
@@ -238,19 +128,40 @@ class OptimalHeadModule(ClassifierModule):
     """A :class:`ClassifierModule` whose training step is one L-BFGS step (``iterations`` inner
     iterations, strong-Wolfe line search) on the whole cached training set, minimizing the
     loss plus ``l2 / 2 * |W|^2`` (manual optimization: L-BFGS re-evaluates its closure). Metrics,
-    validation and checkpoints are the parent's; ``train/loss`` is the loss without the penalty."""
+    validation and checkpoints are the parent's; ``train/loss`` is the loss without the penalty.
+    L-BFGS solves for the weight and the bias of the features centered on `center` (the training
+    features' mean; :mod:`finetune.compute.linear_probe`), the head's own bias following each step;
+    checkpoints carry that centered bias, so a resumed run takes the same steps."""
 
     solver_name = "lbfgs"  # no lr/* columns: L-BFGS's line search sets each step's length
+    CENTERED_BIAS = "finetune_lbfgs_centered_bias"  # the checkpoint's key
 
-    def __init__(self, *args, l2: float, iterations: int, **kwargs):
+    def __init__(self, *args, l2: float, iterations: int, center: torch.Tensor, **kwargs):
         super().__init__(*args, **kwargs)
         self.automatic_optimization = False
         self.l2 = l2
         self.iterations = iterations
         self.linear = single_linear(self.model.head)
+        self.register_buffer("center", center.detach().float().clone(), persistent=False)
+        self.centered_bias: torch.Tensor | None = None  # L-BFGS's variable beside the weight
+        self._restored_bias: torch.Tensor | None = None
 
     def configure_optimizers(self):
-        return lbfgs([{"params": list(self.linear.parameters()), "name": "head"}], self.iterations)
+        with torch.no_grad():  # Lightning has restored the weights (not yet the optimizer) by now
+            bias = self.linear.bias + self.linear.weight @ self.center
+        if self._restored_bias is not None:  # bit for bit what the interrupted run held
+            bias = self._restored_bias.to(bias)
+        self.centered_bias = bias.detach().clone().requires_grad_(True)
+        return lbfgs([{"params": [self.linear.weight, self.centered_bias], "name": "head"}], self.iterations)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.centered_bias is not None:
+            checkpoint[self.CENTERED_BIAS] = self.centered_bias.detach().cpu().clone()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._restored_bias = checkpoint.get(self.CENTERED_BIAS)
 
     def training_step(self, batch, batch_idx):
         features, labels = self._unpack(batch)
@@ -258,15 +169,19 @@ class OptimalHeadModule(ClassifierModule):
         optimizer = self.optimizers()
         features = features.float()
         settings = (self.task.multilabel, weight, self.label_smoothing)  # the loss's: task, class weights, smoothing
+        head, centered = self.linear.weight, self.centered_bias
 
         def closure():
             optimizer.zero_grad()
             with torch.autocast(features.device.type, enabled=False):  # the optimum at full precision
-                loss = penalized_loss(self(features), labels, self.linear.weight, self.l2, *settings)
+                logits = F.linear(features, head, centered - head @ self.center)  # the head, as L-BFGS sees it
+                loss = penalized_loss(logits, labels, head, self.l2, *settings)
             self.manual_backward(loss)
             return loss
 
         optimizer.step(closure=closure)
+        with torch.no_grad():
+            self.linear.bias.copy_(centered - head @ self.center)
         with torch.no_grad(), torch.autocast(features.device.type, enabled=False):
             logits = self(features)
             loss = self.task.loss(logits, labels, class_weights=weight, label_smoothing=self.label_smoothing)
@@ -286,7 +201,8 @@ def optimal_head_parts(cached: CachedFeatures, splits: DataSplits, cfg, seed: in
         f"an epoch, every epoch over {views.shape[0]} view{'s' if views.shape[0] > 1 else ''} x "
         f"{views.shape[1]} training images); {how}"
     )
-    return {"l2": l2, "iterations": per_epoch, "class_weights": weights}, line
+    center = Rows((views.reshape(-1, views.shape[2]),)).mean()
+    return {"l2": l2, "iterations": per_epoch, "class_weights": weights, "center": center}, line
 
 
 def probe_first(cfg, model, backbone_name: str, splits: DataSplits, train_tf, eval_tf, speed, num_workers: int) -> None:
