@@ -35,10 +35,16 @@ def _cache_files(tmp_path: Path) -> list[Path]:
 
 
 def test_cached_path_trains_the_same_head_as_the_slow_path(tmp_path, image_folder, capsys):
-    slow = _head_fit(tmp_path, image_folder, "slow", "augment=none", "data.cache.features=false")
+    # fp32 both ways: on a CPU with bf16 (trainer.precision=auto picks bf16-mixed there) the slow
+    # path runs the backbone under autocast, while the cache's first view is computed at full
+    # precision, as finetune.load predicts (failed on such a host: head weights 1e-5 apart).
+    fp32 = "trainer.precision=32-true"
+    slow = _head_fit(tmp_path, image_folder, "slow", "augment=none", "data.cache.features=false", fp32)
     assert "feature cache" not in capsys.readouterr().out
     # The same SGD epochs on cached features (head-only runs fit the head by L-BFGS by default).
-    fast = _head_fit(tmp_path, image_folder, "fast", "augment=none", "data.cache.features=true", "head.fit.solver=sgd")
+    fast = _head_fit(
+        tmp_path, image_folder, "fast", "augment=none", "data.cache.features=true", "head.fit.solver=sgd", fp32
+    )
     assert "feature cache: on" in capsys.readouterr().out
     for (name, a), b in zip(slow.model.head.state_dict().items(), fast.model.head.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=f"head tensor {name} differs")
