@@ -84,6 +84,16 @@ class Rows:
         return (total / max(sum(len(block) for block in self.blocks), 1)).to(self.blocks[0].dtype)
 
 
+def centered_bias(weight: torch.Tensor, bias: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+    """The bias giving the same logits on features centered on `center`: ``b + W m`` (module docstring)."""
+    return bias + weight @ center
+
+
+def plain_bias(weight: torch.Tensor, centered: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+    """Back from :func:`centered_bias`: ``c - W m``, the bias for the features as they are."""
+    return centered - weight @ center
+
+
 def lbfgs(params, max_iter: int, tolerance: float = 1e-10, grad_tolerance: float = 1e-6) -> torch.optim.LBFGS:
     """The optimizer of every fit here: strong-Wolfe line search, so no learning rate to tune.
     It stops after `max_iter` iterations, when the loss or the weights change by less than
@@ -131,7 +141,7 @@ class Problem:
     ) -> torch.Tensor:
         """The objective at (`weight`, `bias`); with `center`, `bias` is the centered one (``c``)."""
         return penalized_loss(
-            self._rows.logits(weight, bias if center is None else bias - weight @ center),
+            self._rows.logits(weight, bias if center is None else plain_bias(weight, bias, center)),
             self.targets,
             weight,
             l2,
@@ -158,7 +168,7 @@ def fit(
     center = problem.shift()
     weight = init[0].detach().to(dtype, copy=True).requires_grad_(True)
     with torch.no_grad():
-        centered = (init[1].to(dtype) + weight @ center).requires_grad_(True)
+        centered = centered_bias(weight, init[1].to(dtype), center).requires_grad_(True)
     optimizer = lbfgs([weight, centered], max_iter, tolerance, grad_tolerance)
 
     def closure():
@@ -169,7 +179,7 @@ def fit(
 
     optimizer.step(closure)
     with torch.no_grad():
-        return weight.detach(), centered - weight @ center
+        return weight.detach(), plain_bias(weight, centered, center)
 
 
 def view_rows(views: torch.Tensor, targets: torch.Tensor, images: np.ndarray | None = None):

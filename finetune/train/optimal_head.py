@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from finetune.compute.feature_data import FeatureDataModule
 from finetune.compute.features import SPLITS, CachedFeatures
-from finetune.compute.linear_probe import Rows, lbfgs, penalized_loss, view_rows
+from finetune.compute.linear_probe import Rows, centered_bias, lbfgs, penalized_loss, plain_bias, view_rows
 from finetune.data.datamodule import class_weights
 from finetune.data.sources import DataSplits
 from finetune.errors import ConfigError
@@ -148,7 +148,7 @@ class OptimalHeadModule(ClassifierModule):
 
     def configure_optimizers(self):
         with torch.no_grad():  # Lightning has restored the weights (not yet the optimizer) by now
-            bias = self.linear.bias + self.linear.weight @ self.center
+            bias = centered_bias(self.linear.weight, self.linear.bias, self.center)
         if self._restored_bias is not None:  # bit for bit what the interrupted run held
             bias = self._restored_bias.to(bias)
         self.centered_bias = bias.detach().clone().requires_grad_(True)
@@ -174,14 +174,16 @@ class OptimalHeadModule(ClassifierModule):
         def closure():
             optimizer.zero_grad()
             with torch.autocast(features.device.type, enabled=False):  # the optimum at full precision
-                logits = F.linear(features, head, centered - head @ self.center)  # the head, as L-BFGS sees it
+                logits = F.linear(
+                    features, head, plain_bias(head, centered, self.center)
+                )  # the head, as L-BFGS sees it
                 loss = penalized_loss(logits, labels, head, self.l2, *settings)
             self.manual_backward(loss)
             return loss
 
         optimizer.step(closure=closure)
         with torch.no_grad():
-            self.linear.bias.copy_(centered - head @ self.center)
+            self.linear.bias.copy_(plain_bias(head, centered, self.center))
         with torch.no_grad(), torch.autocast(features.device.type, enabled=False):
             logits = self(features)
             loss = self.task.loss(logits, labels, class_weights=weight, label_smoothing=self.label_smoothing)
