@@ -14,6 +14,12 @@ standardized features (as the probe of the datasets' README) and on raw ones; ``
 better of the two on each run. Every number is a validation accuracy on the same split: the
 runs' best epoch (``val/acc``, chosen on that split) and their last epoch (``final``).
 
+``--cli N``: instead, the wall time of the head-only run as a shell user meets it: per dataset, N
+rounds of two fresh ``python -m finetune +recipe=freeze_all_but_head`` processes (``sgd`` and
+``lbfgs``, alternating which goes first), each in an empty feature cache (cold: the backbone
+pass, and for ``lbfgs`` its cross-validation, are computed), everything else the CLI's defaults
+(W&B offline, the report's pictures drawn). Writes --out/head_fit_cli.{json,md}.
+
 Data (``../shared/datasets`` or ``FINETUNE_DATASETS=DIR``): digits (the default job, 64 px),
 hymenoptera (its own split, 224 px), flowers5 (all 4,317 photos at their 128 px, seeded 80/20) and
 dtd10 (all 1,200 at 224 px, seeded 80/20). Writes --out/head_fit.{json,md}.
@@ -26,6 +32,9 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -90,6 +99,48 @@ def one_run(fit, dataset: str, seed: int, solver: str, cache: Path, out: Path) -
     }
 
 
+def cli_run(dataset: str, solver: str, work: Path) -> float:
+    """Seconds of one fresh head-only CLI process on `dataset` with `solver`, in an empty cache."""
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    started = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "finetune", "+recipe=freeze_all_but_head", *DATA[dataset]]
+        + [f"head.fit.solver={solver}", f"data.cache.dir={work / 'cache'}", f"hydra.run.dir={work / 'run'}"],
+        cwd=work,
+        check=True,
+        capture_output=True,
+        env={**os.environ, "WANDB_MODE": "offline"},
+        stdin=subprocess.DEVNULL,
+    )
+    return time.perf_counter() - started
+
+
+def cli_times(datasets: list[str], rounds: int, out: Path) -> None:
+    """--cli: `rounds` rounds of (sgd, lbfgs) CLI runs per dataset, the order alternating."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="head-fit-cli-") as work:
+        for dataset in datasets:
+            for r in range(rounds):
+                order = ("sgd", "lbfgs") if r % 2 == 0 else ("lbfgs", "sgd")
+                times = {solver: cli_run(dataset, solver, Path(work) / solver) for solver in order}
+                rows.append({"dataset": dataset, "round": r, **times})
+                print(f"{dataset} round {r}: sgd {times['sgd']:.1f} s, lbfgs {times['lbfgs']:.1f} s", flush=True)
+    (out / "head_fit_cli.json").write_text(json.dumps(rows, indent=2))
+    lines = [
+        "| data | rounds | sgd, s | lbfgs, s | lbfgs / sgd (mean of the rounds' ratios) |",
+        "|---|---|---|---|---|",
+    ]
+    for dataset in datasets:
+        rs = [r for r in rows if r["dataset"] == dataset]
+        lines.append(
+            f"| {dataset} | {len(rs)} | {spread([r['sgd'] for r in rs], 1)} | {spread([r['lbfgs'] for r in rs], 1)} | "
+            f"{spread([r['lbfgs'] / r['sgd'] for r in rs], 2)} |"
+        )
+    (out / "head_fit_cli.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     from finetune import fit
 
@@ -97,8 +148,12 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="*", default=list(DATA))
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--cli", type=int, metavar="ROUNDS", help="time fresh CLI processes instead (see above)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.cli:
+        cli_times(args.datasets, args.cli, args.out)
+        return
     path = args.out / "head_fit.json"
     rows = json.loads(path.read_text()) if path.exists() else []
     done = {(r["dataset"], r["seed"]) for r in rows}
