@@ -81,8 +81,8 @@ def main() -> None:
     child = [sys.executable, __file__, str(args.root), "--one-pass"]
     for threads in args.threads:
         for cold in (False, True) if args.cold else (False,):
-            if cold:
-                subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], check=True)
+            if cold and subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"]).returncode:
+                sys.exit("--cold drops the page cache: it needs root (run without --cold for the warm figures)")
             else:  # warm: read once, untimed, so that every file is in the page cache
                 subprocess.run([*child, "0"], capture_output=True, check=True, env=env)
             print(f"threads {threads}, page cache {'dropped' if cold else 'warm'}: ", end="", flush=True)
