@@ -9,8 +9,8 @@ Each measurement runs in a fresh process with no file memo. ``--threads 0`` is t
 serial loop; N > 0 spreads the same calls over N threads. ``--cold`` also measures each with the
 page cache dropped first (``echo 3 > /proc/sys/vm/drop_caches``: root only), as for files that
 were not read since the machine started. Also counted: the files whose byte size no file of
-another split (or of another class) shares, the only ones a size-first duplicate check could
-leave unread. Prints one line per measurement and writes nothing.
+another split or class shares, the only ones a size-first duplicate check could surely leave
+unread. Prints one line per measurement and writes nothing.
 """
 
 from __future__ import annotations
@@ -23,11 +23,12 @@ import sys
 import time
 from pathlib import Path
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-
 
 def files_of(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    """The image files under `root`, by the suffixes a folder source takes."""
+    from finetune.data.images import IMAGE_EXTENSIONS
+
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 def one_pass(root: Path, threads: int) -> None:
@@ -54,8 +55,9 @@ def one_pass(root: Path, threads: int) -> None:
 
 
 def size_collisions(root: Path) -> str:
-    """How many files share their byte size with a file of another split, or of another class of
-    the training split (the candidates a size-first duplicate check would still have to hash)."""
+    """How many files (ROOT/SPLIT/CLASS/FILE) share their byte size with a file of another split
+    or another class: the candidates a size-first duplicate check would have to consider (an upper
+    bound on what it hashes: the data check compares val/test with train, and train across classes)."""
     by_size = collections.defaultdict(set)
     sizes = {}
     for path in files_of(root):
@@ -81,8 +83,9 @@ def main() -> None:
     child = [sys.executable, __file__, str(args.root), "--one-pass"]
     for threads in args.threads:
         for cold in (False, True) if args.cold else (False,):
-            if cold and subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"]).returncode:
-                sys.exit("--cold drops the page cache: it needs root (run without --cold for the warm figures)")
+            if cold:
+                if subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"]).returncode:
+                    sys.exit("--cold drops the page cache: it needs root (run without --cold for the warm figures)")
             else:  # warm: read once, untimed, so that every file is in the page cache
                 subprocess.run([*child, "0"], capture_output=True, check=True, env=env)
             print(f"threads {threads}, page cache {'dropped' if cold else 'warm'}: ", end="", flush=True)

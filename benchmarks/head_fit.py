@@ -142,8 +142,6 @@ def cli_times(datasets: list[str], rounds: int, out: Path) -> None:
 
 
 def main() -> None:
-    from finetune import fit
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="*", default=list(DATA))
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
@@ -154,6 +152,8 @@ def main() -> None:
     if args.cli:
         cli_times(args.datasets, args.cli, args.out)
         return
+    from finetune import fit  # in this process only for the in-process runs
+
     path = args.out / "head_fit.json"
     rows = json.loads(path.read_text()) if path.exists() else []
     done = {(r["dataset"], r["seed"]) for r in rows}

@@ -174,9 +174,8 @@ class OptimalHeadModule(ClassifierModule):
         def closure():
             optimizer.zero_grad()
             with torch.autocast(features.device.type, enabled=False):  # the optimum at full precision
-                logits = F.linear(
-                    features, head, plain_bias(head, centered, self.center)
-                )  # the head, as L-BFGS sees it
+                # the head, as L-BFGS sees it
+                logits = F.linear(features, head, plain_bias(head, centered, self.center))
                 loss = penalized_loss(logits, labels, head, self.l2, *settings)
             self.manual_backward(loss)
             return loss
